@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Architecture invariants that the dependency graph can prove (see docs/ARCHITECTURE.md).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+fail=0
+deny_in_tree() { # package, features-args, forbidden crate regex
+  local pkg=$1 args=$2 re=$3 out
+  # shellcheck disable=SC2086
+  out=$(cargo tree -p "$pkg" $args -e normal --prefix none --locked 2>/dev/null | awk '{print $1}' | sort -u)
+  if echo "$out" | grep -Eqx "$re"; then
+    echo "invariant broken: $pkg ($args) depends on $(echo "$out" | grep -Ex "$re" | tr '\n' ' ')"
+    fail=1
+  else
+    echo "ok: $pkg ($args) has no $re"
+  fi
+}
+[ -d crates/retry ] && deny_in_tree kiln-retry "--no-default-features" "tokio|hyper|hyper-util"
+[ -d crates/protocol ] && deny_in_tree kiln-protocol "" "tokio|hyper|tungstenite|tokio-tungstenite|axum"
+[ -d crates/compress ] && deny_in_tree kiln-compress "--no-default-features" "tokio|hyper|http"
+exit $fail

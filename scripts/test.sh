@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The whole test suite: prepares what the tests need (idempotently), then runs every test in the
+# workspace, including doc tests. Usage: scripts/test.sh [extra cargo test args]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/prepare.sh
+cargo test --workspace --locked "$@"
