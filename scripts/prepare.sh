@@ -34,3 +34,9 @@ if command -v psql >/dev/null 2>&1 && pg_isready -h 127.0.0.1 -p 5432 -q; then
   psql -h 127.0.0.1 -U postgres -tAc "SELECT 1 FROM pg_database WHERE datname='test'" 2>/dev/null | grep -q 1 \
     || psql -h 127.0.0.1 -U postgres -c "CREATE DATABASE test" >/dev/null 2>&1 || true
 fi
+
+# --- kiln-upload: S3-protocol test server ---
+
+# --- kiln-broker ---
+
+# --- kiln-gateway / SDK tests ---
