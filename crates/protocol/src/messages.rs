@@ -1,0 +1,285 @@
+//! Payloads of the kiln.v1 messages, one struct per `type`.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// What a worker can run.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Capabilities {
+    /// Task types the worker's handlers serve, e.g. `txt2img`.
+    pub task_types: Vec<String>,
+    /// Models the worker has loaded (empty: any).
+    pub models: Vec<String>,
+    /// Free-form labels matched by routing, e.g. `gpu=a100`.
+    pub labels: Vec<String>,
+}
+
+/// Where a reconnecting worker left off.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resume {
+    /// The session id from the previous `welcome`.
+    pub session: String,
+    /// The highest control `seq` the worker received.
+    pub last_seq: u64,
+}
+
+/// `hello` (worker -> gateway): the first frame of every connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// Stable across restarts (persisted by the worker).
+    pub worker_id: String,
+    /// New for every process start; tells a restart from a network blip.
+    pub boot_id: String,
+    /// What the worker can run.
+    #[serde(default)]
+    pub capabilities: Capabilities,
+    /// Tasks the worker runs at once.
+    pub slots: u32,
+    /// Present when reconnecting to an earlier session.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume: Option<Resume>,
+    /// Leases of tasks the worker is still running.
+    #[serde(default)]
+    pub inflight: Vec<String>,
+    /// Leases whose results wait in the worker's outbox for a `result_ack`.
+    #[serde(default)]
+    pub outbox: Vec<String>,
+}
+
+/// Timers the gateway applies to the session, in milliseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Timers {
+    /// Send `hb` this often (with up to 20% jitter). Default: 15,000.
+    pub heartbeat_ms: u64,
+    /// A lease lapses this long after its last renewal. Default: 90,000.
+    pub lease_ms: u64,
+    /// The gateway closes a connection silent for this long. Default: 45,000.
+    pub dead_after_ms: u64,
+}
+
+impl Default for Timers {
+    fn default() -> Self {
+        Self {
+            heartbeat_ms: 15_000,
+            lease_ms: 90_000,
+            dead_after_ms: 45_000,
+        }
+    }
+}
+
+/// `welcome` (gateway -> worker): the answer to `hello`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Welcome {
+    /// The session id, for `resume` after a reconnect.
+    pub session: String,
+    /// Timers for this session.
+    pub timers: Timers,
+    /// Whether the earlier session was resumed (its unacked control messages follow).
+    pub resumed: bool,
+    /// Leases the worker should keep running.
+    #[serde(default)]
+    pub keep: Vec<String>,
+    /// Leases the worker must stop (the gateway gave the task to someone else or it ended).
+    #[serde(default)]
+    pub drop: Vec<String>,
+}
+
+/// One task inside an `assign`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskAssignment {
+    /// Task id.
+    pub task_id: String,
+    /// 1-based attempt number.
+    pub attempt: u32,
+    /// Lease id of this attempt; every later message about it names this lease.
+    pub lease: String,
+    /// The client's idempotency key, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+    /// Task type.
+    pub task_type: String,
+    /// Higher runs first.
+    #[serde(default)]
+    pub priority: i32,
+    /// Absolute deadline, Unix ms; the worker should give up past it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline: Option<u64>,
+    /// The task's input, as the client sent it.
+    pub input: Value,
+}
+
+/// `assign` (gateway -> worker): tasks to start, never more than the free slots.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Assign {
+    /// Per-session control sequence number.
+    pub seq: u64,
+    /// The tasks.
+    pub tasks: Vec<TaskAssignment>,
+}
+
+/// `ack` (worker -> gateway): every control message up to `seq` arrived.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ack {
+    /// Cumulative sequence number.
+    pub seq: u64,
+}
+
+/// `reject` (worker -> gateway): the worker will not run this lease.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reject {
+    /// The lease.
+    pub lease: String,
+    /// Why.
+    pub reason: String,
+    /// Whether another attempt may succeed (then the attempt is not counted).
+    pub retryable: bool,
+}
+
+/// `progress` (worker -> gateway): how far a task is. Renews the session's leases.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Progress {
+    /// The lease.
+    pub lease: String,
+    /// A short stage name, e.g. `sampling`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stage: Option<String>,
+    /// Steps done.
+    #[serde(default)]
+    pub step: u64,
+    /// Steps in all (0: unknown).
+    #[serde(default)]
+    pub total: u64,
+    /// Estimated time left.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eta_ms: Option<u64>,
+}
+
+/// How a task attempt ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ResultStatus {
+    /// Finished with an output.
+    Ok,
+    /// Failed.
+    Error,
+    /// Stopped after a `cancel`.
+    Cancelled,
+}
+
+/// A task failure.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskError {
+    /// Stable machine code, e.g. `out_of_memory`.
+    pub code: String,
+    /// For people.
+    pub message: String,
+    /// Whether another attempt may succeed.
+    #[serde(default)]
+    pub retryable: bool,
+}
+
+/// `result` (worker -> gateway): the outcome of a lease. Kept in the worker's outbox until
+/// `result_ack`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskResult {
+    /// The lease.
+    pub lease: String,
+    /// How it ended.
+    pub status: ResultStatus,
+    /// The output, for `ok`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<Value>,
+    /// The failure, for `error`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<TaskError>,
+    /// Resource usage, free-form (e.g. `{"gpu_ms": 5120}`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Value>,
+}
+
+/// `result_ack` (gateway -> worker): the result was recorded (`accepted`) or refused
+/// (stale or duplicate). Either way the worker clears it from its outbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResultAck {
+    /// The lease.
+    pub lease: String,
+    /// Whether this result became the task's result.
+    pub accepted: bool,
+    /// Why not, when refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// `cancel` (gateway -> worker): stop this lease and answer `result{cancelled}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cancel {
+    /// Per-session control sequence number.
+    pub seq: u64,
+    /// The lease.
+    pub lease: String,
+    /// Why.
+    #[serde(default)]
+    pub reason: String,
+}
+
+/// `release` (worker -> gateway): give a lease back without failing it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Release {
+    /// The lease.
+    pub lease: String,
+}
+
+/// `drain` (gateway -> worker): finish what you run, take nothing new.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Drain {
+    /// Per-session control sequence number.
+    pub seq: u64,
+    /// Unix ms by which the worker should be done, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline: Option<u64>,
+}
+
+/// `bye` (either side): the sender is closing on purpose.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Bye {
+    /// Why.
+    #[serde(default)]
+    pub reason: String,
+}
+
+/// GPU statistics a worker may add to `hb`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct GpuStats {
+    /// Utilisation, 0 to 100.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub util: Option<f32>,
+    /// Memory in use, MiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mem_used_mb: Option<u64>,
+    /// Memory in all, MiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mem_total_mb: Option<u64>,
+}
+
+/// `hb` (worker -> gateway): alive; renews every lease of the session and updates credits.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    /// Highest control seq received (same meaning as `ack`).
+    pub ack_seq: u64,
+    /// Leases the worker is running.
+    #[serde(default)]
+    pub inflight: Vec<String>,
+    /// Free slots.
+    pub free: u32,
+    /// Optional GPU statistics.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu: Option<GpuStats>,
+}
+
+/// `hb_ack` (gateway -> worker): leases are renewed until this time (Unix ms).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeartbeatAck {
+    /// Unix ms.
+    pub renewed_until: u64,
+}

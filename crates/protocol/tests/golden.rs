@@ -1,0 +1,119 @@
+//! Golden vectors: every message type decodes from its file and encodes back to the same
+//! JSON, so the files are the protocol's reference frames.
+
+use std::path::PathBuf;
+
+use kiln_protocol::{DEFAULT_MAX_FRAME_BYTES, DecodeError, Envelope, Message};
+use serde_json::Value;
+
+fn golden_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden")
+}
+
+fn vectors() -> Vec<(String, String)> {
+    let mut out: Vec<_> = std::fs::read_dir(golden_dir())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .map(|p| {
+            (
+                p.file_stem().unwrap().to_string_lossy().into_owned(),
+                std::fs::read_to_string(&p).unwrap(),
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn every_vector_round_trips() {
+    let vs = vectors();
+    assert!(vs.len() >= 15, "expected a vector per message type");
+    for (name, text) in vs {
+        let env = Envelope::decode(&text, DEFAULT_MAX_FRAME_BYTES)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let want: Value = serde_json::from_str(&text).unwrap();
+        let got: Value = serde_json::from_str(&env.encode()).unwrap();
+        assert_eq!(got, want, "{name} does not re-encode to its golden JSON");
+        assert_eq!(want["type"], env.message.type_name(), "{name}");
+    }
+}
+
+#[test]
+fn every_message_type_has_a_vector() {
+    let names: std::collections::BTreeSet<String> = vectors()
+        .into_iter()
+        .map(|(_, t)| {
+            serde_json::from_str::<Value>(&t).unwrap()["type"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    for t in [
+        "hello",
+        "welcome",
+        "assign",
+        "ack",
+        "reject",
+        "progress",
+        "result",
+        "result_ack",
+        "cancel",
+        "release",
+        "drain",
+        "bye",
+        "hb",
+        "hb_ack",
+        "error",
+    ] {
+        assert!(names.contains(t), "no golden vector for {t}");
+    }
+}
+
+#[test]
+fn unknown_fields_are_ignored() {
+    for (name, text) in vectors() {
+        let mut v: Value = serde_json::from_str(&text).unwrap();
+        v["x_future_field"] = Value::from(1);
+        if let Some(p) = v["payload"].as_object_mut() {
+            p.insert("x_added_later".into(), Value::from("ok"));
+        }
+        let env = Envelope::decode(&v.to_string(), DEFAULT_MAX_FRAME_BYTES);
+        assert!(env.is_ok(), "{name}: {env:?}");
+    }
+}
+
+#[test]
+fn bad_frames_are_typed_errors() {
+    let d = |s: &str| Envelope::decode(s, 256).unwrap_err();
+    assert_eq!(d("not json").code(), "malformed");
+    assert_eq!(
+        d(r#"{"type":"ack","version":"1","payload":{"seq":"x"}}"#).code(),
+        "malformed"
+    );
+    assert_eq!(d(r#"{"type":"ack","version":"1"}"#).code(), "malformed");
+    assert_eq!(
+        d(r#"{"type":"warp","version":"1","payload":{}}"#).code(),
+        "unknown_type"
+    );
+    let v = d(r#"{"type":"ack","version":"2","payload":{"seq":1}}"#);
+    assert_eq!(v, DecodeError::Version("2".into()));
+    assert!(v.is_fatal());
+    assert_eq!(d(&"x".repeat(257)).code(), "oversized");
+    let reply = Envelope::error_reply(&d("not json"), 5);
+    let back = Envelope::decode(&reply.encode(), 1024).unwrap();
+    assert_eq!(back.message, Message::Error);
+    assert_eq!(back.error.as_deref(), Some("malformed"));
+}
+
+#[test]
+fn legacy_result_slot_fills_the_output() {
+    let legacy = r#"{"type":"result","version":"1","ts":1,"payload":{"lease":"l-1","status":"ok"},"result":{"url":"https://x/y.png"}}"#;
+    let env = Envelope::decode(legacy, 1024).unwrap();
+    match env.message {
+        Message::Result(r) => assert_eq!(r.output.unwrap()["url"], "https://x/y.png"),
+        other => panic!("{other:?}"),
+    }
+}
