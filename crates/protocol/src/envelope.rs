@@ -290,10 +290,10 @@ impl Envelope {
             return Err(DecodeError::Version(raw.version));
         }
         let mut message = Message::from_payload(&raw.kind, raw.payload)?;
-        if let Message::Result(r) = &mut message {
-            if r.output.is_none() {
-                r.output.clone_from(&raw.result);
-            }
+        if let Message::Result(r) = &mut message
+            && r.output.is_none()
+        {
+            r.output.clone_from(&raw.result);
         }
         Ok(Self {
             message,
