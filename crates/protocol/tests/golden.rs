@@ -1,6 +1,8 @@
 //! Golden vectors: every message type decodes from its file and encodes back to the same
 //! JSON, so the files are the protocol's reference frames.
 
+#![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
+
 use std::path::PathBuf;
 
 use kiln_protocol::{DEFAULT_MAX_FRAME_BYTES, DecodeError, Envelope, Message};
