@@ -1,0 +1,817 @@
+//! Dispatch: matches queued tasks to connected worker sessions by credits and
+//! capability, keeps leases alive, replays control messages on resume, and publishes task
+//! events.
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use futures_util::{Sink, SinkExt, Stream, StreamExt};
+use kiln_protocol::messages::*;
+use kiln_protocol::{DecodeError, Envelope, Message, close};
+use serde::Serialize;
+use serde_json::json;
+use tokio::sync::{broadcast, mpsc, watch};
+
+use crate::config::BrokerConfig;
+use crate::model::*;
+use crate::sqlite::SqliteQueue;
+
+/// Unix milliseconds now.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// How a session ended: the close frame the transport should send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionEnd {
+    /// WebSocket close code (`kiln_protocol::close`).
+    pub code: u16,
+    /// Close reason.
+    pub reason: String,
+}
+
+/// A connected (or recently connected) worker, as `GET /v1/workers` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct WorkerInfo {
+    /// Stable id.
+    pub worker_id: String,
+    /// Current process.
+    pub boot_id: String,
+    /// Session id.
+    pub session: String,
+    /// What it serves.
+    pub capabilities: Capabilities,
+    /// Slots.
+    pub slots: u32,
+    /// Leases it runs.
+    pub inflight: usize,
+    /// Connected now.
+    pub connected: bool,
+    /// Draining (takes no new work).
+    pub draining: bool,
+    /// Last frame received, Unix ms.
+    pub last_seen: u64,
+    /// Last GPU statistics it sent.
+    pub gpu: Option<GpuStats>,
+}
+
+enum Outbound {
+    Frame(String),
+    Close(SessionEnd),
+}
+
+struct SessionState {
+    session: String,
+    boot_id: String,
+    capabilities: Capabilities,
+    slots: u32,
+    inflight: HashSet<String>,
+    retained: Vec<(u64, String)>,
+    next_seq: u64,
+    tx: Option<mpsc::UnboundedSender<Outbound>>,
+    conn_id: u64,
+    draining: bool,
+    last_seen: u64,
+    last_renew: u64,
+    disconnected_at: Option<u64>,
+    gpu: Option<GpuStats>,
+}
+
+impl SessionState {
+    fn free(&self) -> usize {
+        (self.slots as usize).saturating_sub(self.inflight.len())
+    }
+
+    /// Queues a control message (`assign`, `cancel`, `drain`) with the next seq; kept until
+    /// acked so it can be replayed on resume.
+    fn push_control(&mut self, build: impl FnOnce(u64) -> Message) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let frame = Envelope::new(build(seq), now_ms())
+            .from_source("gateway")
+            .encode();
+        self.retained.push((seq, frame.clone()));
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(Outbound::Frame(frame));
+        }
+    }
+}
+
+/// The broker: a queue store plus the live worker sessions.
+pub struct Broker {
+    cfg: BrokerConfig,
+    queue: Arc<SqliteQueue>,
+    sessions: Mutex<HashMap<String, SessionState>>,
+    events: broadcast::Sender<TaskEvent>,
+    wake: watch::Sender<u64>,
+    paused: AtomicBool,
+    conn_ids: std::sync::atomic::AtomicU64,
+}
+
+impl std::fmt::Debug for Broker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Broker")
+            .field("cfg", &self.cfg)
+            .finish_non_exhaustive()
+    }
+}
+
+type Shared = Arc<Broker>;
+
+impl Broker {
+    /// Opens the SQLite queue at `path` and starts the sweeper (needs a tokio runtime).
+    pub fn open(path: &Path, cfg: BrokerConfig) -> Result<Shared, QueueError> {
+        let q = SqliteQueue::open(
+            path,
+            cfg.max_attempts,
+            cfg.retry_base.as_millis() as u64,
+            cfg.sync_full,
+        )?;
+        Ok(Self::with_queue(q, cfg))
+    }
+
+    /// A broker over an existing queue (tests use `SqliteQueue::in_memory`).
+    pub fn with_queue(queue: SqliteQueue, cfg: BrokerConfig) -> Shared {
+        let (events, _) = broadcast::channel(4096);
+        let (wake, _) = watch::channel(0);
+        let b = Arc::new(Self {
+            cfg,
+            queue: Arc::new(queue),
+            sessions: Mutex::new(HashMap::new()),
+            events,
+            wake,
+            paused: AtomicBool::new(false),
+            conn_ids: std::sync::atomic::AtomicU64::new(1),
+        });
+        let weak = Arc::downgrade(&b);
+        let every = b.cfg.sweep_interval;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(b) = weak.upgrade() else { break };
+                b.sweep();
+            }
+        });
+        b
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &BrokerConfig {
+        &self.cfg
+    }
+
+    /// The queue store, for reads.
+    pub fn queue(&self) -> &SqliteQueue {
+        &self.queue
+    }
+
+    /// Live task events (state changes, progress, completion).
+    pub fn subscribe(&self) -> broadcast::Receiver<TaskEvent> {
+        self.events.subscribe()
+    }
+
+    fn sessions(&self) -> std::sync::MutexGuard<'_, HashMap<String, SessionState>> {
+        self.sessions.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn publish(&self) {
+        for e in self.queue.take_events() {
+            let _ = self.events.send(e);
+        }
+    }
+
+    fn wake_dispatch(&self) {
+        self.wake.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Stores a task (idempotent by request_id) and wakes dispatch. Returns the task and
+    /// whether it was created now.
+    pub fn submit(&self, t: NewTask) -> Result<(Task, bool), QueueError> {
+        let r = self.queue.enqueue(t, now_ms());
+        self.publish();
+        if matches!(r, Ok((_, true))) {
+            self.wake_dispatch();
+        }
+        r
+    }
+
+    /// Cancels a task; a running one gets a `cancel` sent to its worker (replayed on resume
+    /// if the worker is offline).
+    pub fn cancel(&self, id: &str) -> Result<CancelOutcome, QueueError> {
+        let out = self.queue.cancel(id, now_ms());
+        self.publish();
+        if let Ok(CancelOutcome::SignalWorker {
+            worker_id, lease, ..
+        }) = &out
+        {
+            self.send_cancel(worker_id, lease, "canceled by client");
+        }
+        out
+    }
+
+    fn send_cancel(&self, worker_id: &str, lease: &str, reason: &str) {
+        if let Some(s) = self.sessions().get_mut(worker_id) {
+            let lease = lease.to_owned();
+            let reason = reason.to_owned();
+            s.push_control(|seq| Message::Cancel(Cancel { seq, lease, reason }));
+        }
+    }
+
+    /// Asks a worker to finish its work and take no more. False when unknown.
+    pub fn drain_worker(&self, worker_id: &str) -> bool {
+        match self.sessions().get_mut(worker_id) {
+            Some(s) => {
+                s.draining = true;
+                s.push_control(|seq| {
+                    Message::Drain(Drain {
+                        seq,
+                        deadline: None,
+                    })
+                });
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Drains every worker (graceful shutdown).
+    pub fn drain_all(&self) {
+        let ids: Vec<String> = self.sessions().keys().cloned().collect();
+        for id in ids {
+            self.drain_worker(&id);
+        }
+    }
+
+    /// Stops or restarts dispatching.
+    pub fn set_paused(&self, paused: bool) {
+        self.paused.store(paused, Ordering::SeqCst);
+        if !paused {
+            self.wake_dispatch();
+        }
+    }
+
+    /// Whether dispatch is paused.
+    pub fn is_paused(&self) -> bool {
+        self.paused.load(Ordering::SeqCst)
+    }
+
+    /// Known workers.
+    pub fn workers(&self) -> Vec<WorkerInfo> {
+        let mut v: Vec<WorkerInfo> = self
+            .sessions()
+            .iter()
+            .map(|(id, s)| WorkerInfo {
+                worker_id: id.clone(),
+                boot_id: s.boot_id.clone(),
+                session: s.session.clone(),
+                capabilities: s.capabilities.clone(),
+                slots: s.slots,
+                inflight: s.inflight.len(),
+                connected: s.tx.is_some(),
+                draining: s.draining,
+                last_seen: s.last_seen,
+                gpu: s.gpu.clone(),
+            })
+            .collect();
+        v.sort_by(|a, b| a.worker_id.cmp(&b.worker_id));
+        v
+    }
+
+    /// Whether a connected worker serves `task_type`.
+    pub fn can_serve(&self, task_type: &str) -> bool {
+        self.sessions()
+            .values()
+            .any(|s| s.tx.is_some() && s.capabilities.task_types.iter().any(|t| t == task_type))
+    }
+
+    fn sweep(&self) {
+        let now = now_ms();
+        match self.queue.sweep(now) {
+            Ok(crate::sqlite::Sweep { changed, stop }) => {
+                self.publish();
+                if !changed.is_empty() {
+                    // Leases that lapsed or ended no longer count against a session's credits.
+                    let mut sessions = self.sessions();
+                    for (worker_id, s) in sessions.iter_mut() {
+                        if s.inflight.is_empty() {
+                            continue;
+                        }
+                        if let Ok(held) = self.queue.leases_of(worker_id) {
+                            let live: HashSet<String> = held.into_iter().map(|(l, _)| l).collect();
+                            s.inflight.retain(|l| live.contains(l));
+                        }
+                    }
+                    drop(sessions);
+                    self.wake_dispatch();
+                }
+                for (worker, lease) in stop {
+                    self.send_cancel(&worker, &lease, "deadline passed");
+                }
+            }
+            Err(e) => tracing::warn!(message = "sweep failed", error = %e),
+        }
+        // Forget sessions that have been gone longer than a lease: nothing left to resume.
+        let lease_ms = self.cfg.lease.as_millis() as u64;
+        self.sessions().retain(|_, s| {
+            s.disconnected_at
+                .is_none_or(|t| now.saturating_sub(t) < lease_ms)
+        });
+    }
+
+    /// Runs one worker connection until it ends. `frames` yields the text frames received,
+    /// `sink` takes the text frames to send. Returns the close the transport should send.
+    pub async fn serve_session<S, K, E>(self: Arc<Self>, mut frames: S, mut sink: K) -> SessionEnd
+    where
+        S: Stream<Item = Result<String, E>> + Unpin,
+        K: Sink<String> + Unpin,
+        E: std::fmt::Display,
+    {
+        let hello = match tokio::time::timeout(self.cfg.hello_timeout, frames.next()).await {
+            Ok(Some(Ok(text))) => match Envelope::decode(&text, self.cfg.max_frame_bytes) {
+                Ok(Envelope {
+                    message: Message::Hello(h),
+                    ..
+                }) => h,
+                Ok(other) => {
+                    return end(
+                        close::PROTOCOL,
+                        format!(
+                            "first frame must be hello, got {}",
+                            other.message.type_name()
+                        ),
+                    );
+                }
+                Err(e) if e.is_fatal() => return end(close::VERSION, e.to_string()),
+                Err(e) => return end(close::PROTOCOL, e.to_string()),
+            },
+            Ok(_) => return end(1000, "closed before hello".into()),
+            Err(_) => return end(close::PROTOCOL, "no hello within the hello timeout".into()),
+        };
+        let worker_id = hello.worker_id.clone();
+        let (tx, mut rx) = mpsc::unbounded_channel::<Outbound>();
+        let conn_id = self.conn_ids.fetch_add(1, Ordering::Relaxed);
+        let (welcome, replay) = match self.register(&hello, tx, conn_id) {
+            Ok(w) => w,
+            Err(e) => {
+                return end(
+                    close::TRY_LATER,
+                    close::reason_with_retry_after(&format!("queue store: {e}"), 1000),
+                );
+            }
+        };
+        tracing::info!(message = "worker connected", worker_id = %worker_id, boot_id = %hello.boot_id, resumed = welcome.resumed, keep = welcome.keep.len(), drop = welcome.drop.len());
+        let frame = Envelope::new(Message::Welcome(welcome), now_ms())
+            .from_source("gateway")
+            .encode();
+        if sink.send(frame).await.is_err() {
+            return self.disconnect(&worker_id, conn_id, end(1006, "send failed".into()));
+        }
+        for f in replay {
+            if sink.send(f).await.is_err() {
+                return self.disconnect(&worker_id, conn_id, end(1006, "send failed".into()));
+            }
+        }
+        self.dispatch(&worker_id);
+        let mut wake = self.wake.subscribe();
+        let mut bad_frames = 0u32;
+        let dead_after = self.cfg.dead_after;
+        let mut silence = Box::pin(tokio::time::sleep(dead_after));
+        let outcome = loop {
+            tokio::select! {
+                frame = frames.next() => {
+                    let text = match frame {
+                        Some(Ok(t)) => t,
+                        Some(Err(e)) => break end(1006, format!("transport error: {e}")),
+                        None => break end(1006, "connection closed".into()),
+                    };
+                    silence.as_mut().reset(tokio::time::Instant::now() + dead_after);
+                    match Envelope::decode(&text, self.cfg.max_frame_bytes) {
+                        Ok(env) => {
+                            if let Some(end) = self.handle(&worker_id, env, &mut sink).await {
+                                break end;
+                            }
+                        }
+                        Err(e) => {
+                            if e.is_fatal() {
+                                break end(close::VERSION, e.to_string());
+                            }
+                            bad_frames += 1;
+                            tracing::warn!(message = "bad frame from worker", worker_id = %worker_id, error = %e);
+                            let _ = sink.send(Envelope::error_reply(&e, now_ms()).encode()).await;
+                            if bad_frames >= 3 {
+                                break end(close::PROTOCOL, format!("too many bad frames; last: {e}"));
+                            }
+                        }
+                    }
+                }
+                out = rx.recv() => match out {
+                    Some(Outbound::Frame(f)) => {
+                        if sink.send(f).await.is_err() {
+                            break end(1006, "send failed".into());
+                        }
+                    }
+                    Some(Outbound::Close(e)) => break e,
+                    None => break end(1011, "session dropped".into()),
+                },
+                changed = wake.changed() => {
+                    if changed.is_err() { break end(close::RESTART, "gateway stopping".into()); }
+                    self.dispatch(&worker_id);
+                }
+                _ = &mut silence => break end(close::HEARTBEAT_TIMEOUT, "no frame within dead_after".into()),
+            }
+        };
+        self.disconnect(&worker_id, conn_id, outcome)
+    }
+
+    fn disconnect(&self, worker_id: &str, conn_id: u64, outcome: SessionEnd) -> SessionEnd {
+        if let Some(s) = self.sessions().get_mut(worker_id)
+            && s.conn_id == conn_id
+        {
+            s.tx = None;
+            s.disconnected_at = Some(now_ms());
+        }
+        tracing::info!(message = "worker disconnected", worker_id = %worker_id, code = outcome.code, reason = %outcome.reason);
+        outcome
+    }
+
+    /// Registers a hello: resume, restart or fresh session. Returns the welcome and the
+    /// control frames to replay.
+    fn register(
+        &self,
+        hello: &Hello,
+        tx: mpsc::UnboundedSender<Outbound>,
+        conn_id: u64,
+    ) -> Result<(Welcome, Vec<String>), QueueError> {
+        let now = now_ms();
+        let mut sessions = self.sessions();
+        let previous = sessions.remove(&hello.worker_id);
+        if let Some(p) = &previous
+            && let Some(old) = &p.tx
+        {
+            let _ = old.send(Outbound::Close(SessionEnd {
+                code: close::REPLACED,
+                reason: "replaced by a newer session".into(),
+            }));
+        }
+        let same_boot = previous
+            .as_ref()
+            .is_some_and(|p| p.boot_id == hello.boot_id);
+        let resumable = same_boot
+            && match (&previous, &hello.resume) {
+                (Some(p), Some(r)) => p.session == r.session,
+                _ => false,
+            };
+        let claimed: HashSet<&String> = hello.inflight.iter().collect();
+        if resumable {
+            let Some(mut s) = previous else {
+                unreachable!("resumable implies a previous session")
+            };
+            let last = hello.resume.as_ref().map(|r| r.last_seq).unwrap_or(0);
+            s.retained.retain(|(seq, _)| *seq > last);
+            let replay: Vec<String> = s.retained.iter().map(|(_, f)| f.clone()).collect();
+            let keep: Vec<String> = s
+                .inflight
+                .iter()
+                .filter(|l| claimed.contains(l))
+                .cloned()
+                .collect();
+            let dropped: Vec<String> = hello
+                .inflight
+                .iter()
+                .filter(|l| !s.inflight.contains(*l))
+                .cloned()
+                .collect();
+            // Leases the worker no longer has go back to the queue.
+            for lost in s
+                .inflight
+                .iter()
+                .filter(|l| !claimed.contains(l))
+                .cloned()
+                .collect::<Vec<_>>()
+            {
+                self.queue
+                    .release(&lost, "worker no longer holds the lease", now)?;
+                s.inflight.remove(&lost);
+            }
+            s.tx = Some(tx);
+            s.conn_id = conn_id;
+            s.slots = hello.slots;
+            s.capabilities = hello.capabilities.clone();
+            s.last_seen = now;
+            s.disconnected_at = None;
+            let welcome = Welcome {
+                session: s.session.clone(),
+                timers: self.timers(),
+                resumed: true,
+                keep,
+                drop: dropped,
+            };
+            sessions.insert(hello.worker_id.clone(), s);
+            drop(sessions);
+            self.queue
+                .renew(&hello.worker_id, now + self.cfg.lease.as_millis() as u64)?;
+            self.publish();
+            return Ok((welcome, replay));
+        }
+        // Not a resume. The queue's lease table decides what the worker keeps: with the
+        // same boot (gateway restarted, or resume data lost) leases it still runs are kept;
+        // a new boot releases everything the old process held.
+        let held = self.queue.leases_of(&hello.worker_id)?;
+        let mut keep = Vec::new();
+        let mut inflight = HashSet::new();
+        let restarted = previous
+            .as_ref()
+            .is_some_and(|p| p.boot_id != hello.boot_id);
+        if restarted {
+            self.queue.release_worker(&hello.worker_id, now)?;
+        } else {
+            for (lease, _) in &held {
+                if claimed.contains(lease) {
+                    keep.push(lease.clone());
+                    inflight.insert(lease.clone());
+                } else {
+                    self.queue
+                        .release(lease, "worker no longer holds the lease", now)?;
+                }
+            }
+        }
+        let dropped: Vec<String> = hello
+            .inflight
+            .iter()
+            .filter(|l| !inflight.contains(*l))
+            .cloned()
+            .collect();
+        let session = format!("sess_{}", uuid::Uuid::new_v4().simple());
+        sessions.insert(
+            hello.worker_id.clone(),
+            SessionState {
+                session: session.clone(),
+                boot_id: hello.boot_id.clone(),
+                capabilities: hello.capabilities.clone(),
+                slots: hello.slots,
+                inflight,
+                retained: Vec::new(),
+                next_seq: 1,
+                tx: Some(tx),
+                conn_id,
+                draining: false,
+                last_seen: now,
+                last_renew: now,
+                disconnected_at: None,
+                gpu: None,
+            },
+        );
+        drop(sessions);
+        self.queue
+            .renew(&hello.worker_id, now + self.cfg.lease.as_millis() as u64)?;
+        self.publish();
+        self.wake_dispatch();
+        Ok((
+            Welcome {
+                session,
+                timers: self.timers(),
+                resumed: false,
+                keep,
+                drop: dropped,
+            },
+            Vec::new(),
+        ))
+    }
+
+    fn timers(&self) -> Timers {
+        Timers {
+            heartbeat_ms: self.cfg.heartbeat.as_millis() as u64,
+            lease_ms: self.cfg.lease.as_millis() as u64,
+            dead_after_ms: self.cfg.dead_after.as_millis() as u64,
+        }
+    }
+
+    /// Fills the worker's free slots from the queue.
+    fn dispatch(&self, worker_id: &str) {
+        if self.is_paused() {
+            return;
+        }
+        let now = now_ms();
+        let lease_until = now + self.cfg.lease.as_millis() as u64;
+        let mut sessions = self.sessions();
+        let Some(s) = sessions.get_mut(worker_id) else {
+            return;
+        };
+        if s.tx.is_none() || s.draining {
+            return;
+        }
+        let free = s.free();
+        if free == 0 {
+            return;
+        }
+        let tasks = match self.queue.reserve(
+            worker_id,
+            &s.capabilities.task_types,
+            free,
+            lease_until,
+            now,
+        ) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(message = "reserve failed", error = %e);
+                return;
+            }
+        };
+        if tasks.is_empty() {
+            return;
+        }
+        let assignments: Vec<TaskAssignment> = tasks
+            .into_iter()
+            .filter_map(|t| {
+                let lease = t.lease?;
+                s.inflight.insert(lease.clone());
+                Some(TaskAssignment {
+                    task_id: t.id,
+                    attempt: t.attempt,
+                    lease,
+                    request_id: t.request_id,
+                    task_type: t.task_type,
+                    priority: t.priority,
+                    deadline: t.deadline,
+                    input: t.input,
+                })
+            })
+            .collect();
+        s.push_control(|seq| {
+            Message::Assign(Assign {
+                seq,
+                tasks: assignments,
+            })
+        });
+        drop(sessions);
+        self.publish();
+    }
+
+    /// Handles one frame from a worker. `Some` ends the session.
+    async fn handle<K: Sink<String> + Unpin>(
+        &self,
+        worker_id: &str,
+        env: Envelope,
+        sink: &mut K,
+    ) -> Option<SessionEnd> {
+        let now = now_ms();
+        self.touch(worker_id, now);
+        let reply = |m: Message| Envelope::new(m, now_ms()).from_source("gateway").encode();
+        match env.message {
+            Message::Ack(Ack { seq }) => self.acked(worker_id, seq),
+            Message::Heartbeat(hb) => {
+                self.acked(worker_id, hb.ack_seq);
+                if let Some(s) = self.sessions().get_mut(worker_id) {
+                    s.gpu = hb.gpu;
+                }
+                let until = now + self.cfg.lease.as_millis() as u64;
+                if let Err(e) = self.queue.renew(worker_id, until) {
+                    tracing::warn!(message = "lease renewal failed", error = %e);
+                }
+                let _ = sink
+                    .send(reply(Message::HeartbeatAck(HeartbeatAck {
+                        renewed_until: until,
+                    })))
+                    .await;
+            }
+            Message::Progress(p) => {
+                let data = json!({"stage": p.stage, "step": p.step, "total": p.total, "eta_ms": p.eta_ms,
+                    "percent": (p.total > 0).then(|| (p.step as f64 / p.total as f64 * 100.0).min(100.0))});
+                if let Err(e) = self.queue.progress(&p.lease, data, now) {
+                    tracing::warn!(message = "progress not stored", error = %e);
+                }
+                self.publish();
+            }
+            Message::Result(r) => {
+                let completion = match r.status {
+                    ResultStatus::Ok => Completion::Ok(r.output.unwrap_or(serde_json::Value::Null)),
+                    ResultStatus::Cancelled => Completion::Cancelled,
+                    ResultStatus::Error => Completion::Error(r.error.unwrap_or(TaskError {
+                        code: "unknown".into(),
+                        message: "the worker reported an error without details".into(),
+                        retryable: false,
+                    })),
+                };
+                let (accepted, reason) = match self.queue.complete(&r.lease, completion, now) {
+                    Ok(o) => (o.accepted, o.reason),
+                    Err(e) => {
+                        // Not acknowledged: the worker keeps it in its outbox and resends.
+                        tracing::warn!(message = "result not stored", error = %e);
+                        return None;
+                    }
+                };
+                self.publish();
+                self.free_lease(worker_id, &r.lease);
+                let _ = sink
+                    .send(reply(Message::ResultAck(ResultAck {
+                        lease: r.lease,
+                        accepted,
+                        reason,
+                    })))
+                    .await;
+                self.dispatch(worker_id);
+            }
+            Message::Reject(r) => {
+                let res = if r.retryable {
+                    self.queue
+                        .release(&r.lease, &format!("rejected: {}", r.reason), now)
+                        .map(|_| ())
+                } else {
+                    let err = TaskError {
+                        code: "rejected".into(),
+                        message: r.reason,
+                        retryable: false,
+                    };
+                    self.queue
+                        .complete(&r.lease, Completion::Error(err), now)
+                        .map(|_| ())
+                };
+                if let Err(e) = res {
+                    tracing::warn!(message = "reject not stored", error = %e);
+                }
+                self.publish();
+                self.free_lease(worker_id, &r.lease);
+                self.dispatch(worker_id);
+            }
+            Message::Release(r) => {
+                if let Err(e) = self.queue.release(&r.lease, "released by worker", now) {
+                    tracing::warn!(message = "release not stored", error = %e);
+                }
+                self.publish();
+                self.free_lease(worker_id, &r.lease);
+                self.wake_dispatch();
+            }
+            Message::Bye(b) => return Some(end(1000, format!("bye: {}", b.reason))),
+            Message::Error => {
+                tracing::warn!(message = "worker reported an error", worker_id = %worker_id, error = ?env.error, error_msg = ?env.error_msg);
+            }
+            other => {
+                let e = DecodeError::UnknownType(format!(
+                    "{} is not sent by workers",
+                    other.type_name()
+                ));
+                let _ = sink.send(Envelope::error_reply(&e, now).encode()).await;
+            }
+        }
+        None
+    }
+
+    fn touch(&self, worker_id: &str, now: u64) {
+        let renew = {
+            let mut sessions = self.sessions();
+            let Some(s) = sessions.get_mut(worker_id) else {
+                return;
+            };
+            s.last_seen = now;
+            // Any frame renews the session's leases, at most twice per heartbeat interval.
+            let due = now.saturating_sub(s.last_renew)
+                >= (self.cfg.heartbeat.as_millis() as u64 / 2).max(1);
+            if due {
+                s.last_renew = now;
+            }
+            due
+        };
+        if renew
+            && let Err(e) = self
+                .queue
+                .renew(worker_id, now + self.cfg.lease.as_millis() as u64)
+        {
+            tracing::warn!(message = "lease renewal failed", error = %e);
+        }
+    }
+
+    fn acked(&self, worker_id: &str, seq: u64) {
+        if let Some(s) = self.sessions().get_mut(worker_id) {
+            s.retained.retain(|(n, _)| *n > seq);
+        }
+    }
+
+    fn free_lease(&self, worker_id: &str, lease: &str) {
+        if let Some(s) = self.sessions().get_mut(worker_id) {
+            s.inflight.remove(lease);
+        }
+    }
+
+    /// Closes every session with `code` (e.g. 1012 on restart) and a retry hint.
+    pub fn close_all(&self, code: u16, reason: &str) {
+        for s in self.sessions().values() {
+            if let Some(tx) = &s.tx {
+                let _ = tx.send(Outbound::Close(SessionEnd {
+                    code,
+                    reason: reason.to_owned(),
+                }));
+            }
+        }
+    }
+}
+
+fn end(code: u16, reason: String) -> SessionEnd {
+    SessionEnd { code, reason }
+}

@@ -1,0 +1,55 @@
+//! Broker settings with documented defaults.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Timers and limits of the broker.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BrokerConfig {
+    /// How often workers send `hb`. Default: 15 s.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat: Duration,
+    /// A lease lapses this long after its last renewal; then the task runs elsewhere.
+    /// Default: 90 s.
+    #[serde(with = "humantime_serde")]
+    pub lease: Duration,
+    /// A connection silent this long is closed (4009); its leases live on until they lapse.
+    /// Default: 45 s.
+    #[serde(with = "humantime_serde")]
+    pub dead_after: Duration,
+    /// Time a new connection has to send `hello`. Default: 10 s.
+    #[serde(with = "humantime_serde")]
+    pub hello_timeout: Duration,
+    /// Attempts before a task is dead-lettered (failed). Default: 3.
+    pub max_attempts: u32,
+    /// Wait before re-running a task whose attempt failed retryably, doubled per attempt.
+    /// Default: 1 s.
+    #[serde(with = "humantime_serde")]
+    pub retry_base: Duration,
+    /// How often lapsed leases and deadlines are checked. Default: 1 s.
+    #[serde(with = "humantime_serde")]
+    pub sweep_interval: Duration,
+    /// Largest frame accepted from a worker, bytes. Default: 1 MiB.
+    pub max_frame_bytes: usize,
+    /// `synchronous=FULL` for SQLite (survives power loss, slower); NORMAL survives a
+    /// process crash. Default: false.
+    pub sync_full: bool,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        Self {
+            heartbeat: Duration::from_secs(15),
+            lease: Duration::from_secs(90),
+            dead_after: Duration::from_secs(45),
+            hello_timeout: Duration::from_secs(10),
+            max_attempts: 3,
+            retry_base: Duration::from_secs(1),
+            sweep_interval: Duration::from_secs(1),
+            max_frame_bytes: kiln_protocol::DEFAULT_MAX_FRAME_BYTES,
+            sync_full: false,
+        }
+    }
+}

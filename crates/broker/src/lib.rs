@@ -1,0 +1,50 @@
+//! kiln-broker: a durable task queue and the dispatcher that feeds `kiln.v1` worker
+//! sessions.
+//!
+//! Tasks are stored in SQLite (WAL) before `submit` returns, so an accepted task survives
+//! a kill -9 of the process. Each attempt gets its own lease; any frame from the worker
+//! renews its leases, and a lease lapses only after `lease` without renewal, so long jobs
+//! run once without tuning. Results are accepted by compare-and-set on the lease (first
+//! finisher wins). Workers never get more tasks than their free slots.
+//!
+//! A session runs over any `Stream` of received text frames and `Sink` of text frames to
+//! send, so the gateway adapts its WebSocket and tests use channels:
+//!
+//! ```
+//! use futures_util::StreamExt;
+//! use kiln_broker::{Broker, BrokerConfig, NewTask, SqliteQueue};
+//! use kiln_protocol::{Envelope, Message, messages::*};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let broker = Broker::with_queue(SqliteQueue::in_memory(3).unwrap(), BrokerConfig::default());
+//! let (task, created) = broker
+//!     .submit(NewTask { task_type: "txt2img".into(), input: serde_json::json!({"prompt": "a fox"}), ..Default::default() })
+//!     .unwrap();
+//! assert!(created);
+//!
+//! // A worker: frames in through one channel, frames out through another.
+//! let (to_gw, from_worker) = futures_channel::mpsc::unbounded::<Result<String, std::io::Error>>();
+//! let (to_worker, mut from_gw) = futures_channel::mpsc::unbounded::<String>();
+//! tokio::spawn(broker.clone().serve_session(from_worker, to_worker));
+//! let hello = Hello { worker_id: "w1".into(), boot_id: "b1".into(), slots: 1,
+//!     capabilities: Capabilities { task_types: vec!["txt2img".into()], ..Default::default() },
+//!     resume: None, inflight: vec![], outbox: vec![] };
+//! to_gw.unbounded_send(Ok(Envelope::new(Message::Hello(hello), 0).encode())).unwrap();
+//! let welcome = Envelope::decode(&from_gw.next().await.unwrap(), 1 << 20).unwrap();
+//! assert!(matches!(welcome.message, Message::Welcome(_)));
+//! let assign = Envelope::decode(&from_gw.next().await.unwrap(), 1 << 20).unwrap();
+//! let Message::Assign(a) = assign.message else { panic!() };
+//! assert_eq!(a.tasks[0].task_id, task.id);
+//! # }
+//! ```
+
+mod broker;
+mod config;
+mod model;
+mod sqlite;
+
+pub use broker::{Broker, SessionEnd, WorkerInfo, now_ms};
+pub use config::BrokerConfig;
+pub use model::*;
+pub use sqlite::{SqliteQueue, Sweep};

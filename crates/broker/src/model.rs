@@ -1,0 +1,207 @@
+//! The records the queue stores and returns.
+
+use kiln_protocol::TaskState;
+use kiln_protocol::messages::TaskError;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// A task to enqueue.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct NewTask {
+    /// Task type, e.g. `txt2img`; routes the task to workers that serve it.
+    pub task_type: String,
+    /// The input handed to the worker.
+    pub input: Value,
+    /// Idempotency key: the same key returns the same task.
+    pub request_id: Option<String>,
+    /// Higher runs first; equal priorities run oldest first.
+    pub priority: i32,
+    /// Absolute deadline, Unix ms: past it the task expires.
+    pub deadline: Option<u64>,
+    /// Free-form client metadata, returned as given.
+    pub metadata: Option<Value>,
+    /// Attempts before the task is dead-lettered; `None` uses the broker's default.
+    pub max_attempts: Option<u32>,
+}
+
+/// A stored task.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct Task {
+    /// `task_` + 32 hex digits.
+    pub id: String,
+    /// The client's idempotency key.
+    pub request_id: Option<String>,
+    /// Task type.
+    pub task_type: String,
+    /// Current state.
+    pub state: TaskState,
+    /// Priority.
+    pub priority: i32,
+    /// Input.
+    pub input: Value,
+    /// Client metadata.
+    pub metadata: Option<Value>,
+    /// Attempts started so far.
+    pub attempt: u32,
+    /// Attempt limit.
+    pub max_attempts: u32,
+    /// Lease of the running attempt.
+    pub lease: Option<String>,
+    /// Worker holding the lease.
+    pub worker_id: Option<String>,
+    /// When the lease lapses, Unix ms.
+    pub lease_expires_at: Option<u64>,
+    /// Deadline, Unix ms.
+    pub deadline: Option<u64>,
+    /// A cancel was requested while the task ran.
+    pub cancel_requested: bool,
+    /// Output of a succeeded task.
+    pub output: Option<Value>,
+    /// Last error.
+    pub error: Option<TaskError>,
+    /// Latest progress: `{stage, step, total, eta_ms}`.
+    pub progress: Option<Value>,
+    /// Failed after its last allowed attempt.
+    pub dead_lettered: bool,
+    /// Unix ms.
+    pub created_at: u64,
+    /// First start, Unix ms.
+    pub started_at: Option<u64>,
+    /// Terminal time, Unix ms.
+    pub completed_at: Option<u64>,
+    /// Position in submission order (for cursors).
+    pub seq: i64,
+}
+
+/// One attempt of a task.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AttemptRecord {
+    /// 1-based.
+    pub attempt: u32,
+    /// The worker.
+    pub worker_id: String,
+    /// The lease.
+    pub lease: String,
+    /// Unix ms.
+    pub started_at: u64,
+    /// Unix ms.
+    pub ended_at: Option<u64>,
+    /// Why it ended without success.
+    pub error: Option<String>,
+}
+
+/// How a worker ended an attempt.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Completion {
+    /// Finished with an output.
+    Ok(Value),
+    /// Failed.
+    Error(TaskError),
+    /// Stopped after a cancel.
+    Cancelled,
+}
+
+/// The answer to a result.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CompleteOutcome {
+    /// Whether it became the task's result.
+    pub accepted: bool,
+    /// Why not.
+    pub reason: Option<String>,
+    /// The task after the call.
+    pub task: Option<Task>,
+}
+
+/// The answer to a cancel.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum CancelOutcome {
+    /// It was queued and is now canceled.
+    Canceled(Task),
+    /// It is running: tell `worker_id` to stop `lease`.
+    SignalWorker {
+        /// The task (cancel requested).
+        task: Task,
+        /// Worker holding the lease.
+        worker_id: String,
+        /// The lease.
+        lease: String,
+    },
+    /// Already finished.
+    AlreadyTerminal(Task),
+    /// No such task.
+    NotFound,
+}
+
+/// A change to a task, for progress streams (SSE). Ids increase across all tasks, so
+/// "events after id N" resumes a stream without loss.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskEvent {
+    /// Monotonic id.
+    pub id: i64,
+    /// The task.
+    pub task_id: String,
+    /// `status`, `progress` or `completed`.
+    pub kind: String,
+    /// Event data.
+    pub data: Value,
+    /// Unix ms.
+    pub ts: u64,
+}
+
+/// Which tasks `list` returns.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ListFilter {
+    /// Only this state.
+    pub state: Option<TaskState>,
+    /// Only this type.
+    pub task_type: Option<String>,
+    /// At most this many (capped at 500).
+    pub limit: usize,
+    /// Only tasks older than this `seq` (newest first).
+    pub before_seq: Option<i64>,
+}
+
+/// Counts for metrics and readiness.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// `(state, task_type, count)`.
+    pub by_state_type: Vec<(TaskState, String, u64)>,
+}
+
+impl Stats {
+    /// Tasks in `state`.
+    pub fn count(&self, state: TaskState) -> u64 {
+        self.by_state_type
+            .iter()
+            .filter(|(s, _, _)| *s == state)
+            .map(|(_, _, n)| n)
+            .sum()
+    }
+}
+
+/// A queue store failure.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum QueueError {
+    /// The database failed.
+    #[error("queue store: {0}")]
+    Store(#[from] rusqlite::Error),
+    /// A stored value did not parse.
+    #[error("queue store holds a corrupt value: {0}")]
+    Corrupt(String),
+    /// The request is invalid.
+    #[error("invalid task: {0}")]
+    Invalid(String),
+    /// The same request_id was used for a different task.
+    #[error("request_id {0:?} already names a task with different content")]
+    Conflict(String),
+}
+
+impl QueueError {
+    /// Whether retrying the call may succeed (the store was busy or unreachable).
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, QueueError::Store(_))
+    }
+}

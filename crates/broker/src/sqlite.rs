@@ -1,0 +1,798 @@
+//! The SQLite queue store: one file, WAL journal. A task is durable once `enqueue`
+//! returns: its transaction has been committed to the WAL, which survives a kill -9 of the
+//! process (with `synchronous=NORMAL` a power loss can drop the last transactions; set
+//! `sync_full` for that case).
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use kiln_protocol::TaskState;
+use kiln_protocol::messages::TaskError;
+use rusqlite::{Connection, OptionalExtension, Row, params};
+use serde_json::{Value, json};
+
+use crate::model::*;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS tasks (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    request_id TEXT UNIQUE,
+    task_type TEXT NOT NULL,
+    state TEXT NOT NULL,
+    priority INTEGER NOT NULL,
+    input TEXT NOT NULL,
+    metadata TEXT,
+    attempt INTEGER NOT NULL DEFAULT 0,
+    max_attempts INTEGER NOT NULL,
+    lease TEXT UNIQUE,
+    worker_id TEXT,
+    lease_expires_at INTEGER,
+    deadline INTEGER,
+    not_before INTEGER NOT NULL DEFAULT 0,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    output TEXT,
+    error TEXT,
+    progress TEXT,
+    dead_lettered INTEGER NOT NULL DEFAULT 0,
+    created_at INTEGER NOT NULL,
+    started_at INTEGER,
+    completed_at INTEGER
+);
+CREATE INDEX IF NOT EXISTS tasks_ready ON tasks (task_type, priority DESC, seq) WHERE state = 'queued';
+CREATE INDEX IF NOT EXISTS tasks_running ON tasks (lease_expires_at) WHERE state = 'running';
+CREATE INDEX IF NOT EXISTS tasks_worker ON tasks (worker_id) WHERE state = 'running';
+CREATE TABLE IF NOT EXISTS attempts (
+    task_id TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    worker_id TEXT NOT NULL,
+    lease TEXT NOT NULL,
+    started_at INTEGER NOT NULL,
+    ended_at INTEGER,
+    error TEXT,
+    PRIMARY KEY (task_id, attempt)
+);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    task_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    data TEXT NOT NULL,
+    ts INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_task ON events (task_id, id);
+";
+
+/// What a sweep changed.
+#[derive(Debug, Default)]
+pub struct Sweep {
+    /// Tasks whose state changed.
+    pub changed: Vec<Task>,
+    /// `(worker_id, lease)` of expired running tasks whose workers should stop.
+    pub stop: Vec<(String, String)>,
+}
+
+const COLS: &str = "id, request_id, task_type, state, priority, input, metadata, attempt, max_attempts, \
+    lease, worker_id, lease_expires_at, deadline, cancel_requested, output, error, progress, \
+    dead_lettered, created_at, started_at, completed_at, seq";
+
+/// The embedded queue store.
+#[derive(Debug)]
+pub struct SqliteQueue {
+    conn: Mutex<Connection>,
+    default_max_attempts: u32,
+    retry_base_ms: u64,
+    events: Mutex<Vec<TaskEvent>>,
+}
+
+type Result<T> = std::result::Result<T, QueueError>;
+
+fn new_id(prefix: &str) -> String {
+    format!("{prefix}_{}", uuid::Uuid::new_v4().simple())
+}
+
+fn parse_json(s: Option<String>) -> Result<Option<Value>> {
+    s.map(|s| serde_json::from_str(&s).map_err(|e| QueueError::Corrupt(e.to_string())))
+        .transpose()
+}
+
+/// A task row with its JSON columns still as text.
+struct RawTask {
+    task: Task,
+    input: String,
+    metadata: Option<String>,
+    output: Option<String>,
+    error: Option<String>,
+    progress: Option<String>,
+}
+
+fn row_to_task(r: &Row<'_>) -> rusqlite::Result<RawTask> {
+    let state: String = r.get(3)?;
+    let task = Task {
+        id: r.get(0)?,
+        request_id: r.get(1)?,
+        task_type: r.get(2)?,
+        state: TaskState::parse(&state).unwrap_or(TaskState::Failed),
+        priority: r.get(4)?,
+        input: Value::Null,
+        metadata: None,
+        attempt: r.get(7)?,
+        max_attempts: r.get(8)?,
+        lease: r.get(9)?,
+        worker_id: r.get(10)?,
+        lease_expires_at: r.get(11)?,
+        deadline: r.get(12)?,
+        cancel_requested: r.get::<_, i64>(13)? != 0,
+        output: None,
+        error: None,
+        progress: None,
+        dead_lettered: r.get::<_, i64>(17)? != 0,
+        created_at: r.get(18)?,
+        started_at: r.get(19)?,
+        completed_at: r.get(20)?,
+        seq: r.get(21)?,
+    };
+    Ok(RawTask {
+        task,
+        input: r.get(5)?,
+        metadata: r.get(6)?,
+        output: r.get(14)?,
+        error: r.get(15)?,
+        progress: r.get(16)?,
+    })
+}
+
+fn finish_task(raw: RawTask) -> Result<Task> {
+    let mut t = raw.task;
+    t.input = serde_json::from_str(&raw.input).map_err(|e| QueueError::Corrupt(e.to_string()))?;
+    t.metadata = parse_json(raw.metadata)?;
+    t.output = parse_json(raw.output)?;
+    t.progress = parse_json(raw.progress)?;
+    t.error = raw
+        .error
+        .map(|e| {
+            serde_json::from_str::<TaskError>(&e).map_err(|e| QueueError::Corrupt(e.to_string()))
+        })
+        .transpose()?;
+    Ok(t)
+}
+
+fn get_task(c: &Connection, id: &str) -> Result<Option<Task>> {
+    let sql = format!("SELECT {COLS} FROM tasks WHERE id = ?1");
+    c.query_row(&sql, [id], row_to_task)
+        .optional()?
+        .map(finish_task)
+        .transpose()
+}
+
+fn task_by_lease(c: &Connection, lease: &str) -> Result<Option<Task>> {
+    let sql = format!("SELECT {COLS} FROM tasks WHERE lease = ?1");
+    c.query_row(&sql, [lease], row_to_task)
+        .optional()?
+        .map(finish_task)
+        .transpose()
+}
+
+fn status_data(t: &Task) -> Value {
+    json!({"status": t.state.as_str(), "attempt": t.attempt, "worker_id": t.worker_id})
+}
+
+impl SqliteQueue {
+    /// Opens (or creates) the queue file at `path`. `default_max_attempts` applies to tasks
+    /// that do not set their own; failed retryable attempts wait `retry_base_ms` times
+    /// 2^(attempt-1) before running again.
+    pub fn open(
+        path: &Path,
+        default_max_attempts: u32,
+        retry_base_ms: u64,
+        sync_full: bool,
+    ) -> Result<Self> {
+        let conn = Connection::open(path)?;
+        Self::init(conn, default_max_attempts, retry_base_ms, sync_full)
+    }
+
+    /// An in-memory queue (tests).
+    pub fn in_memory(default_max_attempts: u32) -> Result<Self> {
+        Self::init(
+            Connection::open_in_memory()?,
+            default_max_attempts,
+            0,
+            false,
+        )
+    }
+
+    fn init(
+        conn: Connection,
+        default_max_attempts: u32,
+        retry_base_ms: u64,
+        sync_full: bool,
+    ) -> Result<Self> {
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(
+            None,
+            "synchronous",
+            if sync_full { "FULL" } else { "NORMAL" },
+        )?;
+        conn.pragma_update(None, "busy_timeout", 5000)?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Self {
+            conn: Mutex::new(conn),
+            default_max_attempts: default_max_attempts.max(1),
+            retry_base_ms,
+            events: Mutex::new(Vec::new()),
+        })
+    }
+
+    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Events written by the calls so far, oldest first; the broker broadcasts them.
+    pub fn take_events(&self) -> Vec<TaskEvent> {
+        std::mem::take(&mut *self.events.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    fn event(
+        &self,
+        c: &Connection,
+        task_id: &str,
+        kind: &str,
+        data: Value,
+        now: u64,
+    ) -> Result<()> {
+        c.execute(
+            "INSERT INTO events (task_id, kind, data, ts) VALUES (?1, ?2, ?3, ?4)",
+            params![task_id, kind, data.to_string(), now],
+        )?;
+        let id = c.last_insert_rowid();
+        self.events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(TaskEvent {
+                id,
+                task_id: task_id.to_owned(),
+                kind: kind.to_owned(),
+                data,
+                ts: now,
+            });
+        Ok(())
+    }
+
+    fn terminal_event(&self, c: &Connection, t: &Task, now: u64) -> Result<()> {
+        self.event(c, &t.id, "status", status_data(t), now)?;
+        self.event(
+            c,
+            &t.id,
+            "completed",
+            json!({"status": t.state.as_str(), "output": t.output, "error": t.error}),
+            now,
+        )
+    }
+
+    /// Stores a task, or returns the task already stored under its `request_id` (with
+    /// `false`). A `request_id` reused for a different type or input is a conflict.
+    pub fn enqueue(&self, t: NewTask, now: u64) -> Result<(Task, bool)> {
+        if t.task_type.trim().is_empty() {
+            return Err(QueueError::Invalid("task_type is empty".into()));
+        }
+        let mut c = self.conn();
+        let tx = c.transaction()?;
+        if let Some(rid) = &t.request_id {
+            let existing: Option<String> = tx
+                .query_row("SELECT id FROM tasks WHERE request_id = ?1", [rid], |r| {
+                    r.get(0)
+                })
+                .optional()?;
+            if let Some(id) = existing {
+                let task = get_task(&tx, &id)?
+                    .ok_or_else(|| QueueError::Corrupt("task vanished".into()))?;
+                if task.task_type != t.task_type || task.input != t.input {
+                    return Err(QueueError::Conflict(rid.clone()));
+                }
+                return Ok((task, false));
+            }
+        }
+        let id = new_id("task");
+        tx.execute(
+            "INSERT INTO tasks (id, request_id, task_type, state, priority, input, metadata, max_attempts, deadline, created_at)
+             VALUES (?1, ?2, ?3, 'queued', ?4, ?5, ?6, ?7, ?8, ?9)",
+            params![
+                id,
+                t.request_id,
+                t.task_type,
+                t.priority,
+                t.input.to_string(),
+                t.metadata.as_ref().map(Value::to_string),
+                t.max_attempts.unwrap_or(self.default_max_attempts).max(1),
+                t.deadline,
+                now
+            ],
+        )?;
+        let task = get_task(&tx, &id)?.ok_or_else(|| QueueError::Corrupt("insert lost".into()))?;
+        self.event(&tx, &id, "status", status_data(&task), now)?;
+        tx.commit()?;
+        Ok((task, true))
+    }
+
+    /// Leases up to `n` queued tasks of the given types to `worker_id`, highest priority
+    /// then oldest first, each with a new lease id, until `lease_until`.
+    pub fn reserve(
+        &self,
+        worker_id: &str,
+        task_types: &[String],
+        n: usize,
+        lease_until: u64,
+        now: u64,
+    ) -> Result<Vec<Task>> {
+        if n == 0 || task_types.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut c = self.conn();
+        let tx = c.transaction()?;
+        let marks = vec!["?"; task_types.len()].join(",");
+        let sql = format!(
+            "SELECT id FROM tasks WHERE state = 'queued' AND not_before <= ? AND task_type IN ({marks})
+             ORDER BY priority DESC, seq LIMIT ?"
+        );
+        let ids: Vec<String> = {
+            let mut stmt = tx.prepare_cached(&sql)?;
+            let mut args: Vec<rusqlite::types::Value> = vec![(now as i64).into()];
+            args.extend(task_types.iter().map(|t| t.clone().into()));
+            args.push((n as i64).into());
+            stmt.query_map(rusqlite::params_from_iter(args), |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?
+        };
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            let lease = new_id("lease");
+            tx.execute(
+                "UPDATE tasks SET state = 'running', attempt = attempt + 1, lease = ?2, worker_id = ?3,
+                 lease_expires_at = ?4, started_at = COALESCE(started_at, ?5), progress = NULL WHERE id = ?1",
+                params![id, lease, worker_id, lease_until, now],
+            )?;
+            let task =
+                get_task(&tx, &id)?.ok_or_else(|| QueueError::Corrupt("reserve lost".into()))?;
+            tx.execute(
+                "INSERT OR REPLACE INTO attempts (task_id, attempt, worker_id, lease, started_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![id, task.attempt, worker_id, lease, now],
+            )?;
+            self.event(&tx, &id, "status", status_data(&task), now)?;
+            out.push(task);
+        }
+        tx.commit()?;
+        Ok(out)
+    }
+
+    /// Extends every lease `worker_id` holds to `until`. Returns how many.
+    pub fn renew(&self, worker_id: &str, until: u64) -> Result<usize> {
+        Ok(self.conn().execute(
+            "UPDATE tasks SET lease_expires_at = ?2 WHERE state = 'running' AND worker_id = ?1 AND lease_expires_at < ?2",
+            params![worker_id, until],
+        )?)
+    }
+
+    /// The leases `worker_id` holds: `(lease, task_id)`.
+    pub fn leases_of(&self, worker_id: &str) -> Result<Vec<(String, String)>> {
+        let c = self.conn();
+        let mut stmt = c.prepare_cached(
+            "SELECT lease, id FROM tasks WHERE state = 'running' AND worker_id = ?1",
+        )?;
+        Ok(stmt
+            .query_map([worker_id], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Records progress of a running lease. `None` when the lease is not current.
+    pub fn progress(&self, lease: &str, progress: Value, now: u64) -> Result<Option<String>> {
+        let c = self.conn();
+        let id: Option<String> = c
+            .query_row(
+                "SELECT id FROM tasks WHERE lease = ?1 AND state = 'running'",
+                [lease],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if let Some(id) = &id {
+            c.execute(
+                "UPDATE tasks SET progress = ?2 WHERE id = ?1",
+                params![id, progress.to_string()],
+            )?;
+            self.event(&c, id, "progress", progress, now)?;
+        }
+        Ok(id)
+    }
+
+    /// Compare-and-set on the lease: the result counts only if `lease` is the task's current
+    /// lease and the task is running.
+    pub fn complete(
+        &self,
+        lease: &str,
+        completion: Completion,
+        now: u64,
+    ) -> Result<CompleteOutcome> {
+        let mut c = self.conn();
+        let tx = c.transaction()?;
+        let Some(task) = task_by_lease(&tx, lease)? else {
+            let reason = match tx
+                .query_row(
+                    "SELECT task_id FROM attempts WHERE lease = ?1",
+                    [lease],
+                    |r| r.get::<_, String>(0),
+                )
+                .optional()?
+            {
+                Some(_) => "stale lease: the attempt is no longer current",
+                None => "unknown lease",
+            };
+            return Ok(CompleteOutcome {
+                accepted: false,
+                reason: Some(reason.into()),
+                task: None,
+            });
+        };
+        if task.state != TaskState::Running {
+            return Ok(CompleteOutcome {
+                accepted: false,
+                reason: Some(format!("task is {}", task.state.as_str())),
+                task: Some(task),
+            });
+        }
+        let (state, output, error, requeue, dead) = match completion {
+            Completion::Ok(v) => (TaskState::Succeeded, Some(v), None, false, false),
+            Completion::Cancelled => (TaskState::Canceled, None, None, false, false),
+            Completion::Error(e) => {
+                let more =
+                    e.retryable && task.attempt < task.max_attempts && !task.cancel_requested;
+                let dead = e.retryable && !more && !task.cancel_requested;
+                (
+                    if more {
+                        TaskState::Queued
+                    } else {
+                        TaskState::Failed
+                    },
+                    None,
+                    Some(e),
+                    more,
+                    dead,
+                )
+            }
+        };
+        let err_json = error.as_ref().map(|e| json!(e).to_string());
+        tx.execute(
+            "UPDATE attempts SET ended_at = ?3, error = ?4 WHERE task_id = ?1 AND attempt = ?2",
+            params![
+                task.id,
+                task.attempt,
+                now,
+                error.as_ref().map(|e| format!("{}: {}", e.code, e.message))
+            ],
+        )?;
+        if requeue {
+            let wait = self
+                .retry_base_ms
+                .saturating_mul(1 << (task.attempt.saturating_sub(1)).min(16));
+            tx.execute(
+                "UPDATE tasks SET state = 'queued', lease = NULL, worker_id = NULL, lease_expires_at = NULL,
+                 not_before = ?2, error = ?3 WHERE id = ?1",
+                params![task.id, now + wait, err_json],
+            )?;
+        } else {
+            tx.execute(
+                "UPDATE tasks SET state = ?2, lease = NULL, lease_expires_at = NULL, output = ?3, error = ?4,
+                 dead_lettered = ?5, completed_at = ?6 WHERE id = ?1",
+                params![task.id, state.as_str(), output.as_ref().map(Value::to_string), err_json, dead as i64, now],
+            )?;
+        }
+        let after =
+            get_task(&tx, &task.id)?.ok_or_else(|| QueueError::Corrupt("complete lost".into()))?;
+        if after.state.is_terminal() {
+            self.terminal_event(&tx, &after, now)?;
+        } else {
+            self.event(&tx, &after.id, "status", status_data(&after), now)?;
+        }
+        tx.commit()?;
+        Ok(CompleteOutcome {
+            accepted: true,
+            reason: None,
+            task: Some(after),
+        })
+    }
+
+    /// Gives a lease back: the task is queued again at once, and the attempt does not count
+    /// (`release`, retryable `reject`, a worker restarting).
+    pub fn release(&self, lease: &str, why: &str, now: u64) -> Result<Option<Task>> {
+        let mut c = self.conn();
+        let tx = c.transaction()?;
+        let Some(task) = task_by_lease(&tx, lease)? else {
+            return Ok(None);
+        };
+        let after = self.requeue_locked(&tx, &task, why, false, now)?;
+        tx.commit()?;
+        Ok(Some(after))
+    }
+
+    /// Puts a running task back in the queue (or ends it: canceled when a cancel was
+    /// requested, failed when attempts are spent and `counted`).
+    fn requeue_locked(
+        &self,
+        tx: &Connection,
+        task: &Task,
+        why: &str,
+        counted: bool,
+        now: u64,
+    ) -> Result<Task> {
+        tx.execute(
+            "UPDATE attempts SET ended_at = ?3, error = ?4 WHERE task_id = ?1 AND attempt = ?2",
+            params![task.id, task.attempt, now, why],
+        )?;
+        if task.cancel_requested {
+            tx.execute(
+                "UPDATE tasks SET state = 'canceled', lease = NULL, lease_expires_at = NULL, completed_at = ?2 WHERE id = ?1",
+                params![task.id, now],
+            )?;
+        } else if counted && task.attempt >= task.max_attempts {
+            let err = json!(TaskError {
+                code: "lease_expired".into(),
+                message: why.into(),
+                retryable: true
+            })
+            .to_string();
+            tx.execute(
+                "UPDATE tasks SET state = 'failed', lease = NULL, lease_expires_at = NULL, error = ?2,
+                 dead_lettered = 1, completed_at = ?3 WHERE id = ?1",
+                params![task.id, err, now],
+            )?;
+        } else {
+            let back = if counted { 0 } else { 1 };
+            tx.execute(
+                "UPDATE tasks SET state = 'queued', attempt = attempt - ?2, lease = NULL, worker_id = NULL,
+                 lease_expires_at = NULL, not_before = 0 WHERE id = ?1",
+                params![task.id, back],
+            )?;
+        }
+        let after =
+            get_task(tx, &task.id)?.ok_or_else(|| QueueError::Corrupt("requeue lost".into()))?;
+        if after.state.is_terminal() {
+            self.terminal_event(tx, &after, now)?;
+        } else {
+            self.event(tx, &after.id, "status", status_data(&after), now)?;
+        }
+        Ok(after)
+    }
+
+    /// Releases every lease of `worker_id` (its process restarted): the tasks are queued
+    /// again at once.
+    pub fn release_worker(&self, worker_id: &str, now: u64) -> Result<Vec<Task>> {
+        let mut c = self.conn();
+        let tx = c.transaction()?;
+        let sql = format!("SELECT {COLS} FROM tasks WHERE state = 'running' AND worker_id = ?1");
+        let tasks: Vec<Task> = {
+            let mut stmt = tx.prepare(&sql)?;
+            let rows = stmt
+                .query_map([worker_id], row_to_task)?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            rows.into_iter().map(finish_task).collect::<Result<_>>()?
+        };
+        let mut out = Vec::new();
+        for t in tasks {
+            out.push(self.requeue_locked(&tx, &t, "worker restarted", false, now)?);
+        }
+        tx.commit()?;
+        Ok(out)
+    }
+
+    /// Handles lapsed leases (queued again, or ended) and passed deadlines (expired).
+    /// Returns tasks that changed, and the `(worker, lease)` pairs of expired running tasks
+    /// whose workers should be told to stop.
+    pub fn sweep(&self, now: u64) -> Result<Sweep> {
+        let mut c = self.conn();
+        let tx = c.transaction()?;
+        let sql =
+            format!("SELECT {COLS} FROM tasks WHERE state = 'running' AND lease_expires_at < ?1");
+        let lapsed: Vec<Task> = {
+            let mut stmt = tx.prepare_cached(&sql)?;
+            let rows = stmt
+                .query_map([now], row_to_task)?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            rows.into_iter().map(finish_task).collect::<Result<_>>()?
+        };
+        let mut changed = Vec::new();
+        for t in lapsed {
+            changed.push(self.requeue_locked(&tx, &t, "lease expired", true, now)?);
+        }
+        let sql = format!(
+            "SELECT {COLS} FROM tasks WHERE state IN ('queued', 'running') AND deadline IS NOT NULL AND deadline < ?1"
+        );
+        let expired: Vec<Task> = {
+            let mut stmt = tx.prepare_cached(&sql)?;
+            let rows = stmt
+                .query_map([now], row_to_task)?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            rows.into_iter().map(finish_task).collect::<Result<_>>()?
+        };
+        let mut stop = Vec::new();
+        for t in expired {
+            if let (Some(w), Some(l)) = (&t.worker_id, &t.lease)
+                && t.state == TaskState::Running
+            {
+                stop.push((w.clone(), l.clone()));
+            }
+            tx.execute(
+                "UPDATE tasks SET state = 'expired', lease = NULL, lease_expires_at = NULL, completed_at = ?2 WHERE id = ?1",
+                params![t.id, now],
+            )?;
+            let after =
+                get_task(&tx, &t.id)?.ok_or_else(|| QueueError::Corrupt("expire lost".into()))?;
+            self.terminal_event(&tx, &after, now)?;
+            changed.push(after);
+        }
+        tx.commit()?;
+        Ok(Sweep { changed, stop })
+    }
+
+    /// Cancels a task: queued ones at once; running ones are marked and their worker must
+    /// be told.
+    pub fn cancel(&self, id: &str, now: u64) -> Result<CancelOutcome> {
+        let mut c = self.conn();
+        let tx = c.transaction()?;
+        let Some(task) = get_task(&tx, id)? else {
+            return Ok(CancelOutcome::NotFound);
+        };
+        let out = match task.state {
+            TaskState::Queued => {
+                tx.execute(
+                    "UPDATE tasks SET state = 'canceled', completed_at = ?2 WHERE id = ?1",
+                    params![id, now],
+                )?;
+                let after =
+                    get_task(&tx, id)?.ok_or_else(|| QueueError::Corrupt("cancel lost".into()))?;
+                self.terminal_event(&tx, &after, now)?;
+                CancelOutcome::Canceled(after)
+            }
+            TaskState::Running => {
+                tx.execute("UPDATE tasks SET cancel_requested = 1 WHERE id = ?1", [id])?;
+                let after =
+                    get_task(&tx, id)?.ok_or_else(|| QueueError::Corrupt("cancel lost".into()))?;
+                self.event(
+                    &tx,
+                    id,
+                    "status",
+                    json!({"status": "running", "cancel_requested": true}),
+                    now,
+                )?;
+                match (after.worker_id.clone(), after.lease.clone()) {
+                    (Some(worker_id), Some(lease)) => CancelOutcome::SignalWorker {
+                        task: after,
+                        worker_id,
+                        lease,
+                    },
+                    _ => CancelOutcome::AlreadyTerminal(after),
+                }
+            }
+            _ => CancelOutcome::AlreadyTerminal(task),
+        };
+        tx.commit()?;
+        Ok(out)
+    }
+
+    /// A task by id.
+    pub fn get(&self, id: &str) -> Result<Option<Task>> {
+        get_task(&self.conn(), id)
+    }
+
+    /// The attempts of a task, in order.
+    pub fn attempts(&self, id: &str) -> Result<Vec<AttemptRecord>> {
+        let c = self.conn();
+        let mut stmt = c.prepare_cached(
+            "SELECT attempt, worker_id, lease, started_at, ended_at, error FROM attempts WHERE task_id = ?1 ORDER BY attempt",
+        )?;
+        Ok(stmt
+            .query_map([id], |r| {
+                Ok(AttemptRecord {
+                    attempt: r.get(0)?,
+                    worker_id: r.get(1)?,
+                    lease: r.get(2)?,
+                    started_at: r.get(3)?,
+                    ended_at: r.get(4)?,
+                    error: r.get(5)?,
+                })
+            })?
+            .collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// How many queued tasks run before this one (0: next); `None` unless queued.
+    pub fn queue_position(&self, task: &Task) -> Result<Option<u64>> {
+        if task.state != TaskState::Queued {
+            return Ok(None);
+        }
+        let n: i64 = self.conn().query_row(
+            "SELECT COUNT(*) FROM tasks WHERE state = 'queued' AND task_type = ?1
+             AND (priority > ?2 OR (priority = ?2 AND seq < ?3))",
+            params![task.task_type, task.priority, task.seq],
+            |r| r.get(0),
+        )?;
+        Ok(Some(n as u64))
+    }
+
+    /// Tasks, newest first.
+    pub fn list(&self, f: &ListFilter) -> Result<Vec<Task>> {
+        let c = self.conn();
+        let sql = format!(
+            "SELECT {COLS} FROM tasks WHERE (?1 IS NULL OR state = ?1) AND (?2 IS NULL OR task_type = ?2)
+             AND (?3 IS NULL OR seq < ?3) ORDER BY seq DESC LIMIT ?4"
+        );
+        let mut stmt = c.prepare_cached(&sql)?;
+        let rows = stmt
+            .query_map(
+                params![
+                    f.state.map(|s| s.as_str()),
+                    f.task_type,
+                    f.before_seq,
+                    f.limit.clamp(1, 500) as i64
+                ],
+                row_to_task,
+            )?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        rows.into_iter().map(finish_task).collect()
+    }
+
+    /// Counts by state and type.
+    pub fn stats(&self) -> Result<Stats> {
+        let c = self.conn();
+        let mut stmt = c.prepare_cached(
+            "SELECT state, task_type, COUNT(*) FROM tasks GROUP BY state, task_type",
+        )?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, i64>(2)?,
+                ))
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(Stats {
+            by_state_type: rows
+                .into_iter()
+                .filter_map(|(s, t, n)| TaskState::parse(&s).map(|s| (s, t, n as u64)))
+                .collect(),
+        })
+    }
+
+    /// Events of `task_id` after event id `after`, oldest first.
+    pub fn events_after(&self, task_id: &str, after: i64) -> Result<Vec<TaskEvent>> {
+        let c = self.conn();
+        let mut stmt = c.prepare_cached(
+            "SELECT id, kind, data, ts FROM events WHERE task_id = ?1 AND id > ?2 ORDER BY id",
+        )?;
+        let rows = stmt
+            .query_map(params![task_id, after], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, u64>(3)?,
+                ))
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        rows.into_iter()
+            .map(|(id, kind, data, ts)| {
+                Ok(TaskEvent {
+                    id,
+                    task_id: task_id.to_owned(),
+                    kind,
+                    data: serde_json::from_str(&data)
+                        .map_err(|e| QueueError::Corrupt(e.to_string()))?,
+                    ts,
+                })
+            })
+            .collect()
+    }
+
+    /// Whether the store answers (readiness).
+    pub fn ping(&self) -> bool {
+        self.conn()
+            .query_row("SELECT 1", [], |r| r.get::<_, i64>(0))
+            .is_ok()
+    }
+}

@@ -1,0 +1,308 @@
+//! Worker sessions over channels: credits, fencing, resume without redelivery, restart
+//! with reassignment, cancel replay, bad frames.
+
+#![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_channel::mpsc;
+use futures_util::StreamExt;
+use kiln_broker::*;
+use kiln_protocol::messages::*;
+use kiln_protocol::{Envelope, Message, TaskState};
+use serde_json::json;
+
+struct TestWorker {
+    tx: mpsc::UnboundedSender<Result<String, std::io::Error>>,
+    rx: mpsc::UnboundedReceiver<String>,
+    end: tokio::task::JoinHandle<SessionEnd>,
+}
+
+impl TestWorker {
+    async fn connect(
+        b: &Arc<Broker>,
+        boot: &str,
+        slots: u32,
+        resume: Option<Resume>,
+        inflight: Vec<String>,
+    ) -> (Self, Welcome) {
+        let (tx, from_worker) = mpsc::unbounded();
+        let (to_worker, rx) = mpsc::unbounded();
+        let end = tokio::spawn(b.clone().serve_session(from_worker, to_worker));
+        let mut w = TestWorker { tx, rx, end };
+        w.send(Message::Hello(Hello {
+            worker_id: "w1".into(),
+            boot_id: boot.into(),
+            capabilities: Capabilities {
+                task_types: vec!["txt2img".into()],
+                ..Default::default()
+            },
+            slots,
+            resume,
+            inflight,
+            outbox: vec![],
+        }));
+        let Message::Welcome(welcome) = w.recv().await else {
+            panic!("no welcome")
+        };
+        (w, welcome)
+    }
+
+    fn send(&mut self, m: Message) {
+        self.tx
+            .unbounded_send(Ok(Envelope::new(m, 0).encode()))
+            .unwrap();
+    }
+
+    fn send_raw(&mut self, s: &str) {
+        self.tx.unbounded_send(Ok(s.to_owned())).unwrap();
+    }
+
+    async fn recv(&mut self) -> Message {
+        let f = tokio::time::timeout(Duration::from_secs(5), self.rx.next())
+            .await
+            .expect("frame in time")
+            .expect("open");
+        Envelope::decode(&f, 1 << 20).unwrap().message
+    }
+
+    async fn assign(&mut self) -> Assign {
+        loop {
+            match self.recv().await {
+                Message::Assign(a) => return a,
+                Message::HeartbeatAck(_) => continue,
+                other => panic!("expected assign, got {other:?}"),
+            }
+        }
+    }
+
+    async fn nothing_for(&mut self, ms: u64) {
+        if let Ok(Some(f)) = tokio::time::timeout(Duration::from_millis(ms), self.rx.next()).await {
+            panic!("unexpected frame {f}");
+        }
+    }
+
+    fn result(&mut self, lease: &str, status: ResultStatus) {
+        self.send(Message::Result(TaskResult {
+            lease: lease.into(),
+            status,
+            output: Some(json!({"ok": true})),
+            error: None,
+            usage: None,
+        }));
+    }
+
+    async fn drop_connection(self) -> SessionEnd {
+        drop(self.tx);
+        self.end.await.unwrap()
+    }
+}
+
+fn broker() -> Arc<Broker> {
+    let cfg = BrokerConfig {
+        heartbeat: Duration::from_millis(200),
+        lease: Duration::from_secs(3),
+        dead_after: Duration::from_secs(2),
+        sweep_interval: Duration::from_millis(100),
+        ..Default::default()
+    };
+    Broker::with_queue(SqliteQueue::in_memory(3).unwrap(), cfg)
+}
+
+fn submit(b: &Broker, n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| {
+            b.submit(NewTask {
+                task_type: "txt2img".into(),
+                input: json!({"i": i}),
+                ..Default::default()
+            })
+            .unwrap()
+            .0
+            .id
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn credits_limit_assignments_to_free_slots() {
+    let b = broker();
+    submit(&b, 5);
+    let (mut w, _) = TestWorker::connect(&b, "boot1", 2, None, vec![]).await;
+    let a = w.assign().await;
+    assert_eq!(a.tasks.len(), 2, "never more than the free slots");
+    w.send(Message::Ack(Ack { seq: a.seq }));
+    w.nothing_for(300).await;
+    w.result(&a.tasks[0].lease, ResultStatus::Ok);
+    let Message::ResultAck(ack) = w.recv().await else {
+        panic!()
+    };
+    assert!(ack.accepted);
+    let next = w.assign().await;
+    assert_eq!(next.tasks.len(), 1, "one slot freed, one task sent");
+}
+
+#[tokio::test]
+async fn duplicate_results_get_one_acceptance() {
+    let b = broker();
+    let ids = submit(&b, 1);
+    let (mut w, _) = TestWorker::connect(&b, "boot1", 1, None, vec![]).await;
+    let a = w.assign().await;
+    let lease = a.tasks[0].lease.clone();
+    w.result(&lease, ResultStatus::Ok);
+    w.result(&lease, ResultStatus::Ok);
+    let Message::ResultAck(first) = w.recv().await else {
+        panic!()
+    };
+    let Message::ResultAck(second) = w.recv().await else {
+        panic!()
+    };
+    assert!(first.accepted);
+    assert!(!second.accepted);
+    assert_eq!(
+        b.queue().get(&ids[0]).unwrap().unwrap().state,
+        TaskState::Succeeded
+    );
+}
+
+#[tokio::test]
+async fn blip_resumes_without_redelivery_and_replays_cancel() {
+    let b = broker();
+    let ids = submit(&b, 1);
+    let (mut w, welcome) = TestWorker::connect(&b, "boot1", 1, None, vec![]).await;
+    let a = w.assign().await;
+    w.send(Message::Ack(Ack { seq: a.seq }));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let lease = a.tasks[0].lease.clone();
+    w.drop_connection().await;
+    // While the worker is away, the client cancels.
+    assert!(matches!(
+        b.cancel(&ids[0]).unwrap(),
+        CancelOutcome::SignalWorker { .. }
+    ));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (mut w, again) = TestWorker::connect(
+        &b,
+        "boot1",
+        1,
+        Some(Resume {
+            session: welcome.session.clone(),
+            last_seq: a.seq,
+        }),
+        vec![lease.clone()],
+    )
+    .await;
+    assert!(again.resumed);
+    assert_eq!(again.keep, vec![lease.clone()]);
+    match w.recv().await {
+        Message::Cancel(c) => assert_eq!(c.lease, lease),
+        other => panic!("expected the replayed cancel, got {other:?}"),
+    }
+    w.result(&lease, ResultStatus::Cancelled);
+    let Message::ResultAck(ack) = w.recv().await else {
+        panic!()
+    };
+    assert!(ack.accepted);
+    assert_eq!(
+        b.queue().get(&ids[0]).unwrap().unwrap().state,
+        TaskState::Canceled
+    );
+    assert_eq!(
+        b.queue().attempts(&ids[0]).unwrap().len(),
+        1,
+        "no redelivery"
+    );
+}
+
+#[tokio::test]
+async fn new_boot_releases_old_leases_at_once() {
+    let b = broker();
+    let ids = submit(&b, 1);
+    let (mut w, _) = TestWorker::connect(&b, "boot1", 1, None, vec![]).await;
+    let a = w.assign().await;
+    w.drop_connection().await;
+    let started = std::time::Instant::now();
+    let (mut w2, welcome) = TestWorker::connect(&b, "boot2", 1, None, vec![]).await;
+    assert!(!welcome.resumed);
+    let again = w2.assign().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "reassigned within 1 s of hello"
+    );
+    assert_eq!(again.tasks[0].task_id, ids[0]);
+    assert_eq!(
+        again.tasks[0].attempt, 1,
+        "a restart does not spend an attempt"
+    );
+    assert_ne!(again.tasks[0].lease, a.tasks[0].lease);
+    w2.result(&a.tasks[0].lease, ResultStatus::Ok);
+    let Message::ResultAck(stale) = w2.recv().await else {
+        panic!()
+    };
+    assert!(!stale.accepted, "the old boot's lease is fenced out");
+}
+
+#[tokio::test]
+async fn long_task_with_heartbeats_runs_once() {
+    let b = broker();
+    let ids = submit(&b, 1);
+    let (mut w, _) = TestWorker::connect(&b, "boot1", 1, None, vec![]).await;
+    let a = w.assign().await;
+    let lease = a.tasks[0].lease.clone();
+    // 3 s lease; the task takes 6 s with heartbeats every 200 ms.
+    let until = std::time::Instant::now() + Duration::from_secs(6);
+    while std::time::Instant::now() < until {
+        w.send(Message::Heartbeat(Heartbeat {
+            ack_seq: a.seq,
+            inflight: vec![lease.clone()],
+            free: 0,
+            gpu: None,
+        }));
+        let Message::HeartbeatAck(_) = w.recv().await else {
+            panic!()
+        };
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    w.result(&lease, ResultStatus::Ok);
+    let Message::ResultAck(ack) = w.recv().await else {
+        panic!()
+    };
+    assert!(ack.accepted);
+    assert_eq!(
+        b.queue().attempts(&ids[0]).unwrap().len(),
+        1,
+        "ran exactly once"
+    );
+}
+
+#[tokio::test]
+async fn bad_frames_get_error_replies_then_close() {
+    let b = broker();
+    let (mut w, _) = TestWorker::connect(&b, "boot1", 1, None, vec![]).await;
+    w.send_raw("not json");
+    let Message::Error = w.recv().await else {
+        panic!()
+    };
+    w.send_raw(r#"{"type":"teleport","version":"1","payload":{}}"#);
+    let Message::Error = w.recv().await else {
+        panic!()
+    };
+    w.send_raw("{");
+    let Message::Error = w.recv().await else {
+        panic!()
+    };
+    let end = w.end.await.unwrap();
+    assert_eq!(end.code, kiln_protocol::close::PROTOCOL);
+}
+
+#[tokio::test]
+async fn first_frame_must_be_hello() {
+    let b = broker();
+    let (tx, from_worker) = mpsc::unbounded::<Result<String, std::io::Error>>();
+    let (to_worker, _rx) = mpsc::unbounded();
+    let end = tokio::spawn(b.clone().serve_session(from_worker, to_worker));
+    tx.unbounded_send(Ok(Envelope::new(Message::Ack(Ack { seq: 1 }), 0).encode()))
+        .unwrap();
+    assert_eq!(end.await.unwrap().code, kiln_protocol::close::PROTOCOL);
+}
