@@ -1,0 +1,686 @@
+//! The worker: connection loop, task runner, heartbeats, reconnects.
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use kiln_protocol::messages::*;
+use kiln_protocol::{Envelope, Message, close};
+use kiln_retry::{BudgetConfig, Class, Decision, Failure, Jitter, RetryConfig, RetryPolicy};
+use rand::Rng;
+use serde_json::Value;
+use tokio::sync::{mpsc, watch};
+use tokio_tungstenite::tungstenite::{self, client::IntoClientRequest};
+
+use crate::outbox::{Entry, Outbox};
+
+/// Worker settings.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// The gateway's worker endpoint. Default: `ws://127.0.0.1:8080/v1/workers/connect`.
+    pub url: String,
+    /// Worker token, sent as `Authorization: Bearer`. Default: none.
+    pub token: Option<String>,
+    /// Directory for the persisted worker id and the result outbox. Default: `kiln-worker`.
+    pub state_dir: PathBuf,
+    /// Tasks run at once. Default: 1.
+    pub slots: u32,
+    /// Models this worker serves (routing). Default: empty.
+    pub models: Vec<String>,
+    /// Labels (routing). Default: empty.
+    pub labels: Vec<String>,
+    /// Reconnect backoff. Default: full jitter from 1 s, doubling, capped at 60 s, forever.
+    pub reconnect: RetryConfig,
+    /// A connection up this long resets the backoff. Default: 60 s.
+    pub reset_after: Duration,
+    /// On shutdown or drain, wait this long for running tasks before releasing them.
+    /// Default: 30 s.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            url: "ws://127.0.0.1:8080/v1/workers/connect".into(),
+            token: None,
+            state_dir: PathBuf::from("kiln-worker"),
+            slots: 1,
+            models: Vec::new(),
+            labels: Vec::new(),
+            reconnect: RetryConfig {
+                max_retries: u32::MAX,
+                initial_backoff: Duration::from_secs(1),
+                multiplier: 2.0,
+                max_backoff: Duration::from_secs(60),
+                deadline: None,
+                jitter: Jitter::Full,
+                budget: BudgetConfig {
+                    enabled: false,
+                    ..BudgetConfig::default()
+                },
+                ..RetryConfig::default()
+            },
+            reset_after: Duration::from_secs(60),
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Why the worker stopped.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum WorkerError {
+    /// The gateway refused the worker for good (bad token, unsupported version).
+    #[error("gateway closed the connection with {code} ({reason}); not reconnecting")]
+    Refused {
+        /// Close code.
+        code: u16,
+        /// Close reason.
+        reason: String,
+    },
+    /// The state directory is unusable.
+    #[error("worker state directory: {0}")]
+    State(#[from] std::io::Error),
+    /// The configuration is invalid.
+    #[error("invalid worker configuration: {0}")]
+    Config(String),
+}
+
+impl WorkerError {
+    /// Whether running the worker again may succeed without a config change.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, WorkerError::State(_))
+    }
+}
+
+/// What a handler sees of its task.
+#[derive(Debug, Clone)]
+pub struct TaskContext {
+    /// Task id.
+    pub task_id: String,
+    /// Attempt number.
+    pub attempt: u32,
+    /// Lease of this attempt.
+    pub lease: String,
+    /// Task type.
+    pub task_type: String,
+    /// The client's idempotency key.
+    pub request_id: Option<String>,
+    /// Deadline, Unix ms.
+    pub deadline: Option<u64>,
+    /// The input.
+    pub input: Value,
+    out: mpsc::UnboundedSender<Message>,
+    cancel: watch::Receiver<bool>,
+}
+
+impl TaskContext {
+    /// Reports progress (lossy: the latest wins; dropped while disconnected).
+    pub fn progress(&self, stage: &str, step: u64, total: u64) {
+        let _ = self.out.send(Message::Progress(Progress {
+            lease: self.lease.clone(),
+            stage: Some(stage.to_owned()),
+            step,
+            total,
+            eta_ms: None,
+        }));
+    }
+
+    /// Whether the gateway asked to stop this task.
+    pub fn is_cancelled(&self) -> bool {
+        *self.cancel.borrow()
+    }
+
+    /// Resolves when the gateway asks to stop this task.
+    pub async fn cancelled(&self) {
+        let mut rx = self.cancel.clone();
+        let _ = rx.wait_for(|c| *c).await;
+    }
+}
+
+type AsyncFn = dyn Fn(TaskContext) -> Pin<Box<dyn Future<Output = Result<Value, TaskError>> + Send>>
+    + Send
+    + Sync;
+type BlockingFn = dyn Fn(TaskContext) -> Result<Value, TaskError> + Send + Sync;
+
+#[derive(Clone)]
+enum Handler {
+    Async(Arc<AsyncFn>),
+    Blocking(Arc<BlockingFn>),
+}
+
+struct Running {
+    cancel: watch::Sender<bool>,
+}
+
+#[derive(Default)]
+struct State {
+    running: HashMap<String, Running>,
+    finished: VecDeque<((String, u32), TaskResult)>,
+}
+
+/// Stops a running worker: it takes no new work, finishes or releases what it runs, says
+/// `bye` and returns.
+#[derive(Debug, Clone)]
+pub struct WorkerHandle {
+    stop: watch::Sender<bool>,
+}
+
+impl WorkerHandle {
+    /// Starts a graceful shutdown.
+    pub fn shutdown(&self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+/// A worker: configuration plus handlers per task type.
+pub struct Worker {
+    cfg: WorkerConfig,
+    handlers: HashMap<String, Handler>,
+    stop: watch::Sender<bool>,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker")
+            .field("cfg", &self.cfg)
+            .field("task_types", &self.handlers.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+const FINISHED_KEPT: usize = 1024;
+
+impl Worker {
+    /// A worker with no handlers yet.
+    pub fn new(cfg: WorkerConfig) -> Self {
+        let (stop, _) = watch::channel(false);
+        Self {
+            cfg,
+            handlers: HashMap::new(),
+            stop,
+        }
+    }
+
+    /// Registers an async handler for `task_type`.
+    pub fn handler<F, Fut>(mut self, task_type: &str, f: F) -> Self
+    where
+        F: Fn(TaskContext) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Value, TaskError>> + Send + 'static,
+    {
+        self.handlers.insert(
+            task_type.to_owned(),
+            Handler::Async(Arc::new(move |c| Box::pin(f(c)))),
+        );
+        self
+    }
+
+    /// Registers a blocking handler for `task_type`; it runs on the blocking pool, so the
+    /// connection keeps heartbeating while it computes.
+    pub fn blocking_handler<F>(mut self, task_type: &str, f: F) -> Self
+    where
+        F: Fn(TaskContext) -> Result<Value, TaskError> + Send + Sync + 'static,
+    {
+        self.handlers
+            .insert(task_type.to_owned(), Handler::Blocking(Arc::new(f)));
+        self
+    }
+
+    /// A handle that shuts the worker down.
+    pub fn handle(&self) -> WorkerHandle {
+        WorkerHandle {
+            stop: self.stop.clone(),
+        }
+    }
+
+    /// Runs until shut down, drained, or refused by the gateway.
+    pub async fn run(self) -> Result<(), WorkerError> {
+        if self.handlers.is_empty() {
+            return Err(WorkerError::Config("no handlers registered".into()));
+        }
+        tokio::fs::create_dir_all(&self.cfg.state_dir).await?;
+        let worker_id = load_worker_id(&self.cfg.state_dir).await?;
+        let boot_id = format!("boot_{}", uuid::Uuid::new_v4().simple());
+        let outbox = Outbox::open(&self.cfg.state_dir).await?;
+        let policy = RetryPolicy::new(self.cfg.reconnect.clone())
+            .map_err(|e| WorkerError::Config(e.to_string()))?;
+        let mut backoff = policy.start("gateway", true);
+        let state = Arc::new(Mutex::new(State::default()));
+        let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Message>();
+        let mut session: Option<(String, u64)> = None;
+        let mut stop = self.stop.subscribe();
+        tracing::info!(message = "worker starting", worker_id = %worker_id, boot_id = %boot_id, url = %self.cfg.url);
+        loop {
+            if *stop.borrow() && lock(&state).running.is_empty() {
+                return Ok(());
+            }
+            let started = Instant::now();
+            let conn = Conn {
+                w: &self,
+                worker_id: &worker_id,
+                boot_id: &boot_id,
+                outbox: &outbox,
+                state: &state,
+                out_tx: &out_tx,
+            };
+            let ended = conn.run(&mut session, &mut out_rx, &mut stop).await;
+            let (code, reason) = match ended {
+                Ended::Done => return Ok(()),
+                Ended::Closed { code, reason } => (code, reason),
+            };
+            if !close::should_reconnect(code) {
+                return Err(WorkerError::Refused { code, reason });
+            }
+            if code == close::REPLACED {
+                session = None;
+            }
+            if started.elapsed() >= self.cfg.reset_after {
+                backoff = policy.start("gateway", true);
+            }
+            let hint = close::retry_after_ms(&reason).map(Duration::from_millis);
+            let mut failure = Failure::new(Class::NotSent);
+            if let Some(h) = hint {
+                failure = failure.with_pushback(h);
+            }
+            let delay = match backoff.on_failure(&failure, Duration::ZERO, false) {
+                Decision::Retry { delay, .. } => delay,
+                _ => {
+                    backoff = policy.start("gateway", true);
+                    self.cfg.reconnect.max_backoff
+                }
+            };
+            tracing::info!(message = "reconnecting", code, reason = %reason, delay_ms = delay.as_millis() as u64);
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = stop.changed() => {}
+            }
+        }
+    }
+}
+
+fn lock(s: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
+    s.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+async fn load_worker_id(dir: &std::path::Path) -> std::io::Result<String> {
+    let path = dir.join("worker_id");
+    match tokio::fs::read_to_string(&path).await {
+        Ok(s) if !s.trim().is_empty() => Ok(s.trim().to_owned()),
+        _ => {
+            let id = format!("worker_{}", uuid::Uuid::new_v4().simple());
+            tokio::fs::write(&path, &id).await?;
+            Ok(id)
+        }
+    }
+}
+
+enum Ended {
+    Done,
+    Closed { code: u16, reason: String },
+}
+
+struct Conn<'a> {
+    w: &'a Worker,
+    worker_id: &'a str,
+    boot_id: &'a str,
+    outbox: &'a Outbox,
+    state: &'a Arc<Mutex<State>>,
+    out_tx: &'a mpsc::UnboundedSender<Message>,
+}
+
+fn frame(m: Message, source: &str) -> tungstenite::Message {
+    tungstenite::Message::Text(
+        Envelope::new(m, kiln_now())
+            .from_source(source)
+            .encode()
+            .into(),
+    )
+}
+
+fn kiln_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Conn<'_> {
+    async fn run(
+        &self,
+        session: &mut Option<(String, u64)>,
+        out_rx: &mut mpsc::UnboundedReceiver<Message>,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Ended {
+        let closed = |code: u16, reason: String| Ended::Closed { code, reason };
+        let mut req = match self.w.cfg.url.as_str().into_client_request() {
+            Ok(r) => r,
+            Err(e) => return closed(close::AUTH, format!("bad url: {e}")),
+        };
+        req.headers_mut().insert(
+            "Sec-WebSocket-Protocol",
+            http_value(kiln_protocol::SUBPROTOCOL),
+        );
+        if let Some(t) = &self.w.cfg.token {
+            req.headers_mut()
+                .insert("Authorization", http_value(&format!("Bearer {t}")));
+        }
+        let mut ws = match tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio_tungstenite::connect_async(req),
+        )
+        .await
+        {
+            Ok(Ok((ws, _))) => ws,
+            Ok(Err(tungstenite::Error::Http(resp)))
+                if resp.status() == 401 || resp.status() == 403 =>
+            {
+                return closed(close::AUTH, format!("gateway answered {}", resp.status()));
+            }
+            Ok(Err(e)) => return closed(1006, format!("connect failed: {e}")),
+            Err(_) => return closed(1006, "connect timed out".into()),
+        };
+        let source = format!("worker:{}", self.worker_id);
+        let inflight: Vec<String> = lock(self.state).running.keys().cloned().collect();
+        let pending = self.outbox.all().await;
+        let hello = Hello {
+            worker_id: self.worker_id.to_owned(),
+            boot_id: self.boot_id.to_owned(),
+            capabilities: Capabilities {
+                task_types: self.w.handlers.keys().cloned().collect(),
+                models: self.w.cfg.models.clone(),
+                labels: self.w.cfg.labels.clone(),
+            },
+            slots: self.w.cfg.slots,
+            resume: session.as_ref().map(|(s, seq)| Resume {
+                session: s.clone(),
+                last_seq: *seq,
+            }),
+            inflight,
+            outbox: pending.iter().map(|e| e.result.lease.clone()).collect(),
+        };
+        if ws
+            .send(frame(Message::Hello(hello), &source))
+            .await
+            .is_err()
+        {
+            return closed(1006, "send failed".into());
+        }
+        let welcome = match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
+            Ok(Some(Ok(tungstenite::Message::Text(t)))) => {
+                match Envelope::decode(t.as_str(), usize::MAX) {
+                    Ok(Envelope {
+                        message: Message::Welcome(w),
+                        ..
+                    }) => w,
+                    _ => return closed(close::PROTOCOL, "expected welcome".into()),
+                }
+            }
+            Ok(Some(Ok(tungstenite::Message::Close(c)))) => {
+                return c
+                    .map(|c| closed(c.code.into(), c.reason.to_string()))
+                    .unwrap_or_else(|| closed(1000, String::new()));
+            }
+            _ => return closed(1006, "no welcome".into()),
+        };
+        if !welcome.resumed {
+            *session = Some((welcome.session.clone(), 0));
+        }
+        {
+            let mut s = lock(self.state);
+            for lease in &welcome.drop {
+                if let Some(r) = s.running.remove(lease) {
+                    let _ = r.cancel.send(true);
+                }
+            }
+        }
+        tracing::info!(message = "connected", session = %welcome.session, resumed = welcome.resumed, keep = welcome.keep.len(), drop = welcome.drop.len());
+        for e in pending {
+            if ws
+                .send(frame(Message::Result(e.result), &source))
+                .await
+                .is_err()
+            {
+                return closed(1006, "send failed".into());
+            }
+        }
+        let hb_ms = welcome.timers.heartbeat_ms.max(50);
+        let mut draining = *stop.borrow();
+        let mut drain_started: Option<Instant> = draining.then(Instant::now);
+        let mut next_hb = tokio::time::Instant::now() + jitter(hb_ms);
+        loop {
+            if draining {
+                let running = lock(self.state).running.len();
+                let grace_over =
+                    drain_started.is_some_and(|t| t.elapsed() >= self.w.cfg.shutdown_grace);
+                if running == 0 || grace_over {
+                    let leases: Vec<String> = lock(self.state)
+                        .running
+                        .drain()
+                        .map(|(l, r)| {
+                            let _ = r.cancel.send(true);
+                            l
+                        })
+                        .collect();
+                    for lease in leases {
+                        let _ = ws
+                            .send(frame(Message::Release(Release { lease }), &source))
+                            .await;
+                    }
+                    let _ = ws
+                        .send(frame(
+                            Message::Bye(Bye {
+                                reason: "shutting down".into(),
+                            }),
+                            &source,
+                        ))
+                        .await;
+                    let _ = ws.close(None).await;
+                    return Ended::Done;
+                }
+            }
+            tokio::select! {
+                msg = ws.next() => {
+                    let text = match msg {
+                        Some(Ok(tungstenite::Message::Text(t))) => t,
+                        Some(Ok(tungstenite::Message::Close(c))) => {
+                            return c.map(|c| closed(c.code.into(), c.reason.to_string())).unwrap_or_else(|| closed(1005, String::new()));
+                        }
+                        Some(Ok(_)) => continue,
+                        Some(Err(e)) => return closed(1006, e.to_string()),
+                        None => return closed(1006, "connection closed".into()),
+                    };
+                    let env = match Envelope::decode(text.as_str(), usize::MAX) {
+                        Ok(e) => e,
+                        Err(e) => {
+                            tracing::warn!(message = "bad frame from gateway", error = %e);
+                            continue;
+                        }
+                    };
+                    if let Some(seq) = env.message.seq()
+                        && let Some((_, last)) = session.as_mut()
+                    {
+                        if seq <= *last {
+                            continue; // replayed twice; already handled
+                        }
+                        *last = seq;
+                    }
+                    match env.message {
+                        Message::Assign(a) => {
+                            for t in a.tasks {
+                                if draining {
+                                    let _ = ws.send(frame(Message::Release(Release { lease: t.lease }), &source)).await;
+                                    continue;
+                                }
+                                if let Some(r) = self.start(t) {
+                                    let _ = ws.send(frame(r, &source)).await;
+                                }
+                            }
+                            let _ = ws.send(frame(Message::Ack(Ack { seq: a.seq }), &source)).await;
+                        }
+                        Message::Cancel(c) => {
+                            if let Some(r) = lock(self.state).running.get(&c.lease) {
+                                let _ = r.cancel.send(true);
+                            }
+                            let _ = ws.send(frame(Message::Ack(Ack { seq: c.seq }), &source)).await;
+                        }
+                        Message::Drain(d) => {
+                            draining = true;
+                            drain_started.get_or_insert_with(Instant::now);
+                            let _ = ws.send(frame(Message::Ack(Ack { seq: d.seq }), &source)).await;
+                        }
+                        Message::ResultAck(r) => {
+                            if !r.accepted {
+                                tracing::info!(message = "result not accepted", lease = %r.lease, reason = ?r.reason);
+                            }
+                            self.outbox.remove(&r.lease).await;
+                        }
+                        Message::HeartbeatAck(_) | Message::Welcome(_) => {}
+                        Message::Error => tracing::warn!(message = "gateway reported an error", error = ?env.error, error_msg = ?env.error_msg),
+                        other => tracing::debug!(message = "ignored frame", kind = other.type_name()),
+                    }
+                }
+                out = out_rx.recv() => {
+                    if let Some(m) = out
+                        && ws.send(frame(m, &source)).await.is_err()
+                    {
+                        return closed(1006, "send failed".into());
+                    }
+                }
+                _ = tokio::time::sleep_until(next_hb) => {
+                    next_hb = tokio::time::Instant::now() + jitter(hb_ms);
+                    let (inflight, free) = {
+                        let s = lock(self.state);
+                        (s.running.keys().cloned().collect::<Vec<_>>(), self.w.cfg.slots.saturating_sub(s.running.len() as u32))
+                    };
+                    let ack_seq = session.as_ref().map(|(_, s)| *s).unwrap_or(0);
+                    if ws.send(frame(Message::Heartbeat(Heartbeat { ack_seq, inflight, free, gpu: None }), &source)).await.is_err() {
+                        return closed(1006, "send failed".into());
+                    }
+                }
+                _ = stop.changed(), if !draining => {
+                    draining = true;
+                    drain_started = Some(Instant::now());
+                }
+            }
+        }
+    }
+
+    /// Starts a task, or returns a frame to send at once (a stored result, a reject).
+    fn start(&self, t: TaskAssignment) -> Option<Message> {
+        let mut s = lock(self.state);
+        if s.running.contains_key(&t.lease) {
+            return None;
+        }
+        if let Some((_, stored)) = s
+            .finished
+            .iter()
+            .find(|((id, a), _)| *id == t.task_id && *a == t.attempt)
+        {
+            let mut r = stored.clone();
+            r.lease = t.lease;
+            return Some(Message::Result(r));
+        }
+        let Some(handler) = self.w.handlers.get(&t.task_type).cloned() else {
+            return Some(Message::Reject(Reject {
+                lease: t.lease,
+                reason: format!("no handler for task type {}", t.task_type),
+                retryable: false,
+            }));
+        };
+        let (cancel_tx, cancel_rx) = watch::channel(false);
+        s.running
+            .insert(t.lease.clone(), Running { cancel: cancel_tx });
+        drop(s);
+        let ctx = TaskContext {
+            task_id: t.task_id,
+            attempt: t.attempt,
+            lease: t.lease,
+            task_type: t.task_type,
+            request_id: t.request_id,
+            deadline: t.deadline,
+            input: t.input,
+            out: self.out_tx.clone(),
+            cancel: cancel_rx,
+        };
+        let state = self.state.clone();
+        let outbox = self.outbox.clone();
+        let out = self.out_tx.clone();
+        tokio::spawn(async move {
+            let lease = ctx.lease.clone();
+            let (task_id, attempt) = (ctx.task_id.clone(), ctx.attempt);
+            let cancel = ctx.cancel.clone();
+            tracing::info!(message = "task started", task_id = %task_id, attempt, task_type = %ctx.task_type);
+            let res = match handler {
+                Handler::Async(f) => f(ctx).await,
+                Handler::Blocking(f) => tokio::task::spawn_blocking(move || f(ctx))
+                    .await
+                    .unwrap_or_else(|e| {
+                        Err(TaskError {
+                            code: "handler_panicked".into(),
+                            message: e.to_string(),
+                            retryable: false,
+                        })
+                    }),
+            };
+            let cancelled = *cancel.borrow();
+            let result = match res {
+                Ok(v) => TaskResult {
+                    lease: lease.clone(),
+                    status: ResultStatus::Ok,
+                    output: Some(v),
+                    error: None,
+                    usage: None,
+                },
+                Err(_) if cancelled => TaskResult {
+                    lease: lease.clone(),
+                    status: ResultStatus::Cancelled,
+                    output: None,
+                    error: None,
+                    usage: None,
+                },
+                Err(e) => TaskResult {
+                    lease: lease.clone(),
+                    status: ResultStatus::Error,
+                    output: None,
+                    error: Some(e),
+                    usage: None,
+                },
+            };
+            let entry = Entry {
+                task_id: task_id.clone(),
+                attempt,
+                result: result.clone(),
+            };
+            if let Err(e) = outbox.put(&entry).await {
+                tracing::error!(message = "outbox write failed", error = %e);
+            }
+            {
+                let mut s = lock(&state);
+                s.running.remove(&lease);
+                s.finished
+                    .push_back(((task_id.clone(), attempt), result.clone()));
+                while s.finished.len() > FINISHED_KEPT {
+                    s.finished.pop_front();
+                }
+            }
+            tracing::info!(message = "task finished", task_id = %task_id, attempt, status = ?result.status);
+            let _ = out.send(Message::Result(result));
+        });
+        None
+    }
+}
+
+fn http_value(s: &str) -> tungstenite::http::HeaderValue {
+    tungstenite::http::HeaderValue::from_str(s)
+        .unwrap_or_else(|_| tungstenite::http::HeaderValue::from_static(""))
+}
+
+fn jitter(ms: u64) -> Duration {
+    let spread = (ms / 5).max(1);
+    let j = rand::rng().random_range(0..=2 * spread);
+    Duration::from_millis(ms - spread + j)
+}

@@ -1,0 +1,183 @@
+//! The worker SDK against a real broker over loopback WebSockets: tasks run once, results
+//! are accepted, and the worker survives a gateway restart.
+
+#![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
+#![allow(clippy::result_large_err)] // the callback signature is tungstenite's
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use kiln_broker::{Broker, BrokerConfig, NewTask};
+use kiln_protocol::TaskState;
+use kiln_worker::{TaskContext, TaskError, Worker, WorkerConfig};
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio_tungstenite::tungstenite::{self, handshake::server};
+
+/// A minimal gateway: accepts kiln.v1 WebSockets on `listener` and hands them to the broker.
+fn serve(broker: Arc<Broker>, listener: TcpListener) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut conns = tokio::task::JoinSet::new();
+        while let Ok((tcp, _)) = listener.accept().await {
+            let broker = broker.clone();
+            conns.spawn(async move {
+                let cb = |_req: &server::Request, mut resp: server::Response| {
+                    resp.headers_mut()
+                        .insert("Sec-WebSocket-Protocol", "kiln.v1".parse().unwrap());
+                    Ok(resp)
+                };
+                let Ok(ws) = tokio_tungstenite::accept_hdr_async(tcp, cb).await else {
+                    return;
+                };
+                let (tx, rx) = ws.split();
+                let frames = rx.filter_map(|m| async move {
+                    match m {
+                        Ok(tungstenite::Message::Text(t)) => {
+                            Some(Ok::<_, tungstenite::Error>(t.to_string()))
+                        }
+                        Ok(_) => None,
+                        Err(e) => Some(Err(e)),
+                    }
+                });
+                let sink = tx.with(|s: String| async move {
+                    Ok::<_, tungstenite::Error>(tungstenite::Message::Text(s.into()))
+                });
+                let frames = Box::pin(frames);
+                let mut sink = Box::pin(sink);
+                let _end = broker.serve_session(frames, &mut sink).await;
+                let _ = sink.close().await;
+            });
+        }
+    })
+}
+
+fn cfg() -> BrokerConfig {
+    BrokerConfig {
+        heartbeat: Duration::from_millis(300),
+        lease: Duration::from_secs(3),
+        dead_after: Duration::from_secs(2),
+        sweep_interval: Duration::from_millis(100),
+        ..Default::default()
+    }
+}
+
+fn worker(url: String, dir: &Path, runs: Arc<AtomicU32>) -> Worker {
+    let mut wc = WorkerConfig {
+        url,
+        state_dir: dir.to_path_buf(),
+        slots: 2,
+        ..Default::default()
+    };
+    wc.reconnect.initial_backoff = Duration::from_millis(100);
+    wc.reconnect.max_backoff = Duration::from_millis(500);
+    Worker::new(wc).blocking_handler("echo", move |ctx: TaskContext| {
+        runs.fetch_add(1, Ordering::SeqCst);
+        ctx.progress("working", 1, 2);
+        std::thread::sleep(Duration::from_millis(150));
+        if ctx.input["fail"] == true {
+            return Err(TaskError {
+                code: "bad_input".into(),
+                message: "asked to fail".into(),
+                retryable: false,
+            });
+        }
+        Ok(json!({"echo": ctx.input}))
+    })
+}
+
+async fn wait_done(b: &Broker, ids: &[String], secs: u64) {
+    let until = tokio::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        let done = ids
+            .iter()
+            .all(|id| b.queue().get(id).unwrap().unwrap().state.is_terminal());
+        if done {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < until,
+            "tasks did not finish in {secs} s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_runs_tasks_and_survives_a_gateway_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("queue.sqlite");
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let broker = Broker::open(&db, cfg()).unwrap();
+    let server = serve(broker.clone(), listener);
+
+    let runs = Arc::new(AtomicU32::new(0));
+    let w = worker(format!("ws://{addr}/"), &dir.path().join("w"), runs.clone());
+    let handle = w.handle();
+    let worker_task = tokio::spawn(w.run());
+
+    let submit = |b: &Broker, i: u32| {
+        b.submit(NewTask {
+            task_type: "echo".into(),
+            input: json!({"i": i, "fail": i == 3}),
+            ..Default::default()
+        })
+        .unwrap()
+        .0
+        .id
+    };
+    let first: Vec<String> = (0..6).map(|i| submit(&broker, i)).collect();
+    wait_done(&broker, &first, 20).await;
+    for (i, id) in first.iter().enumerate() {
+        let t = broker.queue().get(id).unwrap().unwrap();
+        if i == 3 {
+            assert_eq!(t.state, TaskState::Failed);
+            assert_eq!(t.error.unwrap().code, "bad_input");
+        } else {
+            assert_eq!(t.state, TaskState::Succeeded, "task {i}");
+            assert_eq!(t.output.unwrap()["echo"]["i"], i);
+        }
+        assert_eq!(broker.queue().attempts(id).unwrap().len(), 1);
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 6);
+
+    // Gateway restart: stop the server, queue tasks while it is down, start a new broker on
+    // the same file and port.
+    server.abort();
+    let _ = server.await;
+    drop(broker);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let broker = Broker::open(&db, cfg()).unwrap();
+    let more: Vec<String> = (10..14).map(|i| submit(&broker, i)).collect();
+    let listener = TcpListener::bind(addr).await.unwrap();
+    let _server = serve(broker.clone(), listener);
+    wait_done(&broker, &more, 20).await;
+    for id in &more {
+        assert_eq!(
+            broker.queue().get(id).unwrap().unwrap().state,
+            TaskState::Succeeded
+        );
+    }
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        10,
+        "every task ran exactly once"
+    );
+
+    handle.shutdown();
+    tokio::time::timeout(Duration::from_secs(10), worker_task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("w/outbox"))
+            .unwrap()
+            .count(),
+        0,
+        "outbox drained"
+    );
+}
