@@ -1,0 +1,185 @@
+//! The demo generator behind the reference worker. It is NOT a model: `txt2img` paints a
+//! deterministic procedural picture from a hash of the prompt and seed, and `img2img`
+//! applies real image transforms chosen by words in the prompt. It exists so the whole
+//! pipeline (queue, dispatch, progress, files) runs with nothing installed.
+
+use image::{DynamicImage, GenericImageView, ImageBuffer, Rgb, RgbImage, imageops};
+
+/// Largest side the demo generator paints.
+pub(crate) const MAX_SIDE: u32 = 2048;
+
+/// FNV-1a, so pictures are the same on every platform and release.
+fn fnv(data: &[u8], seed: u64) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64 ^ seed;
+    for b in data {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// Paints a `width` x `height` picture determined by `prompt` and `seed`, calling
+/// `progress(step, total)` after each band of rows.
+pub(crate) fn txt2img(
+    prompt: &str,
+    seed: u64,
+    width: u32,
+    height: u32,
+    mut progress: impl FnMut(u32, u32),
+) -> RgbImage {
+    let (w, h) = (width.clamp(1, MAX_SIDE), height.clamp(1, MAX_SIDE));
+    let k = fnv(prompt.as_bytes(), seed);
+    let byte = |i: u32| ((k >> ((i % 8) * 8)) & 0xff) as f32 / 255.0;
+    let (fx, fy) = (2.0 + byte(0) * 10.0, 2.0 + byte(1) * 10.0);
+    let phase = byte(2) * std::f32::consts::TAU;
+    let base = [byte(3), byte(4), byte(5)];
+    let accent = [1.0 - byte(6), byte(7), 1.0 - byte(3)];
+    let (cx, cy, r) = (
+        byte(1) * w as f32,
+        byte(6) * h as f32,
+        (0.15 + byte(4) * 0.3) * w.min(h) as f32,
+    );
+    let mut img: RgbImage = ImageBuffer::new(w, h);
+    let bands = 8u32;
+    let band_rows = h.div_ceil(bands);
+    for band in 0..bands {
+        let y0 = band * band_rows;
+        for y in y0..(y0 + band_rows).min(h) {
+            for x in 0..w {
+                let (u, v) = (x as f32 / w as f32, y as f32 / h as f32);
+                let wave =
+                    ((u * fx + phase).sin() + (v * fy - phase).cos() + ((u + v) * fx * 0.5).sin())
+                        / 3.0;
+                let t = 0.5 + 0.5 * wave;
+                let d = ((x as f32 - cx).powi(2) + (y as f32 - cy).powi(2)).sqrt();
+                let ring = if (d - r).abs() < r * 0.08 { 1.0 } else { 0.0 };
+                let mut px = [0u8; 3];
+                for c in 0..3 {
+                    let val = base[c] * (1.0 - t) + accent[c] * t;
+                    let val = val * (1.0 - ring) + (1.0 - base[c]) * ring;
+                    px[c] = (val.clamp(0.0, 1.0) * 255.0) as u8;
+                }
+                img.put_pixel(x, y, Rgb(px));
+            }
+        }
+        progress(band + 1, bands);
+    }
+    img
+}
+
+/// The transforms `img2img` knows, in the order it applies them.
+pub(crate) const TRANSFORMS: &[&str] = &[
+    "resize",
+    "grayscale",
+    "sepia",
+    "invert",
+    "blur",
+    "sharpen",
+    "posterize",
+    "edges",
+    "flip",
+    "mirror",
+];
+
+/// Applies every transform named in `prompt` (see [`TRANSFORMS`]); with none named, a
+/// sepia tone. `resize` shrinks to `max_side`.
+pub(crate) fn img2img(
+    input: DynamicImage,
+    prompt: &str,
+    max_side: u32,
+) -> (DynamicImage, Vec<&'static str>) {
+    let p = prompt.to_ascii_lowercase();
+    let mut applied: Vec<&'static str> = TRANSFORMS
+        .iter()
+        .copied()
+        .filter(|t| p.contains(t))
+        .collect();
+    if applied.is_empty() {
+        applied.push("sepia");
+    }
+    let mut img = input;
+    for t in &applied {
+        img = match *t {
+            "resize" => img.resize(max_side, max_side, imageops::FilterType::Lanczos3),
+            "grayscale" => DynamicImage::ImageLuma8(img.to_luma8()),
+            "sepia" => DynamicImage::ImageRgb8(sepia(&img.to_rgb8())),
+            "invert" => {
+                let mut i = img;
+                i.invert();
+                i
+            }
+            "blur" => img.blur(3.0),
+            "sharpen" => img.unsharpen(2.0, 4),
+            "posterize" => DynamicImage::ImageRgb8(posterize(&img.to_rgb8(), 4)),
+            "edges" => img.filter3x3(&[-1.0, -1.0, -1.0, -1.0, 8.0, -1.0, -1.0, -1.0, -1.0]),
+            "flip" => img.flipv(),
+            "mirror" => img.fliph(),
+            _ => img,
+        };
+    }
+    let (w, h) = img.dimensions();
+    if w.max(h) > MAX_SIDE {
+        img = img.resize(MAX_SIDE, MAX_SIDE, imageops::FilterType::Lanczos3);
+    }
+    (img, applied)
+}
+
+fn sepia(img: &RgbImage) -> RgbImage {
+    let mut out = img.clone();
+    for p in out.pixels_mut() {
+        let [r, g, b] = p.0.map(f32::from);
+        let tr = 0.393 * r + 0.769 * g + 0.189 * b;
+        let tg = 0.349 * r + 0.686 * g + 0.168 * b;
+        let tb = 0.272 * r + 0.534 * g + 0.131 * b;
+        p.0 = [
+            tr.min(255.0) as u8,
+            tg.min(255.0) as u8,
+            tb.min(255.0) as u8,
+        ];
+    }
+    out
+}
+
+fn posterize(img: &RgbImage, levels: u8) -> RgbImage {
+    let step = 255 / (levels.max(2) - 1);
+    let mut out = img.clone();
+    for p in out.pixels_mut() {
+        for c in &mut p.0 {
+            *c = ((u16::from(*c) + u16::from(step) / 2) / u16::from(step) * u16::from(step))
+                .min(255) as u8;
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn txt2img_is_deterministic_and_sized() {
+        let mut steps = Vec::new();
+        let a = txt2img("a red fox", 7, 96, 64, |s, t| steps.push((s, t)));
+        let b = txt2img("a red fox", 7, 96, 64, |_, _| {});
+        let c = txt2img("a red fox", 8, 96, 64, |_, _| {});
+        assert_eq!(a.dimensions(), (96, 64));
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        assert_eq!(steps.last(), Some(&(8, 8)));
+    }
+
+    #[test]
+    fn img2img_applies_named_transforms() {
+        let src = DynamicImage::ImageRgb8(txt2img("x", 1, 64, 32, |_, _| {}));
+        let (g, applied) = img2img(src.clone(), "make it Grayscale and mirror", 2048);
+        assert_eq!(applied, ["grayscale", "mirror"]);
+        assert!(matches!(g, DynamicImage::ImageLuma8(_)));
+        let (r, _) = img2img(src.clone(), "resize", 16);
+        assert_eq!(r.dimensions(), (16, 8));
+        let (p, applied) = img2img(src, "posterize", 2048);
+        assert_eq!(applied, ["posterize"]);
+        let levels: std::collections::BTreeSet<u8> =
+            p.to_rgb8().pixels().flat_map(|p| p.0).collect();
+        assert!(levels.len() <= 4, "{levels:?}");
+    }
+}

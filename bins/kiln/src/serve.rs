@@ -1,0 +1,413 @@
+//! `kiln serve` and `kiln worker --demo`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::{Client, connect::HttpConnector};
+use hyper_util::rt::TokioExecutor;
+use kiln_broker::Broker;
+use kiln_gateway::{AppState, hash_secret};
+use kiln_worker::{TaskContext, TaskError, Worker, WorkerConfig};
+use serde_json::{Value, json};
+
+use crate::demo;
+use crate::settings::Settings;
+
+/// Task types of the built-in demo worker.
+const DEMO_TYPES: &[&str] = &["txt2img", "img2img", "delete_asset"];
+
+pub(crate) async fn serve(s: Settings) -> anyhow::Result<()> {
+    tokio::fs::create_dir_all(&s.server.data_dir)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot create server.data_dir {}",
+                s.server.data_dir.display()
+            )
+        })?;
+    let broker = Broker::open(&s.queue_path(), s.broker.clone())
+        .with_context(|| format!("cannot open the queue at {}", s.queue_path().display()))?;
+    let mut gw = s.gateway.clone();
+    gw.files_dir = s.files_dir();
+    let demo_token = format!("demo-{}", uuid::Uuid::new_v4().simple());
+    if s.demo_worker.enabled {
+        gw.known_task_types
+            .extend(DEMO_TYPES.iter().map(|t| t.to_string()));
+    }
+    let no_keys = gw.api_key_hashes.is_empty();
+    let state =
+        AppState::with_extra_worker_tokens(gw, broker.clone(), &[hash_secret(&demo_token)]).await?;
+    let app = kiln_gateway::router(state.clone());
+    let listener = tokio::net::TcpListener::bind(s.server.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", s.server.listen))?;
+    let addr = listener.local_addr()?;
+    if no_keys {
+        tracing::warn!(message = "no API keys configured: serving without auth, on loopback only", %addr);
+    }
+    tracing::info!(message = "listening", %addr, queue = %s.queue_path().display(), files = %s.files_dir().display());
+    println!("kiln listening on http://{addr}");
+
+    let demo = if s.demo_worker.enabled {
+        let url = format!("ws://{addr}/v1/workers/connect");
+        let worker = demo_worker_builder(
+            url,
+            Some(demo_token),
+            s.server.data_dir.join("demo-worker"),
+            s.demo_worker.slots,
+        );
+        let handle = worker.handle();
+        let task = tokio::spawn(async move {
+            if let Err(e) = worker.run().await {
+                tracing::error!(message = "demo worker stopped", error = %e);
+            }
+        });
+        Some((handle, task))
+    } else {
+        None
+    };
+
+    let grace = s.server.shutdown_grace;
+    let (stopped_tx, stopped_rx) = tokio::sync::watch::channel(false);
+    let shutdown_state = state.clone();
+    let server = axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move {
+        shutdown_signal().await;
+        tracing::info!(
+            message = "shutting down: draining workers and streams",
+            grace_ms = grace.as_millis() as u64
+        );
+        shutdown_state.begin_shutdown();
+        let _ = stopped_tx.send(true);
+    });
+    let mut stopped = stopped_rx.clone();
+    tokio::select! {
+        r = server => r.context("server failed")?,
+        _ = async {
+            let _ = stopped.wait_for(|s| *s).await;
+            tokio::time::sleep(grace).await;
+        } => {
+            tracing::warn!(message = "grace period over; closing worker connections");
+            broker.close_all(kiln_protocol::close::RESTART, &kiln_protocol::close::reason_with_retry_after("restarting", 2000));
+        }
+    }
+    if let Some((handle, task)) = demo {
+        handle.shutdown();
+        let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+    }
+    tracing::info!(message = "stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}
+
+pub(crate) async fn demo_worker(
+    url: String,
+    token: Option<String>,
+    state_dir: PathBuf,
+    slots: u32,
+) -> anyhow::Result<()> {
+    let worker = demo_worker_builder(url, token, state_dir, slots);
+    let handle = worker.handle();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        handle.shutdown();
+    });
+    worker.run().await?;
+    Ok(())
+}
+
+/// The files API of the gateway, as the demo worker uses it.
+#[derive(Clone)]
+struct FilesApi {
+    base: String,
+    token: Option<String>,
+    client: Client<HttpConnector, Full<Bytes>>,
+    owned: PathBuf,
+}
+
+fn bad_input(msg: impl Into<String>) -> TaskError {
+    TaskError {
+        code: "invalid_input".into(),
+        message: msg.into(),
+        retryable: false,
+    }
+}
+
+fn transient(msg: impl Into<String>) -> TaskError {
+    TaskError {
+        code: "files_api".into(),
+        message: msg.into(),
+        retryable: true,
+    }
+}
+
+impl FilesApi {
+    async fn call(
+        &self,
+        method: hyper::Method,
+        path: &str,
+        body: Vec<u8>,
+        ct: Option<&str>,
+    ) -> Result<(u16, String, Bytes), TaskError> {
+        let mut req = hyper::Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.base));
+        if let Some(t) = &self.token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        if let Some(ct) = ct {
+            req = req.header("content-type", ct);
+        }
+        let req = req
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| transient(e.to_string()))?;
+        let fut = async {
+            let resp = self
+                .client
+                .request(req)
+                .await
+                .map_err(|e| transient(e.to_string()))?;
+            let status = resp.status().as_u16();
+            let ct = resp
+                .headers()
+                .get("content-type")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_owned();
+            let body = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| transient(e.to_string()))?
+                .to_bytes();
+            Ok::<_, TaskError>((status, ct, body))
+        };
+        tokio::time::timeout(Duration::from_secs(60), fut)
+            .await
+            .map_err(|_| transient("files API timed out"))?
+    }
+
+    async fn upload(&self, bytes: Vec<u8>, ct: &str) -> Result<Value, TaskError> {
+        let (status, _, body) = self
+            .call(hyper::Method::POST, "/v1/files", bytes, Some(ct))
+            .await?;
+        if status != 201 {
+            return Err(transient(format!(
+                "upload answered {status}: {}",
+                String::from_utf8_lossy(&body[..body.len().min(200)])
+            )));
+        }
+        let v: Value = serde_json::from_slice(&body)
+            .map_err(|e| transient(format!("upload answer is not JSON: {e}")))?;
+        if let Some(id) = v["id"].as_str() {
+            let mut owned = tokio::fs::read_to_string(&self.owned)
+                .await
+                .unwrap_or_default();
+            owned.push_str(id);
+            owned.push('\n');
+            let _ = tokio::fs::write(&self.owned, owned).await;
+        }
+        Ok(
+            json!({"id": v["id"], "content_type": v["content_type"], "bytes": v["bytes"], "width": v["width"], "height": v["height"], "sha256": v["sha256"]}),
+        )
+    }
+
+    async fn download(&self, id: &str) -> Result<Bytes, TaskError> {
+        let (status, _, body) = self
+            .call(
+                hyper::Method::GET,
+                &format!("/v1/files/{id}"),
+                Vec::new(),
+                None,
+            )
+            .await?;
+        match status {
+            200 => Ok(body),
+            404 => Err(bad_input(format!("no file {id}"))),
+            s => Err(transient(format!("download answered {s}"))),
+        }
+    }
+
+    async fn owns(&self, id: &str) -> bool {
+        tokio::fs::read_to_string(&self.owned)
+            .await
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l == id)
+    }
+}
+
+fn demo_worker_builder(
+    url: String,
+    token: Option<String>,
+    state_dir: PathBuf,
+    slots: u32,
+) -> Worker {
+    let base = url
+        .replacen("ws://", "http://", 1)
+        .split("/v1/")
+        .next()
+        .unwrap_or_default()
+        .trim_end_matches('/')
+        .to_owned();
+    let api = FilesApi {
+        base,
+        token: token.clone(),
+        client: Client::builder(TokioExecutor::new()).build_http(),
+        owned: state_dir.join("owned-files"),
+    };
+    let cfg = WorkerConfig {
+        url,
+        token,
+        state_dir,
+        slots,
+        labels: vec!["demo".into()],
+        ..WorkerConfig::default()
+    };
+    let (a1, a2, a3) = (api.clone(), api.clone(), api);
+    Worker::new(cfg)
+        .handler("txt2img", move |ctx| txt2img(a1.clone(), ctx))
+        .handler("img2img", move |ctx| img2img(a2.clone(), ctx))
+        .handler("delete_asset", move |ctx| delete_asset(a3.clone(), ctx))
+}
+
+fn encode_png(img: &image::DynamicImage) -> Result<Vec<u8>, TaskError> {
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Png)
+        .map_err(|e| TaskError {
+            code: "encode".into(),
+            message: e.to_string(),
+            retryable: false,
+        })?;
+    Ok(out.into_inner())
+}
+
+fn dim(v: &Value, key: &str, default: u32) -> Result<u32, TaskError> {
+    match &v[key] {
+        Value::Null => Ok(default),
+        x => x
+            .as_u64()
+            .filter(|n| (1..=u64::from(demo::MAX_SIDE)).contains(n))
+            .map(|n| n as u32)
+            .ok_or_else(|| {
+                bad_input(format!(
+                    "{key} must be an integer from 1 to {}",
+                    demo::MAX_SIDE
+                ))
+            }),
+    }
+}
+
+async fn txt2img(api: FilesApi, ctx: TaskContext) -> Result<Value, TaskError> {
+    let input = ctx.input.clone();
+    let prompt = input["prompt"]
+        .as_str()
+        .ok_or_else(|| bad_input("input.prompt (string) is required"))?
+        .to_owned();
+    let (w, h) = (dim(&input, "width", 512)?, dim(&input, "height", 512)?);
+    let seed = input["seed"].as_u64().unwrap_or(0);
+    let c = ctx.clone();
+    let png = tokio::task::spawn_blocking(move || {
+        let img = demo::txt2img(&prompt, seed, w, h, |step, total| {
+            c.progress("render", u64::from(step), u64::from(total))
+        });
+        encode_png(&image::DynamicImage::ImageRgb8(img))
+    })
+    .await
+    .map_err(|e| transient(e.to_string()))??;
+    if ctx.is_cancelled() {
+        return Err(TaskError {
+            code: "cancelled".into(),
+            message: "canceled".into(),
+            retryable: false,
+        });
+    }
+    ctx.progress("upload", 1, 1);
+    let file = api.upload(png, "image/png").await?;
+    Ok(json!({"files": [file], "seed": seed, "generator": "kiln demo (procedural, not a model)"}))
+}
+
+async fn img2img(api: FilesApi, ctx: TaskContext) -> Result<Value, TaskError> {
+    let input = ctx.input.clone();
+    let id = input["image"]
+        .as_str()
+        .ok_or_else(|| bad_input("input.image (a file id) is required"))?;
+    let prompt = input["prompt"].as_str().unwrap_or("").to_owned();
+    let max_side = dim(&input, "max_side", 1024)?;
+    ctx.progress("download", 0, 3);
+    let data = api.download(id).await?;
+    ctx.progress("transform", 1, 3);
+    let (png, applied) = tokio::task::spawn_blocking(move || {
+        let mut reader = image::ImageReader::new(std::io::Cursor::new(&data[..]))
+            .with_guessed_format()
+            .map_err(|e| bad_input(e.to_string()))?;
+        let mut limits = image::Limits::default();
+        limits.max_image_width = Some(16_384);
+        limits.max_image_height = Some(16_384);
+        reader.limits(limits);
+        let img = reader
+            .decode()
+            .map_err(|e| bad_input(format!("cannot decode the input image: {e}")))?;
+        let (out, applied) = demo::img2img(img, &prompt, max_side);
+        Ok::<_, TaskError>((encode_png(&out)?, applied))
+    })
+    .await
+    .map_err(|e| transient(e.to_string()))??;
+    ctx.progress("upload", 2, 3);
+    let file = api.upload(png, "image/png").await?;
+    Ok(json!({"files": [file], "transforms": applied}))
+}
+
+async fn delete_asset(api: FilesApi, ctx: TaskContext) -> Result<Value, TaskError> {
+    let id = ctx.input["file_id"]
+        .as_str()
+        .ok_or_else(|| bad_input("input.file_id is required"))?
+        .to_owned();
+    if !api.owns(&id).await {
+        return Err(TaskError {
+            code: "not_owner".into(),
+            message: format!("this worker did not create {id}"),
+            retryable: false,
+        });
+    }
+    let (status, _, _) = api
+        .call(
+            hyper::Method::DELETE,
+            &format!("/v1/files/{id}"),
+            Vec::new(),
+            None,
+        )
+        .await?;
+    match status {
+        204 => Ok(json!({"deleted": id})),
+        404 => Ok(json!({"deleted": id, "already_gone": true})),
+        s => Err(transient(format!("delete answered {s}"))),
+    }
+}

@@ -1,0 +1,152 @@
+//! The one place that reads the environment: built-in defaults < TOML file < `KILN_*`
+//! variables, mapped into each library's `Config` struct.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// The default configuration, documented key by key; `kiln config print-default` prints it.
+pub(crate) const DEFAULT_TOML: &str = include_str!("../kiln.default.toml");
+
+/// Exit status for invalid configuration (EX_CONFIG from sysexits.h).
+pub(crate) const EX_CONFIG: i32 = 64;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Settings {
+    pub(crate) server: Server,
+    pub(crate) log: Log,
+    pub(crate) gateway: kiln_gateway::GatewayConfig,
+    pub(crate) broker: kiln_gateway::BrokerConfig,
+    pub(crate) demo_worker: DemoWorker,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Server {
+    pub(crate) listen: SocketAddr,
+    pub(crate) data_dir: PathBuf,
+    #[serde(with = "humantime_serde")]
+    pub(crate) shutdown_grace: Duration,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum LogFormat {
+    Auto,
+    Pretty,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Log {
+    pub(crate) format: LogFormat,
+    pub(crate) filter: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct DemoWorker {
+    pub(crate) enabled: bool,
+    pub(crate) slots: u32,
+}
+
+/// Loads settings; the error names the offending key.
+pub(crate) fn load(path: Option<&Path>) -> Result<Settings, String> {
+    let mut b = config::Config::builder().add_source(config::File::from_str(
+        DEFAULT_TOML,
+        config::FileFormat::Toml,
+    ));
+    if let Some(p) = path {
+        if !p.exists() {
+            return Err(format!("config file {} does not exist", p.display()));
+        }
+        b = b.add_source(config::File::from(p).format(config::FileFormat::Toml));
+    }
+    b = b.add_source(
+        config::Environment::with_prefix("KILN")
+            .prefix_separator("_")
+            .separator("__")
+            .try_parsing(true)
+            .list_separator(",")
+            .with_list_parse_key("gateway.api_key_hashes")
+            .with_list_parse_key("gateway.worker_token_hashes")
+            .with_list_parse_key("gateway.known_task_types")
+            .with_list_parse_key("gateway.cors_origins"),
+    );
+    let cfg = b
+        .build()
+        .map_err(|e| format!("invalid configuration: {e}"))?;
+    let settings: Settings = cfg
+        .try_deserialize()
+        .map_err(|e| format!("invalid configuration: {e}"))?;
+    settings.validate()?;
+    Ok(settings)
+}
+
+impl Settings {
+    fn validate(&self) -> Result<(), String> {
+        let open = !self.server.listen.ip().is_loopback();
+        if open && self.gateway.api_key_hashes.is_empty() {
+            return Err(format!(
+                "invalid configuration: server.listen is {} (not loopback) but gateway.api_key_hashes is empty; \
+                 add API keys or listen on 127.0.0.1",
+                self.server.listen
+            ));
+        }
+        if open && self.gateway.worker_token_hashes.is_empty() {
+            return Err(format!(
+                "invalid configuration: server.listen is {} (not loopback) but gateway.worker_token_hashes is empty",
+                self.server.listen
+            ));
+        }
+        if self.demo_worker.enabled && self.demo_worker.slots == 0 {
+            return Err("invalid configuration: demo_worker.slots must be at least 1".into());
+        }
+        if self
+            .log
+            .filter
+            .parse::<tracing_subscriber::EnvFilter>()
+            .is_err()
+        {
+            return Err(format!(
+                "invalid configuration: log.filter {:?} is not a tracing filter",
+                self.log.filter
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Settings {
+    /// Where the queue database lives.
+    pub(crate) fn queue_path(&self) -> PathBuf {
+        self.server.data_dir.join("queue.sqlite")
+    }
+
+    /// Where files live.
+    pub(crate) fn files_dir(&self) -> PathBuf {
+        if self.gateway.files_dir.as_os_str().is_empty() {
+            self.server.data_dir.join("files")
+        } else {
+            self.gateway.files_dir.clone()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_parse() {
+        let s = load(None).unwrap();
+        assert_eq!(s.server.listen.to_string(), "127.0.0.1:8080");
+        assert!(s.demo_worker.enabled);
+    }
+}
+

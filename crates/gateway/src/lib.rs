@@ -1,0 +1,300 @@
+//! kiln-gateway: kiln's HTTP API as a library — a `Router` and its state, mountable in any
+//! axum service.
+//!
+//! `POST /v1/tasks` answers at once with `202` and a task id (the task is already durable
+//! in the queue), `GET /v1/tasks/{id}/events` streams progress as resumable SSE, workers
+//! connect to `GET /v1/workers/connect` over the `kiln.v1` WebSocket protocol, and every
+//! error is JSON: `{"error":{"code","message","retryable"}}`.
+//!
+//! ```
+//! use kiln_broker::{Broker, BrokerConfig, SqliteQueue};
+//! use kiln_gateway::{AppState, GatewayConfig, router};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let dir = tempfile::tempdir().unwrap();
+//! let broker = Broker::with_queue(SqliteQueue::in_memory(3).unwrap(), BrokerConfig::default());
+//! let config = GatewayConfig { files_dir: dir.path().join("files"), ..GatewayConfig::default() };
+//! let state = AppState::new(config, broker).await.unwrap();
+//! let app: axum::Router = router(state);
+//! # let _ = app;
+//! # }
+//! ```
+
+mod auth;
+mod config;
+mod error;
+mod events;
+mod files;
+mod health;
+mod images;
+mod metrics;
+mod openapi;
+mod store;
+mod tasks;
+mod workers;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::http::{HeaderValue, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use kiln_broker::Broker;
+use tokio::sync::watch;
+
+pub use auth::{BadHash, SecretSet, hash_secret};
+pub use config::GatewayConfig;
+pub use error::ApiError;
+pub use kiln_broker::BrokerConfig;
+pub use metrics::Metrics;
+pub use store::{FileMeta, FileStore};
+
+/// The gateway's shared state.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    config: GatewayConfig,
+    broker: Arc<Broker>,
+    files: FileStore,
+    metrics: Metrics,
+    images: images::ImagePrep,
+    api_keys: SecretSet,
+    worker_tokens: SecretSet,
+    limiter: auth::RateLimiter,
+    shutdown: watch::Sender<bool>,
+}
+
+/// Why the state could not be built.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// A configured key hash is malformed.
+    #[error("gateway config: {0}")]
+    Hash(#[from] BadHash),
+    /// The files directory cannot be created.
+    #[error("gateway files directory: {0}")]
+    Files(#[from] std::io::Error),
+}
+
+impl AppState {
+    /// Builds the state: opens the file store, parses key hashes.
+    pub async fn new(config: GatewayConfig, broker: Arc<Broker>) -> Result<Self, StartError> {
+        Self::with_extra_worker_tokens(config, broker, &[]).await
+    }
+
+    /// Like [`AppState::new`], also accepting these worker token hashes (the binary adds
+    /// one for its in-process demo worker).
+    pub async fn with_extra_worker_tokens(
+        config: GatewayConfig,
+        broker: Arc<Broker>,
+        extra: &[String],
+    ) -> Result<Self, StartError> {
+        let api_keys = SecretSet::from_hashes(&config.api_key_hashes)?;
+        let mut tokens: Vec<String> = config.worker_token_hashes.clone();
+        if !tokens.is_empty() || !config.api_key_hashes.is_empty() {
+            tokens.extend(extra.iter().cloned());
+        }
+        let worker_tokens = SecretSet::from_hashes(&tokens)?;
+        let files = FileStore::open(&config.files_dir).await?;
+        let limiter = auth::RateLimiter::new(config.rate_limit_per_minute, config.rate_limit_burst);
+        let (shutdown, _) = watch::channel(false);
+        Ok(Self {
+            inner: Arc::new(Inner {
+                config,
+                broker,
+                files,
+                metrics: Metrics::new(),
+                images: images::ImagePrep::default(),
+                api_keys,
+                worker_tokens,
+                limiter,
+                shutdown,
+            }),
+        })
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &GatewayConfig {
+        &self.inner.config
+    }
+    /// The broker.
+    pub fn broker(&self) -> &Arc<Broker> {
+        &self.inner.broker
+    }
+    /// The file store.
+    pub fn files(&self) -> &FileStore {
+        &self.inner.files
+    }
+    /// The metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+    pub(crate) fn images(&self) -> &images::ImagePrep {
+        &self.inner.images
+    }
+
+    /// Starts shutting down: readiness turns 503, SSE streams end, workers are drained.
+    pub fn begin_shutdown(&self) {
+        let _ = self.inner.shutdown.send(true);
+        self.inner.broker.drain_all();
+    }
+
+    pub(crate) fn shutdown_signal(&self) -> watch::Receiver<bool> {
+        self.inner.shutdown.subscribe()
+    }
+
+    pub(crate) fn shutting_down(&self) -> bool {
+        *self.inner.shutdown.borrow()
+    }
+}
+
+/// The whole API.
+pub fn router(state: AppState) -> Router {
+    let timeout = state.config().request_timeout;
+    let body_limit = state.config().max_body_bytes;
+    // Ordinary requests: a time limit.
+    let api = Router::new()
+        .route("/v1/tasks", post(tasks::create).get(tasks::list))
+        .route("/v1/tasks/{id}", get(tasks::get_one))
+        .route("/v1/tasks/{id}/cancel", post(tasks::cancel))
+        .route("/v1/files", post(files::upload))
+        .route("/v1/files/{id}", get(files::download).delete(files::delete))
+        .route("/v1/workers", get(workers::list))
+        .route("/v1/workers/{id}/drain", post(workers::drain))
+        .route("/v1/admin/queue/pause", post(workers::pause))
+        .route("/v1/admin/queue/resume", post(workers::resume))
+        .layer(middleware::from_fn_with_state(timeout, time_limit));
+    // Long-lived: SSE and the worker socket.
+    let streams = Router::new()
+        .route("/v1/tasks/{id}/events", get(events::stream))
+        .route("/v1/workers/connect", get(workers::connect));
+    let mut app = Router::new()
+        .merge(api)
+        .merge(streams)
+        .layer(middleware::from_fn_with_state(state.clone(), auth_layer))
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .route("/metrics", get(health::metrics))
+        .route("/openapi.json", get(openapi::serve))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::extract::DefaultBodyLimit::max(body_limit))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            count_responses,
+        ));
+    if !state.config().cors_origins.is_empty() {
+        let origins: Vec<HeaderValue> = state
+            .config()
+            .cors_origins
+            .iter()
+            .filter_map(|o| o.parse().ok())
+            .collect();
+        app = app.layer(
+            tower_http::cors::CorsLayer::new()
+                .allow_origin(origins)
+                .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
+                .allow_methods([axum::http::Method::GET, axum::http::Method::POST]),
+        );
+    }
+    app.with_state(state)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::not_found("no such route")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        axum::http::StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this route does not accept that method",
+    )
+}
+
+async fn time_limit(State(limit): State<Duration>, req: Request, next: Next) -> Response {
+    match tokio::time::timeout(limit, next.run(req)).await {
+        Ok(r) => r,
+        Err(_) => ApiError {
+            retry_after: Some(Duration::from_secs(1)),
+            ..ApiError::new(
+                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                "timeout",
+                format!("the request took longer than {} ms", limit.as_millis()),
+            )
+        }
+        .into_response(),
+    }
+}
+
+async fn count_responses(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let resp = next.run(req).await;
+    let class = format!("{}xx", resp.status().as_u16() / 100);
+    state
+        .metrics()
+        .responses
+        .get_or_create(&vec![("class", class)])
+        .inc();
+    resp
+}
+
+/// Who made a request.
+#[derive(Debug, Clone)]
+pub(crate) enum Caller {
+    Client(String),
+    Worker,
+    Anonymous,
+}
+
+async fn auth_layer(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+    let path = req.uri().path().to_owned();
+    let token = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(auth::bearer)
+        .map(str::to_owned);
+    let inner = &state.inner;
+    let worker_route = path == "/v1/workers/connect";
+    let file_route = path.starts_with("/v1/files");
+    let caller = match &token {
+        Some(t) if inner.api_keys.check(t).is_some() && !worker_route => Caller::Client(t.clone()),
+        Some(t) if inner.worker_tokens.check(t).is_some() && (worker_route || file_route) => {
+            Caller::Worker
+        }
+        _ => {
+            let open = if worker_route {
+                inner.worker_tokens.is_empty()
+            } else {
+                inner.api_keys.is_empty()
+            };
+            if !open {
+                let what = if worker_route {
+                    "a worker token"
+                } else {
+                    "an API key"
+                };
+                return ApiError::unauthorized(format!(
+                    "this route needs {what} in `Authorization: Bearer`"
+                ))
+                .into_response();
+            }
+            Caller::Anonymous
+        }
+    };
+    if let Caller::Client(key) = &caller
+        && let Err(wait) = inner.limiter.check(key)
+    {
+        return ApiError::rate_limited(wait).into_response();
+    }
+    req.extensions_mut().insert(caller);
+    next.run(req).await
+}

@@ -1,0 +1,43 @@
+//! `GET /openapi.json`, generated from the handlers' annotations.
+
+use utoipa::OpenApi;
+
+use crate::error::ApiJson;
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "kiln",
+        description = "Durable image-generation tasks: submit, follow, fetch."
+    ),
+    paths(
+        crate::tasks::create,
+        crate::tasks::list,
+        crate::tasks::get_one,
+        crate::tasks::cancel,
+        crate::events::stream,
+        crate::files::upload,
+        crate::files::download,
+        crate::files::delete,
+        crate::workers::connect,
+        crate::workers::list,
+        crate::workers::drain,
+        crate::workers::pause,
+        crate::workers::resume,
+        crate::health::healthz,
+        crate::health::readyz,
+        crate::health::metrics,
+    ),
+    components(schemas(
+        crate::tasks::CreateTask,
+        crate::tasks::TaskView,
+        crate::tasks::TaskPage,
+        crate::files::FileObject
+    ))
+)]
+struct ApiDoc;
+
+/// The OpenAPI document.
+pub(crate) async fn serve() -> ApiJson<utoipa::openapi::OpenApi> {
+    ApiJson(ApiDoc::openapi())
+}

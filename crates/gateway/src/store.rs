@@ -1,0 +1,178 @@
+//! Local file storage: each file is `<dir>/<id>` plus a JSON sidecar with its metadata,
+//! written to a temporary name and renamed, so a crash never leaves a half file visible.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// Metadata of a stored file, as the API returns it (plus its URL, added by the handler).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FileMeta {
+    /// `file_` followed by 32 hex digits.
+    pub id: String,
+    /// MIME type.
+    pub content_type: String,
+    /// Size in bytes.
+    pub bytes: u64,
+    /// Pixel width, for images.
+    pub width: Option<u32>,
+    /// Pixel height, for images.
+    pub height: Option<u32>,
+    /// Hex SHA-256 of the content.
+    pub sha256: String,
+    /// Creation time, Unix milliseconds.
+    pub created_at: u64,
+}
+
+/// A directory of files.
+#[derive(Debug, Clone)]
+pub struct FileStore {
+    dir: PathBuf,
+}
+
+/// Whether `id` has the shape of a file id (so it can never name a path outside the store).
+pub(crate) fn valid_file_id(id: &str) -> bool {
+    id.len() == 37
+        && id.starts_with("file_")
+        && id[5..]
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+}
+
+impl FileStore {
+    /// A store in `dir` (created when missing).
+    pub async fn open(dir: impl Into<PathBuf>) -> std::io::Result<Self> {
+        let dir = dir.into();
+        tokio::fs::create_dir_all(&dir).await?;
+        Ok(Self { dir })
+    }
+
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Stores `data`.
+    pub async fn put(
+        &self,
+        data: &[u8],
+        content_type: &str,
+        dims: Option<(u32, u32)>,
+    ) -> std::io::Result<FileMeta> {
+        let id = format!("file_{}", uuid::Uuid::new_v4().simple());
+        let meta = FileMeta {
+            id: id.clone(),
+            content_type: content_type.to_owned(),
+            bytes: data.len() as u64,
+            width: dims.map(|d| d.0),
+            height: dims.map(|d| d.1),
+            sha256: hex::encode(Sha256::digest(data)),
+            created_at: now_ms(),
+        };
+        let json = serde_json::to_vec(&meta).map_err(std::io::Error::other)?;
+        write_atomic(&self.dir.join(&id), data).await?;
+        write_atomic(&self.dir.join(format!("{id}.json")), &json).await?;
+        Ok(meta)
+    }
+
+    /// The metadata of `id`, if stored.
+    pub async fn meta(&self, id: &str) -> std::io::Result<Option<FileMeta>> {
+        if !valid_file_id(id) {
+            return Ok(None);
+        }
+        match tokio::fs::read(self.dir.join(format!("{id}.json"))).await {
+            Ok(b) => serde_json::from_slice(&b)
+                .map(Some)
+                .map_err(std::io::Error::other),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Opens the content of `id` for streaming.
+    pub async fn open_content(
+        &self,
+        id: &str,
+    ) -> std::io::Result<Option<(FileMeta, tokio::fs::File)>> {
+        let Some(meta) = self.meta(id).await? else {
+            return Ok(None);
+        };
+        match tokio::fs::File::open(self.dir.join(id)).await {
+            Ok(f) => Ok(Some((meta, f))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Reads the whole content of `id`.
+    pub async fn read(&self, id: &str) -> std::io::Result<Option<(FileMeta, Vec<u8>)>> {
+        let Some(meta) = self.meta(id).await? else {
+            return Ok(None);
+        };
+        Ok(Some((meta, tokio::fs::read(self.dir.join(id)).await?)))
+    }
+
+    /// Deletes `id`; false when it was not there.
+    pub async fn delete(&self, id: &str) -> std::io::Result<bool> {
+        if !valid_file_id(id) {
+            return Ok(false);
+        }
+        let existed = match tokio::fs::remove_file(self.dir.join(format!("{id}.json"))).await {
+            Ok(()) => true,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+            Err(e) => return Err(e),
+        };
+        match tokio::fs::remove_file(self.dir.join(id)).await {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(existed),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Whether the directory accepts writes (readiness).
+    pub async fn writable(&self) -> bool {
+        let probe = self.dir.join(".ready-probe");
+        let ok = tokio::fs::write(&probe, b"ok").await.is_ok();
+        let _ = tokio::fs::remove_file(&probe).await;
+        ok
+    }
+}
+
+async fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension(format!("tmp-{}", uuid::Uuid::new_v4().simple()));
+    tokio::fs::write(&tmp, data).await?;
+    let file = tokio::fs::File::open(&tmp).await?;
+    file.sync_all().await?;
+    tokio::fs::rename(&tmp, path).await
+}
+
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn put_read_delete() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path()).await.unwrap();
+        let meta = store.put(b"hello", "text/plain", None).await.unwrap();
+        assert!(valid_file_id(&meta.id));
+        assert_eq!(
+            meta.sha256,
+            "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"
+        );
+        let (m, data) = store.read(&meta.id).await.unwrap().unwrap();
+        assert_eq!((m, data), (meta.clone(), b"hello".to_vec()));
+        assert!(store.delete(&meta.id).await.unwrap());
+        assert!(store.read(&meta.id).await.unwrap().is_none());
+        assert!(store.meta("../etc/passwd").await.unwrap().is_none());
+        assert!(store.writable().await);
+    }
+}

@@ -1,0 +1,380 @@
+//! `/v1/tasks`: create, get, list, cancel.
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use kiln_broker::{CancelOutcome, ListFilter, NewTask, QueueError, Task, now_ms};
+use kiln_protocol::TaskState;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use crate::AppState;
+use crate::error::{ApiError, ApiJson, ApiQuery};
+use crate::files::file_url;
+
+/// A task to create.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct CreateTask {
+    /// Task type, e.g. `txt2img`.
+    task_type: String,
+    /// Input handed to the worker.
+    #[schema(value_type = Object)]
+    #[serde(default)]
+    input: Value,
+    /// Idempotency key (the `Idempotency-Key` header is an alias).
+    request_id: Option<String>,
+    /// Higher runs first.
+    #[serde(default)]
+    priority: i32,
+    /// Seconds until the task expires.
+    deadline_s: Option<u64>,
+    /// Free-form metadata returned with the task.
+    #[schema(value_type = Object)]
+    metadata: Option<Value>,
+}
+
+/// Progress of a running task.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(crate) struct ProgressView {
+    stage: Option<String>,
+    step: u64,
+    total: u64,
+    percent: Option<f64>,
+    eta_ms: Option<u64>,
+}
+
+/// One attempt.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(crate) struct AttemptView {
+    attempt: u32,
+    worker: String,
+    started_at: String,
+    ended_at: Option<String>,
+    error: Option<String>,
+}
+
+/// Time spent per stage, ms.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(crate) struct Timings {
+    queued_ms: Option<u64>,
+    run_ms: Option<u64>,
+}
+
+/// A task as the API shows it.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(crate) struct TaskView {
+    id: String,
+    request_id: Option<String>,
+    task_type: String,
+    /// queued | running | succeeded | failed | canceled | expired
+    status: String,
+    queue_position: Option<u64>,
+    progress: Option<ProgressView>,
+    attempts: Vec<AttemptView>,
+    created_at: String,
+    started_at: Option<String>,
+    completed_at: Option<String>,
+    #[schema(value_type = Object)]
+    output: Option<Value>,
+    #[schema(value_type = Object)]
+    error: Option<Value>,
+    timings: Timings,
+    priority: i32,
+    deadline: Option<String>,
+    #[schema(value_type = Object)]
+    metadata: Option<Value>,
+    dead_lettered: bool,
+    cancel_requested: bool,
+}
+
+pub(crate) fn rfc3339(ms: u64) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// Adds a `url` to every `output.files[]` entry that names a stored file.
+fn with_file_urls(mut output: Value, base: Option<&str>) -> Value {
+    if let Some(files) = output.get_mut("files").and_then(Value::as_array_mut) {
+        for f in files {
+            if let Some(id) = f.get("id").and_then(Value::as_str).map(str::to_owned)
+                && let Some(obj) = f.as_object_mut()
+            {
+                obj.entry("url")
+                    .or_insert_with(|| Value::from(file_url(base, &id)));
+            }
+        }
+    }
+    output
+}
+
+pub(crate) fn view(state: &AppState, t: Task) -> Result<TaskView, ApiError> {
+    let q = state.broker().queue();
+    let attempts = q.attempts(&t.id).map_err(ApiError::internal)?;
+    let queue_position = q.queue_position(&t).map_err(ApiError::internal)?;
+    let progress = t
+        .progress
+        .as_ref()
+        .filter(|_| t.state == TaskState::Running)
+        .map(|p| ProgressView {
+            stage: p["stage"].as_str().map(str::to_owned),
+            step: p["step"].as_u64().unwrap_or(0),
+            total: p["total"].as_u64().unwrap_or(0),
+            percent: p["percent"].as_f64(),
+            eta_ms: p["eta_ms"].as_u64(),
+        });
+    let run_end = t.completed_at.unwrap_or_else(now_ms);
+    let base = state.config().public_base_url.as_deref();
+    Ok(TaskView {
+        request_id: t.request_id,
+        task_type: t.task_type,
+        status: t.state.as_str().to_owned(),
+        queue_position,
+        progress,
+        attempts: attempts
+            .into_iter()
+            .map(|a| AttemptView {
+                attempt: a.attempt,
+                worker: a.worker_id,
+                started_at: rfc3339(a.started_at),
+                ended_at: a.ended_at.map(rfc3339),
+                error: a.error,
+            })
+            .collect(),
+        created_at: rfc3339(t.created_at),
+        started_at: t.started_at.map(rfc3339),
+        completed_at: t.completed_at.map(rfc3339),
+        output: t.output.map(|o| with_file_urls(o, base)),
+        error: t.error.map(|e| json!(e)),
+        timings: Timings {
+            queued_ms: t.started_at.map(|s| s.saturating_sub(t.created_at)),
+            run_ms: t.started_at.map(|s| run_end.saturating_sub(s)),
+        },
+        priority: t.priority,
+        deadline: t.deadline.map(rfc3339),
+        metadata: t.metadata,
+        dead_lettered: t.dead_lettered,
+        cancel_requested: t.cancel_requested,
+        id: t.id,
+    })
+}
+
+fn queue_error(e: QueueError) -> ApiError {
+    match e {
+        QueueError::Conflict(rid) => ApiError::conflict(format!(
+            "request_id {rid:?} was already used for a task with a different type or input"
+        )),
+        QueueError::Invalid(m) => ApiError::invalid(m),
+        other => ApiError::unavailable(format!("the queue store failed: {other}")),
+    }
+}
+
+/// Create a task. Returns at once; the task is durable when this answers.
+#[utoipa::path(post, path = "/v1/tasks", tag = "tasks",
+    request_body = CreateTask,
+    params(("Idempotency-Key" = Option<String>, Header, description = "alias of request_id")),
+    responses(
+        (status = 202, body = TaskView, description = "accepted (or the existing task for this request_id)"),
+        (status = 400, description = "malformed JSON"), (status = 409, description = "request_id reused with different content"),
+        (status = 415, description = "not JSON"), (status = 422, description = "invalid field or unknown task type"),
+    ))]
+pub(crate) async fn create(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<CreateTask>,
+) -> Result<Response, ApiError> {
+    let key = headers
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let request_id = match (body.request_id, key) {
+        (Some(a), Some(b)) if a != b => {
+            return Err(ApiError::invalid(
+                "request_id and the Idempotency-Key header differ",
+            ));
+        }
+        (a, b) => a.or(b),
+    };
+    if let Some(r) = &request_id
+        && (r.is_empty() || r.len() > 255)
+    {
+        return Err(ApiError::invalid("request_id must be 1 to 255 characters"));
+    }
+    let tt = body.task_type.trim();
+    if tt.is_empty()
+        || tt.len() > 64
+        || !tt
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
+    {
+        return Err(ApiError::invalid(
+            "task_type must be 1 to 64 characters of letters, digits, `_`, `-`, `.`",
+        ));
+    }
+    let cfg = state.config();
+    let known = cfg.queue_unknown_task_types
+        || cfg.known_task_types.iter().any(|t| t == tt)
+        || state.broker().can_serve(tt);
+    if !known {
+        return Err(ApiError::invalid(format!(
+            "no worker serves task type {tt:?} (connected workers serve: {})",
+            served_types(&state).join(", ")
+        )));
+    }
+    if body.deadline_s == Some(0) {
+        return Err(ApiError::invalid("deadline_s must be above zero"));
+    }
+    let deadline = body
+        .deadline_s
+        .map(|s| now_ms().saturating_add(s.saturating_mul(1000)));
+    let (task, created) = state
+        .broker()
+        .submit(NewTask {
+            task_type: tt.to_owned(),
+            input: body.input,
+            request_id,
+            priority: body.priority,
+            deadline,
+            metadata: body.metadata,
+            max_attempts: None,
+        })
+        .map_err(queue_error)?;
+    if created {
+        state
+            .metrics()
+            .submitted
+            .get_or_create(&vec![("task_type", task.task_type.clone())])
+            .inc();
+        tracing::info!(message = "task accepted", task_id = %task.id, task_type = %task.task_type);
+    }
+    let location = format!("/v1/tasks/{}", task.id);
+    let v = view(&state, task)?;
+    let mut resp = (StatusCode::ACCEPTED, ApiJson(v)).into_response();
+    if let Ok(l) = location.parse() {
+        resp.headers_mut().insert(header::LOCATION, l);
+    }
+    Ok(resp)
+}
+
+fn served_types(state: &AppState) -> Vec<String> {
+    let mut v: Vec<String> = state
+        .broker()
+        .workers()
+        .into_iter()
+        .filter(|w| w.connected)
+        .flat_map(|w| w.capabilities.task_types)
+        .chain(state.config().known_task_types.iter().cloned())
+        .collect();
+    v.sort();
+    v.dedup();
+    v
+}
+
+pub(crate) fn load(state: &AppState, id: &str) -> Result<Task, ApiError> {
+    state
+        .broker()
+        .queue()
+        .get(id)
+        .map_err(queue_error)?
+        .ok_or_else(|| ApiError::not_found(format!("no task {id}")))
+}
+
+/// Get a task.
+#[utoipa::path(get, path = "/v1/tasks/{id}", tag = "tasks",
+    params(("id" = String, Path, description = "task id")),
+    responses((status = 200, body = TaskView), (status = 404, description = "unknown id")))]
+pub(crate) async fn get_one(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<ApiJson<TaskView>, ApiError> {
+    let t = load(&state, &id)?;
+    Ok(ApiJson(view(&state, t)?))
+}
+
+/// Cancel a task: queued tasks end at once; running ones are told to stop.
+#[utoipa::path(post, path = "/v1/tasks/{id}/cancel", tag = "tasks",
+    params(("id" = String, Path, description = "task id")),
+    responses((status = 202, body = TaskView), (status = 404, description = "unknown id"), (status = 409, description = "already finished")))]
+pub(crate) async fn cancel(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let t = match state.broker().cancel(&id).map_err(queue_error)? {
+        CancelOutcome::Canceled(t) | CancelOutcome::SignalWorker { task: t, .. } => t,
+        CancelOutcome::AlreadyTerminal(t) => {
+            return Err(ApiError::conflict(format!(
+                "task {id} already ended: {}",
+                t.state.as_str()
+            )));
+        }
+        CancelOutcome::NotFound => return Err(ApiError::not_found(format!("no task {id}"))),
+        _ => return Err(ApiError::internal("unexpected cancel outcome")),
+    };
+    Ok((StatusCode::ACCEPTED, ApiJson(view(&state, t)?)).into_response())
+}
+
+/// Filters for listing tasks.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ListParams {
+    /// Only this status.
+    status: Option<String>,
+    /// Only this task type.
+    task_type: Option<String>,
+    /// Page size, 1 to 500 (default 50).
+    limit: Option<usize>,
+    /// `next_cursor` of the previous page.
+    cursor: Option<String>,
+}
+
+/// A page of tasks.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(crate) struct TaskPage {
+    data: Vec<TaskView>,
+    next_cursor: Option<String>,
+}
+
+/// List tasks, newest first.
+#[utoipa::path(get, path = "/v1/tasks", tag = "tasks", params(ListParams),
+    responses((status = 200, body = TaskPage), (status = 422, description = "invalid filter")))]
+pub(crate) async fn list(
+    State(state): State<AppState>,
+    ApiQuery(p): ApiQuery<ListParams>,
+) -> Result<ApiJson<TaskPage>, ApiError> {
+    let st = match p.status.as_deref() {
+        None => None,
+        Some(s) => Some(
+            TaskState::parse(s)
+                .ok_or_else(|| ApiError::invalid(format!("unknown status {s:?}")))?,
+        ),
+    };
+    let limit = p.limit.unwrap_or(50);
+    if !(1..=500).contains(&limit) {
+        return Err(ApiError::invalid("limit must be 1 to 500"));
+    }
+    let before_seq = match p.cursor.as_deref() {
+        None => None,
+        Some(c) => Some(
+            c.parse::<i64>()
+                .map_err(|_| ApiError::invalid("cursor is not one this API returned"))?,
+        ),
+    };
+    let tasks = state
+        .broker()
+        .queue()
+        .list(&ListFilter {
+            state: st,
+            task_type: p.task_type,
+            limit,
+            before_seq,
+        })
+        .map_err(queue_error)?;
+    let next_cursor = (tasks.len() == limit)
+        .then(|| tasks.last().map(|t| t.seq.to_string()))
+        .flatten();
+    let data = tasks
+        .into_iter()
+        .map(|t| view(&state, t))
+        .collect::<Result<_, _>>()?;
+    Ok(ApiJson(TaskPage { data, next_cursor }))
+}

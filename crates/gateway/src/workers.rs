@@ -1,0 +1,106 @@
+//! The worker WebSocket endpoint and worker administration.
+
+use axum::extract::ws::{CloseFrame, Message as WsMessage, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use futures_util::{SinkExt, StreamExt};
+use kiln_broker::WorkerInfo;
+use serde_json::{Value, json};
+
+use crate::AppState;
+use crate::error::{ApiError, ApiJson};
+
+/// Connect a worker (WebSocket, subprotocol `kiln.v1`; see docs/PROTOCOL.md).
+#[utoipa::path(get, path = "/v1/workers/connect", tag = "workers",
+    responses((status = 101, description = "switching to the kiln.v1 WebSocket protocol"), (status = 401, description = "bad worker token")))]
+pub(crate) async fn connect(
+    State(state): State<AppState>,
+    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+) -> Response {
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(e) => {
+            return ApiError::malformed(format!("expected a WebSocket upgrade: {}", e.body_text()))
+                .into_response();
+        }
+    };
+    if state.shutting_down() {
+        return ApiError::unavailable("the gateway is shutting down").into_response();
+    }
+    let max = state.broker().config().max_frame_bytes;
+    ws.protocols([kiln_protocol::SUBPROTOCOL])
+        .max_message_size(max)
+        .max_frame_size(max)
+        .on_upgrade(move |socket| run(state, socket))
+}
+
+async fn run(state: AppState, socket: WebSocket) {
+    let (mut tx, rx) = socket.split();
+    let frames = rx.filter_map(|m| async move {
+        match m {
+            Ok(WsMessage::Text(t)) => Some(Ok::<String, axum::Error>(t.to_string())),
+            // Binary frames are a protocol violation; hand the session something that fails
+            // to decode so it answers with an error envelope.
+            Ok(WsMessage::Binary(_)) => Some(Ok("binary frame".to_owned())),
+            Ok(_) => None,
+            Err(e) => Some(Err(e)),
+        }
+    });
+    let end = {
+        let sink = Box::pin(
+            (&mut tx)
+                .with(|s: String| async move { Ok::<_, axum::Error>(WsMessage::Text(s.into())) }),
+        );
+        state
+            .broker()
+            .clone()
+            .serve_session(Box::pin(frames), sink)
+            .await
+    };
+    let frame = CloseFrame {
+        code: end.code,
+        reason: end.reason.chars().take(120).collect::<String>().into(),
+    };
+    let _ = tx.send(WsMessage::Close(Some(frame))).await;
+}
+
+/// Connected workers.
+#[utoipa::path(get, path = "/v1/workers", tag = "workers", responses((status = 200, description = "workers", body = Object)))]
+pub(crate) async fn list(State(state): State<AppState>) -> ApiJson<Value> {
+    let workers: Vec<WorkerInfo> = state.broker().workers();
+    ApiJson(json!({"data": workers, "paused": state.broker().is_paused()}))
+}
+
+/// Ask a worker to finish its work and take no more.
+#[utoipa::path(post, path = "/v1/workers/{id}/drain", tag = "workers",
+    params(("id" = String, Path, description = "worker id")),
+    responses((status = 202, description = "drain sent"), (status = 404, description = "unknown worker")))]
+pub(crate) async fn drain(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    if state.broker().drain_worker(&id) {
+        Ok((
+            StatusCode::ACCEPTED,
+            ApiJson(json!({"worker_id": id, "draining": true})),
+        )
+            .into_response())
+    } else {
+        Err(ApiError::not_found(format!("no worker {id}")))
+    }
+}
+
+/// Stop dispatching tasks (submissions are still accepted).
+#[utoipa::path(post, path = "/v1/admin/queue/pause", tag = "admin", responses((status = 200, description = "paused")))]
+pub(crate) async fn pause(State(state): State<AppState>) -> ApiJson<Value> {
+    state.broker().set_paused(true);
+    ApiJson(json!({"paused": true}))
+}
+
+/// Resume dispatching.
+#[utoipa::path(post, path = "/v1/admin/queue/resume", tag = "admin", responses((status = 200, description = "resumed")))]
+pub(crate) async fn resume(State(state): State<AppState>) -> ApiJson<Value> {
+    state.broker().set_paused(false);
+    ApiJson(json!({"paused": false}))
+}
