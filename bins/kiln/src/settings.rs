@@ -149,4 +149,3 @@ mod tests {
         assert!(s.demo_worker.enabled);
     }
 }
-

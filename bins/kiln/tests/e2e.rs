@@ -1,0 +1,609 @@
+//! End-to-end tests: the real `kiln` binary on a free loopback port, driven over HTTP.
+
+#![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde_json::{Value, json};
+
+struct Server {
+    child: Child,
+    base: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start(data: &Path, env: &[(&str, &str)]) -> Server {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kiln"));
+    cmd.arg("serve")
+        .env("KILN_SERVER__LISTEN", "127.0.0.1:0")
+        .env("KILN_SERVER__DATA_DIR", data)
+        .env("KILN_SERVER__SHUTDOWN_GRACE", "2s")
+        .env("KILN_LOG__FILTER", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).unwrap();
+    let base = line
+        .trim()
+        .strip_prefix("kiln listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .to_owned();
+    Server { child, base }
+}
+
+struct Resp {
+    status: u16,
+    headers: hyper::HeaderMap,
+    body: Bytes,
+}
+
+impl Resp {
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", String::from_utf8_lossy(&self.body)))
+    }
+}
+
+async fn call(
+    base: &str,
+    method: &str,
+    path: &str,
+    body: impl Into<Bytes>,
+    headers: &[(&str, &str)],
+) -> Resp {
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let mut req = hyper::Request::builder()
+        .method(method)
+        .uri(format!("{base}{path}"));
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = tokio::time::timeout(
+        Duration::from_secs(30),
+        client.request(req.body(Full::new(body.into())).unwrap()),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    Resp {
+        status,
+        headers,
+        body,
+    }
+}
+
+async fn post_json(base: &str, path: &str, v: Value, headers: &[(&str, &str)]) -> Resp {
+    let mut h = vec![("content-type", "application/json")];
+    h.extend_from_slice(headers);
+    call(base, "POST", path, v.to_string(), &h).await
+}
+
+async fn wait_status(base: &str, id: &str, want: &str, secs: u64) -> Value {
+    let until = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let t = call(base, "GET", &format!("/v1/tasks/{id}"), "", &[])
+            .await
+            .json();
+        if t["status"] == want {
+            return t;
+        }
+        assert!(
+            Instant::now() < until,
+            "task {id} is {} not {want}: {t}",
+            t["status"]
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Reads an SSE response to its end: `(id, event, data)` triples.
+fn parse_sse(body: &[u8]) -> Vec<(i64, String, Value)> {
+    let text = String::from_utf8_lossy(body);
+    let mut out = Vec::new();
+    for block in text.split("\n\n") {
+        let (mut id, mut ev, mut data) = (None, None, None);
+        for line in block.lines() {
+            if let Some(v) = line.strip_prefix("id: ") {
+                id = v.parse().ok();
+            } else if let Some(v) = line.strip_prefix("event: ") {
+                ev = Some(v.to_owned());
+            } else if let Some(v) = line.strip_prefix("data: ") {
+                data = serde_json::from_str(v).ok();
+            }
+        }
+        if let (Some(i), Some(e), Some(d)) = (id, ev, data) {
+            out.push((i, e, d));
+        }
+    }
+    out
+}
+
+fn png(w: u32, h: u32) -> Vec<u8> {
+    let img = image::RgbImage::from_fn(w, h, |x, y| {
+        image::Rgb([(x % 256) as u8, (y % 256) as u8, 128])
+    });
+    let mut out = std::io::Cursor::new(Vec::new());
+    image::DynamicImage::ImageRgb8(img)
+        .write_to(&mut out, image::ImageFormat::Png)
+        .unwrap();
+    out.into_inner()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn txt2img_create_stream_fetch() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start(dir.path(), &[]);
+    let r = post_json(&s.base, "/v1/tasks", json!({"task_type": "txt2img", "input": {"prompt": "a red lighthouse", "width": 320, "height": 200, "seed": 9}}), &[]).await;
+    assert_eq!(r.status, 202, "{:?}", r.body);
+    let t = r.json();
+    let id = t["id"].as_str().unwrap().to_owned();
+    assert_eq!(r.headers["location"], format!("/v1/tasks/{id}").as_str());
+    // The SSE stream runs to the `completed` event and ends.
+    let sse = call(&s.base, "GET", &format!("/v1/tasks/{id}/events"), "", &[]).await;
+    assert_eq!(sse.status, 200);
+    assert!(
+        sse.headers["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
+    let events = parse_sse(&sse.body);
+    let kinds: Vec<&str> = events.iter().map(|(_, e, _)| e.as_str()).collect();
+    assert_eq!(kinds.first(), Some(&"status"));
+    assert_eq!(kinds.last(), Some(&"completed"), "{kinds:?}");
+    assert!(kinds.contains(&"progress"));
+    assert!(events.windows(2).all(|w| w[0].0 < w[1].0), "ids increase");
+    let done = &events.last().unwrap().2;
+    assert_eq!(done["status"], "succeeded");
+    // The task object and the image.
+    let t = wait_status(&s.base, &id, "succeeded", 10).await;
+    assert_eq!(t["attempts"].as_array().unwrap().len(), 1);
+    assert!(t["timings"]["run_ms"].as_u64().is_some());
+    let file = &t["output"]["files"][0];
+    let img = call(&s.base, "GET", file["url"].as_str().unwrap(), "", &[]).await;
+    assert_eq!(img.status, 200);
+    assert_eq!(img.headers["content-type"], "image/png");
+    let decoded = image::load_from_memory(&img.body).unwrap();
+    assert_eq!((decoded.width(), decoded.height()), (320, 200));
+    // Resume after the second event: only later events come back.
+    let resumed = call(
+        &s.base,
+        "GET",
+        &format!("/v1/tasks/{id}/events"),
+        "",
+        &[("last-event-id", &events[1].0.to_string())],
+    )
+    .await;
+    let later = parse_sse(&resumed.body);
+    assert_eq!(later.len(), events.len() - 2);
+    assert_eq!(later[0].0, events[2].0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upload_compress_and_img2img() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start(dir.path(), &[]);
+    // Raw upload with compression to fit 40 KB and 300 px.
+    let r = call(
+        &s.base,
+        "POST",
+        "/v1/files?max_bytes=40000&max_dim=300",
+        png(900, 600),
+        &[("content-type", "image/png")],
+    )
+    .await;
+    assert_eq!(r.status, 201, "{:?}", String::from_utf8_lossy(&r.body));
+    let f = r.json();
+    assert!(f["bytes"].as_u64().unwrap() <= 40_000);
+    assert_eq!(
+        (f["width"].as_u64(), f["height"].as_u64()),
+        (Some(300), Some(200))
+    );
+    // Multipart upload without compression.
+    let boundary = "kilnboundary";
+    let mut body = format!("--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.png\"\r\nContent-Type: image/png\r\n\r\n").into_bytes();
+    body.extend(png(64, 48));
+    body.extend(format!("\r\n--{boundary}--\r\n").into_bytes());
+    let ct = format!("multipart/form-data; boundary={boundary}");
+    let m = call(&s.base, "POST", "/v1/files", body, &[("content-type", &ct)]).await;
+    assert_eq!(m.status, 201, "{:?}", String::from_utf8_lossy(&m.body));
+    assert_eq!(m.json()["width"], 64);
+    // img2img on the compressed upload.
+    let r = post_json(
+        &s.base,
+        "/v1/tasks",
+        json!({"task_type": "img2img", "input": {"image": f["id"], "prompt": "grayscale please"}}),
+        &[],
+    )
+    .await;
+    let id = r.json()["id"].as_str().unwrap().to_owned();
+    let t = wait_status(&s.base, &id, "succeeded", 15).await;
+    assert_eq!(t["output"]["transforms"], json!(["grayscale"]));
+    let out = call(
+        &s.base,
+        "GET",
+        t["output"]["files"][0]["url"].as_str().unwrap(),
+        "",
+        &[],
+    )
+    .await;
+    let img = image::load_from_memory(&out.body).unwrap();
+    assert_eq!((img.width(), img.height()), (300, 200));
+    assert!(matches!(img, image::DynamicImage::ImageLuma8(_)));
+    // delete_asset removes a file the worker created.
+    let del = post_json(
+        &s.base,
+        "/v1/tasks",
+        json!({"task_type": "delete_asset", "input": {"file_id": t["output"]["files"][0]["id"]}}),
+        &[],
+    )
+    .await;
+    let del_id = del.json()["id"].as_str().unwrap().to_owned();
+    wait_status(&s.base, &del_id, "succeeded", 10).await;
+    assert_eq!(call(&s.base, "GET", out_url(&t), "", &[]).await.status, 404);
+    // ...but not one it did not create.
+    let del = post_json(
+        &s.base,
+        "/v1/tasks",
+        json!({"task_type": "delete_asset", "input": {"file_id": f["id"]}}),
+        &[],
+    )
+    .await;
+    let t = wait_status(&s.base, del.json()["id"].as_str().unwrap(), "failed", 10).await;
+    assert_eq!(t["error"]["code"], "not_owner");
+}
+
+fn out_url(t: &Value) -> &str {
+    t["output"]["files"][0]["url"].as_str().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotency_cancel_and_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start(dir.path(), &[("KILN_GATEWAY__MAX_BODY_BYTES", "100000")]);
+    let body =
+        json!({"task_type": "txt2img", "input": {"prompt": "same", "width": 64, "height": 64}});
+    let a = post_json(
+        &s.base,
+        "/v1/tasks",
+        body.clone(),
+        &[("idempotency-key", "k-1")],
+    )
+    .await
+    .json();
+    let b = post_json(
+        &s.base,
+        "/v1/tasks",
+        body.clone(),
+        &[("idempotency-key", "k-1")],
+    )
+    .await
+    .json();
+    assert_eq!(a["id"], b["id"]);
+    assert_eq!(a["request_id"], "k-1");
+    let other = json!({"task_type": "txt2img", "input": {"prompt": "different"}});
+    let c = post_json(&s.base, "/v1/tasks", other, &[("idempotency-key", "k-1")]).await;
+    assert_eq!(c.status, 409);
+
+    // Cancel a queued task (dispatch paused so it stays queued).
+    assert_eq!(
+        call(&s.base, "POST", "/v1/admin/queue/pause", "", &[])
+            .await
+            .status,
+        200
+    );
+    let q = post_json(
+        &s.base,
+        "/v1/tasks",
+        json!({"task_type": "txt2img", "input": {"prompt": "later"}}),
+        &[],
+    )
+    .await
+    .json();
+    let id = q["id"].as_str().unwrap();
+    assert_eq!(q["queue_position"], 0);
+    let cancel = call(&s.base, "POST", &format!("/v1/tasks/{id}/cancel"), "", &[]).await;
+    assert_eq!(cancel.status, 202);
+    assert_eq!(cancel.json()["status"], "canceled");
+    assert_eq!(
+        call(&s.base, "POST", &format!("/v1/tasks/{id}/cancel"), "", &[])
+            .await
+            .status,
+        409
+    );
+    let events = parse_sse(
+        &call(&s.base, "GET", &format!("/v1/tasks/{id}/events"), "", &[])
+            .await
+            .body,
+    );
+    assert_eq!(events.last().unwrap().1, "completed");
+    assert_eq!(events.last().unwrap().2["status"], "canceled");
+    call(&s.base, "POST", "/v1/admin/queue/resume", "", &[]).await;
+
+    // Every error is JSON with the right status.
+    let cases: Vec<(Resp, u16, &str)> = vec![
+        (
+            call(
+                &s.base,
+                "POST",
+                "/v1/tasks",
+                "{not json",
+                &[("content-type", "application/json")],
+            )
+            .await,
+            400,
+            "malformed_request",
+        ),
+        (
+            call(
+                &s.base,
+                "POST",
+                "/v1/tasks",
+                body.to_string(),
+                &[("content-type", "text/plain")],
+            )
+            .await,
+            415,
+            "unsupported_media_type",
+        ),
+        (
+            post_json(
+                &s.base,
+                "/v1/tasks",
+                json!({"task_type": "unheard_of", "input": {}}),
+                &[],
+            )
+            .await,
+            422,
+            "invalid_field",
+        ),
+        (
+            post_json(&s.base, "/v1/tasks", json!({"input": {}}), &[]).await,
+            422,
+            "invalid_field",
+        ),
+        (
+            call(&s.base, "GET", "/v1/tasks/task_0000", "", &[]).await,
+            404,
+            "not_found",
+        ),
+        (
+            call(&s.base, "GET", "/v1/files/file_nope", "", &[]).await,
+            404,
+            "not_found",
+        ),
+        (
+            call(&s.base, "GET", "/nowhere", "", &[]).await,
+            404,
+            "not_found",
+        ),
+        (
+            call(&s.base, "DELETE", "/v1/tasks", "", &[]).await,
+            405,
+            "method_not_allowed",
+        ),
+        (
+            call(
+                &s.base,
+                "POST",
+                "/v1/files",
+                vec![0u8; 200_000],
+                &[("content-type", "image/png")],
+            )
+            .await,
+            413,
+            "payload_too_large",
+        ),
+        (
+            call(
+                &s.base,
+                "POST",
+                "/v1/files",
+                "hello",
+                &[("content-type", "text/plain")],
+            )
+            .await,
+            415,
+            "unsupported_media_type",
+        ),
+        (
+            call(
+                &s.base,
+                "POST",
+                "/v1/files",
+                "not a png",
+                &[("content-type", "image/png")],
+            )
+            .await,
+            422,
+            "invalid_field",
+        ),
+        (
+            call(&s.base, "GET", "/v1/tasks?status=bogus", "", &[]).await,
+            422,
+            "invalid_field",
+        ),
+    ];
+    for (resp, status, code) in cases {
+        assert_eq!(
+            resp.status,
+            status,
+            "{:?}",
+            String::from_utf8_lossy(&resp.body)
+        );
+        assert_eq!(resp.json()["error"]["code"], code);
+        assert!(
+            resp.json()["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty())
+        );
+    }
+    let list = call(&s.base, "GET", "/v1/tasks?limit=2", "", &[])
+        .await
+        .json();
+    assert_eq!(list["data"].as_array().unwrap().len(), 2);
+    let next = list["next_cursor"].as_str().unwrap();
+    let page2 = call(
+        &s.base,
+        "GET",
+        &format!("/v1/tasks?limit=2&cursor={next}"),
+        "",
+        &[],
+    )
+    .await
+    .json();
+    assert_ne!(page2["data"][0]["id"], list["data"][0]["id"]);
+    assert_eq!(call(&s.base, "GET", "/healthz", "", &[]).await.status, 200);
+    assert_eq!(
+        call(&s.base, "GET", "/readyz", "", &[]).await.json()["status"],
+        "ready"
+    );
+    let metrics = call(&s.base, "GET", "/metrics", "", &[]).await;
+    assert!(String::from_utf8_lossy(&metrics.body).contains("kiln_workers_online 1"));
+    let api = call(&s.base, "GET", "/openapi.json", "", &[]).await.json();
+    assert!(api["paths"]["/v1/tasks"]["post"].is_object());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_tasks_survive_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let ids: Vec<String> = {
+        // No worker: tasks stay queued.
+        let s = start(
+            dir.path(),
+            &[
+                ("KILN_DEMO_WORKER__ENABLED", "false"),
+                ("KILN_GATEWAY__KNOWN_TASK_TYPES", "txt2img"),
+            ],
+        );
+        let mut ids = Vec::new();
+        for i in 0..5 {
+            let r = post_json(&s.base, "/v1/tasks", json!({"task_type": "txt2img", "input": {"prompt": format!("n{i}"), "width": 32, "height": 32}}), &[]).await;
+            assert_eq!(r.status, 202);
+            ids.push(r.json()["id"].as_str().unwrap().to_owned());
+        }
+        ids
+        // Dropping the server kills it with SIGKILL.
+    };
+    let s = start(dir.path(), &[]);
+    for id in &ids {
+        let t = wait_status(&s.base, id, "succeeded", 20).await;
+        assert_eq!(t["attempts"].as_array().unwrap().len(), 1);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_with_api_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["config", "hash-key", "s3cret"])
+        .output()
+        .unwrap();
+    let hash = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let s = start(dir.path(), &[("KILN_GATEWAY__API_KEY_HASHES", &hash)]);
+    let body = json!({"task_type": "txt2img", "input": {"prompt": "x", "width": 16, "height": 16}});
+    assert_eq!(
+        post_json(&s.base, "/v1/tasks", body.clone(), &[])
+            .await
+            .status,
+        401
+    );
+    assert_eq!(
+        post_json(
+            &s.base,
+            "/v1/tasks",
+            body.clone(),
+            &[("authorization", "Bearer wrong")]
+        )
+        .await
+        .status,
+        401
+    );
+    let ok = post_json(
+        &s.base,
+        "/v1/tasks",
+        body,
+        &[("authorization", "Bearer s3cret")],
+    )
+    .await;
+    assert_eq!(ok.status, 202);
+    // The in-process demo worker still connects with its own token and runs the task.
+    let id = ok.json()["id"].as_str().unwrap().to_owned();
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let t = call(
+            &s.base,
+            "GET",
+            &format!("/v1/tasks/{id}"),
+            "",
+            &[("authorization", "Bearer s3cret")],
+        )
+        .await
+        .json();
+        if t["status"] == "succeeded" {
+            break;
+        }
+        assert!(Instant::now() < until, "{t}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(call(&s.base, "GET", "/healthz", "", &[]).await.status, 200);
+}
+
+#[test]
+fn bad_config_exits_64_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |env: &[(&str, &str)]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_kiln"));
+        cmd.args(["config", "check"])
+            .env("KILN_SERVER__DATA_DIR", dir.path());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.output().unwrap()
+    };
+    let out = run(&[("KILN_BROKER__LEASE", "forever")]);
+    assert_eq!(out.status.code(), Some(64));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("broker.lease"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = run(&[("KILN_SERVER__LISTEN", "0.0.0.0:8080")]);
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("api_key_hashes"));
+    let out = run(&[("KILN_GATEWAY__NO_SUCH_KEY", "1")]);
+    assert_eq!(out.status.code(), Some(64));
+    let out = run(&[]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["config", "print-default"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&printed.stdout).contains("[broker]"));
+}
