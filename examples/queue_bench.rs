@@ -1,0 +1,150 @@
+//! Queue benchmark: broker + gateway WebSocket endpoint + one worker with a no-op handler,
+//! over loopback. Submits N tasks and measures end-to-end throughput, then 500 sequential
+//! submit-to-result round trips.
+//!
+//! Run: `cargo run --release --example queue_bench -- --n 10000 --slots 2 [--backend sqlite]`
+//! The last stdout line is `{"n":N,"tasks_per_s":F,"rtt_p50_ms":F,"rtt_p99_ms":F,"lost":N,"duplicates":N}`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use kiln_broker::{Broker, BrokerConfig, NewTask};
+use kiln_gateway::{AppState, GatewayConfig};
+use kiln_worker::{TaskContext, TaskError, Worker, WorkerConfig};
+use serde_json::json;
+
+struct Args {
+    n: usize,
+    slots: u32,
+    backend: String,
+    rtt: usize,
+}
+
+fn args() -> Result<Args, String> {
+    let mut a = Args { n: 10_000, slots: 2, backend: "sqlite".into(), rtt: 500 };
+    let mut it = std::env::args().skip(1);
+    while let Some(k) = it.next() {
+        let mut v = || it.next().ok_or(format!("{k} needs a value"));
+        match k.as_str() {
+            "--n" => a.n = v()?.parse().map_err(|e| format!("--n: {e}"))?,
+            "--slots" => a.slots = v()?.parse().map_err(|e| format!("--slots: {e}"))?,
+            "--backend" => a.backend = v()?,
+            "--rtt" => a.rtt = v()?.parse().map_err(|e| format!("--rtt: {e}"))?,
+            other => return Err(format!("unknown argument {other}")),
+        }
+    }
+    Ok(a)
+}
+
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let a = args()?;
+    if a.backend != "sqlite" {
+        return Err(format!("backend {:?} is not built yet; only sqlite is available", a.backend).into());
+    }
+    let dir = std::env::temp_dir().join(format!("kiln-queue-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let broker = Broker::open(&dir.join("queue.sqlite"), BrokerConfig::default())?;
+    let state = AppState::new(GatewayConfig { files_dir: dir.join("files"), ..GatewayConfig::default() }, broker.clone()).await?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move { axum::serve(listener, kiln_gateway::router(state)).await });
+
+    // Every execution is counted per task, so duplicates and losses are measured, not assumed.
+    let runs: Arc<std::sync::Mutex<HashMap<String, u32>>> = Arc::default();
+    let executed = Arc::new(AtomicU64::new(0));
+    let (r, e) = (runs.clone(), executed.clone());
+    let worker = Worker::new(WorkerConfig {
+        url: format!("ws://{addr}/v1/workers/connect"),
+        state_dir: dir.join("worker"),
+        slots: a.slots,
+        ..WorkerConfig::default()
+    })
+    .handler("noop", move |ctx: TaskContext| {
+        let (r, e) = (r.clone(), e.clone());
+        async move {
+            *r.lock().map_err(|_| TaskError { code: "poisoned".into(), message: String::new(), retryable: false })?.entry(ctx.task_id).or_default() += 1;
+            e.fetch_add(1, Ordering::Relaxed);
+            Ok(json!(null))
+        }
+    });
+    let handle = worker.handle();
+    tokio::spawn(worker.run());
+    while !broker.can_serve("noop") {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    let mut events = broker.subscribe();
+    let submit = |i: usize| {
+        broker.submit(NewTask { task_type: "noop".into(), input: json!({"i": i}), ..Default::default() }).map(|(t, _)| t.id)
+    };
+    // Throughput: submit everything, wait for every completion.
+    eprintln!("submitting {} tasks", a.n);
+    let start = Instant::now();
+    let mut ids = Vec::with_capacity(a.n);
+    for i in 0..a.n {
+        ids.push(submit(i)?);
+    }
+    let mut completed = 0usize;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while completed < a.n && Instant::now() < deadline {
+        match tokio::time::timeout(Duration::from_secs(5), events.recv()).await {
+            Ok(Ok(e)) if e.kind == "completed" => completed += 1,
+            Ok(Ok(_)) => {}
+            Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => {
+                completed = ids.iter().filter(|id| broker.queue().get(id).ok().flatten().is_some_and(|t| t.state.is_terminal())).count();
+            }
+            _ => break,
+        }
+        if completed % 2000 == 0 && completed > 0 {
+            eprintln!("  {completed} done");
+        }
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let tasks_per_s = a.n as f64 / elapsed;
+    eprintln!("throughput: {} tasks in {elapsed:.2} s = {tasks_per_s:.0} tasks/s", a.n);
+
+    // Round trips: one task at a time, submit to result.
+    let mut rtts = Vec::with_capacity(a.rtt);
+    for i in 0..a.rtt {
+        let t0 = Instant::now();
+        let id = submit(a.n + i)?;
+        loop {
+            match events.recv().await {
+                Ok(e) if e.kind == "completed" && e.task_id == id => break,
+                Ok(_) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        rtts.push(t0.elapsed().as_secs_f64() * 1000.0);
+        ids.push(id);
+    }
+    rtts.sort_by(f64::total_cmp);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let runs = runs.lock().map_err(|_| "poisoned")?.clone();
+    let lost = ids.iter().filter(|id| !runs.contains_key(*id)).count();
+    let duplicates: u32 = runs.values().map(|n| n.saturating_sub(1)).sum();
+    let stored_done = ids
+        .iter()
+        .filter(|id| broker.queue().get(id).ok().flatten().is_some_and(|t| t.state == kiln_protocol::TaskState::Succeeded))
+        .count();
+    eprintln!("rtt p50 {:.3} ms, p99 {:.3} ms; {} of {} stored as succeeded; {} executions", pct(&rtts, 0.5), pct(&rtts, 0.99), stored_done, ids.len(), executed.load(Ordering::Relaxed));
+    handle.shutdown();
+    let _ = std::fs::remove_dir_all(&dir);
+    println!(
+        "{}",
+        json!({"n": a.n, "tasks_per_s": (tasks_per_s * 10.0).round() / 10.0, "rtt_p50_ms": (pct(&rtts, 0.5) * 1000.0).round() / 1000.0,
+               "rtt_p99_ms": (pct(&rtts, 0.99) * 1000.0).round() / 1000.0, "lost": lost + (ids.len() - stored_done), "duplicates": duplicates})
+    );
+    Ok(())
+}
