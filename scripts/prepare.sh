@@ -40,3 +40,11 @@ fi
 # --- kiln-broker ---
 
 # --- kiln-gateway / SDK tests ---
+# A Python virtualenv for API tests (schemathesis against /openapi.json).
+KILN_VENV="${KILN_VENV:-$HOME/.cache/kiln/venv}"
+if [ ! -x "$KILN_VENV/bin/st" ]; then
+  echo "prepare: creating $KILN_VENV with schemathesis"
+  mkdir -p "$(dirname "$KILN_VENV")"
+  python3 -m venv "$KILN_VENV"
+  "$KILN_VENV/bin/pip" install -q --disable-pip-version-check "schemathesis>=4,<5"
+fi

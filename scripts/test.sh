@@ -5,3 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/prepare.sh
 cargo test --workspace --locked "$@"
+# The HTTP API against its own OpenAPI document: no input may produce a 5xx.
+bash scripts/schemathesis.sh
