@@ -609,10 +609,12 @@ impl Conn<'_> {
         let state = self.state.clone();
         let outbox = self.outbox.clone();
         let out = self.out_tx.clone();
-        tokio::spawn(async move {
+        let span = tracing::info_span!("task", task_id = %ctx.task_id, task_type = %ctx.task_type, attempt = ctx.attempt);
+        tokio::spawn(tracing::Instrument::instrument(async move {
             let lease = ctx.lease.clone();
             let (task_id, attempt) = (ctx.task_id.clone(), ctx.attempt);
             let cancel = ctx.cancel.clone();
+            let started = Instant::now();
             tracing::info!(message = "task started", task_id = %task_id, attempt, task_type = %ctx.task_type);
             let res = match handler {
                 Handler::Async(f) => f(ctx).await,
@@ -667,9 +669,9 @@ impl Conn<'_> {
                     s.finished.pop_front();
                 }
             }
-            tracing::info!(message = "task finished", task_id = %task_id, attempt, status = ?result.status);
+            tracing::info!(message = "task finished", task_id = %task_id, attempt, status = ?result.status, run_ms = started.elapsed().as_millis() as u64);
             let _ = out.send(Message::Result(result));
-        });
+        }, span));
         None
     }
 }
