@@ -5,7 +5,7 @@
 //! | remote GOAWAY NO_ERROR before response headers | `Refused` (any method) |
 //! | remote RST_STREAM REFUSED_STREAM | `Refused` (any method) |
 //! | other resets, GOAWAY with an error, EOF, I/O errors | `MaybeProcessed` (idempotent only) |
-//! | request canceled before it was written | `NotSent` |
+//! | request canceled, or the connection gone, before it was written | `NotSent` |
 //! | our own body failed (file unreadable) | `Permanent` |
 
 use std::error::Error as StdError;
@@ -85,6 +85,11 @@ pub(crate) fn classify_hyper(e: &hyper::Error, before_response: bool) -> Classif
             return mk(class, name, false);
         }
         return mk(Class::MaybeProcessed, name, true);
+    }
+    if e.is_closed() && before_response {
+        // The connection task had already ended (after a GOAWAY or a close) when the
+        // request was handed to it: nothing was written.
+        return mk(Class::NotSent, None, true);
     }
     if e.is_canceled() {
         // The dispatcher dropped the request before writing it (the connection closed).

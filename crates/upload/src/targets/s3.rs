@@ -126,6 +126,28 @@ impl S3 {
         })
     }
 
+    /// Creates the bucket (CreateBucket; an existing bucket owned by the caller is fine).
+    pub async fn create_bucket(&self, client: &UploadClient) -> Result<(), UploadError> {
+        let url = self.object_url("")?;
+        match client
+            .send(&self.name, self.request(Method::PUT, &url, vec![])?)
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if e.status() == Some(409) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Reads an object back (GetObject), up to the client's `max_response_bytes`.
+    pub async fn get_object(&self, client: &UploadClient, key: &str) -> Result<Bytes, UploadError> {
+        let url = self.object_url(key)?;
+        Ok(client
+            .send(&self.name, self.request(Method::GET, &url, vec![])?)
+            .await?
+            .body)
+    }
+
     fn signer(&self) -> Signer {
         let cfg = self.cfg.clone();
         Arc::new(move |parts: &mut http::request::Parts| sign_parts(&cfg, parts))
