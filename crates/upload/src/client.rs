@@ -6,7 +6,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderValue, Method, Uri, header};
 use http_body_util::BodyExt;
-use kiln_retry::{AttemptInfo, AttemptLog, RetryPolicy, is_idempotent_method};
+use kiln_retry::{AttemptInfo, AttemptLog, Class, RetryPolicy, is_idempotent_method};
 use tokio::time::Instant;
 use tracing::Instrument as _;
 
@@ -297,50 +297,69 @@ impl UploadClient {
         info: AttemptInfo,
     ) -> Result<AttemptOk, AttemptError> {
         let started = Instant::now();
-        let body = req
-            .body
-            .open(req.progress.clone())
-            .await
-            .map_err(AttemptError::Body)?;
-        let fresh = info.transparent
-            || self.inner.cfg.connection_policy == ConnectionPolicy::FreshPerRequest;
-        let mut lease = self.inner.pool.checkout(key, fresh).await?;
-        let h2 = lease.is_h2();
-        tracing::debug!(
-            conn = lease.conn.id,
-            reused = lease.reused,
-            h2,
-            transparent = info.transparent,
-            "sending"
-        );
+        let mut stale_retry = false;
+        let (lease, res, h2) = loop {
+            let body = req
+                .body
+                .open(req.progress.clone())
+                .await
+                .map_err(AttemptError::Body)?;
+            let fresh = stale_retry
+                || info.transparent
+                || self.inner.cfg.connection_policy == ConnectionPolicy::FreshPerRequest;
+            let mut lease = self.inner.pool.checkout(key, fresh).await?;
+            let h2 = lease.is_h2();
+            tracing::debug!(
+                conn = lease.conn.id,
+                reused = lease.reused,
+                h2,
+                transparent = info.transparent,
+                "sending"
+            );
 
-        let mut builder = http::Request::builder().method(req.method.clone());
-        builder = if h2 {
-            builder.uri(req.uri.clone())
-        } else {
-            builder.uri(req.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"))
-        };
-        let http_req = builder
-            .body(())
-            .map_err(|e| AttemptError::Invalid(e.to_string()))?;
-        let (mut parts, ()) = http_req.into_parts();
-        parts.headers = req.headers.clone();
-        if !h2 && let Some(a) = req.uri.authority() {
-            let host = HeaderValue::from_str(a.as_str())
+            let mut builder = http::Request::builder().method(req.method.clone());
+            builder = if h2 {
+                builder.uri(req.uri.clone())
+            } else {
+                builder.uri(req.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"))
+            };
+            let http_req = builder
+                .body(())
                 .map_err(|e| AttemptError::Invalid(e.to_string()))?;
-            parts.headers.insert(header::HOST, host);
-        }
-        parts
-            .headers
-            .insert(header::CONTENT_LENGTH, HeaderValue::from(req.body.len()));
-        if let Some(sign) = &req.signer {
-            // SigV4 signs the absolute URL's host and path.
-            let uri_for_signing = parts.uri.clone();
-            parts.uri = req.uri.clone();
-            sign(&mut parts).map_err(AttemptError::Invalid)?;
-            parts.uri = uri_for_signing;
-        }
-        let res = lease.send(http::Request::from_parts(parts, body)).await?;
+            let (mut parts, ()) = http_req.into_parts();
+            parts.headers = req.headers.clone();
+            if !h2 && let Some(a) = req.uri.authority() {
+                let host = HeaderValue::from_str(a.as_str())
+                    .map_err(|e| AttemptError::Invalid(e.to_string()))?;
+                parts.headers.insert(header::HOST, host);
+            }
+            parts
+                .headers
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(req.body.len()));
+            if let Some(sign) = &req.signer {
+                // SigV4 signs the absolute URL's host and path.
+                let uri_for_signing = parts.uri.clone();
+                parts.uri = req.uri.clone();
+                sign(&mut parts).map_err(AttemptError::Invalid)?;
+                parts.uri = uri_for_signing;
+            }
+            match lease.send(http::Request::from_parts(parts, body)).await {
+                Ok(res) => break (lease, res, h2),
+                // A pooled connection that ended before the request was written (hyper-util
+                // does the same): nothing reached the server, so use a new connection at once.
+                Err(AttemptError::Transport {
+                    class: Class::NotSent,
+                    ..
+                }) if lease.reused && !stale_retry => {
+                    tracing::debug!(
+                        conn = lease.conn.id,
+                        "pooled connection gone before the request was written"
+                    );
+                    stale_retry = true;
+                }
+                Err(e) => return Err(e),
+            }
+        };
         let first_byte = started.elapsed();
         let (head, mut incoming) = res.into_parts();
         let limit = self.inner.cfg.max_response_bytes;

@@ -75,6 +75,11 @@ pub(crate) struct Conn {
     pub(crate) h2: bool,
     requests: AtomicU64,
     inflight: AtomicU64,
+    /// Responses read to their end on this connection.
+    served: AtomicU64,
+    /// The server refused a stream with GOAWAY NO_ERROR while the connection was busy: it
+    /// limits requests per connection (nginx `keepalive_requests`).
+    limit_goaway: AtomicBool,
     broken: AtomicBool,
     last_used: Mutex<Instant>,
     pub(crate) connect_time: Duration,
@@ -129,6 +134,9 @@ struct Inner {
     /// so that concurrent requests share one connection instead of racing to open many).
     known_h2: Mutex<HashMap<Key, bool>>,
     gates: Mutex<HashMap<Key, Arc<tokio::sync::Mutex<()>>>>,
+    /// Requests per connection a host was seen to allow before its GOAWAY; the pool then
+    /// rotates connections at that count instead of meeting the GOAWAY again.
+    learned_max: Mutex<HashMap<Key, u64>>,
     next_id: AtomicU64,
     metrics: Option<Arc<dyn MetricsHook>>,
 }
@@ -145,6 +153,8 @@ pub(crate) struct Lease {
     tx: Option<Sender>,
     /// Whether the connection served an earlier request.
     pub(crate) reused: bool,
+    /// How long the connection had been idle when it was lent.
+    idle_before: Duration,
     key: Key,
     pool: Arc<Inner>,
 }
@@ -180,6 +190,14 @@ impl Lease {
         if c.connection_broken {
             self.conn.mark_broken();
         }
+        // A GOAWAY on a busy connection is a per-connection request limit; on an idle one it
+        // is an idle close, which says nothing about the limit.
+        if c.class == kiln_retry::Class::Refused
+            && c.h2_reason == Some("NO_ERROR")
+            && self.idle_before < Duration::from_millis(50)
+        {
+            self.conn.limit_goaway.store(true, Ordering::Relaxed);
+        }
         AttemptError::Transport {
             class: c.class,
             h2_reason: c.h2_reason,
@@ -191,6 +209,9 @@ impl Lease {
     /// Ends the request. `clean` says the response was read to its end, so an HTTP/1.1
     /// connection may be reused.
     pub(crate) fn release(mut self, clean: bool) {
+        if clean {
+            self.conn.served.fetch_add(1, Ordering::Relaxed);
+        }
         let tx = self.tx.take();
         if let Some(Sender::H1(tx)) = tx {
             let s = &self.pool.settings;
@@ -198,7 +219,7 @@ impl Lease {
                 && s.pooled
                 && self.conn.usable()
                 && !tx.is_closed()
-                && self.conn.requests.load(Ordering::Relaxed) < s.max_requests
+                && self.conn.requests.load(Ordering::Relaxed) < self.pool.max_requests(&self.key)
                 && let Ok(mut map) = self.pool.h1.lock()
             {
                 let list = map.entry(self.key.clone()).or_default();
@@ -216,8 +237,38 @@ impl Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        self.conn.inflight.fetch_sub(1, Ordering::Relaxed);
+        let left = self.conn.inflight.fetch_sub(1, Ordering::Relaxed) - 1;
         self.conn.touch();
+        if left == 0 && self.conn.limit_goaway.load(Ordering::Relaxed) {
+            let served = self.conn.served.load(Ordering::Relaxed);
+            if served >= 1
+                && let Ok(mut m) = self.pool.learned_max.lock()
+            {
+                let e = m.entry(self.key.clone()).or_insert(u64::MAX);
+                if served < *e {
+                    tracing::info!(
+                        host = %self.key.host,
+                        requests = served,
+                        "server closes connections after this many requests; rotating at it"
+                    );
+                    *e = served;
+                }
+            }
+        }
+    }
+}
+
+impl Inner {
+    /// Requests per connection: the configured maximum, or less if the host was seen to
+    /// allow fewer.
+    fn max_requests(&self, key: &Key) -> u64 {
+        let learned = self
+            .learned_max
+            .lock()
+            .ok()
+            .and_then(|m| m.get(key).copied())
+            .unwrap_or(u64::MAX);
+        self.settings.max_requests.min(learned)
     }
 }
 
@@ -235,6 +286,7 @@ impl Pool {
                 h1: Mutex::new(HashMap::new()),
                 known_h2: Mutex::new(HashMap::new()),
                 gates: Mutex::new(HashMap::new()),
+                learned_max: Mutex::new(HashMap::new()),
                 next_id: AtomicU64::new(0),
                 metrics,
             }),
@@ -277,16 +329,23 @@ impl Pool {
                 }
             }
         }
-        self.connect(key, pooled && !fresh).await
+        // A fresh connection (transparent retry) may serve later requests too, unless every
+        // request must have its own.
+        self.connect(key, pooled).await
     }
 
     fn lease(&self, key: &Key, conn: Arc<Conn>, tx: Sender, reused: bool) -> Lease {
-        conn.inflight.fetch_add(1, Ordering::Relaxed);
+        let idle_before = if conn.inflight.fetch_add(1, Ordering::Relaxed) == 0 {
+            conn.idle_for()
+        } else {
+            Duration::ZERO
+        };
         conn.touch();
         Lease {
             conn,
             tx: Some(tx),
             reused,
+            idle_before,
             key: key.clone(),
             pool: self.inner.clone(),
         }
@@ -294,6 +353,7 @@ impl Pool {
 
     fn take_pooled(&self, key: &Key) -> Option<Lease> {
         let s = &self.inner.settings;
+        let max_requests = self.inner.max_requests(key);
         if let Ok(mut map) = self.inner.h2.lock()
             && let Some(list) = map.get_mut(key)
         {
@@ -303,12 +363,12 @@ impl Pool {
                 e.conn.usable()
                     && !e.tx.is_closed()
                     && !idle
-                    && e.conn.requests.load(Ordering::Relaxed) < s.max_requests
+                    && e.conn.requests.load(Ordering::Relaxed) < max_requests
             });
             if let Some(e) = list.iter().find(|e| e.tx.is_ready()) {
                 let n = e.conn.requests.fetch_add(1, Ordering::Relaxed) + 1;
                 let lease = self.lease(key, e.conn.clone(), Sender::H2(e.tx.clone()), true);
-                if n >= s.max_requests {
+                if n >= max_requests {
                     let id = e.conn.id;
                     list.retain(|e| e.conn.id != id);
                     tracing::debug!(conn = id, requests = n, "connection rotated");
@@ -396,6 +456,8 @@ impl Pool {
             h2,
             requests: AtomicU64::new(1),
             inflight: AtomicU64::new(0),
+            served: AtomicU64::new(0),
+            limit_goaway: AtomicBool::new(false),
             broken: AtomicBool::new(false),
             last_used: Mutex::new(Instant::now()),
             connect_time,
