@@ -64,5 +64,6 @@ cargo build --release --example upload_bench >&2
 bench() { target/release/examples/upload_bench --ca "$dir/ca.pem" --method POST \
   --requests "$REQ" --concurrency "$CONC" --size "$SIZE" "$@" | tail -n1; }
 echo "faulty_pooled   $(bench --url "https://127.0.0.1:$FAULT/upload" --policy pooled)"
-#echo "nofault_pooled  $(bench --url "https://127.0.0.1:$CLEAN/upload" --policy pooled)"
-#echo "faulty_fresh    $(bench --url "https://127.0.0.1:$FAULT/upload" --policy fresh)"
+echo "nofault_pooled  $(bench --url "https://127.0.0.1:$CLEAN/upload" --policy pooled)"
+echo "faulty_fresh    $(bench --url "https://127.0.0.1:$FAULT/upload" --policy fresh)"
+echo "faulty_pooled_rotate5 $(bench --url "https://127.0.0.1:$FAULT/upload" --policy pooled --max-requests-per-connection 5)"

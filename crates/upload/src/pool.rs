@@ -365,7 +365,7 @@ impl Pool {
                     && !idle
                     && e.conn.requests.load(Ordering::Relaxed) < max_requests
             });
-            if let Some(e) = list.iter().find(|e| e.tx.is_ready()) {
+            if let Some(e) = list.first() {
                 let n = e.conn.requests.fetch_add(1, Ordering::Relaxed) + 1;
                 let lease = self.lease(key, e.conn.clone(), Sender::H2(e.tx.clone()), true);
                 if n >= max_requests {
