@@ -395,3 +395,25 @@ async fn oversized_body_is_refused_before_sending() {
     );
     assert_eq!(counters.snapshot().attempts, 0);
 }
+
+#[tokio::test]
+async fn connect_refused_is_not_sent_and_retried_for_post() {
+    let pki = Pki::new();
+    // A port that was free a moment ago: nothing listens there.
+    let port = support::free_port();
+    let mut cfg = pki.client_config();
+    cfg.retry.max_retries = 2;
+    let (c, counters) = client(cfg);
+    let e = c
+        .upload(&Multipart::new(url(port, "/upload")), &file())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e.last_attempt_error(), Some(AttemptError::Connect { .. })),
+        "{e}"
+    );
+    assert_eq!(e.attempts().len(), 3, "NotSent is retried even for POST");
+    assert!(e.attempts().iter().all(|a| a.class == Some(Class::NotSent)));
+    assert_eq!(e.stop_reason(), Some(StopReason::AttemptsExhausted));
+    assert_eq!(counters.snapshot().connections, 0);
+}

@@ -397,3 +397,37 @@ async fn untrusted_certificate_is_permanent() {
     assert_eq!(e.attempts().len(), 1, "TLS failures are never retried");
     assert!(!e.is_retryable());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_fallback_and_http1_only_rotate_with_keepalive_requests() {
+    let pki = Pki::new();
+    let (h1, h2, back) = (free_port(), free_port(), free_port());
+    let servers = format!(
+        "{}server {{ listen 127.0.0.1:{h1} ssl; ssl_certificate {{CERT}}; ssl_certificate_key {{KEY}};\n\
+           keepalive_requests 5; location / {{ proxy_pass http://127.0.0.1:{back}; }} }}\n\
+         server {{ listen 127.0.0.1:{h2} ssl http2; ssl_certificate {{CERT}}; ssl_certificate_key {{KEY}};\n\
+           keepalive_requests 5; location / {{ proxy_pass http://127.0.0.1:{back}; }} }}\n",
+        backend_block(back)
+    );
+    let Some(_nginx) = Nginx::start(&pki, "", &servers, &[h1, h2, back]) else {
+        return;
+    };
+    // A server without h2 in ALPN: the client falls back to HTTP/1.1. With http1_only the
+    // client offers only HTTP/1.1 to an h2-capable server.
+    for (port, http1_only) in [(h1, false), (h2, true)] {
+        let mut cfg = pki.client_config();
+        cfg.http1_only = http1_only;
+        let (c, counters) = client(cfg);
+        let results = many(&c, Arc::new(multipart(port, "/upload")), 30, 3, 100_000).await;
+        for r in &results {
+            assert!(r.is_ok(), "port {port}: {r:?}");
+        }
+        let s = counters.snapshot();
+        assert_eq!(s.uploads_ok, 30);
+        assert!(s.reused >= 15, "HTTP/1.1 connections are pooled: {s:?}");
+        assert!(
+            s.connections >= 6,
+            "nginx closes after 5 requests each: {s:?}"
+        );
+    }
+}

@@ -31,7 +31,9 @@ pub struct UploadFile {
     pub file_name: String,
     /// MIME type.
     pub mime: String,
-    /// Called with (bytes sent, total) during each attempt.
+    /// Called with (bytes sent, total) of the request body during each attempt (restarting
+    /// at 0 on a replay). For form and JSON targets the total includes the encoding; for S3
+    /// multipart it spans all parts.
     pub progress: Option<Progress>,
 }
 
