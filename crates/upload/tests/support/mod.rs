@@ -90,12 +90,22 @@ pub fn client(cfg: UploadConfig) -> (UploadClient, Arc<UploadCounters>) {
     (c, counters)
 }
 
+/// A free 127.0.0.1 port, never the same one twice in this process (tests run in parallel
+/// and each starts its own servers).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut given = GIVEN.lock().unwrap();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 pub fn wait_port(port: u16, limit: Duration) -> bool {
@@ -164,7 +174,7 @@ impl Nginx {
             .stderr(Stdio::inherit())
             .spawn()
             .unwrap();
-        let n = Nginx { dir, child };
+        let mut n = Nginx { dir, child };
         for p in ports {
             assert!(
                 wait_port(*p, Duration::from_secs(10)),
@@ -172,6 +182,11 @@ impl Nginx {
                 n.error_log()
             );
         }
+        assert!(
+            n.child.try_wait().unwrap().is_none(),
+            "nginx exited; error log:\n{}",
+            n.error_log()
+        );
         Some(n)
     }
 
