@@ -12,21 +12,23 @@
 //! (SigV4, multipart above a threshold), [`JsonBase64`], and [`Fallback`] chains.
 //!
 //! ```
-//! use kiln_upload::{PresignedPut, UploadClient, UploadConfig, UploadFile};
+//! use kiln_upload::{PresignedPut, UploadClient, UploadConfig, UploadError, UploadFile};
 //!
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() {
-//! let client = UploadClient::new(UploadConfig::default()).expect("valid config");
+//! let mut cfg = UploadConfig::default();
+//! cfg.retry.max_retries = 1;
+//! cfg.retry.initial_backoff = std::time::Duration::from_millis(10);
+//! let client = UploadClient::new(cfg).expect("valid config");
+//!
+//! // Nothing listens on port 9: the connect fails twice (never sent, so retried even for a
+//! // POST) and the error carries the attempt log.
 //! let target = PresignedPut::new("http://127.0.0.1:9/bucket/cat.png".parse().expect("url"));
 //! let file = UploadFile::new(b"\x89PNG...".to_vec(), "cat.png", "image/png");
-//! // Nothing listens on port 9: the connect fails and is reported with its attempt log.
-//! let mut cfg = UploadConfig::default();
-//! cfg.retry.max_retries = 0;
-//! let client = UploadClient::new(cfg).expect("valid config");
 //! let err = client.upload(&target, &file).await.expect_err("nothing listens");
-//! assert_eq!(err.attempts().len(), 1);
+//! assert!(matches!(err, UploadError::Failed { .. }));
+//! assert_eq!(err.attempts().len(), 2);
 //! assert!(err.is_retryable());
-//! # let _ = client;
 //! # }
 //! ```
 
