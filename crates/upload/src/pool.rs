@@ -169,18 +169,29 @@ impl Lease {
         &mut self,
         req: http::Request<SendBody>,
     ) -> Result<http::Response<Incoming>, AttemptError> {
+        // `try_send_request` hands the request back when it was never written: such a
+        // failure is `NotSent` whatever the error says.
         let result = match &mut self.tx {
             Some(Sender::H1(tx)) => match tx.ready().await {
-                Ok(()) => tx.send_request(req).await,
-                Err(e) => Err(e),
+                Ok(()) => tx.try_send_request(req).await.map_err(unsent),
+                Err(e) => Err((e, true)),
             },
             Some(Sender::H2(tx)) => match tx.ready().await {
-                Ok(()) => tx.send_request(req).await,
-                Err(e) => Err(e),
+                Ok(()) => tx.try_send_request(req).await.map_err(unsent),
+                Err(e) => Err((e, true)),
             },
             None => return Err(AttemptError::Invalid("lease already released".into())),
         };
-        result.map_err(|e| self.transport_error(e, "send"))
+        result.map_err(|(e, not_written)| {
+            let mut err = self.transport_error(e, "send");
+            if not_written
+                && let AttemptError::Transport { class, .. } = &mut err
+                && *class != kiln_retry::Class::Refused
+            {
+                *class = kiln_retry::Class::NotSent;
+            }
+            err
+        })
     }
 
     /// Turns a hyper error on this connection into an attempt error, and stops reuse of the
@@ -514,6 +525,14 @@ impl Pool {
             Ok(Sender::H1(tx))
         }
     }
+}
+
+/// Splits a `TrySendError` into the error and whether the request was never written.
+fn unsent(
+    mut e: hyper::client::conn::TrySendError<http::Request<SendBody>>,
+) -> (hyper::Error, bool) {
+    let not_written = e.take_message().is_some();
+    (e.into_error(), not_written)
 }
 
 /// A TLS failure is permanent; an I/O failure during the handshake (reset, EOF) is not.
