@@ -36,6 +36,19 @@ if command -v psql >/dev/null 2>&1 && pg_isready -h 127.0.0.1 -p 5432 -q; then
 fi
 
 # --- kiln-upload: S3-protocol test server ---
+# moto[server] in a venv under target/ (tests start `moto_server` on a free 127.0.0.1 port and
+# stop it by pid; without it the S3 tests print a notice and skip).
+KILN_S3_VENV="$(cd "$(dirname "$0")/.." && pwd)/target/.venv-s3"
+if [ ! -x "$KILN_S3_VENV/bin/moto_server" ]; then
+  echo "prepare: installing moto[server] into $KILN_S3_VENV"
+  if ! python3 -m venv "$KILN_S3_VENV" >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+    $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3-venv >/dev/null
+    python3 -m venv "$KILN_S3_VENV"
+  fi
+  "$KILN_S3_VENV/bin/pip" install -q --disable-pip-version-check 'moto[server]==5.*' \
+    || echo "prepare: moto install failed; S3 tests will skip"
+fi
 
 # --- kiln-broker ---
 

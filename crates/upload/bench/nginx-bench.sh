@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Runs the kiln-upload benchmark against nginx over TLS + HTTP/2 on 127.0.0.1:
+#   1. faulty nginx (keepalive_requests 5, keepalive_timeout 300ms), policy pooled
+#   2. no-fault nginx (defaults), policy pooled
+#   3. faulty nginx, policy fresh
+# nginx runs in the foreground with its own prefix, config and pid under a temp dir and is
+# stopped by pid on exit. Usage (from the workspace root):
+#   bash crates/upload/bench/nginx-bench.sh [REQUESTS] [CONCURRENCY] [SIZE]
+set -euo pipefail
+cd "$(dirname "$0")/../../.."
+REQ=${1:-10000}
+CONC=${2:-16}
+SIZE=${3:-200000}
+NGINX=${NGINX:-/usr/sbin/nginx}
+dir=$(mktemp -d)
+pid=""
+cleanup() { if [ -n "$pid" ]; then kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; fi; rm -rf "$dir"; }
+trap cleanup EXIT
+
+# A throwaway CA and a leaf for IP:127.0.0.1 (rustls rejects a CA used as a server cert).
+openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN=kiln bench CA" \
+  -keyout "$dir/ca.key" -out "$dir/ca.pem" 2>/dev/null
+openssl req -newkey rsa:2048 -nodes -subj "/CN=127.0.0.1" \
+  -keyout "$dir/key.pem" -out "$dir/leaf.csr" 2>/dev/null
+printf "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n" > "$dir/ext.cnf"
+openssl x509 -req -in "$dir/leaf.csr" -CA "$dir/ca.pem" -CAkey "$dir/ca.key" -CAcreateserial \
+  -days 2 -extfile "$dir/ext.cnf" -out "$dir/cert.pem" 2>/dev/null
+
+port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
+FAULT=$(port); CLEAN=$(port); BACK=$(port)
+cat > "$dir/nginx.conf" <<CONF
+daemon off;
+master_process off;
+worker_processes 1;
+pid $dir/nginx.pid;
+error_log $dir/error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path $dir/body; proxy_temp_path $dir/proxy;
+  fastcgi_temp_path $dir/fcgi; uwsgi_temp_path $dir/uwsgi; scgi_temp_path $dir/scgi;
+  client_body_buffer_size 1m; client_max_body_size 64m;
+  ssl_certificate $dir/cert.pem; ssl_certificate_key $dir/key.pem;
+  # The backend answers after nginx has read the whole upload body.
+  server { listen 127.0.0.1:$BACK; keepalive_requests 1000000;
+    location / { default_type application/json; return 200 '{"url":"https://img.example/x"}'; } }
+  # Faulty front: GOAWAY after 5 requests per connection, idle close after 300 ms.
+  server { listen 127.0.0.1:$FAULT ssl http2; keepalive_requests 5; keepalive_timeout 300ms;
+    location / { proxy_pass http://127.0.0.1:$BACK; } }
+  # No-fault front: nginx defaults (keepalive_requests 1000, keepalive_timeout 75s).
+  server { listen 127.0.0.1:$CLEAN ssl http2;
+    location / { proxy_pass http://127.0.0.1:$BACK; } }
+}
+CONF
+"$NGINX" -p "$dir" -c "$dir/nginx.conf" -e "$dir/error.log" &
+pid=$!
+for p in $FAULT $CLEAN $BACK; do
+  for _ in $(seq 1 100); do (exec 3<>/dev/tcp/127.0.0.1/$p) 2>/dev/null && break; sleep 0.05; done
+done
+echo "nginx pid $pid: faulty https://127.0.0.1:$FAULT, no-fault https://127.0.0.1:$CLEAN" >&2
+echo "--- nginx config ---" >&2; sed -n '/Faulty front/,/^}/p' "$dir/nginx.conf" >&2
+
+cargo build --release --example upload_bench >&2
+bench() { target/release/examples/upload_bench --ca "$dir/ca.pem" --method POST \
+  --requests "$REQ" --concurrency "$CONC" --size "$SIZE" "$@" | tail -n1; }
+echo "faulty_pooled   $(bench --url "https://127.0.0.1:$FAULT/upload" --policy pooled)"
+echo "nofault_pooled  $(bench --url "https://127.0.0.1:$CLEAN/upload" --policy pooled)"
+echo "faulty_fresh    $(bench --url "https://127.0.0.1:$FAULT/upload" --policy fresh)"
+echo "faulty_pooled_rotate5 $(bench --url "https://127.0.0.1:$FAULT/upload" --policy pooled --max-requests-per-connection 5)"
