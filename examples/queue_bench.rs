@@ -23,7 +23,12 @@ struct Args {
 }
 
 fn args() -> Result<Args, String> {
-    let mut a = Args { n: 10_000, slots: 2, backend: "sqlite".into(), rtt: 500 };
+    let mut a = Args {
+        n: 10_000,
+        slots: 2,
+        backend: "sqlite".into(),
+        rtt: 500,
+    };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
         let mut v = || it.next().ok_or(format!("{k} needs a value"));
@@ -48,15 +53,35 @@ fn pct(sorted: &[f64], p: f64) -> f64 {
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let a = args()?;
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     if a.backend != "sqlite" {
-        return Err(format!("backend {:?} is not built yet; only sqlite is available", a.backend).into());
+        return Err(format!(
+            "backend {:?} is not built yet; only sqlite is available",
+            a.backend
+        )
+        .into());
     }
     let dir = std::env::temp_dir().join(format!("kiln-queue-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let broker = Broker::open(&dir.join("queue.sqlite"), BrokerConfig::default())?;
-    let state = AppState::new(GatewayConfig { files_dir: dir.join("files"), ..GatewayConfig::default() }, broker.clone()).await?;
+    let state = AppState::new(
+        GatewayConfig {
+            files_dir: dir.join("files"),
+            ..GatewayConfig::default()
+        },
+        broker.clone(),
+    )
+    .await?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     tokio::spawn(async move { axum::serve(listener, kiln_gateway::router(state)).await });
 
     // Every execution is counted per task, so duplicates and losses are measured, not assumed.
@@ -72,7 +97,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     .handler("noop", move |ctx: TaskContext| {
         let (r, e) = (r.clone(), e.clone());
         async move {
-            *r.lock().map_err(|_| TaskError { code: "poisoned".into(), message: String::new(), retryable: false })?.entry(ctx.task_id).or_default() += 1;
+            *r.lock()
+                .map_err(|_| TaskError {
+                    code: "poisoned".into(),
+                    message: String::new(),
+                    retryable: false,
+                })?
+                .entry(ctx.task_id)
+                .or_default() += 1;
             e.fetch_add(1, Ordering::Relaxed);
             Ok(json!(null))
         }
@@ -84,7 +116,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
 
     let submit = |i: usize| {
-        broker.submit(NewTask { task_type: "noop".into(), input: json!({"i": i}), ..Default::default() }).map(|(t, _)| t.id)
+        broker
+            .submit(NewTask {
+                task_type: "noop".into(),
+                input: json!({"i": i}),
+                ..Default::default()
+            })
+            .map(|(t, _)| t.id)
     };
     // Throughput: submit everything, wait for every completion.
     eprintln!("submitting {} tasks", a.n);
@@ -98,7 +136,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut last_print = 0;
     loop {
         let stats = broker.queue().stats()?;
-        let done = stats.count(kiln_protocol::TaskState::Succeeded) + stats.count(kiln_protocol::TaskState::Failed);
+        let done = stats.count(kiln_protocol::TaskState::Succeeded)
+            + stats.count(kiln_protocol::TaskState::Failed);
         if done as usize >= a.n || Instant::now() > deadline {
             break;
         }
@@ -106,11 +145,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             last_print = done / 2000;
             eprintln!("  {done} done");
         }
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let elapsed = start.elapsed().as_secs_f64();
     let tasks_per_s = a.n as f64 / elapsed;
-    eprintln!("throughput: {} tasks in {elapsed:.2} s = {tasks_per_s:.0} tasks/s", a.n);
+    eprintln!(
+        "throughput: {} tasks in {elapsed:.2} s = {tasks_per_s:.0} tasks/s",
+        a.n
+    );
 
     // Round trips: one task at a time, submit to result.
     let mut rtts = Vec::with_capacity(a.rtt);
@@ -136,9 +178,23 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let duplicates: u32 = runs.values().map(|n| n.saturating_sub(1)).sum();
     let stored_done = ids
         .iter()
-        .filter(|id| broker.queue().get(id).ok().flatten().is_some_and(|t| t.state == kiln_protocol::TaskState::Succeeded))
+        .filter(|id| {
+            broker
+                .queue()
+                .get(id)
+                .ok()
+                .flatten()
+                .is_some_and(|t| t.state == kiln_protocol::TaskState::Succeeded)
+        })
         .count();
-    eprintln!("rtt p50 {:.3} ms, p99 {:.3} ms; {} of {} stored as succeeded; {} executions", pct(&rtts, 0.5), pct(&rtts, 0.99), stored_done, ids.len(), executed.load(Ordering::Relaxed));
+    eprintln!(
+        "rtt p50 {:.3} ms, p99 {:.3} ms; {} of {} stored as succeeded; {} executions",
+        pct(&rtts, 0.5),
+        pct(&rtts, 0.99),
+        stored_done,
+        ids.len(),
+        executed.load(Ordering::Relaxed)
+    );
     handle.shutdown();
     let _ = std::fs::remove_dir_all(&dir);
     println!(

@@ -12,8 +12,14 @@ use serde_json::json;
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into())).init();
-    let url = std::env::args().nth(1).unwrap_or_else(|| "ws://127.0.0.1:8080/v1/workers/connect".into());
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let url = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "ws://127.0.0.1:8080/v1/workers/connect".into());
     let worker = Worker::new(WorkerConfig {
         url,
         token: std::env::var("KILN_WORKER_TOKEN").ok(),
@@ -24,7 +30,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     .handler("echo", |ctx: TaskContext| async move {
         for step in 1..=5 {
             if ctx.is_cancelled() {
-                return Err(TaskError { code: "cancelled".into(), message: "canceled".into(), retryable: false });
+                return Err(TaskError {
+                    code: "cancelled".into(),
+                    message: "canceled".into(),
+                    retryable: false,
+                });
             }
             ctx.progress("echoing", step, 5);
             tokio::time::sleep(Duration::from_millis(200)).await;

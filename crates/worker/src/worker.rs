@@ -370,7 +370,7 @@ impl Conn<'_> {
         }
         let mut ws = match tokio::time::timeout(
             Duration::from_secs(10),
-            tokio_tungstenite::connect_async(req),
+            tokio_tungstenite::connect_async_with_config(req, None, true),
         )
         .await
         {
@@ -610,68 +610,71 @@ impl Conn<'_> {
         let outbox = self.outbox.clone();
         let out = self.out_tx.clone();
         let span = tracing::info_span!("task", task_id = %ctx.task_id, task_type = %ctx.task_type, attempt = ctx.attempt);
-        tokio::spawn(tracing::Instrument::instrument(async move {
-            let lease = ctx.lease.clone();
-            let (task_id, attempt) = (ctx.task_id.clone(), ctx.attempt);
-            let cancel = ctx.cancel.clone();
-            let started = Instant::now();
-            tracing::info!(message = "task started", task_id = %task_id, attempt, task_type = %ctx.task_type);
-            let res = match handler {
-                Handler::Async(f) => f(ctx).await,
-                Handler::Blocking(f) => tokio::task::spawn_blocking(move || f(ctx))
-                    .await
-                    .unwrap_or_else(|e| {
-                        Err(TaskError {
-                            code: "handler_panicked".into(),
-                            message: e.to_string(),
-                            retryable: false,
-                        })
-                    }),
-            };
-            let cancelled = *cancel.borrow();
-            let result = match res {
-                Ok(v) => TaskResult {
-                    lease: lease.clone(),
-                    status: ResultStatus::Ok,
-                    output: Some(v),
-                    error: None,
-                    usage: None,
-                },
-                Err(_) if cancelled => TaskResult {
-                    lease: lease.clone(),
-                    status: ResultStatus::Cancelled,
-                    output: None,
-                    error: None,
-                    usage: None,
-                },
-                Err(e) => TaskResult {
-                    lease: lease.clone(),
-                    status: ResultStatus::Error,
-                    output: None,
-                    error: Some(e),
-                    usage: None,
-                },
-            };
-            let entry = Entry {
-                task_id: task_id.clone(),
-                attempt,
-                result: result.clone(),
-            };
-            if let Err(e) = outbox.put(&entry).await {
-                tracing::error!(message = "outbox write failed", error = %e);
-            }
-            {
-                let mut s = lock(&state);
-                s.running.remove(&lease);
-                s.finished
-                    .push_back(((task_id.clone(), attempt), result.clone()));
-                while s.finished.len() > FINISHED_KEPT {
-                    s.finished.pop_front();
+        tokio::spawn(tracing::Instrument::instrument(
+            async move {
+                let lease = ctx.lease.clone();
+                let (task_id, attempt) = (ctx.task_id.clone(), ctx.attempt);
+                let cancel = ctx.cancel.clone();
+                let started = Instant::now();
+                tracing::info!(message = "task started", task_id = %task_id, attempt, task_type = %ctx.task_type);
+                let res = match handler {
+                    Handler::Async(f) => f(ctx).await,
+                    Handler::Blocking(f) => tokio::task::spawn_blocking(move || f(ctx))
+                        .await
+                        .unwrap_or_else(|e| {
+                            Err(TaskError {
+                                code: "handler_panicked".into(),
+                                message: e.to_string(),
+                                retryable: false,
+                            })
+                        }),
+                };
+                let cancelled = *cancel.borrow();
+                let result = match res {
+                    Ok(v) => TaskResult {
+                        lease: lease.clone(),
+                        status: ResultStatus::Ok,
+                        output: Some(v),
+                        error: None,
+                        usage: None,
+                    },
+                    Err(_) if cancelled => TaskResult {
+                        lease: lease.clone(),
+                        status: ResultStatus::Cancelled,
+                        output: None,
+                        error: None,
+                        usage: None,
+                    },
+                    Err(e) => TaskResult {
+                        lease: lease.clone(),
+                        status: ResultStatus::Error,
+                        output: None,
+                        error: Some(e),
+                        usage: None,
+                    },
+                };
+                let entry = Entry {
+                    task_id: task_id.clone(),
+                    attempt,
+                    result: result.clone(),
+                };
+                if let Err(e) = outbox.put(&entry).await {
+                    tracing::error!(message = "outbox write failed", error = %e);
                 }
-            }
-            tracing::info!(message = "task finished", task_id = %task_id, attempt, status = ?result.status, run_ms = started.elapsed().as_millis() as u64);
-            let _ = out.send(Message::Result(result));
-        }, span));
+                {
+                    let mut s = lock(&state);
+                    s.running.remove(&lease);
+                    s.finished
+                        .push_back(((task_id.clone(), attempt), result.clone()));
+                    while s.finished.len() > FINISHED_KEPT {
+                        s.finished.pop_front();
+                    }
+                }
+                tracing::info!(message = "task finished", task_id = %task_id, attempt, status = ?result.status, run_ms = started.elapsed().as_millis() as u64);
+                let _ = out.send(Message::Result(result));
+            },
+            span,
+        ));
         None
     }
 }
