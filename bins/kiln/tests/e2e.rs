@@ -306,7 +306,9 @@ async fn idempotency_cancel_and_errors() {
     let c = post_json(&s.base, "/v1/tasks", other, &[("idempotency-key", "k-1")]).await;
     assert_eq!(c.status, 409);
 
-    // Cancel a queued task (dispatch paused so it stays queued).
+    // Cancel a queued task (dispatch paused so it stays queued; the task above is done first
+    // so the queue is empty).
+    wait_status(&s.base, a["id"].as_str().unwrap(), "succeeded", 10).await;
     assert_eq!(
         call(&s.base, "POST", "/v1/admin/queue/pause", "", &[])
             .await
