@@ -187,7 +187,9 @@ fn passthrough(input: &[u8], opts: &CompressOptions) -> Result<Option<Compressed
     let upright = exif::jpeg_orientation(input) == 1;
     let plain = !matches!(header.colorspace, Colorspace::CMYK | Colorspace::YCCK);
     let dims = header.width.max(header.height) <= opts.max_dimension as usize;
-    if !(upright && plain && dims) {
+    // A truncated stream must not slip through untouched.
+    let complete = input.ends_with(&[0xFF, 0xD9]);
+    if !(upright && plain && dims && complete) {
         return Ok(None);
     }
     let bytes = if opts.strip_metadata {
