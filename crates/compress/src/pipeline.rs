@@ -231,7 +231,7 @@ fn search(
     const DEFAULT_SLOPE: f64 = 0.035;
     const MAX_ENCODES: u32 = 8;
     let max = opts.max_bytes as f64;
-    let target = (max * 0.97).ln();
+    let target = (max * 0.985).ln();
     let (qmin, qmax) = (opts.min_quality, opts.max_quality);
     let mut best: Option<(u8, Vec<u8>)> = None;
     let mut hi_fail: Option<u8> = None;
@@ -250,7 +250,7 @@ fn search(
         smallest = smallest.min(size);
         samples.push((q, size as f64));
         if size <= opts.max_bytes {
-            let close = size as f64 >= max * 0.94 || q == qmax;
+            let close = size as f64 >= max * 0.96 || q == qmax;
             if best.as_ref().is_none_or(|b| q > b.0) {
                 best = Some((q, out));
             }
