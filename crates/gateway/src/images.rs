@@ -1,8 +1,6 @@
-//! Image checks and optional compression for uploads, run on the blocking pool behind a
-//! semaphore so the async runtime never decodes or encodes.
-//!
-//! The compression here is a plain quality search with the `image` crate's encoder; the
-//! faster `kiln-compress` crate is meant to take its place.
+//! Image checks and optional compression for uploads. Header checks run on the blocking
+//! pool behind a semaphore; compression goes through `kiln_compress::Compressor`, which also
+//! runs off the runtime and caches results by content and options.
 
 use std::io::Cursor;
 use std::sync::Arc;
@@ -22,9 +20,16 @@ const MAX_ALLOC: u64 = 512 << 20;
 pub(crate) type Prepared = (Bytes, String, Option<(u32, u32)>);
 
 /// Runs image work off the runtime.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub(crate) struct ImagePrep {
     permits: Arc<Semaphore>,
+    compressor: kiln_compress::Compressor,
+}
+
+impl std::fmt::Debug for ImagePrep {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ImagePrep").finish_non_exhaustive()
+    }
 }
 
 impl Default for ImagePrep {
@@ -34,6 +39,7 @@ impl Default for ImagePrep {
             .unwrap_or(2);
         Self {
             permits: Arc::new(Semaphore::new(n)),
+            compressor: kiln_compress::Compressor::new(kiln_compress::CompressorConfig::default()),
         }
     }
 }
@@ -70,62 +76,50 @@ impl ImagePrep {
         let fmt = format_of(ct).ok_or_else(|| {
             ApiError::unsupported_type(format!("{ct} is not an image type kiln accepts"))
         })?;
-        let _permit = self.permits.acquire().await.map_err(ApiError::internal)?;
-        let ct = ct.to_owned();
-        tokio::task::spawn_blocking(move || prepare_sync(data, fmt, ct, max_bytes, max_dim))
+        let dims = {
+            let _permit = self.permits.acquire().await.map_err(ApiError::internal)?;
+            let (data, ct) = (data.clone(), ct.to_owned());
+            tokio::task::spawn_blocking(move || probe(&data, fmt, &ct))
+                .await
+                .map_err(ApiError::internal)??
+        };
+        let fits = max_bytes.is_none_or(|m| data.len() <= m)
+            && max_dim.is_none_or(|m| dims.0.max(dims.1) <= m);
+        if fits {
+            return Ok((data, ct.to_owned(), Some(dims)));
+        }
+        let opts = kiln_compress::CompressOptions {
+            max_bytes: max_bytes.unwrap_or(usize::MAX),
+            max_dimension: max_dim.unwrap_or(MAX_SIDE),
+            ..kiln_compress::CompressOptions::default()
+        };
+        let out = self
+            .compressor
+            .compress(Arc::from(&data[..]), opts)
             .await
-            .map_err(ApiError::internal)?
+            .map_err(|e| {
+                if e.is_retryable() {
+                    ApiError::internal(e)
+                } else {
+                    ApiError::invalid(format!("cannot compress the image: {e}"))
+                }
+            })?;
+        let ct = match out.format {
+            kiln_compress::OutputFormat::Webp => "image/webp",
+            _ => "image/jpeg",
+        };
+        Ok((
+            Bytes::from(out.bytes.clone()),
+            ct.to_owned(),
+            Some((out.width, out.height)),
+        ))
     }
 }
 
-fn prepare_sync(
-    data: Bytes,
-    fmt: ImageFormat,
-    ct: String,
-    max_bytes: Option<usize>,
-    max_dim: Option<u32>,
-) -> Result<Prepared, ApiError> {
-    let mut reader = ImageReader::with_format(Cursor::new(&data[..]), fmt);
+fn probe(data: &[u8], fmt: ImageFormat, ct: &str) -> Result<(u32, u32), ApiError> {
+    let mut reader = ImageReader::with_format(Cursor::new(data), fmt);
     reader.limits(limits());
-    let dims = reader
+    reader
         .into_dimensions()
-        .map_err(|e| ApiError::invalid(format!("not a valid {ct} image: {e}")))?;
-    let fits = max_bytes.is_none_or(|m| data.len() <= m)
-        && max_dim.is_none_or(|m| dims.0.max(dims.1) <= m);
-    if fits {
-        return Ok((data, ct, Some(dims)));
-    }
-    let mut reader = ImageReader::with_format(Cursor::new(&data[..]), fmt);
-    reader.limits(limits());
-    let mut img = reader
-        .decode()
-        .map_err(|e| ApiError::invalid(format!("cannot decode the {ct} image: {e}")))?;
-    if let Some(m) = max_dim
-        && img.width().max(img.height()) > m
-    {
-        img = img.resize(m, m, image::imageops::FilterType::Lanczos3);
-    }
-    let rgb = image::DynamicImage::ImageRgb8(img.to_rgb8());
-    let target = max_bytes.unwrap_or(usize::MAX);
-    let mut current = rgb;
-    loop {
-        for q in [85u8, 75, 65, 55, 45, 35] {
-            let mut out = Vec::new();
-            let enc = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, q);
-            current
-                .write_with_encoder(enc)
-                .map_err(|e| ApiError::internal(format!("jpeg encode: {e}")))?;
-            if out.len() <= target {
-                let d = (current.width(), current.height());
-                return Ok((Bytes::from(out), "image/jpeg".into(), Some(d)));
-            }
-        }
-        let (w, h) = (current.width() * 3 / 4, current.height() * 3 / 4);
-        if w < 16 || h < 16 {
-            return Err(ApiError::invalid(format!(
-                "the image cannot be compressed to {target} bytes"
-            )));
-        }
-        current = current.resize_exact(w, h, image::imageops::FilterType::Triangle);
-    }
+        .map_err(|e| ApiError::invalid(format!("not a valid {ct} image: {e}")))
 }
