@@ -227,12 +227,16 @@ impl FilesApi {
         let v: Value = serde_json::from_slice(&body)
             .map_err(|e| transient(format!("upload answer is not JSON: {e}")))?;
         if let Some(id) = v["id"].as_str() {
-            let mut owned = tokio::fs::read_to_string(&self.owned)
+            use tokio::io::AsyncWriteExt as _;
+            let line = format!("{id}\n");
+            if let Ok(mut f) = tokio::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.owned)
                 .await
-                .unwrap_or_default();
-            owned.push_str(id);
-            owned.push('\n');
-            let _ = tokio::fs::write(&self.owned, owned).await;
+            {
+                let _ = f.write_all(line.as_bytes()).await;
+            }
         }
         Ok(
             json!({"id": v["id"], "content_type": v["content_type"], "bytes": v["bytes"], "width": v["width"], "height": v["height"], "sha256": v["sha256"]}),

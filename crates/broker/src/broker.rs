@@ -18,13 +18,7 @@ use crate::config::BrokerConfig;
 use crate::model::*;
 use crate::sqlite::SqliteQueue;
 
-/// Unix milliseconds now.
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+pub use kiln_protocol::now_ms;
 
 /// How a session ended: the close frame the transport should send.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -662,7 +656,12 @@ impl Broker {
         sink: &mut K,
     ) -> Option<SessionEnd> {
         let now = now_ms();
-        self.touch(worker_id, now);
+        // A heartbeat renews below and reports the time; other frames renew through touch.
+        self.touch(
+            worker_id,
+            now,
+            !matches!(env.message, Message::Heartbeat(_)),
+        );
         let reply = |m: Message| Envelope::new(m, now_ms()).from_source("gateway").encode();
         match env.message {
             Message::Ack(Ack { seq }) => self.acked(worker_id, seq),
@@ -670,6 +669,7 @@ impl Broker {
                 self.acked(worker_id, hb.ack_seq);
                 if let Some(s) = self.sessions().get_mut(worker_id) {
                     s.gpu = hb.gpu;
+                    s.last_renew = now;
                 }
                 let until = now + self.cfg.lease.as_millis() as u64;
                 if let Err(e) = self.queue.renew(worker_id, until) {
@@ -763,7 +763,7 @@ impl Broker {
         None
     }
 
-    fn touch(&self, worker_id: &str, now: u64) {
+    fn touch(&self, worker_id: &str, now: u64, renew_leases: bool) {
         let renew = {
             let mut sessions = self.sessions();
             let Some(s) = sessions.get_mut(worker_id) else {
@@ -771,8 +771,9 @@ impl Broker {
             };
             s.last_seen = now;
             // Any frame renews the session's leases, at most twice per heartbeat interval.
-            let due = now.saturating_sub(s.last_renew)
-                >= (self.cfg.heartbeat.as_millis() as u64 / 2).max(1);
+            let due = renew_leases
+                && now.saturating_sub(s.last_renew)
+                    >= (self.cfg.heartbeat.as_millis() as u64 / 2).max(1);
             if due {
                 s.last_renew = now;
             }

@@ -70,7 +70,8 @@ pub(crate) async fn stream(
         }
     };
     let last = header_id.or(p.last_event_id).unwrap_or(0);
-    load(&state, &id)?;
+    // A task already terminal before subscribing has its `completed` event in the store.
+    let terminal = load(&state, &id)?.state.is_terminal();
     // Subscribe before reading the stored events so nothing falls between the two.
     let rx = state.broker().subscribe();
     let pending: VecDeque<TaskEvent> = state
@@ -79,8 +80,7 @@ pub(crate) async fn stream(
         .events_after(&id, last)
         .map_err(|e| ApiError::unavailable(e.to_string()))?
         .into();
-    let terminal = load(&state, &id)?.state.is_terminal();
-    let done = terminal && !pending.iter().any(|e| e.kind == "completed") && pending.is_empty();
+    let done = terminal && pending.is_empty();
     let feed = Feed {
         shutdown: state.shutdown_signal(),
         state: state.clone(),

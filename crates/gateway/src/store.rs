@@ -68,7 +68,7 @@ impl FileStore {
             width: dims.map(|d| d.0),
             height: dims.map(|d| d.1),
             sha256: hex::encode(Sha256::digest(data)),
-            created_at: now_ms(),
+            created_at: kiln_protocol::now_ms(),
         };
         let json = serde_json::to_vec(&meta).map_err(std::io::Error::other)?;
         write_atomic(&self.dir.join(&id), data).await?;
@@ -145,13 +145,6 @@ async fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
     let file = tokio::fs::File::open(&tmp).await?;
     file.sync_all().await?;
     tokio::fs::rename(&tmp, path).await
-}
-
-pub(crate) fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -27,4 +27,4 @@ pub mod messages;
 mod state;
 
 pub use envelope::{DEFAULT_MAX_FRAME_BYTES, DecodeError, Envelope, Message, SUBPROTOCOL, VERSION};
-pub use state::{TaskState, trace_id};
+pub use state::{TaskState, now_ms, trace_id};

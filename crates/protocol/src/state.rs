@@ -52,6 +52,15 @@ impl TaskState {
     }
 }
 
+/// The current time in Unix milliseconds, as carried in `ts` and every timestamp of the
+/// protocol.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 /// The trace id of a W3C `traceparent` value (`00-<32 hex>-<16 hex>-<2 hex>`), or of a
 /// bare 32-hex trace id. `None` when it is neither, or all zeros.
 pub fn trace_id(value: &str) -> Option<&str> {

@@ -334,18 +334,11 @@ struct Conn<'a> {
 
 fn frame(m: Message, source: &str) -> tungstenite::Message {
     tungstenite::Message::Text(
-        Envelope::new(m, kiln_now())
+        Envelope::new(m, kiln_protocol::now_ms())
             .from_source(source)
             .encode()
             .into(),
     )
-}
-
-fn kiln_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 impl Conn<'_> {
