@@ -2,7 +2,9 @@
 //! over loopback. Submits N tasks and measures end-to-end throughput, then 500 sequential
 //! submit-to-result round trips.
 //!
-//! Run: `cargo run --release --example queue_bench -- --n 10000 --slots 2 [--backend sqlite]`
+//! Run: `cargo run --release --example queue_bench -- --n 10000 --slots 2 [--backend sqlite|redis]`
+//! (`redis` uses the Redis at 127.0.0.1:6379, or `KILN_BENCH_REDIS_URL`, under its own key
+//! prefix, deleted afterwards).
 //! The last stdout line is `{"n":N,"tasks_per_s":F,"rtt_p50_ms":F,"rtt_p99_ms":F,"lost":N,"duplicates":N}`.
 
 use std::collections::HashMap;
@@ -10,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use kiln_broker::{Broker, BrokerConfig, NewTask};
+use kiln_broker::{Broker, BrokerConfig, NewTask, RedisOptions, RedisQueue};
 use kiln_gateway::{AppState, GatewayConfig};
 use kiln_worker::{TaskContext, TaskError, Worker, WorkerConfig};
 use serde_json::json;
@@ -59,16 +61,28 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         )
         .with_writer(std::io::stderr)
         .init();
-    if a.backend != "sqlite" {
-        return Err(format!(
-            "backend {:?} is not built yet; only sqlite is available",
-            a.backend
-        )
-        .into());
-    }
     let dir = std::env::temp_dir().join(format!("kiln-queue-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let broker = Broker::open(&dir.join("queue.sqlite"), BrokerConfig::default())?;
+    let mut redis_queue = None;
+    let broker = match a.backend.as_str() {
+        "sqlite" => Broker::open(&dir.join("queue.sqlite"), BrokerConfig::default())?,
+        "redis" => {
+            // Its own key prefix, deleted at the end. KILN_BENCH_REDIS_URL picks the server.
+            let q = Arc::new(
+                RedisQueue::connect(RedisOptions {
+                    url: std::env::var("KILN_BENCH_REDIS_URL")
+                        .unwrap_or_else(|_| "redis://127.0.0.1:6379".into()),
+                    prefix: format!("kiln-bench:{}:", std::process::id()),
+                    queue: BrokerConfig::default().queue_options(),
+                    ..RedisOptions::default()
+                })
+                .await?,
+            );
+            redis_queue = Some(q.clone());
+            Broker::with_queue(q, BrokerConfig::default())
+        }
+        other => return Err(format!("unknown backend {other:?} (sqlite, redis)").into()),
+    };
     let state = AppState::new(
         GatewayConfig {
             files_dir: dir.join("files"),
@@ -198,9 +212,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     handle.shutdown();
     let _ = std::fs::remove_dir_all(&dir);
+    if let Some(q) = redis_queue {
+        q.delete_all().await?;
+    }
     println!(
         "{}",
-        json!({"n": a.n, "tasks_per_s": (tasks_per_s * 10.0).round() / 10.0, "rtt_p50_ms": (pct(&rtts, 0.5) * 1000.0).round() / 1000.0,
+        json!({"backend": a.backend, "n": a.n, "tasks_per_s": (tasks_per_s * 10.0).round() / 10.0, "rtt_p50_ms": (pct(&rtts, 0.5) * 1000.0).round() / 1000.0,
                "rtt_p99_ms": (pct(&rtts, 0.99) * 1000.0).round() / 1000.0, "lost": lost + (ids.len() - stored_done), "duplicates": duplicates})
     );
     Ok(())

@@ -133,7 +133,7 @@ fn config_command(cmd: ConfigCommand) -> ExitCode {
                 println!(
                     "configuration ok: listening on {}, queue {}, files {}",
                     s.server.listen,
-                    s.queue_path().display(),
+                    s.queue_desc(),
                     s.files_dir().display()
                 );
                 ExitCode::SUCCESS

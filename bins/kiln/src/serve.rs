@@ -15,7 +15,7 @@ use kiln_worker::{TaskContext, TaskError, Worker, WorkerConfig};
 use serde_json::{Value, json};
 
 use crate::demo;
-use crate::settings::Settings;
+use crate::settings::{QueueBackend, Settings};
 
 /// Task types of the built-in demo worker.
 const DEMO_TYPES: &[&str] = &["txt2img", "img2img", "delete_asset"];
@@ -29,8 +29,9 @@ pub(crate) async fn serve(s: Settings) -> anyhow::Result<()> {
                 s.server.data_dir.display()
             )
         })?;
-    let broker = Broker::open(&s.queue_path(), s.broker.clone())
-        .with_context(|| format!("cannot open the queue at {}", s.queue_path().display()))?;
+    let broker = open_broker(&s)
+        .await
+        .with_context(|| format!("cannot open the queue at {}", s.queue_desc()))?;
     let mut gw = s.gateway.clone();
     gw.files_dir = s.files_dir();
     let demo_token = format!("demo-{}", uuid::Uuid::new_v4().simple());
@@ -49,7 +50,7 @@ pub(crate) async fn serve(s: Settings) -> anyhow::Result<()> {
     if no_keys {
         tracing::warn!(message = "no API keys configured: serving without auth, on loopback only", %addr);
     }
-    tracing::info!(message = "listening", %addr, queue = %s.queue_path().display(), files = %s.files_dir().display());
+    tracing::info!(message = "listening", %addr, queue = %s.queue_desc(), files = %s.files_dir().display());
     println!("kiln listening on http://{addr}");
 
     let demo = if s.demo_worker.enabled {
@@ -104,6 +105,24 @@ pub(crate) async fn serve(s: Settings) -> anyhow::Result<()> {
     }
     tracing::info!(message = "stopped");
     Ok(())
+}
+
+/// The broker over the configured store.
+async fn open_broker(s: &Settings) -> anyhow::Result<std::sync::Arc<Broker>> {
+    match s.queue.backend {
+        QueueBackend::Sqlite => Ok(Broker::open(&s.queue_path(), s.broker.clone())?),
+        #[cfg(feature = "redis")]
+        QueueBackend::Redis => {
+            let opts = kiln_broker::RedisOptions {
+                queue: s.broker.queue_options(),
+                ..s.queue.redis.clone()
+            };
+            let q = kiln_broker::RedisQueue::connect(opts).await?;
+            Ok(Broker::with_queue(std::sync::Arc::new(q), s.broker.clone()))
+        }
+        #[cfg(not(feature = "redis"))]
+        QueueBackend::Redis => anyhow::bail!("this kiln was built without the `redis` feature"),
+    }
 }
 
 async fn shutdown_signal() {

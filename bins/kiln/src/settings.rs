@@ -21,7 +21,27 @@ pub(crate) struct Settings {
     pub(crate) log: Log,
     pub(crate) gateway: kiln_gateway::GatewayConfig,
     pub(crate) broker: kiln_gateway::BrokerConfig,
+    pub(crate) queue: QueueSettings,
     pub(crate) demo_worker: DemoWorker,
+}
+
+/// Which store holds the tasks.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum QueueBackend {
+    Sqlite,
+    Redis,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct QueueSettings {
+    pub(crate) backend: QueueBackend,
+    #[cfg(feature = "redis")]
+    pub(crate) redis: kiln_broker::RedisOptions,
+    #[cfg(not(feature = "redis"))]
+    #[allow(dead_code)]
+    pub(crate) redis: serde::de::IgnoredAny,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -104,6 +124,12 @@ impl Settings {
                 self.server.listen
             ));
         }
+        if self.queue.backend == QueueBackend::Redis && cfg!(not(feature = "redis")) {
+            return Err(
+                "invalid configuration: queue.backend = \"redis\" but this kiln was built without the `redis` feature"
+                    .into(),
+            );
+        }
         if self.demo_worker.enabled && self.demo_worker.slots == 0 {
             return Err("invalid configuration: demo_worker.slots must be at least 1".into());
         }
@@ -128,6 +154,21 @@ impl Settings {
         self.server.data_dir.join("queue.sqlite")
     }
 
+    /// The queue, for logs: the SQLite file or the Redis URL and prefix.
+    pub(crate) fn queue_desc(&self) -> String {
+        match self.queue.backend {
+            QueueBackend::Sqlite => self.queue_path().display().to_string(),
+            #[cfg(feature = "redis")]
+            QueueBackend::Redis => format!(
+                "{} (prefix {:?})",
+                redact_url(&self.queue.redis.url),
+                self.queue.redis.prefix
+            ),
+            #[cfg(not(feature = "redis"))]
+            QueueBackend::Redis => "redis (not built in)".into(),
+        }
+    }
+
     /// Where files live.
     pub(crate) fn files_dir(&self) -> PathBuf {
         if self.gateway.files_dir.as_os_str().is_empty() {
@@ -135,6 +176,17 @@ impl Settings {
         } else {
             self.gateway.files_dir.clone()
         }
+    }
+}
+
+/// A URL without its password, for logs.
+#[cfg(feature = "redis")]
+fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}***{}", &url[..scheme + 3], &url[at..])
+        }
+        _ => url.to_owned(),
     }
 }
 
@@ -147,5 +199,19 @@ mod tests {
         let s = load(None).unwrap();
         assert_eq!(s.server.listen.to_string(), "127.0.0.1:8080");
         assert!(s.demo_worker.enabled);
+        assert_eq!(s.queue.backend, QueueBackend::Sqlite);
+    }
+
+    #[cfg(feature = "redis")]
+    #[test]
+    fn redis_url_password_is_not_logged() {
+        assert_eq!(
+            redact_url("redis://user:secret@10.0.0.1:6379/0"),
+            "redis://***@10.0.0.1:6379/0"
+        );
+        assert_eq!(
+            redact_url("redis://127.0.0.1:6379"),
+            "redis://127.0.0.1:6379"
+        );
     }
 }

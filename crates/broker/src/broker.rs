@@ -170,6 +170,11 @@ impl Broker {
                     match n {
                         Notification::TasksReady => b.wake_dispatch(),
                         Notification::Event(e) => {
+                            // A cancel made through another instance: tell the worker if its
+                            // session lives here.
+                            if e.kind == "status" && e.data["cancel_requested"] == true {
+                                b.forward_cancel(&e.task_id).await;
+                            }
                             let _ = b.events.send(e);
                         }
                     }
@@ -231,6 +236,15 @@ impl Broker {
             self.send_cancel(worker_id, lease, "canceled by client");
         }
         out
+    }
+
+    async fn forward_cancel(&self, task_id: &str) {
+        if let Ok(Some(t)) = self.queue.get(task_id).await
+            && let (Some(w), Some(l)) = (&t.worker_id, &t.lease)
+            && t.state == kiln_protocol::TaskState::Running
+        {
+            self.send_cancel(w, l, "canceled by client");
+        }
     }
 
     fn send_cancel(&self, worker_id: &str, lease: &str, reason: &str) {

@@ -46,8 +46,12 @@ mod broker;
 mod config;
 mod model;
 mod queue;
+#[cfg(feature = "redis")]
+mod redis;
 mod sqlite;
 
+#[cfg(feature = "redis")]
+pub use crate::redis::{RedisOptions, RedisQueue};
 pub use broker::{Broker, SessionEnd, WorkerInfo, now_ms};
 pub use config::BrokerConfig;
 pub use model::*;

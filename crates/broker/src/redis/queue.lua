@@ -1,0 +1,454 @@
+-- kiln-broker's Redis store: every call is one run of this script, so each state change is
+-- atomic (Redis runs a script to its end before any other command). Redis does not roll a
+-- script back, so the Rust side validates arguments first and the script never raises.
+--
+-- KEYS[1]: the key prefix. ARGV[1]: the operation, ARGV[2]: the calling handle (origin of
+-- notifications), ARGV[3]: approximate length cap of the notification stream; the
+-- operation's arguments follow. Every reply is {events written, result...}.
+local P = KEYS[1]
+local op = ARGV[1]
+local ORIGIN = ARGV[2]
+local NOTIFY_MAX = ARGV[3]
+local A = {}
+for i = 4, #ARGV do A[#A + 1] = ARGV[i] end
+local G = 'kiln'
+local evs = {}
+local ready = false
+
+local function key(...) return P .. table.concat({...}, ':') end
+local function js(s) if s == nil or s == false then return 'null' end return cjson.encode(s) end
+
+local function load(id)
+  local h = redis.call('HGETALL', key('task', id))
+  if #h == 0 then return nil end
+  local t = {}
+  for i = 1, #h, 2 do t[h[i]] = h[i + 1] end
+  return t
+end
+local function snap(id) return redis.call('HGETALL', key('task', id)) end
+local function set(t, ...)
+  local a = {...}
+  for i = 1, #a, 2 do t[a[i]] = a[i + 1] end
+  redis.call('HSET', key('task', t.id), ...)
+end
+local function unset(t, ...)
+  local a = {...}
+  for i = 1, #a do t[a[i]] = nil end
+  redis.call('HDEL', key('task', t.id), ...)
+end
+local function state(t, new)
+  if t.state ~= new then
+    if t.state then redis.call('HINCRBY', key('counts', t.state), t.task_type, -1) end
+    redis.call('HINCRBY', key('counts', new), t.task_type, 1)
+    set(t, 'state', new)
+  end
+end
+
+-- Notifications for other processes: one stream every instance reads with XREAD BLOCK.
+local function note(field, value)
+  redis.call('XADD', key('notify'), 'MAXLEN', '~', NOTIFY_MAX, '*', 'o', ORIGIN, field, value)
+end
+local function event(id, kind, data, now)
+  local n = redis.call('INCR', key('evseq'))
+  local e = '{"id":' .. n .. ',"task_id":' .. js(id) .. ',"kind":"' .. kind .. '","data":' .. data
+    .. ',"ts":' .. now .. '}'
+  redis.call('RPUSH', key('ev', id), e)
+  note('e', e)
+  evs[#evs + 1] = e
+end
+local function status_data(t)
+  return '{"status":"' .. t.state .. '","attempt":' .. (t.attempt or '0') .. ',"worker_id":'
+    .. js(t.worker_id) .. '}'
+end
+local function terminal_event(t, now)
+  event(t.id, 'status', status_data(t), now)
+  event(t.id, 'completed', '{"status":"' .. t.state .. '","output":' .. (t.output or 'null')
+    .. ',"error":' .. (t.error or 'null') .. '}', now)
+end
+
+-- The ready queue: one stream per (task type, priority), consumer group `kiln`, the worker
+-- id as consumer name. An entry lives from the time its task is queued until its attempt
+-- ends (XACK + XDEL); `cursor` mirrors the group's last delivered id for peeking.
+local function push_ready(t)
+  local s = key('q', t.task_type, t.priority)
+  local prios = key('prios', t.task_type)
+  if not redis.call('ZSCORE', prios, t.priority) then
+    redis.pcall('XGROUP', 'CREATE', s, G, '0', 'MKSTREAM')
+    redis.call('ZADD', prios, t.priority, t.priority)
+  end
+  local e = redis.call('XADD', s, '*', 'task', t.id)
+  set(t, 'stream', s, 'entry', e)
+  redis.call('ZREM', key('delayed'), t.id)
+  ready = true
+end
+local function drop_entry(t)
+  if t.entry then
+    redis.call('XACK', t.stream, G, t.entry)
+    redis.call('XDEL', t.stream, t.entry)
+    unset(t, 'stream', 'entry')
+  end
+end
+local function off_worker(t)
+  redis.call('ZREM', key('running'), t.id)
+  if t.worker_id then redis.call('SREM', key('worker', t.worker_id), t.id) end
+  drop_entry(t)
+end
+local function end_record(t, now, err)
+  local l = key('att', t.id)
+  local i = tonumber(t.attempt or '0')
+  if i < 1 then return end
+  local raw = redis.call('LINDEX', l, i - 1)
+  if raw then
+    local a = cjson.decode(raw)
+    a[5] = now
+    a[6] = err or ''
+    redis.call('LSET', l, i - 1, cjson.encode(a))
+  end
+end
+local function finish(t, now)
+  set(t, 'completed_at', now)
+  unset(t, 'lease', 'lease_expires_at', 'not_before')
+  redis.call('ZREM', key('deadlines'), t.id)
+  redis.call('ZREM', key('delayed'), t.id)
+end
+local function dead(t, now)
+  redis.call('XADD', key('dead'), 'MAXLEN', '~', NOTIFY_MAX, '*', 'task', t.id, 'error',
+    t.error or 'null', 'attempts', t.attempt or '0', 'ts', now)
+end
+local function requeue(t, why, counted, now)
+  end_record(t, now, why)
+  off_worker(t)
+  if t.cancel_requested == '1' then
+    state(t, 'canceled')
+    finish(t, now)
+  elseif counted and tonumber(t.attempt) >= tonumber(t.max_attempts) then
+    state(t, 'failed')
+    set(t, 'error', '{"code":"lease_expired","message":' .. js(why) .. ',"retryable":true}',
+      'dead_lettered', '1')
+    finish(t, now)
+    dead(t, now)
+  else
+    state(t, 'queued')
+    if not counted then set(t, 'attempt', tostring(tonumber(t.attempt) - 1)) end
+    unset(t, 'lease', 'worker_id', 'lease_expires_at', 'not_before')
+    push_ready(t)
+  end
+  if t.state == 'queued' then
+    event(t.id, 'status', status_data(t), now)
+  else
+    terminal_event(t, now)
+  end
+end
+local function promote(now)
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', key('delayed'), '-inf', now)) do
+    redis.call('ZREM', key('delayed'), id)
+    local t = load(id)
+    if t and t.state == 'queued' then
+      unset(t, 'not_before')
+      push_ready(t)
+    end
+  end
+end
+local function reply(...)
+  if ready then note('r', '1') end
+  return {evs, ...}
+end
+
+if op == 'enqueue' then
+  local id, now, tt, prio, input, meta, maxa, deadline, rid, ttl =
+    A[1], A[2], A[3], A[4], A[5], A[6], A[7], A[8], A[9], A[10]
+  local rkey = key('rid', rid)
+  if rid ~= '' then
+    local old = redis.call('GET', rkey)
+    if old and redis.call('EXISTS', key('task', old)) == 1 then
+      return reply('exists', snap(old))
+    end
+  end
+  local seq = redis.call('INCR', key('seq'))
+  local t = {id = id}
+  set(t, 'id', id, 'task_type', tt, 'priority', prio, 'input', input, 'attempt', '0',
+    'max_attempts', maxa, 'cancel_requested', '0', 'dead_lettered', '0', 'created_at', now,
+    'seq', tostring(seq))
+  if meta ~= '' then set(t, 'metadata', meta) end
+  if deadline ~= '' then
+    set(t, 'deadline', deadline)
+    redis.call('ZADD', key('deadlines'), deadline, id)
+  end
+  if rid ~= '' then
+    set(t, 'request_id', rid)
+    -- The idempotency key: SET NX with a TTL (overwritten only when its task is gone).
+    if not redis.call('SET', rkey, id, 'NX', 'PX', ttl) then
+      redis.call('SET', rkey, id, 'PX', ttl)
+    end
+  end
+  redis.call('ZADD', key('all'), seq, id)
+  state(t, 'queued')
+  push_ready(t)
+  event(id, 'status', status_data(t), now)
+  return reply('created', snap(id))
+
+elseif op == 'reserve' then
+  local w, n, untl, now, nt = A[1], tonumber(A[2]), A[3], A[4], tonumber(A[5])
+  promote(now)
+  -- Peek at the undelivered heads of every candidate stream, pick the best n (priority,
+  -- then age), then deliver exactly those with XREADGROUP, stream by stream.
+  local cands = {}
+  for i = 1, nt do
+    local tt = A[5 + i]
+    for _, p in ipairs(redis.call('ZRANGE', key('prios', tt), 0, -1)) do
+      local s = key('q', tt, p)
+      local cur = redis.call('HGET', key('cursor'), s) or '0-0'
+      for _, e in ipairs(redis.call('XRANGE', s, '(' .. cur, '+', 'COUNT', n)) do
+        local ms, sq = string.match(e[1], '(%d+)-(%d+)')
+        cands[#cands + 1] = {tonumber(p), tonumber(ms), tonumber(sq), s}
+      end
+    end
+  end
+  table.sort(cands, function(a, b)
+    if a[1] ~= b[1] then return a[1] > b[1] end
+    if a[2] ~= b[2] then return a[2] < b[2] end
+    return a[3] < b[3]
+  end)
+  local per, order = {}, {}
+  for i = 1, math.min(n, #cands) do
+    local s = cands[i][4]
+    if not per[s] then
+      per[s] = 0
+      order[#order + 1] = s
+    end
+    per[s] = per[s] + 1
+  end
+  local out = {}
+  local li = 5 + nt
+  for _, s in ipairs(order) do
+    local r = redis.call('XREADGROUP', 'GROUP', G, w, 'COUNT', per[s], 'STREAMS', s, '>')
+    if r then
+      for _, e in ipairs(r[1][2]) do
+        redis.call('HSET', key('cursor'), s, e[1])
+        local tid = e[2][2]
+        local t = load(tid)
+        if t and t.state == 'queued' and t.entry == e[1] then
+          li = li + 1
+          local lease = A[li]
+          state(t, 'running')
+          set(t, 'attempt', tostring(tonumber(t.attempt) + 1), 'lease', lease, 'worker_id', w,
+            'lease_expires_at', untl)
+          if not t.started_at then set(t, 'started_at', now) end
+          unset(t, 'progress')
+          redis.call('ZADD', key('running'), untl, tid)
+          redis.call('SADD', key('worker', w), tid)
+          redis.call('HSET', key('leases'), lease, tid)
+          local l = key('att', tid)
+          local k = tonumber(t.attempt)
+          local rec = cjson.encode({t.attempt, w, lease, now, '', ''})
+          if redis.call('LLEN', l) >= k then
+            redis.call('LSET', l, k - 1, rec)
+          else
+            redis.call('RPUSH', l, rec)
+          end
+          event(tid, 'status', status_data(t), now)
+          out[#out + 1] = snap(tid)
+        else
+          redis.call('XACK', s, G, e[1])
+          redis.call('XDEL', s, e[1])
+        end
+      end
+    end
+  end
+  return reply(out)
+
+elseif op == 'renew' then
+  -- The worker's leases run until at least `until`; its stream entries are re-claimed by
+  -- their owner (XCLAIM ... JUSTID), which resets their idle time in the pending list.
+  local w, untl = A[1], tonumber(A[2])
+  local n = 0
+  local claims = {}
+  for _, id in ipairs(redis.call('SMEMBERS', key('worker', w))) do
+    local t = load(id)
+    if t and t.state == 'running' and t.worker_id == w then
+      if tonumber(t.lease_expires_at) < untl then
+        set(t, 'lease_expires_at', A[2])
+        redis.call('ZADD', key('running'), A[2], id)
+      end
+      n = n + 1
+      if t.entry then
+        if not claims[t.stream] then claims[t.stream] = {'XCLAIM', t.stream, G, w, '0'} end
+        table.insert(claims[t.stream], t.entry)
+      end
+    else
+      redis.call('SREM', key('worker', w), id)
+    end
+  end
+  for _, c in pairs(claims) do
+    c[#c + 1] = 'JUSTID'
+    redis.call(unpack(c))
+  end
+  return reply(n)
+
+elseif op == 'leases' then
+  local out = {}
+  for _, id in ipairs(redis.call('SMEMBERS', key('worker', A[1]))) do
+    local t = load(id)
+    if t and t.state == 'running' and t.worker_id == A[1] and t.lease then
+      out[#out + 1] = t.lease
+      out[#out + 1] = id
+    end
+  end
+  return reply(out)
+
+elseif op == 'progress' then
+  local tid = redis.call('HGET', key('leases'), A[1])
+  local t = tid and load(tid)
+  if t and t.state == 'running' and t.lease == A[1] then
+    set(t, 'progress', A[2])
+    event(tid, 'progress', A[2], A[3])
+    return reply(tid)
+  end
+  return reply(false)
+
+elseif op == 'finish' then
+  -- Compare-and-set on the lease. The decision was made from a read of the task; if the
+  -- fields it depends on changed since (a cancel arrived), the caller decides again.
+  local lease, now = A[1], A[2]
+  local tid = redis.call('HGET', key('leases'), lease)
+  if not tid then return reply('unknown') end
+  local t = load(tid)
+  if not t or t.lease ~= lease then return reply('stale') end
+  if t.state ~= 'running' then return reply('state', snap(tid)) end
+  if t.cancel_requested ~= A[3] or t.attempt ~= A[10] then return reply('retry') end
+  end_record(t, now, A[9] ~= '' and A[9] or nil)
+  off_worker(t)
+  if A[7] ~= '' then
+    state(t, 'queued')
+    unset(t, 'lease', 'worker_id', 'lease_expires_at')
+    set(t, 'error', A[6])
+    if tonumber(A[7]) <= tonumber(now) then
+      push_ready(t)
+    else
+      set(t, 'not_before', A[7])
+      redis.call('ZADD', key('delayed'), A[7], tid)
+    end
+    event(tid, 'status', status_data(t), now)
+  else
+    state(t, A[4])
+    if A[5] ~= '' then set(t, 'output', A[5]) else unset(t, 'output') end
+    if A[6] ~= '' then set(t, 'error', A[6]) else unset(t, 'error') end
+    set(t, 'dead_lettered', A[8])
+    finish(t, now)
+    if A[8] == '1' then dead(t, now) end
+    terminal_event(t, now)
+  end
+  return reply('ok', snap(tid))
+
+elseif op == 'release' then
+  local tid = redis.call('HGET', key('leases'), A[1])
+  local t = tid and load(tid)
+  if not t or t.lease ~= A[1] or t.state ~= 'running' then return reply(false) end
+  requeue(t, A[2], false, A[3])
+  return reply(snap(tid))
+
+elseif op == 'release_worker' then
+  local out = {}
+  for _, id in ipairs(redis.call('SMEMBERS', key('worker', A[1]))) do
+    local t = load(id)
+    if t and t.state == 'running' and t.worker_id == A[1] then
+      requeue(t, 'worker restarted', false, A[2])
+      out[#out + 1] = snap(id)
+    end
+  end
+  redis.call('DEL', key('worker', A[1]))
+  return reply(out)
+
+elseif op == 'sweep' then
+  local now = A[1]
+  local changed, stop = {}, {}
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', key('running'), '-inf', '(' .. now)) do
+    local t = load(id)
+    if t and t.state == 'running' then
+      requeue(t, 'lease expired', true, now)
+      changed[#changed + 1] = snap(id)
+    else
+      redis.call('ZREM', key('running'), id)
+    end
+  end
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', key('deadlines'), '-inf', '(' .. now)) do
+    local t = load(id)
+    if t and (t.state == 'queued' or t.state == 'running') then
+      if t.state == 'running' then
+        if t.worker_id and t.lease then
+          stop[#stop + 1] = t.worker_id
+          stop[#stop + 1] = t.lease
+        end
+        off_worker(t)
+      else
+        drop_entry(t)
+      end
+      state(t, 'expired')
+      finish(t, now)
+      terminal_event(t, now)
+      changed[#changed + 1] = snap(id)
+    else
+      redis.call('ZREM', key('deadlines'), id)
+    end
+  end
+  return reply(changed, stop)
+
+elseif op == 'cancel' then
+  local t = load(A[1])
+  if not t then return reply('none') end
+  if t.state == 'queued' then
+    drop_entry(t)
+    state(t, 'canceled')
+    finish(t, A[2])
+    terminal_event(t, A[2])
+    return reply('canceled', snap(A[1]))
+  elseif t.state == 'running' then
+    set(t, 'cancel_requested', '1')
+    event(t.id, 'status', '{"status":"running","cancel_requested":true}', A[2])
+    return reply('signal', snap(A[1]))
+  end
+  return reply('terminal', snap(A[1]))
+
+elseif op == 'position' then
+  local t = load(A[1])
+  if not t or t.state ~= 'queued' then return reply(false) end
+  local n = 0
+  local mine = tonumber(t.priority)
+  for _, p in ipairs(redis.call('ZRANGE', key('prios', t.task_type), 0, -1)) do
+    local s = key('q', t.task_type, p)
+    -- Undelivered entries: the stream's length less its pending (delivered) entries.
+    local undelivered = redis.call('XLEN', s) - redis.call('XPENDING', s, G)[1]
+    if tonumber(p) > mine or (tonumber(p) == mine and not t.entry) then
+      n = n + undelivered
+    elseif tonumber(p) == mine then
+      local cur = redis.call('HGET', key('cursor'), s) or '0-0'
+      n = n + #redis.call('XRANGE', s, '(' .. cur, '(' .. t.entry)
+    end
+  end
+  return reply(n)
+
+elseif op == 'list' then
+  local st, tt, before, limit, budget = A[1], A[2], A[3], tonumber(A[4]), tonumber(A[5])
+  local max = '+inf'
+  if before ~= '' then max = '(' .. before end
+  local out = {}
+  local offset = 0
+  while #out < limit and offset < budget do
+    local ids = redis.call('ZREVRANGEBYSCORE', key('all'), max, '-inf', 'LIMIT', offset, 200)
+    if #ids == 0 then break end
+    offset = offset + #ids
+    for _, id in ipairs(ids) do
+      local ok = true
+      if st ~= '' or tt ~= '' then
+        local v = redis.call('HMGET', key('task', id), 'state', 'task_type')
+        ok = (st == '' or v[1] == st) and (tt == '' or v[2] == tt)
+      end
+      if ok then
+        out[#out + 1] = snap(id)
+        if #out >= limit then break end
+      end
+    end
+  end
+  return reply(out)
+end
+return redis.error_reply('unknown operation ' .. tostring(op))
