@@ -9,13 +9,13 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::{Client, connect::HttpConnector};
 use hyper_util::rt::TokioExecutor;
-use kiln_broker::Broker;
+use kiln_broker::{Broker, PostgresOptions, PostgresQueue};
 use kiln_gateway::{AppState, hash_secret};
 use kiln_worker::{TaskContext, TaskError, Worker, WorkerConfig};
 use serde_json::{Value, json};
 
 use crate::demo;
-use crate::settings::Settings;
+use crate::settings::{QueueBackend, Settings};
 
 /// Task types of the built-in demo worker.
 const DEMO_TYPES: &[&str] = &["txt2img", "img2img", "delete_asset"];
@@ -29,8 +29,22 @@ pub(crate) async fn serve(s: Settings) -> anyhow::Result<()> {
                 s.server.data_dir.display()
             )
         })?;
-    let broker = Broker::open(&s.queue_path(), s.broker.clone())
-        .with_context(|| format!("cannot open the queue at {}", s.queue_path().display()))?;
+    let broker = match s.queue.backend {
+        QueueBackend::Sqlite => Broker::open(&s.queue_path(), s.broker.clone())
+            .with_context(|| format!("cannot open the queue at {}", s.queue_path().display()))?,
+        QueueBackend::Postgres => {
+            let q = PostgresQueue::open(PostgresOptions {
+                url: s.queue.postgres_url.clone(),
+                schema: s.queue.postgres_schema.clone(),
+                pool_size: s.queue.postgres_pool_size,
+                queue: s.broker.queue_options(),
+                ..PostgresOptions::default()
+            })
+            .await
+            .context("cannot open the PostgreSQL queue (queue.postgres_url)")?;
+            Broker::with_queue(std::sync::Arc::new(q), s.broker.clone())
+        }
+    };
     let mut gw = s.gateway.clone();
     gw.files_dir = s.files_dir();
     let demo_token = format!("demo-{}", uuid::Uuid::new_v4().simple());

@@ -21,7 +21,36 @@ pub(crate) struct Settings {
     pub(crate) log: Log,
     pub(crate) gateway: kiln_gateway::GatewayConfig,
     pub(crate) broker: kiln_gateway::BrokerConfig,
+    pub(crate) queue: Queue,
     pub(crate) demo_worker: DemoWorker,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum QueueBackend {
+    Sqlite,
+    Postgres,
+}
+
+/// Which store holds the queue.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Queue {
+    pub(crate) backend: QueueBackend,
+    pub(crate) postgres_url: String,
+    pub(crate) postgres_schema: String,
+    pub(crate) postgres_pool_size: usize,
+}
+
+impl std::fmt::Debug for Queue {
+    // The URL may carry a password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Queue")
+            .field("backend", &self.backend)
+            .field("postgres_schema", &self.postgres_schema)
+            .field("postgres_pool_size", &self.postgres_pool_size)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -103,6 +132,11 @@ impl Settings {
                 "invalid configuration: server.listen is {} (not loopback) but gateway.worker_token_hashes is empty",
                 self.server.listen
             ));
+        }
+        if self.queue.backend == QueueBackend::Postgres && self.queue.postgres_pool_size == 0 {
+            return Err(
+                "invalid configuration: queue.postgres_pool_size must be at least 1".into(),
+            );
         }
         if self.demo_worker.enabled && self.demo_worker.slots == 0 {
             return Err("invalid configuration: demo_worker.slots must be at least 1".into());
