@@ -60,6 +60,10 @@ CREATE TABLE IF NOT EXISTS events (
     ts INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_task ON events (task_id, id);
+CREATE TABLE IF NOT EXISTS timings (
+    task_id TEXT PRIMARY KEY,
+    data TEXT NOT NULL
+);
 ";
 
 /// What a sweep changed.
@@ -170,6 +174,31 @@ fn task_by_lease(c: &Connection, lease: &str) -> Result<Option<Task>> {
         .optional()?
         .map(finish_task)
         .transpose()
+}
+
+fn merge_timings_in(
+    c: &Connection,
+    id: &str,
+    timings: &serde_json::Map<String, Value>,
+) -> Result<()> {
+    let raw: Option<String> = c
+        .query_row("SELECT data FROM timings WHERE task_id = ?1", [id], |r| {
+            r.get(0)
+        })
+        .optional()?;
+    let mut all = match parse_json(raw)? {
+        Some(Value::Object(m)) => m,
+        _ => serde_json::Map::new(),
+    };
+    for (k, v) in timings {
+        all.insert(k.clone(), v.clone());
+    }
+    c.execute(
+        "INSERT INTO timings (task_id, data) VALUES (?1, ?2)
+         ON CONFLICT (task_id) DO UPDATE SET data = excluded.data",
+        params![id, Value::Object(all).to_string()],
+    )?;
+    Ok(())
 }
 
 fn status_data(t: &Task) -> Value {
@@ -698,6 +727,55 @@ impl SqliteQueue {
                 })
             })?
             .collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Stage timings recorded for a task: a JSON object of `<stage>_ms` numbers, with the
+    /// worker's own stages under `worker`. `None` when nothing was recorded.
+    pub fn timings(&self, id: &str) -> Result<Option<Value>> {
+        let raw: Option<String> = self
+            .conn()
+            .query_row("SELECT data FROM timings WHERE task_id = ?1", [id], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        parse_json(raw)
+    }
+
+    /// Sets the keys of `timings` (a JSON object) in the task's recorded timings, leaving
+    /// other keys as they are.
+    pub fn merge_timings(&self, id: &str, timings: &serde_json::Map<String, Value>) -> Result<()> {
+        let mut c = self.conn();
+        let tx = c.transaction()?;
+        merge_timings_in(&tx, id, timings)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Records the stage timings a worker sent with the result of `lease`, as the task's
+    /// `worker` timings (replacing an earlier attempt's). False when the lease is not the
+    /// running attempt's, so a stale result leaves nothing behind.
+    pub fn record_worker_timings(
+        &self,
+        lease: &str,
+        timings: &std::collections::BTreeMap<String, u64>,
+    ) -> Result<bool> {
+        let mut c = self.conn();
+        let tx = c.transaction()?;
+        let id: Option<String> = tx
+            .query_row(
+                "SELECT id FROM tasks WHERE lease = ?1 AND state = 'running'",
+                [lease],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let Some(id) = id else {
+            return Ok(false);
+        };
+        let mut m = serde_json::Map::new();
+        m.insert("worker".into(), json!(timings));
+        merge_timings_in(&tx, &id, &m)?;
+        tx.commit()?;
+        Ok(true)
     }
 
     /// How many queued tasks run before this one (0: next); `None` unless queued.

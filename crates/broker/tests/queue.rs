@@ -268,3 +268,36 @@ fn survives_reopening_the_file() {
     assert_eq!(q.get(&id).unwrap().unwrap().input, json!({"keep": true}));
     assert_eq!(q.stats().unwrap().count(TaskState::Queued), 1);
 }
+
+#[test]
+fn timings_merge_by_key_and_worker_stages_need_the_current_lease() {
+    let q = q();
+    let (t, _) = q.enqueue(task("txt2img", json!({})), T).unwrap();
+    assert_eq!(q.timings(&t.id).unwrap(), None);
+    let m = |v: serde_json::Value| v.as_object().unwrap().clone();
+    q.merge_timings(&t.id, &m(json!({"compress_ms": 7})))
+        .unwrap();
+    let lease = q.reserve("w", &types(), 1, T + 90_000, T + 10).unwrap()[0]
+        .lease
+        .clone()
+        .unwrap();
+    let stages: std::collections::BTreeMap<String, u64> =
+        [("render_ms".to_owned(), 40), ("upload_ms".to_owned(), 3)].into();
+    assert!(q.record_worker_timings(&lease, &stages).unwrap());
+    assert!(
+        !q.record_worker_timings("lease_nope", &stages).unwrap(),
+        "an unknown lease records nothing"
+    );
+    q.complete(&lease, Completion::Ok(json!({})), T + 60)
+        .unwrap();
+    // The attempt is over: a late duplicate result cannot overwrite the stages.
+    let late: std::collections::BTreeMap<String, u64> = [("render_ms".to_owned(), 1)].into();
+    assert!(!q.record_worker_timings(&lease, &late).unwrap());
+    q.merge_timings(&t.id, &m(json!({"upload_ms": 2}))).unwrap();
+    assert_eq!(
+        q.timings(&t.id).unwrap(),
+        Some(
+            json!({"compress_ms": 7, "upload_ms": 2, "worker": {"render_ms": 40, "upload_ms": 3}})
+        )
+    );
+}
