@@ -147,7 +147,7 @@ pub(crate) fn accepted(state: &AppState, task: &Task) {
     let (state, id) = (state.clone(), task.id.clone());
     tokio::spawn(async move {
         if let Some(ms) = stage_sum(&state, &refs, |m| m.compress_ms).await {
-            record(&state, &id, "compress_ms", ms);
+            record(&state, &id, "compress_ms", ms).await;
         }
     });
 }
@@ -188,10 +188,10 @@ async fn stage_sum(
     sum
 }
 
-fn record(state: &AppState, task_id: &str, stage: &str, ms: u64) {
+async fn record(state: &AppState, task_id: &str, stage: &str, ms: u64) {
     let mut m = serde_json::Map::new();
     m.insert(stage.to_owned(), Value::from(ms));
-    if let Err(e) = state.broker().queue().merge_timings(task_id, &m) {
+    if let Err(e) = state.broker().queue().merge_timings(task_id, &m).await {
         tracing::warn!(message = "task timing not stored", task_id = %task_id, stage, error = %e);
     }
 }
@@ -213,7 +213,7 @@ pub(crate) async fn follow(state: Weak<Inner>, mut events: broadcast::Receiver<T
                 );
                 let ids: Vec<String> = state.inner.spans.lock().keys().cloned().collect();
                 for id in ids {
-                    if let Ok(Some(t)) = state.broker().queue().get(&id)
+                    if let Ok(Some(t)) = state.broker().queue().get(&id).await
                         && t.state.is_terminal()
                     {
                         ended(&state, t).await;
@@ -232,7 +232,7 @@ pub(crate) async fn follow(state: Weak<Inner>, mut events: broadcast::Receiver<T
                     tracing::info!(parent: &span, message = "task assigned", attempt, worker_id = ev.data["worker_id"].as_str().unwrap_or(""));
                 }
             }
-            "completed" => match state.broker().queue().get(&ev.task_id) {
+            "completed" => match state.broker().queue().get(&ev.task_id).await {
                 Ok(Some(t)) => ended(&state, t).await,
                 Ok(None) => {}
                 Err(e) => {
@@ -260,11 +260,11 @@ async fn ended(state: &AppState, t: Task) {
         })
         .unwrap_or_default();
     if let Some(ms) = stage_sum(state, &outputs, |m| m.store_ms).await {
-        record(state, &t.id, "upload_ms", ms);
+        record(state, &t.id, "upload_ms", ms).await;
     }
     let q = state.broker().queue();
-    let attempts = q.attempts(&t.id).unwrap_or_default();
-    let recorded = q.timings(&t.id).ok().flatten();
+    let attempts = q.attempts(&t.id).await.unwrap_or_default();
+    let recorded = q.timings(&t.id).await.ok().flatten();
     let timings = Timings::of(&t, &attempts, recorded.as_ref(), now_ms());
     let span = state.inner.spans.take(&t);
     span.record("attempt", t.attempt);
@@ -291,18 +291,22 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    #[test]
-    fn stages_come_from_attempts_and_records() {
+    #[tokio::test]
+    async fn stages_come_from_attempts_and_records() {
+        use kiln_broker::Queue as _;
         let q = kiln_broker::SqliteQueue::in_memory(3).unwrap();
         let new = kiln_broker::NewTask {
             task_type: "t".into(),
             ..Default::default()
         };
         let t0 = 1_000_000;
-        let (t, _) = q.enqueue(new, t0).unwrap();
+        let (t, _) = q.enqueue(new, t0).await.unwrap();
         let types = ["t".to_owned()];
         // Queued 100 ms, then the first attempt fails after 50 ms (retryable).
-        let lease = q.reserve("w", &types, 1, t0 + 90_000, t0 + 100).unwrap()[0]
+        let lease = q
+            .reserve("w", &types, 1, t0 + 90_000, t0 + 100)
+            .await
+            .unwrap()[0]
             .lease
             .clone()
             .unwrap();
@@ -312,16 +316,21 @@ mod tests {
             retryable: true,
         };
         q.complete(&lease, kiln_broker::Completion::Error(err), t0 + 150)
+            .await
             .unwrap();
         // Waits 30 ms again (past the retry backoff), runs 20 ms, succeeds.
-        let lease = q.reserve("w", &types, 1, t0 + 90_000, t0 + 180).unwrap()[0]
+        let lease = q
+            .reserve("w", &types, 1, t0 + 90_000, t0 + 180)
+            .await
+            .unwrap()[0]
             .lease
             .clone()
             .unwrap();
         q.complete(&lease, kiln_broker::Completion::Ok(json!({})), t0 + 200)
+            .await
             .unwrap();
-        let t = q.get(&t.id).unwrap().unwrap();
-        let attempts = q.attempts(&t.id).unwrap();
+        let t = q.get(&t.id).await.unwrap().unwrap();
+        let attempts = q.attempts(&t.id).await.unwrap();
         let rec = json!({"compress_ms": 9, "worker": {"render_ms": 15}});
         let got = Timings::of(&t, &attempts, Some(&rec), t0 + 10_000);
         assert_eq!(got.queued_ms, Some(130));

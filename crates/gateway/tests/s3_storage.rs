@@ -49,7 +49,8 @@ fn storage(moto: &Moto, bucket: &str, create: bool) -> StorageConfig {
 }
 
 async fn gateway(storage: StorageConfig) -> (AppState, axum::Router) {
-    let broker = Broker::with_queue(SqliteQueue::in_memory(3).unwrap(), BrokerConfig::default());
+    let queue = std::sync::Arc::new(SqliteQueue::in_memory(3).unwrap());
+    let broker = Broker::with_queue(queue, BrokerConfig::default());
     let config = GatewayConfig {
         storage,
         max_body_bytes: 16 << 20,
