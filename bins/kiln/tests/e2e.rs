@@ -29,6 +29,10 @@ impl Drop for Server {
 }
 
 fn start(data: &Path, env: &[(&str, &str)]) -> Server {
+    start_logging(data, env, Stdio::null())
+}
+
+fn start_logging(data: &Path, env: &[(&str, &str)], stderr: Stdio) -> Server {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_kiln"));
     cmd.arg("serve")
         .env("KILN_SERVER__LISTEN", "127.0.0.1:0")
@@ -38,7 +42,7 @@ fn start(data: &Path, env: &[(&str, &str)]) -> Server {
         // The test's own setting, not one of the server's (unknown keys stop it).
         .env_remove("KILN_MOTO_SERVER")
         .stdout(Stdio::piped())
-        .stderr(Stdio::null());
+        .stderr(stderr);
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -651,6 +655,61 @@ async fn auth_with_api_keys() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(call(&s.base, "GET", "/healthz", "", &[]).await.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_task_span_carries_the_stage_timings() {
+    let dir = tempfile::tempdir().unwrap();
+    let log_path = dir.path().join("stderr.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let s = start_logging(
+        dir.path(),
+        &[
+            ("KILN_LOG__FORMAT", "json"),
+            ("KILN_LOG__FILTER", "warn,kiln_gateway=info"),
+        ],
+        Stdio::from(log),
+    );
+    let r = post_json(
+        &s.base,
+        "/v1/tasks",
+        json!({"task_type": "txt2img", "input": {"prompt": "span", "width": 64, "height": 64}}),
+        &[],
+    )
+    .await;
+    let id = r.json()["id"].as_str().unwrap().to_owned();
+    wait_status(&s.base, &id, "succeeded", 10).await;
+    let t = wait_timing(&s.base, &id, "upload_ms").await;
+    // The `task ended` event is logged inside the task's span, which holds the stages.
+    let until = Instant::now() + Duration::from_secs(10);
+    let ended = loop {
+        let text = std::fs::read_to_string(&log_path).unwrap();
+        let found = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find(|l| {
+                l["fields"]["message"] == "task ended" && l["fields"]["task_id"] == id.as_str()
+            });
+        if let Some(l) = found {
+            break l;
+        }
+        assert!(
+            Instant::now() < until,
+            "no `task ended` line for {id}:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let span = &ended["span"];
+    assert_eq!(span["name"], "task", "{ended}");
+    assert_eq!(span["task_id"], id.as_str());
+    assert_eq!(span["task_type"], "txt2img");
+    assert_eq!(span["attempt"], 1);
+    assert_eq!(span["status"], "succeeded");
+    for stage in ["queued_ms", "dispatch_ms", "run_ms", "upload_ms"] {
+        assert_eq!(span[stage], t["timings"][stage], "{stage}: {ended}");
+    }
+    let worker: Value = serde_json::from_str(span["worker"].as_str().unwrap()).unwrap();
+    assert_eq!(worker, t["timings"]["worker"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
