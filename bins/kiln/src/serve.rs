@@ -2,7 +2,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use bytes::Bytes;
@@ -47,6 +47,7 @@ pub(crate) async fn serve(s: Settings) -> anyhow::Result<()> {
     };
     let mut gw = s.gateway.clone();
     gw.files_dir = s.files_dir();
+    gw.storage = s.storage.clone();
     let demo_token = format!("demo-{}", uuid::Uuid::new_v4().simple());
     if s.demo_worker.enabled {
         gw.known_task_types
@@ -63,7 +64,20 @@ pub(crate) async fn serve(s: Settings) -> anyhow::Result<()> {
     if no_keys {
         tracing::warn!(message = "no API keys configured: serving without auth, on loopback only", %addr);
     }
-    tracing::info!(message = "listening", %addr, queue = %s.queue_path().display(), files = %s.files_dir().display());
+    let files = match &s.storage.s3 {
+        Some(b) => format!(
+            "s3 {}/{}{}",
+            b.endpoint,
+            b.bucket,
+            if b.key_prefix.is_empty() {
+                String::new()
+            } else {
+                format!(" prefix {}", b.key_prefix)
+            }
+        ),
+        None => s.files_dir().display().to_string(),
+    };
+    tracing::info!(message = "listening", %addr, queue = %s.queue_path().display(), %files);
     println!("kiln listening on http://{addr}");
 
     let demo = if s.demo_worker.enabled {
@@ -353,10 +367,15 @@ async fn txt2img(api: FilesApi, ctx: TaskContext) -> Result<Value, TaskError> {
     let seed = input["seed"].as_u64().unwrap_or(0);
     let c = ctx.clone();
     let png = tokio::task::spawn_blocking(move || {
+        let started = Instant::now();
         let img = demo::txt2img(&prompt, seed, w, h, |step, total| {
             c.progress("render", u64::from(step), u64::from(total))
         });
-        encode_png(&image::DynamicImage::ImageRgb8(img))
+        c.record_stage("render", started.elapsed());
+        let started = Instant::now();
+        let png = encode_png(&image::DynamicImage::ImageRgb8(img));
+        c.record_stage("encode", started.elapsed());
+        png
     })
     .await
     .map_err(|e| transient(e.to_string()))??;
@@ -368,7 +387,7 @@ async fn txt2img(api: FilesApi, ctx: TaskContext) -> Result<Value, TaskError> {
         });
     }
     ctx.progress("upload", 1, 1);
-    let file = api.upload(png, "image/png").await?;
+    let file = ctx.timed("upload", api.upload(png, "image/png")).await?;
     Ok(json!({"files": [file], "seed": seed, "generator": "kiln demo (procedural, not a model)"}))
 }
 
@@ -380,9 +399,11 @@ async fn img2img(api: FilesApi, ctx: TaskContext) -> Result<Value, TaskError> {
     let prompt = input["prompt"].as_str().unwrap_or("").to_owned();
     let max_side = dim(&input, "max_side", 1024)?;
     ctx.progress("download", 0, 3);
-    let data = api.download(id).await?;
+    let data = ctx.timed("download", api.download(id)).await?;
     ctx.progress("transform", 1, 3);
+    let c = ctx.clone();
     let (png, applied) = tokio::task::spawn_blocking(move || {
+        let started = Instant::now();
         let mut reader = image::ImageReader::new(std::io::Cursor::new(&data[..]))
             .with_guessed_format()
             .map_err(|e| bad_input(e.to_string()))?;
@@ -393,13 +414,19 @@ async fn img2img(api: FilesApi, ctx: TaskContext) -> Result<Value, TaskError> {
         let img = reader
             .decode()
             .map_err(|e| bad_input(format!("cannot decode the input image: {e}")))?;
+        c.record_stage("decode", started.elapsed());
+        let started = Instant::now();
         let (out, applied) = demo::img2img(img, &prompt, max_side);
-        Ok::<_, TaskError>((encode_png(&out)?, applied))
+        c.record_stage("render", started.elapsed());
+        let started = Instant::now();
+        let png = encode_png(&out)?;
+        c.record_stage("encode", started.elapsed());
+        Ok::<_, TaskError>((png, applied))
     })
     .await
     .map_err(|e| transient(e.to_string()))??;
     ctx.progress("upload", 2, 3);
-    let file = api.upload(png, "image/png").await?;
+    let file = ctx.timed("upload", api.upload(png, "image/png")).await?;
     Ok(json!({"files": [file], "transforms": applied}))
 }
 

@@ -20,6 +20,7 @@ pub(crate) struct Settings {
     pub(crate) server: Server,
     pub(crate) log: Log,
     pub(crate) gateway: kiln_gateway::GatewayConfig,
+    pub(crate) storage: kiln_gateway::StorageConfig,
     pub(crate) broker: kiln_gateway::BrokerConfig,
     pub(crate) queue: Queue,
     pub(crate) demo_worker: DemoWorker,
@@ -105,7 +106,8 @@ pub(crate) fn load(path: Option<&Path>) -> Result<Settings, String> {
             .with_list_parse_key("gateway.api_key_hashes")
             .with_list_parse_key("gateway.worker_token_hashes")
             .with_list_parse_key("gateway.known_task_types")
-            .with_list_parse_key("gateway.cors_origins"),
+            .with_list_parse_key("gateway.cors_origins")
+            .with_list_parse_key("storage.client.retry.retry_statuses"),
     );
     let cfg = b
         .build()
@@ -138,6 +140,7 @@ impl Settings {
                 "invalid configuration: queue.postgres_pool_size must be at least 1".into(),
             );
         }
+        self.validate_storage()?;
         if self.demo_worker.enabled && self.demo_worker.slots == 0 {
             return Err("invalid configuration: demo_worker.slots must be at least 1".into());
         }
@@ -157,6 +160,33 @@ impl Settings {
 }
 
 impl Settings {
+    fn validate_storage(&self) -> Result<(), String> {
+        use kiln_gateway::StorageBackend;
+        if self.gateway.storage != kiln_gateway::StorageConfig::default() {
+            return Err(
+                "invalid configuration: gateway.storage is not a key; put file storage settings in [storage]"
+                    .into(),
+            );
+        }
+        match (self.storage.backend, &self.storage.s3) {
+            (StorageBackend::S3, None) => Err(
+                "invalid configuration: storage.backend is \"s3\" but storage.s3 is missing \
+                 (endpoint, bucket, access_key_id, secret_access_key)"
+                    .into(),
+            ),
+            (StorageBackend::Local, Some(_)) => Err(
+                "invalid configuration: storage.s3 is set but storage.backend is \"local\"; \
+                 set storage.backend = \"s3\" or remove storage.s3"
+                    .into(),
+            ),
+            (_, Some(s3)) if s3.endpoint.is_empty() || s3.bucket.is_empty() => Err(
+                "invalid configuration: storage.s3.endpoint and storage.s3.bucket must not be empty"
+                    .into(),
+            ),
+            _ => Ok(()),
+        }
+    }
+
     /// Where the queue database lives.
     pub(crate) fn queue_path(&self) -> PathBuf {
         self.server.data_dir.join("queue.sqlite")
@@ -181,5 +211,7 @@ mod tests {
         let s = load(None).unwrap();
         assert_eq!(s.server.listen.to_string(), "127.0.0.1:8080");
         assert!(s.demo_worker.enabled);
+        // The documented storage defaults are the library's defaults.
+        assert_eq!(s.storage, kiln_gateway::StorageConfig::default());
     }
 }

@@ -2,6 +2,9 @@
 
 #![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
 
+#[path = "../../../crates/gateway/tests/support/moto.rs"]
+mod moto;
+
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -26,14 +29,20 @@ impl Drop for Server {
 }
 
 fn start(data: &Path, env: &[(&str, &str)]) -> Server {
+    start_logging(data, env, Stdio::null())
+}
+
+fn start_logging(data: &Path, env: &[(&str, &str)], stderr: Stdio) -> Server {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_kiln"));
     cmd.arg("serve")
         .env("KILN_SERVER__LISTEN", "127.0.0.1:0")
         .env("KILN_SERVER__DATA_DIR", data)
         .env("KILN_SERVER__SHUTDOWN_GRACE", "2s")
         .env("KILN_LOG__FILTER", "warn")
+        // The test's own setting, not one of the server's (unknown keys stop it).
+        .env_remove("KILN_MOTO_SERVER")
         .stdout(Stdio::piped())
-        .stderr(Stdio::null());
+        .stderr(stderr);
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -117,6 +126,58 @@ async fn wait_status(base: &str, id: &str, want: &str, secs: u64) -> Value {
     }
 }
 
+/// Waits until the task's `timings` has `stage` (stages measured around the end are
+/// recorded just after it) and returns the task.
+async fn wait_timing(base: &str, id: &str, stage: &str) -> Value {
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let t = call(base, "GET", &format!("/v1/tasks/{id}"), "", &[])
+            .await
+            .json();
+        if t["timings"][stage].is_u64() {
+            return t;
+        }
+        assert!(
+            Instant::now() < until,
+            "task {id} has no timings.{stage}: {t}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Checks that the stage timings are plausible: present, and the parts within the whole.
+fn check_timings(t: &Value, wall_ms: u64, worker_stages: &[&str]) {
+    let tm = &t["timings"];
+    let ms = |k: &str| {
+        tm[k]
+            .as_u64()
+            .unwrap_or_else(|| panic!("timings.{k} missing: {tm}"))
+    };
+    let (queued, dispatch, run, upload) = (
+        ms("queued_ms"),
+        ms("dispatch_ms"),
+        ms("run_ms"),
+        ms("upload_ms"),
+    );
+    assert!(dispatch <= queued, "{tm}");
+    // Server times are whole Unix ms, so their difference can round up by 1 ms.
+    assert!(
+        queued + run <= wall_ms.saturating_add(1),
+        "queued + run above the wall time {wall_ms}: {tm}"
+    );
+    let worker = tm["worker"].as_object().unwrap_or_else(|| panic!("{tm}"));
+    for stage in worker_stages {
+        assert!(
+            worker[*stage].is_u64(),
+            "timings.worker.{stage} missing: {tm}"
+        );
+    }
+    let worker_sum: u64 = worker.values().map(|v| v.as_u64().unwrap()).sum();
+    assert!(worker_sum <= run, "worker stages above run_ms: {tm}");
+    // The gateway stores the output inside the worker's upload request.
+    assert!(upload <= worker["upload_ms"].as_u64().unwrap(), "{tm}");
+}
+
 /// Reads an SSE response to its end: `(id, event, data)` triples.
 fn parse_sse(body: &[u8]) -> Vec<(i64, String, Value)> {
     let text = String::from_utf8_lossy(body);
@@ -154,6 +215,7 @@ fn png(w: u32, h: u32) -> Vec<u8> {
 async fn txt2img_create_stream_fetch() {
     let dir = tempfile::tempdir().unwrap();
     let s = start(dir.path(), &[]);
+    let began = Instant::now();
     let r = post_json(&s.base, "/v1/tasks", json!({"task_type": "txt2img", "input": {"prompt": "a red lighthouse", "width": 320, "height": 200, "seed": 9}}), &[]).await;
     assert_eq!(r.status, 202, "{:?}", r.body);
     let t = r.json();
@@ -177,9 +239,15 @@ async fn txt2img_create_stream_fetch() {
     let done = &events.last().unwrap().2;
     assert_eq!(done["status"], "succeeded");
     // The task object and the image.
-    let t = wait_status(&s.base, &id, "succeeded", 10).await;
+    wait_status(&s.base, &id, "succeeded", 10).await;
+    let wall_ms = began.elapsed().as_millis() as u64;
+    let t = wait_timing(&s.base, &id, "upload_ms").await;
     assert_eq!(t["attempts"].as_array().unwrap().len(), 1);
-    assert!(t["timings"]["run_ms"].as_u64().is_some());
+    check_timings(&t, wall_ms, &["render_ms", "encode_ms", "upload_ms"]);
+    assert!(
+        t["timings"].get("compress_ms").is_none(),
+        "no reference image"
+    );
     let file = &t["output"]["files"][0];
     let img = call(&s.base, "GET", file["url"].as_str().unwrap(), "", &[]).await;
     assert_eq!(img.status, 200);
@@ -238,7 +306,25 @@ async fn upload_compress_and_img2img() {
     )
     .await;
     let id = r.json()["id"].as_str().unwrap().to_owned();
-    let t = wait_status(&s.base, &id, "succeeded", 15).await;
+    wait_status(&s.base, &id, "succeeded", 15).await;
+    let t = wait_timing(&s.base, &id, "upload_ms").await;
+    // The reference image was compressed at upload; its time counts for the task.
+    let t = if t["timings"]["compress_ms"].is_u64() {
+        t
+    } else {
+        wait_timing(&s.base, &id, "compress_ms").await
+    };
+    check_timings(
+        &t,
+        u64::MAX,
+        &[
+            "download_ms",
+            "decode_ms",
+            "render_ms",
+            "encode_ms",
+            "upload_ms",
+        ],
+    );
     assert_eq!(t["output"]["transforms"], json!(["grayscale"]));
     let out = call(
         &s.base,
@@ -570,6 +656,157 @@ async fn auth_with_api_keys() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(call(&s.base, "GET", "/healthz", "", &[]).await.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_task_span_carries_the_stage_timings() {
+    let dir = tempfile::tempdir().unwrap();
+    let log_path = dir.path().join("stderr.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let s = start_logging(
+        dir.path(),
+        &[
+            ("KILN_LOG__FORMAT", "json"),
+            ("KILN_LOG__FILTER", "warn,kiln_gateway=info"),
+        ],
+        Stdio::from(log),
+    );
+    let r = post_json(
+        &s.base,
+        "/v1/tasks",
+        json!({"task_type": "txt2img", "input": {"prompt": "span", "width": 64, "height": 64}}),
+        &[],
+    )
+    .await;
+    let id = r.json()["id"].as_str().unwrap().to_owned();
+    wait_status(&s.base, &id, "succeeded", 10).await;
+    let t = wait_timing(&s.base, &id, "upload_ms").await;
+    // The `task ended` event is logged inside the task's span, which holds the stages.
+    let until = Instant::now() + Duration::from_secs(10);
+    let ended = loop {
+        let text = std::fs::read_to_string(&log_path).unwrap();
+        let found = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find(|l| {
+                l["fields"]["message"] == "task ended" && l["fields"]["task_id"] == id.as_str()
+            });
+        if let Some(l) = found {
+            break l;
+        }
+        assert!(
+            Instant::now() < until,
+            "no `task ended` line for {id}:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let span = &ended["span"];
+    assert_eq!(span["name"], "task", "{ended}");
+    assert_eq!(span["task_id"], id.as_str());
+    assert_eq!(span["task_type"], "txt2img");
+    assert_eq!(span["attempt"], 1);
+    assert_eq!(span["status"], "succeeded");
+    for stage in ["queued_ms", "dispatch_ms", "run_ms", "upload_ms"] {
+        assert_eq!(span[stage], t["timings"][stage], "{stage}: {ended}");
+    }
+    let worker: Value = serde_json::from_str(span["worker"].as_str().unwrap()).unwrap();
+    assert_eq!(worker, t["timings"]["worker"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_in_s3_survive_a_restart() {
+    let Some(moto) = moto::Moto::start() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let endpoint = moto.endpoint();
+    let env: Vec<(&str, &str)> = vec![
+        ("KILN_STORAGE__BACKEND", "s3"),
+        ("KILN_STORAGE__CREATE_BUCKET", "true"),
+        ("KILN_STORAGE__S3__ENDPOINT", &endpoint),
+        ("KILN_STORAGE__S3__BUCKET", "kiln-e2e"),
+        ("KILN_STORAGE__S3__KEY_PREFIX", "files/"),
+        ("KILN_STORAGE__S3__ACCESS_KEY_ID", "test"),
+        ("KILN_STORAGE__S3__SECRET_ACCESS_KEY", "test"),
+        ("KILN_STORAGE__CLIENT__RETRY__INITIAL_BACKOFF", "20ms"),
+    ];
+    let (upload_id, output_id, output) = {
+        let s = start(dir.path(), &env);
+        let ready = call(&s.base, "GET", "/readyz", "", &[]).await;
+        assert_eq!(
+            ready.status,
+            200,
+            "{:?}",
+            String::from_utf8_lossy(&ready.body)
+        );
+        assert_eq!(ready.json()["storage"]["backend"], "s3");
+        let up = call(
+            &s.base,
+            "POST",
+            "/v1/files",
+            png(120, 80),
+            &[("content-type", "image/png")],
+        )
+        .await;
+        assert_eq!(up.status, 201, "{:?}", String::from_utf8_lossy(&up.body));
+        let upload_id = up.json()["id"].as_str().unwrap().to_owned();
+        let r = post_json(
+            &s.base,
+            "/v1/tasks",
+            json!({"task_type": "img2img", "input": {"image": upload_id, "prompt": "invert"}}),
+            &[],
+        )
+        .await;
+        let id = r.json()["id"].as_str().unwrap().to_owned();
+        wait_status(&s.base, &id, "succeeded", 20).await;
+        let t = wait_timing(&s.base, &id, "upload_ms").await;
+        let output_id = t["output"]["files"][0]["id"].as_str().unwrap().to_owned();
+        let out = call(&s.base, "GET", out_url(&t), "", &[]).await;
+        assert_eq!(out.status, 200);
+        assert_eq!(out.headers["content-type"], "image/png");
+        (upload_id, output_id, out.body)
+        // Dropping the server kills it.
+    };
+    // Nothing went to the local files directory.
+    let local = dir.path().join("files");
+    assert!(
+        !local.exists() || std::fs::read_dir(&local).unwrap().next().is_none(),
+        "files were written locally"
+    );
+    // A new server process serves both files from the bucket, byte for byte.
+    let s = start(dir.path(), &env);
+    let again = call(&s.base, "GET", &format!("/v1/files/{output_id}"), "", &[]).await;
+    assert_eq!(again.status, 200);
+    assert!(again.body == output, "output differs after restart");
+    let up = call(&s.base, "GET", &format!("/v1/files/{upload_id}"), "", &[]).await;
+    assert!(up.body.as_ref() == png(120, 80).as_slice());
+    assert_eq!(
+        call(
+            &s.base,
+            "DELETE",
+            &format!("/v1/files/{upload_id}"),
+            "",
+            &[]
+        )
+        .await
+        .status,
+        204
+    );
+    assert_eq!(
+        call(&s.base, "GET", &format!("/v1/files/{upload_id}"), "", &[])
+            .await
+            .status,
+        404
+    );
+    // Misconfigured storage is refused at start, naming the key.
+    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["config", "check"])
+        .env("KILN_SERVER__DATA_DIR", dir.path())
+        .env("KILN_STORAGE__BACKEND", "s3")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("storage.s3"));
 }
 
 #[test]

@@ -105,6 +105,10 @@ CREATE TABLE IF NOT EXISTS {s}.events (
     ts BIGINT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_task ON {s}.events (task_id, id);
+CREATE TABLE IF NOT EXISTS {s}.timings (
+    task_id TEXT PRIMARY KEY,
+    data JSONB NOT NULL
+);
 ";
 
 const COLS: &str = "id, request_id, task_type, state, priority, input, metadata, attempt, max_attempts, \
@@ -1111,6 +1115,62 @@ impl Queue for PostgresQueue {
         Box::pin(async move {
             self.pool.get().await?.simple_query("SELECT 1").await?;
             Ok(())
+        })
+    }
+
+    fn timings<'a>(&'a self, id: &'a str) -> QueueFuture<'a, Option<Value>> {
+        Box::pin(async move {
+            let rows = self
+                .read(
+                    "SELECT data::text FROM {s}.timings WHERE task_id = $1",
+                    &[&id],
+                )
+                .await?;
+            rows.first()
+                .map(|r| {
+                    let text: String = r.try_get(0)?;
+                    serde_json::from_str(&text).map_err(corrupt)
+                })
+                .transpose()
+        })
+    }
+
+    fn merge_timings<'a>(
+        &'a self,
+        id: &'a str,
+        timings: &'a serde_json::Map<String, Value>,
+    ) -> QueueFuture<'a, ()> {
+        Box::pin(async move {
+            // `||` replaces top-level keys and keeps the others, in one statement.
+            let data = Value::Object(timings.clone()).to_string();
+            self.read(
+                "INSERT INTO {s}.timings (task_id, data) VALUES ($1, ($2::text)::jsonb)
+                 ON CONFLICT (task_id) DO UPDATE SET data = {s}.timings.data || excluded.data
+                 RETURNING task_id",
+                &[&id, &data],
+            )
+            .await?;
+            Ok(())
+        })
+    }
+
+    fn record_worker_timings<'a>(
+        &'a self,
+        lease: &'a str,
+        timings: &'a std::collections::BTreeMap<String, u64>,
+    ) -> QueueFuture<'a, bool> {
+        Box::pin(async move {
+            let data = json!({ "worker": timings }).to_string();
+            let rows = self
+                .read(
+                    "INSERT INTO {s}.timings (task_id, data)
+                     SELECT id, ($2::text)::jsonb FROM {s}.tasks WHERE lease = $1 AND state = 'running'
+                     ON CONFLICT (task_id) DO UPDATE SET data = {s}.timings.data || excluded.data
+                     RETURNING task_id",
+                    &[&lease, &data],
+                )
+                .await?;
+            Ok(!rows.is_empty())
         })
     }
 

@@ -1,6 +1,6 @@
 //! The queue store's contract, run against every backend: idempotent enqueue, priority
 //! order, leases, compare-and-set results, explicit failure with a retry time, dead-letters,
-//! release, cancel, lapsed leases, deadlines, listing, counts, events.
+//! release, cancel, lapsed leases, deadlines, listing, counts, events, stage timings.
 //!
 //! Each function takes a fresh, empty queue whose default is 2 attempts with no retry
 //! backoff. A backend's test file instantiates them all with `conformance_tests!`.
@@ -37,7 +37,8 @@ macro_rules! conformance_tests {
             release_worker_requeues_everything_it_held,
             list_and_stats,
             concurrent_reserves_never_share_a_task,
-            events_of_failed_calls_are_not_published
+            events_of_failed_calls_are_not_published,
+            timings_merge_by_key_and_worker_stages_need_the_current_lease
         );
     };
     (@each $make:path, $done:path; $($name:ident),*) => {
@@ -521,4 +522,38 @@ pub async fn events_of_failed_calls_are_not_published(q: &dyn Queue) {
     t.input = json!({"a": 2});
     q.enqueue(t, T).await.unwrap_err();
     assert!(q.take_events().is_empty());
+}
+
+pub async fn timings_merge_by_key_and_worker_stages_need_the_current_lease(q: &dyn Queue) {
+    let (t, _) = q.enqueue(task("txt2img", json!({})), T).await.unwrap();
+    assert_eq!(q.timings(&t.id).await.unwrap(), None);
+    let m = |v: serde_json::Value| v.as_object().unwrap().clone();
+    q.merge_timings(&t.id, &m(json!({"compress_ms": 7})))
+        .await
+        .unwrap();
+    let lease = lease_one(q, "w", T + 90_000, T + 10).await;
+    let stages: std::collections::BTreeMap<String, u64> =
+        [("render_ms".to_owned(), 40), ("upload_ms".to_owned(), 3)].into();
+    assert!(q.record_worker_timings(&lease, &stages).await.unwrap());
+    assert!(
+        !q.record_worker_timings("lease_nope", &stages)
+            .await
+            .unwrap(),
+        "an unknown lease records nothing"
+    );
+    q.complete(&lease, Completion::Ok(json!({})), T + 60)
+        .await
+        .unwrap();
+    // The attempt is over: a late duplicate result cannot overwrite the stages.
+    let late: std::collections::BTreeMap<String, u64> = [("render_ms".to_owned(), 1)].into();
+    assert!(!q.record_worker_timings(&lease, &late).await.unwrap());
+    q.merge_timings(&t.id, &m(json!({"upload_ms": 2})))
+        .await
+        .unwrap();
+    assert_eq!(
+        q.timings(&t.id).await.unwrap(),
+        Some(
+            json!({"compress_ms": 7, "upload_ms": 2, "worker": {"render_ms": 40, "upload_ms": 3}})
+        )
+    );
 }
