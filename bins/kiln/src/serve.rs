@@ -38,6 +38,8 @@ pub(crate) async fn serve(s: Settings) -> anyhow::Result<()> {
         gw.known_task_types
             .extend(DEMO_TYPES.iter().map(|t| t.to_string()));
     }
+    let openai_types = gw.openai.task_types();
+    gw.known_task_types.extend(openai_types);
     let no_keys = gw.api_key_hashes.is_empty();
     let state =
         AppState::with_extra_worker_tokens(gw, broker.clone(), &[hash_secret(&demo_token)]).await?;
@@ -329,6 +331,18 @@ fn dim(v: &Value, key: &str, default: u32) -> Result<u32, TaskError> {
     }
 }
 
+/// `n` of an input: how many images to make (1 to 10).
+fn count(v: &Value) -> Result<u32, TaskError> {
+    match &v["n"] {
+        Value::Null => Ok(1),
+        x => x
+            .as_u64()
+            .filter(|n| (1..=10).contains(n))
+            .map(|n| n as u32)
+            .ok_or_else(|| bad_input("n must be an integer from 1 to 10")),
+    }
+}
+
 async fn txt2img(api: FilesApi, ctx: TaskContext) -> Result<Value, TaskError> {
     let input = ctx.input.clone();
     let prompt = input["prompt"]
@@ -337,56 +351,96 @@ async fn txt2img(api: FilesApi, ctx: TaskContext) -> Result<Value, TaskError> {
         .to_owned();
     let (w, h) = (dim(&input, "width", 512)?, dim(&input, "height", 512)?);
     let seed = input["seed"].as_u64().unwrap_or(0);
-    let c = ctx.clone();
-    let png = tokio::task::spawn_blocking(move || {
-        let img = demo::txt2img(&prompt, seed, w, h, |step, total| {
-            c.progress("render", u64::from(step), u64::from(total))
-        });
-        encode_png(&image::DynamicImage::ImageRgb8(img))
-    })
-    .await
-    .map_err(|e| transient(e.to_string()))??;
-    if ctx.is_cancelled() {
-        return Err(TaskError {
-            code: "cancelled".into(),
-            message: "canceled".into(),
-            retryable: false,
-        });
+    let n = count(&input)?;
+    let mut files = Vec::new();
+    for i in 0..n {
+        let c = ctx.clone();
+        let p = prompt.clone();
+        let png = tokio::task::spawn_blocking(move || {
+            let img = demo::txt2img(&p, seed + u64::from(i), w, h, |step, total| {
+                c.progress(
+                    "render",
+                    u64::from(i * total + step),
+                    u64::from(n * total),
+                )
+            });
+            encode_png(&image::DynamicImage::ImageRgb8(img))
+        })
+        .await
+        .map_err(|e| transient(e.to_string()))??;
+        if ctx.is_cancelled() {
+            return Err(TaskError {
+                code: "cancelled".into(),
+                message: "canceled".into(),
+                retryable: false,
+            });
+        }
+        files.push(api.upload(png, "image/png").await?);
     }
-    ctx.progress("upload", 1, 1);
-    let file = api.upload(png, "image/png").await?;
-    Ok(json!({"files": [file], "seed": seed, "generator": "kiln demo (procedural, not a model)"}))
+    Ok(json!({"files": files, "seed": seed, "generator": "kiln demo (procedural, not a model)"}))
+}
+
+/// The reference file ids of an img2img input: `images` (several) or `image` (one).
+fn reference_ids(input: &Value) -> Result<Vec<String>, TaskError> {
+    let ids: Vec<String> = match input["images"].as_array() {
+        Some(a) => a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect(),
+        None => input["image"].as_str().map(str::to_owned).into_iter().collect(),
+    };
+    if ids.is_empty() || ids.len() > 16 {
+        return Err(bad_input(
+            "input.image (a file id) or input.images (1 to 16 file ids) is required",
+        ));
+    }
+    Ok(ids)
+}
+
+fn decode(data: &[u8]) -> Result<image::DynamicImage, TaskError> {
+    let mut reader = image::ImageReader::new(std::io::Cursor::new(data))
+        .with_guessed_format()
+        .map_err(|e| bad_input(e.to_string()))?;
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(16_384);
+    limits.max_image_height = Some(16_384);
+    reader.limits(limits);
+    reader
+        .decode()
+        .map_err(|e| bad_input(format!("cannot decode the input image: {e}")))
 }
 
 async fn img2img(api: FilesApi, ctx: TaskContext) -> Result<Value, TaskError> {
     let input = ctx.input.clone();
-    let id = input["image"]
-        .as_str()
-        .ok_or_else(|| bad_input("input.image (a file id) is required"))?;
+    let ids = reference_ids(&input)?;
     let prompt = input["prompt"].as_str().unwrap_or("").to_owned();
     let max_side = dim(&input, "max_side", 1024)?;
-    ctx.progress("download", 0, 3);
-    let data = api.download(id).await?;
-    ctx.progress("transform", 1, 3);
-    let (png, applied) = tokio::task::spawn_blocking(move || {
-        let mut reader = image::ImageReader::new(std::io::Cursor::new(&data[..]))
-            .with_guessed_format()
-            .map_err(|e| bad_input(e.to_string()))?;
-        let mut limits = image::Limits::default();
-        limits.max_image_width = Some(16_384);
-        limits.max_image_height = Some(16_384);
-        reader.limits(limits);
-        let img = reader
-            .decode()
-            .map_err(|e| bad_input(format!("cannot decode the input image: {e}")))?;
-        let (out, applied) = demo::img2img(img, &prompt, max_side);
-        Ok::<_, TaskError>((encode_png(&out)?, applied))
+    let size = match (&input["width"], &input["height"]) {
+        (Value::Null, Value::Null) => None,
+        _ => Some((dim(&input, "width", 512)?, dim(&input, "height", 512)?)),
+    };
+    let n = count(&input)?;
+    let total = ids.len() as u64 + u64::from(n) + 1;
+    let mut data = Vec::with_capacity(ids.len());
+    for (i, id) in ids.iter().enumerate() {
+        ctx.progress("download", i as u64, total);
+        data.push(api.download(id).await?);
+    }
+    ctx.progress("transform", ids.len() as u64, total);
+    let (pngs, applied) = tokio::task::spawn_blocking(move || {
+        let refs = data
+            .iter()
+            .map(|d| decode(d))
+            .collect::<Result<Vec<_>, _>>()?;
+        let (outs, applied) = demo::edit(refs, &prompt, max_side, size, n);
+        let pngs = outs.iter().map(encode_png).collect::<Result<Vec<_>, _>>()?;
+        Ok::<_, TaskError>((pngs, applied))
     })
     .await
     .map_err(|e| transient(e.to_string()))??;
-    ctx.progress("upload", 2, 3);
-    let file = api.upload(png, "image/png").await?;
-    Ok(json!({"files": [file], "transforms": applied}))
+    let mut files = Vec::new();
+    for (i, png) in pngs.into_iter().enumerate() {
+        ctx.progress("upload", ids.len() as u64 + 1 + i as u64, total);
+        files.push(api.upload(png, "image/png").await?);
+    }
+    Ok(json!({"files": files, "transforms": applied, "references": ids.len()}))
 }
 
 async fn delete_asset(api: FilesApi, ctx: TaskContext) -> Result<Value, TaskError> {

@@ -44,6 +44,9 @@ pub struct GatewayConfig {
     pub public_base_url: Option<String>,
     /// Send CORS headers allowing these origins. Default: empty (CORS off).
     pub cors_origins: Vec<String>,
+    /// The OpenAI-compatible images API: models, providers, waits.
+    /// Default: see [`crate::openai::OpenAiConfig`].
+    pub openai: crate::openai::OpenAiConfig,
 }
 
 impl Default for GatewayConfig {
@@ -61,6 +64,7 @@ impl Default for GatewayConfig {
             files_dir: PathBuf::from("kiln-data/files"),
             public_base_url: None,
             cors_origins: Vec::new(),
+            openai: crate::openai::OpenAiConfig::default(),
         }
     }
 }
