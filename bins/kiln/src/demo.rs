@@ -164,7 +164,11 @@ pub(crate) fn edit(
     };
     let (mut out, applied) = img2img(base, prompt, max_side);
     if let Some((w, h)) = size {
-        out = out.resize_exact(w.clamp(1, MAX_SIDE), h.clamp(1, MAX_SIDE), imageops::FilterType::Lanczos3);
+        out = out.resize_exact(
+            w.clamp(1, MAX_SIDE),
+            h.clamp(1, MAX_SIDE),
+            imageops::FilterType::Lanczos3,
+        );
     }
     let variants = (0..n.max(1))
         .map(|i| {

@@ -58,7 +58,7 @@ pub(crate) async fn serve(s: Settings) -> anyhow::Result<()> {
         let url = format!("ws://{addr}/v1/workers/connect");
         let worker = demo_worker_builder(
             url,
-            Some(demo_token),
+            Some(demo_token.clone()),
             s.server.data_dir.join("demo-worker"),
             s.demo_worker.slots,
         );
@@ -71,6 +71,24 @@ pub(crate) async fn serve(s: Settings) -> anyhow::Result<()> {
         Some((handle, task))
     } else {
         None
+    };
+
+    let providers = if s.gateway.openai.providers.is_empty() {
+        None
+    } else {
+        let worker = crate::provider::worker(
+            format!("ws://{addr}/v1/workers/connect"),
+            Some(demo_token.clone()),
+            s.server.data_dir.join("provider-worker"),
+            &s.gateway.openai.providers,
+        )?;
+        let handle = worker.handle();
+        let task = tokio::spawn(async move {
+            if let Err(e) = worker.run().await {
+                tracing::error!(message = "provider runner stopped", error = %e);
+            }
+        });
+        Some((handle, task))
     };
 
     let grace = s.server.shutdown_grace;
@@ -100,7 +118,7 @@ pub(crate) async fn serve(s: Settings) -> anyhow::Result<()> {
             broker.close_all(kiln_protocol::close::RESTART, &kiln_protocol::close::reason_with_retry_after("restarting", 2000));
         }
     }
-    if let Some((handle, task)) = demo {
+    for (handle, task) in demo.into_iter().chain(providers) {
         handle.shutdown();
         let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
     }
@@ -147,14 +165,14 @@ pub(crate) async fn demo_worker(
 
 /// The files API of the gateway, as the demo worker uses it.
 #[derive(Clone)]
-struct FilesApi {
+pub(crate) struct FilesApi {
     base: String,
     token: Option<String>,
     client: Client<HttpConnector, Full<Bytes>>,
     owned: PathBuf,
 }
 
-fn bad_input(msg: impl Into<String>) -> TaskError {
+pub(crate) fn bad_input(msg: impl Into<String>) -> TaskError {
     TaskError {
         code: "invalid_input".into(),
         message: msg.into(),
@@ -162,7 +180,7 @@ fn bad_input(msg: impl Into<String>) -> TaskError {
     }
 }
 
-fn transient(msg: impl Into<String>) -> TaskError {
+pub(crate) fn transient(msg: impl Into<String>) -> TaskError {
     TaskError {
         code: "files_api".into(),
         message: msg.into(),
@@ -171,6 +189,25 @@ fn transient(msg: impl Into<String>) -> TaskError {
 }
 
 impl FilesApi {
+    /// The files API of the gateway whose worker socket is `url`; files this worker
+    /// creates are listed in `<state_dir>/owned-files`.
+    pub(crate) fn new(url: &str, token: Option<String>, state_dir: &std::path::Path) -> Self {
+        let base = url
+            .replacen("ws://", "http://", 1)
+            .replacen("wss://", "https://", 1)
+            .split("/v1/")
+            .next()
+            .unwrap_or_default()
+            .trim_end_matches('/')
+            .to_owned();
+        Self {
+            base,
+            token,
+            client: Client::builder(TokioExecutor::new()).build_http(),
+            owned: state_dir.join("owned-files"),
+        }
+    }
+
     async fn call(
         &self,
         method: hyper::Method,
@@ -216,7 +253,7 @@ impl FilesApi {
             .map_err(|_| transient("files API timed out"))?
     }
 
-    async fn upload(&self, bytes: Vec<u8>, ct: &str) -> Result<Value, TaskError> {
+    pub(crate) async fn upload(&self, bytes: Vec<u8>, ct: &str) -> Result<Value, TaskError> {
         let (status, _, body) = self
             .call(hyper::Method::POST, "/v1/files", bytes, Some(ct))
             .await?;
@@ -245,7 +282,7 @@ impl FilesApi {
         )
     }
 
-    async fn download(&self, id: &str) -> Result<Bytes, TaskError> {
+    pub(crate) async fn download(&self, id: &str) -> Result<Bytes, TaskError> {
         let (status, _, body) = self
             .call(
                 hyper::Method::GET,
@@ -276,19 +313,7 @@ fn demo_worker_builder(
     state_dir: PathBuf,
     slots: u32,
 ) -> Worker {
-    let base = url
-        .replacen("ws://", "http://", 1)
-        .split("/v1/")
-        .next()
-        .unwrap_or_default()
-        .trim_end_matches('/')
-        .to_owned();
-    let api = FilesApi {
-        base,
-        token: token.clone(),
-        client: Client::builder(TokioExecutor::new()).build_http(),
-        owned: state_dir.join("owned-files"),
-    };
+    let api = FilesApi::new(&url, token.clone(), &state_dir);
     let cfg = WorkerConfig {
         url,
         token,
@@ -358,11 +383,7 @@ async fn txt2img(api: FilesApi, ctx: TaskContext) -> Result<Value, TaskError> {
         let p = prompt.clone();
         let png = tokio::task::spawn_blocking(move || {
             let img = demo::txt2img(&p, seed + u64::from(i), w, h, |step, total| {
-                c.progress(
-                    "render",
-                    u64::from(i * total + step),
-                    u64::from(n * total),
-                )
+                c.progress("render", u64::from(i * total + step), u64::from(n * total))
             });
             encode_png(&image::DynamicImage::ImageRgb8(img))
         })
@@ -383,8 +404,15 @@ async fn txt2img(api: FilesApi, ctx: TaskContext) -> Result<Value, TaskError> {
 /// The reference file ids of an img2img input: `images` (several) or `image` (one).
 fn reference_ids(input: &Value) -> Result<Vec<String>, TaskError> {
     let ids: Vec<String> = match input["images"].as_array() {
-        Some(a) => a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect(),
-        None => input["image"].as_str().map(str::to_owned).into_iter().collect(),
+        Some(a) => a
+            .iter()
+            .filter_map(|v| v.as_str().map(str::to_owned))
+            .collect(),
+        None => input["image"]
+            .as_str()
+            .map(str::to_owned)
+            .into_iter()
+            .collect(),
     };
     if ids.is_empty() || ids.len() > 16 {
         return Err(bad_input(

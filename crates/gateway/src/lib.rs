@@ -222,7 +222,11 @@ async fn method_not_allowed() -> ApiError {
     )
 }
 
-pub(crate) async fn time_limit(State(limit): State<Duration>, req: Request, next: Next) -> Response {
+pub(crate) async fn time_limit(
+    State(limit): State<Duration>,
+    req: Request,
+    next: Next,
+) -> Response {
     match tokio::time::timeout(limit, next.run(req)).await {
         Ok(r) => r,
         Err(_) => ApiError {

@@ -238,7 +238,9 @@ impl OpenAiConfig {
             if m.runs_on == RunsOn::Workers
                 && (m.generate_task_type.is_empty() || m.edit_task_type.is_empty())
             {
-                return Err(format!("{key}: generate_task_type and edit_task_type must be set"));
+                return Err(format!(
+                    "{key}: generate_task_type and edit_task_type must be set"
+                ));
             }
             if m.max_reference_bytes == 0 || m.max_reference_dimension == 0 {
                 return Err(format!(
@@ -261,6 +263,12 @@ impl OpenAiConfig {
                 return Err(format!(
                     "{key}.base_url {:?} is not an http(s) URL",
                     p.base_url
+                ));
+            }
+            if p.deadline < p.request_timeout {
+                return Err(format!(
+                    "{key}.deadline must be at least request_timeout (a retry is made only when \
+                     a whole attempt fits before the deadline)"
                 ));
             }
             if p.concurrency == 0 {

@@ -28,7 +28,11 @@ impl OpenAiError {
         }
     }
 
-    pub(crate) fn new(status: StatusCode, code: impl Into<String>, message: impl Into<String>) -> Self {
+    pub(crate) fn new(
+        status: StatusCode,
+        code: impl Into<String>,
+        message: impl Into<String>,
+    ) -> Self {
         Self {
             status,
             message: message.into(),

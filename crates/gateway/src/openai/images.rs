@@ -44,11 +44,17 @@ struct Call {
     extras: Map<String, Value>,
 }
 
-fn text<'a>(fields: &'a Map<String, Value>, key: &'static str) -> Result<Option<&'a str>, OpenAiError> {
+fn text<'a>(
+    fields: &'a Map<String, Value>,
+    key: &'static str,
+) -> Result<Option<&'a str>, OpenAiError> {
     match fields.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s.as_str())),
-        Some(_) => Err(OpenAiError::invalid(key, format!("`{key}` must be a string"))),
+        Some(_) => Err(OpenAiError::invalid(
+            key,
+            format!("`{key}` must be a string"),
+        )),
     }
 }
 
@@ -86,7 +92,9 @@ impl Call {
                 format!("`prompt` is longer than {MAX_PROMPT} characters"),
             ));
         }
-        let model_name = text(fields, "model")?.unwrap_or(&cfg.default_model).to_owned();
+        let model_name = text(fields, "model")?
+            .unwrap_or(&cfg.default_model)
+            .to_owned();
         let model = cfg.models.get(&model_name).cloned().ok_or_else(|| {
             let known: Vec<&str> = cfg.models.keys().map(String::as_str).collect();
             OpenAiError {
@@ -137,7 +145,13 @@ impl Call {
             ));
         }
         let mut extras = Map::new();
-        for key in ["quality", "background", "output_format", "style", "moderation"] {
+        for key in [
+            "quality",
+            "background",
+            "output_format",
+            "style",
+            "moderation",
+        ] {
             if let Some(v) = text(fields, key)? {
                 extras.insert(key.into(), v.into());
             }
@@ -215,7 +229,10 @@ fn wait_limit(headers: &HeaderMap, state: &AppState) -> Duration {
         if token.eq_ignore_ascii_case("respond-async") {
             return Duration::ZERO;
         }
-        if let Some(n) = token.strip_prefix("wait=").and_then(|n| n.trim().parse::<u64>().ok()) {
+        if let Some(n) = token
+            .strip_prefix("wait=")
+            .and_then(|n| n.trim().parse::<u64>().ok())
+        {
             wait = Duration::from_secs(n);
         }
     }
@@ -275,7 +292,11 @@ async fn submit(
                 "this Idempotency-Key was already used for a different request",
             ))
         }
-        Err(QueueError::Invalid(m)) => Err(OpenAiError::new(StatusCode::BAD_REQUEST, "invalid_value", m)),
+        Err(QueueError::Invalid(m)) => Err(OpenAiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_value",
+            m,
+        )),
         Err(e) => Err(OpenAiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "unavailable",
@@ -302,7 +323,8 @@ fn find_repeat(
         })
         .map_err(|e| OpenAiError::from(crate::error::ApiError::unavailable(e.to_string())))?;
     Ok(tasks.into_iter().find(|t| {
-        t.request_id.as_deref() == Some(request_id) && t.input.get("fingerprint") == Some(fingerprint)
+        t.request_id.as_deref() == Some(request_id)
+            && t.input.get("fingerprint") == Some(fingerprint)
     }))
 }
 
@@ -351,7 +373,10 @@ fn accepted(state: &AppState, task: Task) -> Result<Response, OpenAiError> {
 fn task_failure(task: &Task) -> OpenAiError {
     let (code, message) = match &task.error {
         Some(e) => (e.code.clone(), e.message.clone()),
-        None => (task.state.as_str().to_owned(), format!("the task ended {}", task.state.as_str())),
+        None => (
+            task.state.as_str().to_owned(),
+            format!("the task ended {}", task.state.as_str()),
+        ),
     };
     let status = match task.state {
         TaskState::Canceled => StatusCode::CONFLICT,
@@ -365,7 +390,11 @@ fn task_failure(task: &Task) -> OpenAiError {
 }
 
 /// The OpenAI body of a succeeded task.
-async fn images_body(state: &AppState, task: &Task, fmt: ResponseFormat) -> Result<Value, OpenAiError> {
+async fn images_body(
+    state: &AppState,
+    task: &Task,
+    fmt: ResponseFormat,
+) -> Result<Value, OpenAiError> {
     let out = task.output.as_ref().unwrap_or(&Value::Null);
     let files = out["files"].as_array().cloned().unwrap_or_default();
     let base = state.config().public_base_url.as_deref();
@@ -390,7 +419,9 @@ async fn images_body(state: &AppState, task: &Task, fmt: ResponseFormat) -> Resu
                     })?;
                 item.insert(
                     "b64_json".into(),
-                    base64::engine::general_purpose::STANDARD.encode(bytes).into(),
+                    base64::engine::general_purpose::STANDARD
+                        .encode(bytes)
+                        .into(),
                 );
             }
             _ => {
@@ -421,7 +452,12 @@ async fn run(
     let task = submit(state, task_type, input.clone(), request_id).await?;
     if task.input.get("images") != input.get("images") {
         // A repeat of an earlier edit: the references stored for this call are not needed.
-        for id in input["images"].as_array().into_iter().flatten().chain(input.get("mask")) {
+        for id in input["images"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .chain(input.get("mask"))
+        {
             if let Some(id) = id.as_str() {
                 let _ = state.files().delete(id).await;
             }
@@ -526,9 +562,9 @@ pub(crate) async fn edits(
         ));
     }
     let request_id = idempotency_key(&headers)?;
-    let mut mp = Multipart::from_request(req, &state)
-        .await
-        .map_err(|e| OpenAiError::new(StatusCode::BAD_REQUEST, "invalid_multipart", e.body_text()))?;
+    let mut mp = Multipart::from_request(req, &state).await.map_err(|e| {
+        OpenAiError::new(StatusCode::BAD_REQUEST, "invalid_multipart", e.body_text())
+    })?;
     let mut images: Vec<Part> = Vec::new();
     let mut mask: Option<Part> = None;
     let mut fields = Map::new();
@@ -575,15 +611,31 @@ pub(crate) async fn edits(
     }
     let fingerprint = hex::encode(fp.finalize());
     // Compress the references (off the runtime, inside store_image) to the model's limits.
-    let (max_bytes, max_dim) = (call.model.max_reference_bytes, call.model.max_reference_dimension);
+    let (max_bytes, max_dim) = (
+        call.model.max_reference_bytes,
+        call.model.max_reference_dimension,
+    );
     let stored = futures_util::future::try_join_all(images.into_iter().map(|p| {
         let state = state.clone();
-        async move { store_image(&state, p.data, &p.content_type, Some(max_bytes), Some(max_dim)).await }
+        async move {
+            store_image(
+                &state,
+                p.data,
+                &p.content_type,
+                Some(max_bytes),
+                Some(max_dim),
+            )
+            .await
+        }
     }))
     .await?;
     let ids: Vec<String> = stored.into_iter().map(|m| m.id).collect();
     let mask_id = match mask {
-        Some(p) => Some(store_image(&state, p.data, &p.content_type, None, None).await?.id),
+        Some(p) => Some(
+            store_image(&state, p.data, &p.content_type, None, None)
+                .await?
+                .id,
+        ),
         None => None,
     };
     let (task_type, mut input) = call.task(Some((&ids, mask_id.as_deref())));

@@ -4,8 +4,10 @@
 
 mod config;
 mod error;
+mod fetch;
 mod images;
 mod models;
+mod provider;
 
 use std::time::Duration;
 
@@ -13,8 +15,11 @@ use axum::Router;
 use axum::routing::{get, post};
 
 pub use config::{
-    ModelConfig, OpenAiConfig, ProviderConfig, ProviderKind, ReferenceMode, ResponseFormat,
-    RunsOn,
+    ModelConfig, OpenAiConfig, ProviderConfig, ProviderKind, ReferenceMode, ResponseFormat, RunsOn,
+};
+pub use fetch::FetchError;
+pub use provider::{
+    Attempt, Call, Image, OpenAiCompatible, Output, ProviderError, attempts_json, summary,
 };
 
 use crate::AppState;
