@@ -116,26 +116,30 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
 
     let submit = |i: usize| {
-        broker
-            .submit(NewTask {
-                task_type: "noop".into(),
-                input: json!({"i": i}),
-                ..Default::default()
-            })
-            .map(|(t, _)| t.id)
+        let broker = broker.clone();
+        async move {
+            broker
+                .submit(NewTask {
+                    task_type: "noop".into(),
+                    input: json!({"i": i}),
+                    ..Default::default()
+                })
+                .await
+                .map(|(t, _)| t.id)
+        }
     };
     // Throughput: submit everything, wait for every completion.
     eprintln!("submitting {} tasks", a.n);
     let start = Instant::now();
     let mut ids = Vec::with_capacity(a.n);
     for i in 0..a.n {
-        ids.push(submit(i)?);
+        ids.push(submit(i).await?);
     }
     // Completions are counted from the store (the event feed would lag behind 10,000 bursts).
     let deadline = Instant::now() + Duration::from_secs(600);
     let mut last_print = 0;
     loop {
-        let stats = broker.queue().stats()?;
+        let stats = broker.queue().stats().await?;
         let done = stats.count(kiln_protocol::TaskState::Succeeded)
             + stats.count(kiln_protocol::TaskState::Failed);
         if done as usize >= a.n || Instant::now() > deadline {
@@ -159,7 +163,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     for i in 0..a.rtt {
         let t0 = Instant::now();
         let mut events = broker.subscribe();
-        let id = submit(a.n + i)?;
+        let id = submit(a.n + i).await?;
         loop {
             match events.recv().await {
                 Ok(e) if e.kind == "completed" && e.task_id == id => break,
@@ -176,17 +180,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let runs = runs.lock().map_err(|_| "poisoned")?.clone();
     let lost = ids.iter().filter(|id| !runs.contains_key(*id)).count();
     let duplicates: u32 = runs.values().map(|n| n.saturating_sub(1)).sum();
-    let stored_done = ids
-        .iter()
-        .filter(|id| {
-            broker
-                .queue()
-                .get(id)
-                .ok()
-                .flatten()
-                .is_some_and(|t| t.state == kiln_protocol::TaskState::Succeeded)
-        })
-        .count();
+    let mut stored_done = 0;
+    for id in &ids {
+        if let Ok(Some(t)) = broker.queue().get(id).await
+            && t.state == kiln_protocol::TaskState::Succeeded
+        {
+            stored_done += 1;
+        }
+    }
     eprintln!(
         "rtt p50 {:.3} ms, p99 {:.3} ms; {} of {} stored as succeeded; {} executions",
         pct(&rtts, 0.5),

@@ -16,7 +16,8 @@ use tokio::sync::{broadcast, mpsc, watch};
 
 use crate::config::BrokerConfig;
 use crate::model::*;
-use crate::sqlite::SqliteQueue;
+use crate::queue::{Notification, Queue, Sweep};
+use crate::sqlite::{SqliteOptions, SqliteQueue};
 
 pub use kiln_protocol::now_ms;
 
@@ -67,6 +68,10 @@ struct SessionState {
     inflight: HashSet<String>,
     retained: Vec<(u64, String)>,
     next_seq: u64,
+    /// Credits taken by a `reserve` still running.
+    reserving: usize,
+    /// A new hello for this worker is being registered: assign nothing more here.
+    replacing: bool,
     tx: Option<mpsc::UnboundedSender<Outbound>>,
     conn_id: u64,
     draining: bool,
@@ -78,7 +83,7 @@ struct SessionState {
 
 impl SessionState {
     fn free(&self) -> usize {
-        (self.slots as usize).saturating_sub(self.inflight.len())
+        (self.slots as usize).saturating_sub(self.inflight.len() + self.reserving)
     }
 
     /// Queues a control message (`assign`, `cancel`, `drain`) with the next seq; kept until
@@ -99,7 +104,7 @@ impl SessionState {
 /// The broker: a queue store plus the live worker sessions.
 pub struct Broker {
     cfg: BrokerConfig,
-    queue: Arc<SqliteQueue>,
+    queue: Arc<dyn Queue>,
     sessions: Mutex<HashMap<String, SessionState>>,
     events: broadcast::Sender<TaskEvent>,
     wake: watch::Sender<u64>,
@@ -122,20 +127,24 @@ impl Broker {
     pub fn open(path: &Path, cfg: BrokerConfig) -> Result<Shared, QueueError> {
         let q = SqliteQueue::open(
             path,
-            cfg.max_attempts,
-            cfg.retry_base.as_millis() as u64,
-            cfg.sync_full,
+            SqliteOptions {
+                queue: cfg.queue_options(),
+                sync_full: cfg.sync_full,
+                ..SqliteOptions::default()
+            },
         )?;
-        Ok(Self::with_queue(q, cfg))
+        Ok(Self::with_queue(Arc::new(q), cfg))
     }
 
-    /// A broker over an existing queue (tests use `SqliteQueue::in_memory`).
-    pub fn with_queue(queue: SqliteQueue, cfg: BrokerConfig) -> Shared {
+    /// A broker over any queue store (tests use `SqliteQueue::in_memory`). Starts the
+    /// sweeper and, when the store pushes changes from other processes, their listener
+    /// (needs a tokio runtime).
+    pub fn with_queue(queue: Arc<dyn Queue>, cfg: BrokerConfig) -> Shared {
         let (events, _) = broadcast::channel(4096);
         let (wake, _) = watch::channel(0);
         let b = Arc::new(Self {
             cfg,
-            queue: Arc::new(queue),
+            queue,
             sessions: Mutex::new(HashMap::new()),
             events,
             wake,
@@ -150,9 +159,23 @@ impl Broker {
             loop {
                 tick.tick().await;
                 let Some(b) = weak.upgrade() else { break };
-                b.sweep();
+                b.sweep().await;
             }
         });
+        if let Some(mut notes) = b.queue.notifications() {
+            let weak = Arc::downgrade(&b);
+            tokio::spawn(async move {
+                while let Some(n) = notes.next().await {
+                    let Some(b) = weak.upgrade() else { break };
+                    match n {
+                        Notification::TasksReady => b.wake_dispatch(),
+                        Notification::Event(e) => {
+                            let _ = b.events.send(e);
+                        }
+                    }
+                }
+            });
+        }
         b
     }
 
@@ -162,8 +185,8 @@ impl Broker {
     }
 
     /// The queue store, for reads.
-    pub fn queue(&self) -> &SqliteQueue {
-        &self.queue
+    pub fn queue(&self) -> &dyn Queue {
+        &*self.queue
     }
 
     /// Live task events (state changes, progress, completion).
@@ -187,8 +210,8 @@ impl Broker {
 
     /// Stores a task (idempotent by request_id) and wakes dispatch. Returns the task and
     /// whether it was created now.
-    pub fn submit(&self, t: NewTask) -> Result<(Task, bool), QueueError> {
-        let r = self.queue.enqueue(t, now_ms());
+    pub async fn submit(&self, t: NewTask) -> Result<(Task, bool), QueueError> {
+        let r = self.queue.enqueue(t, now_ms()).await;
         self.publish();
         if matches!(r, Ok((_, true))) {
             self.wake_dispatch();
@@ -198,8 +221,8 @@ impl Broker {
 
     /// Cancels a task; a running one gets a `cancel` sent to its worker (replayed on resume
     /// if the worker is offline).
-    pub fn cancel(&self, id: &str) -> Result<CancelOutcome, QueueError> {
-        let out = self.queue.cancel(id, now_ms());
+    pub async fn cancel(&self, id: &str) -> Result<CancelOutcome, QueueError> {
+        let out = self.queue.cancel(id, now_ms()).await;
         self.publish();
         if let Ok(CancelOutcome::SignalWorker {
             worker_id, lease, ..
@@ -285,25 +308,29 @@ impl Broker {
             .any(|s| s.tx.is_some() && s.capabilities.task_types.iter().any(|t| t == task_type))
     }
 
-    fn sweep(&self) {
+    async fn sweep(&self) {
         let now = now_ms();
-        match self.queue.sweep(now) {
-            Ok(crate::sqlite::Sweep { changed, stop }) => {
+        match self.queue.sweep(now).await {
+            Ok(Sweep { changed, stop }) => {
                 self.publish();
                 if !changed.is_empty() {
                     // Leases that lapsed or ended no longer count against a session's credits.
-                    let mut sessions = self.sessions();
-                    for (worker_id, s) in sessions.iter_mut() {
-                        if s.inflight.is_empty() {
-                            continue;
-                        }
-                        if let Ok(held) = self.queue.leases_of(worker_id) {
+                    let busy: Vec<(String, HashSet<String>)> = self
+                        .sessions()
+                        .iter()
+                        .filter(|(_, s)| !s.inflight.is_empty())
+                        .map(|(id, s)| (id.clone(), s.inflight.clone()))
+                        .collect();
+                    for (worker_id, seen) in busy {
+                        if let Ok(held) = self.queue.leases_of(&worker_id).await {
                             let live: HashSet<String> = held.into_iter().map(|(l, _)| l).collect();
-                            s.inflight.retain(|l| live.contains(l));
+                            // Only leases known before the read can have lapsed.
+                            let gone: HashSet<&String> = seen.difference(&live).collect();
+                            if let Some(s) = self.sessions().get_mut(&worker_id) {
+                                s.inflight.retain(|l| !gone.contains(l));
+                            }
                         }
                     }
-                    drop(sessions);
-                    self.wake_dispatch();
                 }
                 for (worker, lease) in stop {
                     self.send_cancel(&worker, &lease, "deadline passed");
@@ -311,6 +338,9 @@ impl Broker {
             }
             Err(e) => tracing::warn!(message = "sweep failed", error = %e),
         }
+        // Tasks may have become runnable without a local event (a retry time passed, another
+        // process enqueued): every tick lets sessions with free slots look.
+        self.wake_dispatch();
         // Forget sessions that have been gone longer than a lease: nothing left to resume.
         let lease_ms = self.cfg.lease.as_millis() as u64;
         self.sessions().retain(|_, s| {
@@ -351,7 +381,7 @@ impl Broker {
         let worker_id = hello.worker_id.clone();
         let (tx, mut rx) = mpsc::unbounded_channel::<Outbound>();
         let conn_id = self.conn_ids.fetch_add(1, Ordering::Relaxed);
-        let (welcome, replay) = match self.register(&hello, tx, conn_id) {
+        let (welcome, replay) = match self.register(&hello, tx, conn_id).await {
             Ok(w) => w,
             Err(e) => {
                 return end(
@@ -372,7 +402,7 @@ impl Broker {
                 return self.disconnect(&worker_id, conn_id, end(1006, "send failed".into()));
             }
         }
-        self.dispatch(&worker_id);
+        self.dispatch(&worker_id).await;
         let mut wake = self.wake.subscribe();
         let mut bad_frames = 0u32;
         let dead_after = self.cfg.dead_after;
@@ -416,7 +446,7 @@ impl Broker {
                 },
                 changed = wake.changed() => {
                     if changed.is_err() { break end(close::RESTART, "gateway stopping".into()); }
-                    self.dispatch(&worker_id);
+                    self.dispatch(&worker_id).await;
                 }
                 _ = &mut silence => break end(close::HEARTBEAT_TIMEOUT, "no frame within dead_after".into()),
             }
@@ -437,43 +467,63 @@ impl Broker {
 
     /// Registers a hello: resume, restart or fresh session. Returns the welcome and the
     /// control frames to replay.
-    fn register(
+    async fn register(
         &self,
         hello: &Hello,
         tx: mpsc::UnboundedSender<Outbound>,
         conn_id: u64,
     ) -> Result<(Welcome, Vec<String>), QueueError> {
         let now = now_ms();
-        let mut sessions = self.sessions();
-        let previous = sessions.remove(&hello.worker_id);
-        if let Some(p) = &previous
-            && let Some(old) = &p.tx
-        {
-            let _ = old.send(Outbound::Close(SessionEnd {
-                code: close::REPLACED,
-                reason: "replaced by a newer session".into(),
-            }));
-        }
-        let same_boot = previous
-            .as_ref()
-            .is_some_and(|p| p.boot_id == hello.boot_id);
-        let resumable = same_boot
-            && match (&previous, &hello.resume) {
-                (Some(p), Some(r)) => p.session == r.session,
-                _ => false,
-            };
+        let until = now + self.cfg.lease.as_millis() as u64;
+        let worker_id = &hello.worker_id;
+        // The previous session stays in place while the store is asked, so that cancels
+        // sent meanwhile are retained; its connection is closed now and it assigns nothing.
+        let previous = {
+            let mut sessions = self.sessions();
+            sessions.get_mut(worker_id).map(|p| {
+                if let Some(old) = p.tx.take() {
+                    let _ = old.send(Outbound::Close(SessionEnd {
+                        code: close::REPLACED,
+                        reason: "replaced by a newer session".into(),
+                    }));
+                }
+                p.disconnected_at.get_or_insert(now);
+                (p.boot_id.clone(), p.session.clone(), p.inflight.clone())
+            })
+        };
+        let resumable = match (&previous, &hello.resume) {
+            (Some((boot, session, _)), Some(r)) => *boot == hello.boot_id && *session == r.session,
+            _ => false,
+        };
         let claimed: HashSet<&String> = hello.inflight.iter().collect();
-        if resumable {
-            let Some(mut s) = previous else {
-                unreachable!("resumable implies a previous session")
+        if let (true, Some((_, session, inflight))) = (resumable, &previous) {
+            // Leases the worker no longer has go back to the queue.
+            let lost: Vec<&String> = inflight.iter().filter(|l| !claimed.contains(l)).collect();
+            for l in &lost {
+                self.queue
+                    .release(l, "worker no longer holds the lease", now)
+                    .await?;
+            }
+            self.queue.renew(worker_id, until).await?;
+            let mut sessions = self.sessions();
+            let Some(s) = sessions
+                .get_mut(worker_id)
+                .filter(|s| s.session == *session)
+            else {
+                return Err(QueueError::Unavailable(
+                    "another hello for this worker arrived meanwhile".into(),
+                ));
             };
+            for l in lost {
+                s.inflight.remove(l);
+            }
             let last = hello.resume.as_ref().map(|r| r.last_seq).unwrap_or(0);
             s.retained.retain(|(seq, _)| *seq > last);
             let replay: Vec<String> = s.retained.iter().map(|(_, f)| f.clone()).collect();
-            let keep: Vec<String> = s
+            let keep: Vec<String> = hello
                 .inflight
                 .iter()
-                .filter(|l| claimed.contains(l))
+                .filter(|l| s.inflight.contains(*l))
                 .cloned()
                 .collect();
             let dropped: Vec<String> = hello
@@ -482,18 +532,6 @@ impl Broker {
                 .filter(|l| !s.inflight.contains(*l))
                 .cloned()
                 .collect();
-            // Leases the worker no longer has go back to the queue.
-            for lost in s
-                .inflight
-                .iter()
-                .filter(|l| !claimed.contains(l))
-                .cloned()
-                .collect::<Vec<_>>()
-            {
-                self.queue
-                    .release(&lost, "worker no longer holds the lease", now)?;
-                s.inflight.remove(&lost);
-            }
             s.tx = Some(tx);
             s.conn_id = conn_id;
             s.slots = hello.slots;
@@ -507,35 +545,37 @@ impl Broker {
                 keep,
                 drop: dropped,
             };
-            sessions.insert(hello.worker_id.clone(), s);
             drop(sessions);
-            self.queue
-                .renew(&hello.worker_id, now + self.cfg.lease.as_millis() as u64)?;
             self.publish();
             return Ok((welcome, replay));
         }
-        // Not a resume. The queue's lease table decides what the worker keeps: with the
-        // same boot (gateway restarted, or resume data lost) leases it still runs are kept;
-        // a new boot releases everything the old process held.
-        let held = self.queue.leases_of(&hello.worker_id)?;
-        let mut keep = Vec::new();
-        let mut inflight = HashSet::new();
+        // Not a resume: a dispatch still running for the old session hands its leases back.
+        if let Some(p) = self.sessions().get_mut(worker_id) {
+            p.replacing = true;
+        }
+        // The queue's lease table decides what the worker keeps: with the same boot (gateway
+        // restarted, or resume data lost) leases it still runs are kept; a new boot releases
+        // everything the old process held.
         let restarted = previous
             .as_ref()
-            .is_some_and(|p| p.boot_id != hello.boot_id);
+            .is_some_and(|(boot, _, _)| *boot != hello.boot_id);
+        let mut keep = Vec::new();
+        let mut inflight = HashSet::new();
         if restarted {
-            self.queue.release_worker(&hello.worker_id, now)?;
+            self.queue.release_worker(worker_id, now).await?;
         } else {
-            for (lease, _) in &held {
-                if claimed.contains(lease) {
+            for (lease, _) in self.queue.leases_of(worker_id).await? {
+                if claimed.contains(&lease) {
                     keep.push(lease.clone());
-                    inflight.insert(lease.clone());
+                    inflight.insert(lease);
                 } else {
                     self.queue
-                        .release(lease, "worker no longer holds the lease", now)?;
+                        .release(&lease, "worker no longer holds the lease", now)
+                        .await?;
                 }
             }
         }
+        self.queue.renew(worker_id, until).await?;
         let dropped: Vec<String> = hello
             .inflight
             .iter()
@@ -543,8 +583,8 @@ impl Broker {
             .cloned()
             .collect();
         let session = format!("sess_{}", uuid::Uuid::new_v4().simple());
-        sessions.insert(
-            hello.worker_id.clone(),
+        self.sessions().insert(
+            worker_id.clone(),
             SessionState {
                 session: session.clone(),
                 boot_id: hello.boot_id.clone(),
@@ -553,6 +593,8 @@ impl Broker {
                 inflight,
                 retained: Vec::new(),
                 next_seq: 1,
+                reserving: 0,
+                replacing: false,
                 tx: Some(tx),
                 conn_id,
                 draining: false,
@@ -562,9 +604,6 @@ impl Broker {
                 gpu: None,
             },
         );
-        drop(sessions);
-        self.queue
-            .renew(&hello.worker_id, now + self.cfg.lease.as_millis() as u64)?;
         self.publish();
         self.wake_dispatch();
         Ok((
@@ -588,63 +627,91 @@ impl Broker {
     }
 
     /// Fills the worker's free slots from the queue.
-    fn dispatch(&self, worker_id: &str) {
+    async fn dispatch(&self, worker_id: &str) {
         if self.is_paused() {
             return;
         }
         let now = now_ms();
         let lease_until = now + self.cfg.lease.as_millis() as u64;
-        let mut sessions = self.sessions();
-        let Some(s) = sessions.get_mut(worker_id) else {
-            return;
-        };
-        if s.tx.is_none() || s.draining {
-            return;
-        }
-        let free = s.free();
-        if free == 0 {
-            return;
-        }
-        let tasks = match self.queue.reserve(
-            worker_id,
-            &s.capabilities.task_types,
-            free,
-            lease_until,
-            now,
-        ) {
-            Ok(t) => t,
-            Err(e) => {
-                tracing::warn!(message = "reserve failed", error = %e);
+        let (types, free, session) = {
+            let mut sessions = self.sessions();
+            let Some(s) = sessions.get_mut(worker_id) else {
+                return;
+            };
+            if s.tx.is_none() || s.draining || s.replacing {
                 return;
             }
+            let free = s.free();
+            if free == 0 {
+                return;
+            }
+            // The credits stay taken while the store answers.
+            s.reserving += free;
+            (s.capabilities.task_types.clone(), free, s.session.clone())
         };
-        if tasks.is_empty() {
-            return;
+        let reserved = self
+            .queue
+            .reserve(worker_id, &types, free, lease_until, now)
+            .await;
+        let orphans = {
+            let mut sessions = self.sessions();
+            let mut current = sessions.get_mut(worker_id).filter(|s| s.session == session);
+            if let Some(s) = current.as_mut() {
+                s.reserving = s.reserving.saturating_sub(free);
+            }
+            let tasks = match reserved {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::warn!(message = "reserve failed", error = %e);
+                    return;
+                }
+            };
+            if tasks.is_empty() {
+                return;
+            }
+            match current.filter(|s| !s.replacing) {
+                Some(s) => {
+                    let assignments: Vec<TaskAssignment> = tasks
+                        .into_iter()
+                        .filter_map(|t| {
+                            let lease = t.lease?;
+                            s.inflight.insert(lease.clone());
+                            Some(TaskAssignment {
+                                task_id: t.id,
+                                attempt: t.attempt,
+                                lease,
+                                request_id: t.request_id,
+                                task_type: t.task_type,
+                                priority: t.priority,
+                                deadline: t.deadline,
+                                input: t.input,
+                            })
+                        })
+                        .collect();
+                    s.push_control(|seq| {
+                        Message::Assign(Assign {
+                            seq,
+                            tasks: assignments,
+                        })
+                    });
+                    Vec::new()
+                }
+                // The session was replaced while the store answered: give the tasks back.
+                None => tasks.into_iter().filter_map(|t| t.lease).collect(),
+            }
+        };
+        for lease in &orphans {
+            if let Err(e) = self
+                .queue
+                .release(lease, "the session ended before assignment", now)
+                .await
+            {
+                tracing::warn!(message = "release failed", error = %e);
+            }
         }
-        let assignments: Vec<TaskAssignment> = tasks
-            .into_iter()
-            .filter_map(|t| {
-                let lease = t.lease?;
-                s.inflight.insert(lease.clone());
-                Some(TaskAssignment {
-                    task_id: t.id,
-                    attempt: t.attempt,
-                    lease,
-                    request_id: t.request_id,
-                    task_type: t.task_type,
-                    priority: t.priority,
-                    deadline: t.deadline,
-                    input: t.input,
-                })
-            })
-            .collect();
-        s.push_control(|seq| {
-            Message::Assign(Assign {
-                seq,
-                tasks: assignments,
-            })
-        });
-        drop(sessions);
+        if !orphans.is_empty() {
+            self.wake_dispatch();
+        }
         self.publish();
     }
 
@@ -661,7 +728,8 @@ impl Broker {
             worker_id,
             now,
             !matches!(env.message, Message::Heartbeat(_)),
-        );
+        )
+        .await;
         let reply = |m: Message| Envelope::new(m, now_ms()).from_source("gateway").encode();
         match env.message {
             Message::Ack(Ack { seq }) => self.acked(worker_id, seq),
@@ -672,7 +740,7 @@ impl Broker {
                     s.last_renew = now;
                 }
                 let until = now + self.cfg.lease.as_millis() as u64;
-                if let Err(e) = self.queue.renew(worker_id, until) {
+                if let Err(e) = self.queue.renew(worker_id, until).await {
                     tracing::warn!(message = "lease renewal failed", error = %e);
                 }
                 let _ = sink
@@ -684,7 +752,7 @@ impl Broker {
             Message::Progress(p) => {
                 let data = json!({"stage": p.stage, "step": p.step, "total": p.total, "eta_ms": p.eta_ms,
                     "percent": (p.total > 0).then(|| (p.step as f64 / p.total as f64 * 100.0).min(100.0))});
-                if let Err(e) = self.queue.progress(&p.lease, data, now) {
+                if let Err(e) = self.queue.progress(&p.lease, data, now).await {
                     tracing::warn!(message = "progress not stored", error = %e);
                 }
                 self.publish();
@@ -699,7 +767,8 @@ impl Broker {
                         retryable: false,
                     })),
                 };
-                let (accepted, reason) = match self.queue.complete(&r.lease, completion, now) {
+                let (accepted, reason) = match self.queue.complete(&r.lease, completion, now).await
+                {
                     Ok(o) => (o.accepted, o.reason),
                     Err(e) => {
                         // Not acknowledged: the worker keeps it in its outbox and resends.
@@ -716,12 +785,13 @@ impl Broker {
                         reason,
                     })))
                     .await;
-                self.dispatch(worker_id);
+                self.dispatch(worker_id).await;
             }
             Message::Reject(r) => {
                 let res = if r.retryable {
                     self.queue
                         .release(&r.lease, &format!("rejected: {}", r.reason), now)
+                        .await
                         .map(|_| ())
                 } else {
                     let err = TaskError {
@@ -731,6 +801,7 @@ impl Broker {
                     };
                     self.queue
                         .complete(&r.lease, Completion::Error(err), now)
+                        .await
                         .map(|_| ())
                 };
                 if let Err(e) = res {
@@ -738,10 +809,14 @@ impl Broker {
                 }
                 self.publish();
                 self.free_lease(worker_id, &r.lease);
-                self.dispatch(worker_id);
+                self.dispatch(worker_id).await;
             }
             Message::Release(r) => {
-                if let Err(e) = self.queue.release(&r.lease, "released by worker", now) {
+                if let Err(e) = self
+                    .queue
+                    .release(&r.lease, "released by worker", now)
+                    .await
+                {
                     tracing::warn!(message = "release not stored", error = %e);
                 }
                 self.publish();
@@ -763,7 +838,7 @@ impl Broker {
         None
     }
 
-    fn touch(&self, worker_id: &str, now: u64, renew_leases: bool) {
+    async fn touch(&self, worker_id: &str, now: u64, renew_leases: bool) {
         let renew = {
             let mut sessions = self.sessions();
             let Some(s) = sessions.get_mut(worker_id) else {
@@ -783,6 +858,7 @@ impl Broker {
             && let Err(e) = self
                 .queue
                 .renew(worker_id, now + self.cfg.lease.as_millis() as u64)
+                .await
         {
             tracing::warn!(message = "lease renewal failed", error = %e);
         }

@@ -38,6 +38,16 @@ pub struct BrokerConfig {
     pub sync_full: bool,
 }
 
+impl BrokerConfig {
+    /// The store settings these timers imply (attempts, retry backoff).
+    pub fn queue_options(&self) -> crate::QueueOptions {
+        crate::QueueOptions {
+            default_max_attempts: self.max_attempts,
+            retry_base_ms: self.retry_base.as_millis() as u64,
+        }
+    }
+}
+
 impl Default for BrokerConfig {
     fn default() -> Self {
         Self {

@@ -1,8 +1,9 @@
 //! kiln-broker: a durable task queue and the dispatcher that feeds `kiln.v1` worker
 //! sessions.
 //!
-//! Tasks are stored in SQLite (WAL) before `submit` returns, so an accepted task survives
-//! a kill -9 of the process. Each attempt gets its own lease; any frame from the worker
+//! Tasks live in a [`Queue`] store ([`SqliteQueue`], one WAL file, is the embedded
+//! default). They are stored before `submit` returns, so an accepted task survives a kill -9
+//! of the process. Each attempt gets its own lease; any frame from the worker
 //! renews its leases, and a lease lapses only after `lease` without renewal, so long jobs
 //! run once without tuning. Results are accepted by compare-and-set on the lease (first
 //! finisher wins). Workers never get more tasks than their free slots.
@@ -17,9 +18,11 @@
 //!
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() {
-//! let broker = Broker::with_queue(SqliteQueue::in_memory(3).unwrap(), BrokerConfig::default());
+//! let queue = std::sync::Arc::new(SqliteQueue::in_memory(3).unwrap());
+//! let broker = Broker::with_queue(queue, BrokerConfig::default());
 //! let (task, created) = broker
 //!     .submit(NewTask { task_type: "txt2img".into(), input: serde_json::json!({"prompt": "a fox"}), ..Default::default() })
+//!     .await
 //!     .unwrap();
 //! assert!(created);
 //!
@@ -42,9 +45,11 @@
 mod broker;
 mod config;
 mod model;
+mod queue;
 mod sqlite;
 
 pub use broker::{Broker, SessionEnd, WorkerInfo, now_ms};
 pub use config::BrokerConfig;
 pub use model::*;
-pub use sqlite::{SqliteQueue, Sweep};
+pub use queue::{Notification, Notifications, Queue, QueueFuture, QueueOptions, Sweep};
+pub use sqlite::{SqliteExecutor, SqliteOptions, SqliteQueue};

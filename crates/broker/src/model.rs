@@ -185,9 +185,12 @@ impl Stats {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum QueueError {
-    /// The database failed.
+    /// The database failed (busy, I/O, connection lost).
     #[error("queue store: {0}")]
-    Store(#[from] rusqlite::Error),
+    Store(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The store cannot be reached or has stopped.
+    #[error("queue store unavailable: {0}")]
+    Unavailable(String),
     /// A stored value did not parse.
     #[error("queue store holds a corrupt value: {0}")]
     Corrupt(String),
@@ -202,6 +205,12 @@ pub enum QueueError {
 impl QueueError {
     /// Whether retrying the call may succeed (the store was busy or unreachable).
     pub fn is_retryable(&self) -> bool {
-        matches!(self, QueueError::Store(_))
+        matches!(self, QueueError::Store(_) | QueueError::Unavailable(_))
+    }
+}
+
+impl From<rusqlite::Error> for QueueError {
+    fn from(e: rusqlite::Error) -> Self {
+        QueueError::Store(Box::new(e))
     }
 }

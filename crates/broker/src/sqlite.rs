@@ -2,9 +2,15 @@
 //! returns: its transaction has been committed to the WAL, which survives a kill -9 of the
 //! process (with `synchronous=NORMAL` a power loss can drop the last transactions; set
 //! `sync_full` for that case).
+//!
+//! rusqlite is blocking, so the connection never runs on the async runtime: every call is a
+//! closure executed on one dedicated thread that owns the connection (or, with
+//! [`SqliteExecutor::BlockingPool`], on tokio's blocking pool under a mutex), and its answer
+//! comes back through a oneshot channel.
 
+use std::cell::RefCell;
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use kiln_protocol::TaskState;
 use kiln_protocol::messages::TaskError;
@@ -12,6 +18,7 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 use serde_json::{Value, json};
 
 use crate::model::*;
+use crate::queue::*;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS tasks (
@@ -62,27 +69,9 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE INDEX IF NOT EXISTS events_task ON events (task_id, id);
 ";
 
-/// What a sweep changed.
-#[derive(Debug, Default)]
-pub struct Sweep {
-    /// Tasks whose state changed.
-    pub changed: Vec<Task>,
-    /// `(worker_id, lease)` of expired running tasks whose workers should stop.
-    pub stop: Vec<(String, String)>,
-}
-
 const COLS: &str = "id, request_id, task_type, state, priority, input, metadata, attempt, max_attempts, \
     lease, worker_id, lease_expires_at, deadline, cancel_requested, output, error, progress, \
     dead_lettered, created_at, started_at, completed_at, seq";
-
-/// The embedded queue store.
-#[derive(Debug)]
-pub struct SqliteQueue {
-    conn: Mutex<Connection>,
-    default_max_attempts: u32,
-    retry_base_ms: u64,
-    events: Mutex<Vec<TaskEvent>>,
-}
 
 type Result<T> = std::result::Result<T, QueueError>;
 
@@ -176,62 +165,161 @@ fn status_data(t: &Task) -> Value {
     json!({"status": t.state.as_str(), "attempt": t.attempt, "worker_id": t.worker_id})
 }
 
+/// Where the blocking SQLite calls run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SqliteExecutor {
+    /// One dedicated thread owns the connection and runs the calls in order. Default.
+    #[default]
+    Thread,
+    /// Each call runs on tokio's blocking pool, the connection behind a mutex.
+    BlockingPool,
+}
+
+/// Settings of the SQLite store.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SqliteOptions {
+    /// Attempts and retry backoff.
+    pub queue: QueueOptions,
+    /// `synchronous=FULL` (survives power loss, slower); NORMAL survives a process crash.
+    /// Default: false.
+    pub sync_full: bool,
+    /// Where the blocking calls run. Default: a dedicated thread.
+    pub executor: SqliteExecutor,
+}
+
+type Job = Box<dyn FnOnce(&Db) + Send>;
+
+enum Exec {
+    Thread(std::sync::mpsc::Sender<Job>),
+    Pool(Arc<Mutex<Db>>),
+}
+
+/// The embedded queue store. Implements [`Queue`].
+pub struct SqliteQueue {
+    exec: Exec,
+    /// Committed events not yet taken by the broker.
+    events: Arc<Mutex<Vec<TaskEvent>>>,
+}
+
+impl std::fmt::Debug for SqliteQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteQueue").finish_non_exhaustive()
+    }
+}
+
+/// The connection and what a call collected; lives on the executing thread.
+struct Db {
+    conn: Connection,
+    opts: QueueOptions,
+    /// Events written by the running call, published when it succeeds.
+    events: RefCell<Vec<TaskEvent>>,
+}
+
 impl SqliteQueue {
-    /// Opens (or creates) the queue file at `path`. `default_max_attempts` applies to tasks
-    /// that do not set their own; failed retryable attempts wait `retry_base_ms` times
-    /// 2^(attempt-1) before running again.
-    pub fn open(
-        path: &Path,
-        default_max_attempts: u32,
-        retry_base_ms: u64,
-        sync_full: bool,
-    ) -> Result<Self> {
+    /// Opens (or creates) the queue file at `path`.
+    pub fn open(path: &Path, opts: SqliteOptions) -> Result<Self> {
         let conn = Connection::open(path)?;
-        Self::init(conn, default_max_attempts, retry_base_ms, sync_full)
+        Self::init(conn, opts)
     }
 
-    /// An in-memory queue (tests).
+    /// An in-memory queue (tests), retries without backoff.
     pub fn in_memory(default_max_attempts: u32) -> Result<Self> {
         Self::init(
             Connection::open_in_memory()?,
-            default_max_attempts,
-            0,
-            false,
+            SqliteOptions {
+                queue: QueueOptions {
+                    default_max_attempts,
+                    retry_base_ms: 0,
+                },
+                ..SqliteOptions::default()
+            },
         )
     }
 
-    fn init(
-        conn: Connection,
-        default_max_attempts: u32,
-        retry_base_ms: u64,
-        sync_full: bool,
-    ) -> Result<Self> {
+    fn init(conn: Connection, opts: SqliteOptions) -> Result<Self> {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(
             None,
             "synchronous",
-            if sync_full { "FULL" } else { "NORMAL" },
+            if opts.sync_full { "FULL" } else { "NORMAL" },
         )?;
         conn.pragma_update(None, "busy_timeout", 5000)?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.execute_batch(SCHEMA)?;
+        let db = Db {
+            conn,
+            opts: QueueOptions {
+                default_max_attempts: opts.queue.default_max_attempts.max(1),
+                ..opts.queue
+            },
+            events: RefCell::new(Vec::new()),
+        };
+        let exec = match opts.executor {
+            SqliteExecutor::Thread => {
+                let (tx, rx) = std::sync::mpsc::channel::<Job>();
+                std::thread::Builder::new()
+                    .name("kiln-sqlite".into())
+                    .spawn(move || {
+                        while let Ok(job) = rx.recv() {
+                            job(&db);
+                        }
+                    })
+                    .map_err(|e| {
+                        QueueError::Unavailable(format!("start the SQLite thread: {e}"))
+                    })?;
+                Exec::Thread(tx)
+            }
+            SqliteExecutor::BlockingPool => Exec::Pool(Arc::new(Mutex::new(db))),
+        };
         Ok(Self {
-            conn: Mutex::new(conn),
-            default_max_attempts: default_max_attempts.max(1),
-            retry_base_ms,
-            events: Mutex::new(Vec::new()),
+            exec,
+            events: Arc::new(Mutex::new(Vec::new())),
         })
     }
 
-    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
-        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    /// Runs `f` against the connection off the async runtime. Events it wrote are published
+    /// only if it succeeded.
+    fn call<T, F>(&self, f: F) -> QueueFuture<'static, T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Db) -> Result<T> + Send + 'static,
+    {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let events = self.events.clone();
+        let job: Job = Box::new(move |db: &Db| {
+            db.events.borrow_mut().clear();
+            let r = f(db);
+            let written = std::mem::take(&mut *db.events.borrow_mut());
+            if r.is_ok() && !written.is_empty() {
+                events
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .extend(written);
+            }
+            let _ = tx.send(r);
+        });
+        let sent = match &self.exec {
+            Exec::Thread(jobs) => jobs
+                .send(job)
+                .map_err(|_| QueueError::Unavailable("the SQLite thread stopped".into())),
+            Exec::Pool(db) => {
+                let db = db.clone();
+                tokio::task::spawn_blocking(move || {
+                    job(&db.lock().unwrap_or_else(|p| p.into_inner()))
+                });
+                Ok(())
+            }
+        };
+        Box::pin(async move {
+            sent?;
+            rx.await
+                .map_err(|_| QueueError::Unavailable("the SQLite call was dropped".into()))?
+        })
     }
+}
 
-    /// Events written by the calls so far, oldest first; the broker broadcasts them.
-    pub fn take_events(&self) -> Vec<TaskEvent> {
-        std::mem::take(&mut *self.events.lock().unwrap_or_else(|p| p.into_inner()))
-    }
-
+impl Db {
     fn event(
         &self,
         c: &Connection,
@@ -245,16 +333,13 @@ impl SqliteQueue {
             params![task_id, kind, data.to_string(), now],
         )?;
         let id = c.last_insert_rowid();
-        self.events
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(TaskEvent {
-                id,
-                task_id: task_id.to_owned(),
-                kind: kind.to_owned(),
-                data,
-                ts: now,
-            });
+        self.events.borrow_mut().push(TaskEvent {
+            id,
+            task_id: task_id.to_owned(),
+            kind: kind.to_owned(),
+            data,
+            ts: now,
+        });
         Ok(())
     }
 
@@ -271,12 +356,11 @@ impl SqliteQueue {
 
     /// Stores a task, or returns the task already stored under its `request_id` (with
     /// `false`). A `request_id` reused for a different type or input is a conflict.
-    pub fn enqueue(&self, t: NewTask, now: u64) -> Result<(Task, bool)> {
+    fn enqueue(&self, t: NewTask, now: u64) -> Result<(Task, bool)> {
         if t.task_type.trim().is_empty() {
             return Err(QueueError::Invalid("task_type is empty".into()));
         }
-        let mut c = self.conn();
-        let tx = c.transaction()?;
+        let tx = self.conn.unchecked_transaction()?;
         if let Some(rid) = &t.request_id {
             let existing: Option<String> = tx
                 .query_row("SELECT id FROM tasks WHERE request_id = ?1", [rid], |r| {
@@ -303,7 +387,7 @@ impl SqliteQueue {
                 t.priority,
                 t.input.to_string(),
                 t.metadata.as_ref().map(Value::to_string),
-                t.max_attempts.unwrap_or(self.default_max_attempts).max(1),
+                t.max_attempts.unwrap_or(self.opts.default_max_attempts).max(1),
                 t.deadline,
                 now
             ],
@@ -316,7 +400,7 @@ impl SqliteQueue {
 
     /// Leases up to `n` queued tasks of the given types to `worker_id`, highest priority
     /// then oldest first, each with a new lease id, until `lease_until`.
-    pub fn reserve(
+    fn reserve(
         &self,
         worker_id: &str,
         task_types: &[String],
@@ -327,8 +411,7 @@ impl SqliteQueue {
         if n == 0 || task_types.is_empty() {
             return Ok(Vec::new());
         }
-        let mut c = self.conn();
-        let tx = c.transaction()?;
+        let tx = self.conn.unchecked_transaction()?;
         let marks = vec!["?"; task_types.len()].join(",");
         let sql = format!(
             "SELECT id FROM tasks WHERE state = 'queued' AND not_before <= ? AND task_type IN ({marks})
@@ -364,16 +447,16 @@ impl SqliteQueue {
     }
 
     /// Extends every lease `worker_id` holds to `until`. Returns how many.
-    pub fn renew(&self, worker_id: &str, until: u64) -> Result<usize> {
-        Ok(self.conn().execute(
+    fn renew(&self, worker_id: &str, until: u64) -> Result<usize> {
+        Ok(self.conn.execute(
             "UPDATE tasks SET lease_expires_at = ?2 WHERE state = 'running' AND worker_id = ?1 AND lease_expires_at < ?2",
             params![worker_id, until],
         )?)
     }
 
     /// The leases `worker_id` holds: `(lease, task_id)`.
-    pub fn leases_of(&self, worker_id: &str) -> Result<Vec<(String, String)>> {
-        let c = self.conn();
+    fn leases_of(&self, worker_id: &str) -> Result<Vec<(String, String)>> {
+        let c = &self.conn;
         let mut stmt = c.prepare_cached(
             "SELECT lease, id FROM tasks WHERE state = 'running' AND worker_id = ?1",
         )?;
@@ -383,8 +466,8 @@ impl SqliteQueue {
     }
 
     /// Records progress of a running lease. `None` when the lease is not current.
-    pub fn progress(&self, lease: &str, progress: Value, now: u64) -> Result<Option<String>> {
-        let c = self.conn();
+    fn progress(&self, lease: &str, progress: Value, now: u64) -> Result<Option<String>> {
+        let c = &self.conn;
         let id: Option<String> = c
             .query_row(
                 "SELECT id FROM tasks WHERE lease = ?1 AND state = 'running'",
@@ -397,21 +480,15 @@ impl SqliteQueue {
                 "UPDATE tasks SET progress = ?2 WHERE id = ?1",
                 params![id, progress.to_string()],
             )?;
-            self.event(&c, id, "progress", progress, now)?;
+            self.event(c, id, "progress", progress, now)?;
         }
         Ok(id)
     }
 
-    /// Compare-and-set on the lease: the result counts only if `lease` is the task's current
+    /// Compare-and-set on the lease: the ending counts only if `lease` is the task's current
     /// lease and the task is running.
-    pub fn complete(
-        &self,
-        lease: &str,
-        completion: Completion,
-        now: u64,
-    ) -> Result<CompleteOutcome> {
-        let mut c = self.conn();
-        let tx = c.transaction()?;
+    fn end_attempt(&self, lease: &str, ending: Ending, now: u64) -> Result<CompleteOutcome> {
+        let tx = self.conn.unchecked_transaction()?;
         let Some(task) = task_by_lease(&tx, lease)? else {
             let reason = match tx
                 .query_row(
@@ -437,50 +514,31 @@ impl SqliteQueue {
                 task: Some(task),
             });
         }
-        let (state, output, error, requeue, dead) = match completion {
-            Completion::Ok(v) => (TaskState::Succeeded, Some(v), None, false, false),
-            Completion::Cancelled => (TaskState::Canceled, None, None, false, false),
-            Completion::Error(e) => {
-                let more =
-                    e.retryable && task.attempt < task.max_attempts && !task.cancel_requested;
-                let dead = e.retryable && !more && !task.cancel_requested;
-                (
-                    if more {
-                        TaskState::Queued
-                    } else {
-                        TaskState::Failed
-                    },
-                    None,
-                    Some(e),
-                    more,
-                    dead,
-                )
-            }
-        };
-        let err_json = error.as_ref().map(|e| json!(e).to_string());
+        let decision = ending.decide(&task, &self.opts, now);
+        let err_json = decision.error.as_ref().map(|e| json!(e).to_string());
         tx.execute(
             "UPDATE attempts SET ended_at = ?3, error = ?4 WHERE task_id = ?1 AND attempt = ?2",
             params![
                 task.id,
                 task.attempt,
                 now,
-                error.as_ref().map(|e| format!("{}: {}", e.code, e.message))
+                decision
+                    .error
+                    .as_ref()
+                    .map(|e| format!("{}: {}", e.code, e.message))
             ],
         )?;
-        if requeue {
-            let wait = self
-                .retry_base_ms
-                .saturating_mul(1 << (task.attempt.saturating_sub(1)).min(16));
+        if let Some(not_before) = decision.requeue_at {
             tx.execute(
                 "UPDATE tasks SET state = 'queued', lease = NULL, worker_id = NULL, lease_expires_at = NULL,
                  not_before = ?2, error = ?3 WHERE id = ?1",
-                params![task.id, now + wait, err_json],
+                params![task.id, not_before, err_json],
             )?;
         } else {
             tx.execute(
                 "UPDATE tasks SET state = ?2, lease = NULL, lease_expires_at = NULL, output = ?3, error = ?4,
                  dead_lettered = ?5, completed_at = ?6 WHERE id = ?1",
-                params![task.id, state.as_str(), output.as_ref().map(Value::to_string), err_json, dead as i64, now],
+                params![task.id, decision.state.as_str(), decision.output.as_ref().map(Value::to_string), err_json, decision.dead as i64, now],
             )?;
         }
         let after =
@@ -500,9 +558,8 @@ impl SqliteQueue {
 
     /// Gives a lease back: the task is queued again at once, and the attempt does not count
     /// (`release`, retryable `reject`, a worker restarting).
-    pub fn release(&self, lease: &str, why: &str, now: u64) -> Result<Option<Task>> {
-        let mut c = self.conn();
-        let tx = c.transaction()?;
+    fn release(&self, lease: &str, why: &str, now: u64) -> Result<Option<Task>> {
+        let tx = self.conn.unchecked_transaction()?;
         let Some(task) = task_by_lease(&tx, lease)? else {
             return Ok(None);
         };
@@ -562,9 +619,8 @@ impl SqliteQueue {
 
     /// Releases every lease of `worker_id` (its process restarted): the tasks are queued
     /// again at once.
-    pub fn release_worker(&self, worker_id: &str, now: u64) -> Result<Vec<Task>> {
-        let mut c = self.conn();
-        let tx = c.transaction()?;
+    fn release_worker(&self, worker_id: &str, now: u64) -> Result<Vec<Task>> {
+        let tx = self.conn.unchecked_transaction()?;
         let sql = format!("SELECT {COLS} FROM tasks WHERE state = 'running' AND worker_id = ?1");
         let tasks: Vec<Task> = {
             let mut stmt = tx.prepare(&sql)?;
@@ -584,9 +640,8 @@ impl SqliteQueue {
     /// Handles lapsed leases (queued again, or ended) and passed deadlines (expired).
     /// Returns tasks that changed, and the `(worker, lease)` pairs of expired running tasks
     /// whose workers should be told to stop.
-    pub fn sweep(&self, now: u64) -> Result<Sweep> {
-        let mut c = self.conn();
-        let tx = c.transaction()?;
+    fn sweep(&self, now: u64) -> Result<Sweep> {
+        let tx = self.conn.unchecked_transaction()?;
         let sql =
             format!("SELECT {COLS} FROM tasks WHERE state = 'running' AND lease_expires_at < ?1");
         let lapsed: Vec<Task> = {
@@ -632,9 +687,8 @@ impl SqliteQueue {
 
     /// Cancels a task: queued ones at once; running ones are marked and their worker must
     /// be told.
-    pub fn cancel(&self, id: &str, now: u64) -> Result<CancelOutcome> {
-        let mut c = self.conn();
-        let tx = c.transaction()?;
+    fn cancel(&self, id: &str, now: u64) -> Result<CancelOutcome> {
+        let tx = self.conn.unchecked_transaction()?;
         let Some(task) = get_task(&tx, id)? else {
             return Ok(CancelOutcome::NotFound);
         };
@@ -676,13 +730,13 @@ impl SqliteQueue {
     }
 
     /// A task by id.
-    pub fn get(&self, id: &str) -> Result<Option<Task>> {
-        get_task(&self.conn(), id)
+    fn get(&self, id: &str) -> Result<Option<Task>> {
+        get_task(&self.conn, id)
     }
 
     /// The attempts of a task, in order.
-    pub fn attempts(&self, id: &str) -> Result<Vec<AttemptRecord>> {
-        let c = self.conn();
+    fn attempts(&self, id: &str) -> Result<Vec<AttemptRecord>> {
+        let c = &self.conn;
         let mut stmt = c.prepare_cached(
             "SELECT attempt, worker_id, lease, started_at, ended_at, error FROM attempts WHERE task_id = ?1 ORDER BY attempt",
         )?;
@@ -701,11 +755,11 @@ impl SqliteQueue {
     }
 
     /// How many queued tasks run before this one (0: next); `None` unless queued.
-    pub fn queue_position(&self, task: &Task) -> Result<Option<u64>> {
+    fn queue_position(&self, task: &Task) -> Result<Option<u64>> {
         if task.state != TaskState::Queued {
             return Ok(None);
         }
-        let n: i64 = self.conn().query_row(
+        let n: i64 = self.conn.query_row(
             "SELECT COUNT(*) FROM tasks WHERE state = 'queued' AND task_type = ?1
              AND (priority > ?2 OR (priority = ?2 AND seq < ?3))",
             params![task.task_type, task.priority, task.seq],
@@ -715,8 +769,8 @@ impl SqliteQueue {
     }
 
     /// Tasks, newest first.
-    pub fn list(&self, f: &ListFilter) -> Result<Vec<Task>> {
-        let c = self.conn();
+    fn list(&self, f: &ListFilter) -> Result<Vec<Task>> {
+        let c = &self.conn;
         let sql = format!(
             "SELECT {COLS} FROM tasks WHERE (?1 IS NULL OR state = ?1) AND (?2 IS NULL OR task_type = ?2)
              AND (?3 IS NULL OR seq < ?3) ORDER BY seq DESC LIMIT ?4"
@@ -737,8 +791,8 @@ impl SqliteQueue {
     }
 
     /// Counts by state and type.
-    pub fn stats(&self) -> Result<Stats> {
-        let c = self.conn();
+    fn stats(&self) -> Result<Stats> {
+        let c = &self.conn;
         let mut stmt = c.prepare_cached(
             "SELECT state, task_type, COUNT(*) FROM tasks GROUP BY state, task_type",
         )?;
@@ -760,8 +814,8 @@ impl SqliteQueue {
     }
 
     /// Events of `task_id` after event id `after`, oldest first.
-    pub fn events_after(&self, task_id: &str, after: i64) -> Result<Vec<TaskEvent>> {
-        let c = self.conn();
+    fn events_after(&self, task_id: &str, after: i64) -> Result<Vec<TaskEvent>> {
+        let c = &self.conn;
         let mut stmt = c.prepare_cached(
             "SELECT id, kind, data, ts FROM events WHERE task_id = ?1 AND id > ?2 ORDER BY id",
         )?;
@@ -789,10 +843,142 @@ impl SqliteQueue {
             .collect()
     }
 
-    /// Whether the store answers (readiness).
-    pub fn ping(&self) -> bool {
-        self.conn()
-            .query_row("SELECT 1", [], |r| r.get::<_, i64>(0))
-            .is_ok()
+    fn ping(&self) -> Result<()> {
+        self.conn
+            .query_row("SELECT 1", [], |r| r.get::<_, i64>(0))?;
+        Ok(())
+    }
+}
+
+impl Queue for SqliteQueue {
+    fn enqueue(&self, task: NewTask, now: u64) -> QueueFuture<'_, (Task, bool)> {
+        self.call(move |db| db.enqueue(task, now))
+    }
+
+    fn reserve<'a>(
+        &'a self,
+        worker_id: &'a str,
+        task_types: &'a [String],
+        n: usize,
+        lease_until: u64,
+        now: u64,
+    ) -> QueueFuture<'a, Vec<Task>> {
+        let (w, types) = (worker_id.to_owned(), task_types.to_vec());
+        self.call(move |db| db.reserve(&w, &types, n, lease_until, now))
+    }
+
+    fn renew<'a>(&'a self, worker_id: &'a str, until: u64) -> QueueFuture<'a, usize> {
+        let w = worker_id.to_owned();
+        self.call(move |db| db.renew(&w, until))
+    }
+
+    fn leases_of<'a>(&'a self, worker_id: &'a str) -> QueueFuture<'a, Vec<(String, String)>> {
+        let w = worker_id.to_owned();
+        self.call(move |db| db.leases_of(&w))
+    }
+
+    fn progress<'a>(
+        &'a self,
+        lease: &'a str,
+        progress: Value,
+        now: u64,
+    ) -> QueueFuture<'a, Option<String>> {
+        let l = lease.to_owned();
+        self.call(move |db| db.progress(&l, progress, now))
+    }
+
+    fn complete<'a>(
+        &'a self,
+        lease: &'a str,
+        completion: Completion,
+        now: u64,
+    ) -> QueueFuture<'a, CompleteOutcome> {
+        let l = lease.to_owned();
+        self.call(move |db| db.end_attempt(&l, Ending::Done(completion), now))
+    }
+
+    fn fail<'a>(
+        &'a self,
+        lease: &'a str,
+        error: TaskError,
+        retry_at: u64,
+        now: u64,
+    ) -> QueueFuture<'a, CompleteOutcome> {
+        let l = lease.to_owned();
+        self.call(move |db| db.end_attempt(&l, Ending::Fail { error, retry_at }, now))
+    }
+
+    fn dead_letter<'a>(
+        &'a self,
+        lease: &'a str,
+        error: TaskError,
+        now: u64,
+    ) -> QueueFuture<'a, CompleteOutcome> {
+        let l = lease.to_owned();
+        self.call(move |db| db.end_attempt(&l, Ending::Dead(error), now))
+    }
+
+    fn release<'a>(
+        &'a self,
+        lease: &'a str,
+        why: &'a str,
+        now: u64,
+    ) -> QueueFuture<'a, Option<Task>> {
+        let (l, why) = (lease.to_owned(), why.to_owned());
+        self.call(move |db| db.release(&l, &why, now))
+    }
+
+    fn release_worker<'a>(&'a self, worker_id: &'a str, now: u64) -> QueueFuture<'a, Vec<Task>> {
+        let w = worker_id.to_owned();
+        self.call(move |db| db.release_worker(&w, now))
+    }
+
+    fn sweep(&self, now: u64) -> QueueFuture<'_, Sweep> {
+        self.call(move |db| db.sweep(now))
+    }
+
+    fn cancel<'a>(&'a self, id: &'a str, now: u64) -> QueueFuture<'a, CancelOutcome> {
+        let id = id.to_owned();
+        self.call(move |db| db.cancel(&id, now))
+    }
+
+    fn get<'a>(&'a self, id: &'a str) -> QueueFuture<'a, Option<Task>> {
+        let id = id.to_owned();
+        self.call(move |db| db.get(&id))
+    }
+
+    fn attempts<'a>(&'a self, id: &'a str) -> QueueFuture<'a, Vec<AttemptRecord>> {
+        let id = id.to_owned();
+        self.call(move |db| db.attempts(&id))
+    }
+
+    fn queue_position<'a>(&'a self, task: &'a Task) -> QueueFuture<'a, Option<u64>> {
+        if task.state != TaskState::Queued {
+            return Box::pin(async { Ok(None) });
+        }
+        let t = task.clone();
+        self.call(move |db| db.queue_position(&t))
+    }
+
+    fn list<'a>(&'a self, filter: &'a ListFilter) -> QueueFuture<'a, Vec<Task>> {
+        let f = filter.clone();
+        self.call(move |db| db.list(&f))
+    }
+
+    fn stats(&self) -> QueueFuture<'_, Stats> {
+        self.call(|db| db.stats())
+    }
+
+    fn events_after<'a>(&'a self, task_id: &'a str, after: i64) -> QueueFuture<'a, Vec<TaskEvent>> {
+        let id = task_id.to_owned();
+        self.call(move |db| db.events_after(&id, after))
+    }
+
+    fn ping(&self) -> QueueFuture<'_, ()> {
+        self.call(|db| db.ping())
+    }
+
+    fn take_events(&self) -> Vec<TaskEvent> {
+        std::mem::take(&mut *self.events.lock().unwrap_or_else(|p| p.into_inner()))
     }
 }

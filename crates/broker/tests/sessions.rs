@@ -107,28 +107,29 @@ fn broker() -> Arc<Broker> {
         sweep_interval: Duration::from_millis(100),
         ..Default::default()
     };
-    Broker::with_queue(SqliteQueue::in_memory(3).unwrap(), cfg)
+    Broker::with_queue(Arc::new(SqliteQueue::in_memory(3).unwrap()), cfg)
 }
 
-fn submit(b: &Broker, n: usize) -> Vec<String> {
-    (0..n)
-        .map(|i| {
-            b.submit(NewTask {
+async fn submit(b: &Broker, n: usize) -> Vec<String> {
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let (t, _) = b
+            .submit(NewTask {
                 task_type: "txt2img".into(),
                 input: json!({"i": i}),
                 ..Default::default()
             })
-            .unwrap()
-            .0
-            .id
-        })
-        .collect()
+            .await
+            .unwrap();
+        ids.push(t.id);
+    }
+    ids
 }
 
 #[tokio::test]
 async fn credits_limit_assignments_to_free_slots() {
     let b = broker();
-    submit(&b, 5);
+    submit(&b, 5).await;
     let (mut w, _) = TestWorker::connect(&b, "boot1", 2, None, vec![]).await;
     let a = w.assign().await;
     assert_eq!(a.tasks.len(), 2, "never more than the free slots");
@@ -146,7 +147,7 @@ async fn credits_limit_assignments_to_free_slots() {
 #[tokio::test]
 async fn duplicate_results_get_one_acceptance() {
     let b = broker();
-    let ids = submit(&b, 1);
+    let ids = submit(&b, 1).await;
     let (mut w, _) = TestWorker::connect(&b, "boot1", 1, None, vec![]).await;
     let a = w.assign().await;
     let lease = a.tasks[0].lease.clone();
@@ -161,7 +162,7 @@ async fn duplicate_results_get_one_acceptance() {
     assert!(first.accepted);
     assert!(!second.accepted);
     assert_eq!(
-        b.queue().get(&ids[0]).unwrap().unwrap().state,
+        b.queue().get(&ids[0]).await.unwrap().unwrap().state,
         TaskState::Succeeded
     );
 }
@@ -169,7 +170,7 @@ async fn duplicate_results_get_one_acceptance() {
 #[tokio::test]
 async fn blip_resumes_without_redelivery_and_replays_cancel() {
     let b = broker();
-    let ids = submit(&b, 1);
+    let ids = submit(&b, 1).await;
     let (mut w, welcome) = TestWorker::connect(&b, "boot1", 1, None, vec![]).await;
     let a = w.assign().await;
     w.send(Message::Ack(Ack { seq: a.seq }));
@@ -178,7 +179,7 @@ async fn blip_resumes_without_redelivery_and_replays_cancel() {
     w.drop_connection().await;
     // While the worker is away, the client cancels.
     assert!(matches!(
-        b.cancel(&ids[0]).unwrap(),
+        b.cancel(&ids[0]).await.unwrap(),
         CancelOutcome::SignalWorker { .. }
     ));
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -205,11 +206,11 @@ async fn blip_resumes_without_redelivery_and_replays_cancel() {
     };
     assert!(ack.accepted);
     assert_eq!(
-        b.queue().get(&ids[0]).unwrap().unwrap().state,
+        b.queue().get(&ids[0]).await.unwrap().unwrap().state,
         TaskState::Canceled
     );
     assert_eq!(
-        b.queue().attempts(&ids[0]).unwrap().len(),
+        b.queue().attempts(&ids[0]).await.unwrap().len(),
         1,
         "no redelivery"
     );
@@ -218,7 +219,7 @@ async fn blip_resumes_without_redelivery_and_replays_cancel() {
 #[tokio::test]
 async fn new_boot_releases_old_leases_at_once() {
     let b = broker();
-    let ids = submit(&b, 1);
+    let ids = submit(&b, 1).await;
     let (mut w, _) = TestWorker::connect(&b, "boot1", 1, None, vec![]).await;
     let a = w.assign().await;
     w.drop_connection().await;
@@ -246,7 +247,7 @@ async fn new_boot_releases_old_leases_at_once() {
 #[tokio::test]
 async fn long_task_with_heartbeats_runs_once() {
     let b = broker();
-    let ids = submit(&b, 1);
+    let ids = submit(&b, 1).await;
     let (mut w, _) = TestWorker::connect(&b, "boot1", 1, None, vec![]).await;
     let a = w.assign().await;
     let lease = a.tasks[0].lease.clone();
@@ -270,7 +271,7 @@ async fn long_task_with_heartbeats_runs_once() {
     };
     assert!(ack.accepted);
     assert_eq!(
-        b.queue().attempts(&ids[0]).unwrap().len(),
+        b.queue().attempts(&ids[0]).await.unwrap().len(),
         1,
         "ran exactly once"
     );

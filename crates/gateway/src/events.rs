@@ -71,13 +71,14 @@ pub(crate) async fn stream(
     };
     let last = header_id.or(p.last_event_id).unwrap_or(0);
     // A task already terminal before subscribing has its `completed` event in the store.
-    let terminal = load(&state, &id)?.state.is_terminal();
+    let terminal = load(&state, &id).await?.state.is_terminal();
     // Subscribe before reading the stored events so nothing falls between the two.
     let rx = state.broker().subscribe();
     let pending: VecDeque<TaskEvent> = state
         .broker()
         .queue()
         .events_after(&id, last)
+        .await
         .map_err(|e| ApiError::unavailable(e.to_string()))?
         .into();
     let done = terminal && pending.is_empty();
@@ -112,7 +113,7 @@ pub(crate) async fn stream(
                     Ok(_) => {}
                     Err(broadcast::error::RecvError::Lagged(_)) => {
                         // Fell behind the live feed: catch up from the store.
-                        match f.state.broker().queue().events_after(&f.task_id, f.last) {
+                        match f.state.broker().queue().events_after(&f.task_id, f.last).await {
                             Ok(v) => f.pending.extend(v),
                             Err(_) => return None,
                         }

@@ -19,7 +19,7 @@ pub(crate) async fn healthz() -> ApiJson<serde_json::Value> {
 #[utoipa::path(get, path = "/readyz", tag = "health",
     responses((status = 200, description = "ready"), (status = 503, description = "not ready")))]
 pub(crate) async fn readyz(State(state): State<AppState>) -> Response {
-    let queue = state.broker().queue().ping();
+    let queue = state.broker().queue().ping().await.is_ok();
     let files = state.files().writable().await;
     let workers = state.broker().workers();
     let online = workers.iter().filter(|w| w.connected).count();
@@ -57,7 +57,7 @@ pub(crate) async fn readyz(State(state): State<AppState>) -> Response {
 #[utoipa::path(get, path = "/metrics", tag = "health", responses((status = 200, content_type = "text/plain", description = "Prometheus text format")))]
 pub(crate) async fn metrics(State(state): State<AppState>) -> Response {
     let m = state.metrics();
-    if let Ok(stats) = state.broker().queue().stats() {
+    if let Ok(stats) = state.broker().queue().stats().await {
         m.tasks.clear();
         for (st, tt, n) in &stats.by_state_type {
             m.tasks

@@ -13,7 +13,8 @@
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() {
 //! let dir = tempfile::tempdir().unwrap();
-//! let broker = Broker::with_queue(SqliteQueue::in_memory(3).unwrap(), BrokerConfig::default());
+//! let queue = std::sync::Arc::new(SqliteQueue::in_memory(3).unwrap());
+//! let broker = Broker::with_queue(queue, BrokerConfig::default());
 //! let config = GatewayConfig { files_dir: dir.path().join("files"), ..GatewayConfig::default() };
 //! let state = AppState::new(config, broker).await.unwrap();
 //! let app: axum::Router = router(state);

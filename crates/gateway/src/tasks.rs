@@ -108,10 +108,10 @@ fn with_file_urls(mut output: Value, base: Option<&str>) -> Value {
     output
 }
 
-pub(crate) fn view(state: &AppState, t: Task) -> Result<TaskView, ApiError> {
+pub(crate) async fn view(state: &AppState, t: Task) -> Result<TaskView, ApiError> {
     let q = state.broker().queue();
-    let attempts = q.attempts(&t.id).map_err(ApiError::internal)?;
-    let queue_position = q.queue_position(&t).map_err(ApiError::internal)?;
+    let attempts = q.attempts(&t.id).await.map_err(ApiError::internal)?;
+    let queue_position = q.queue_position(&t).await.map_err(ApiError::internal)?;
     let progress = t
         .progress
         .as_ref()
@@ -238,6 +238,7 @@ pub(crate) async fn create(
             metadata: body.metadata,
             max_attempts: None,
         })
+        .await
         .map_err(queue_error)?;
     if created {
         state
@@ -248,7 +249,7 @@ pub(crate) async fn create(
         tracing::info!(message = "task accepted", task_id = %task.id, task_type = %task.task_type);
     }
     let location = format!("/v1/tasks/{}", task.id);
-    let v = view(&state, task)?;
+    let v = view(&state, task).await?;
     let mut resp = (StatusCode::ACCEPTED, ApiJson(v)).into_response();
     if let Ok(l) = location.parse() {
         resp.headers_mut().insert(header::LOCATION, l);
@@ -270,11 +271,12 @@ fn served_types(state: &AppState) -> Vec<String> {
     v
 }
 
-pub(crate) fn load(state: &AppState, id: &str) -> Result<Task, ApiError> {
+pub(crate) async fn load(state: &AppState, id: &str) -> Result<Task, ApiError> {
     state
         .broker()
         .queue()
         .get(id)
+        .await
         .map_err(queue_error)?
         .ok_or_else(|| ApiError::not_found(format!("no task {id}")))
 }
@@ -287,8 +289,8 @@ pub(crate) async fn get_one(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<ApiJson<TaskView>, ApiError> {
-    let t = load(&state, &id)?;
-    Ok(ApiJson(view(&state, t)?))
+    let t = load(&state, &id).await?;
+    Ok(ApiJson(view(&state, t).await?))
 }
 
 /// Cancel a task: queued tasks end at once; running ones are told to stop.
@@ -299,7 +301,7 @@ pub(crate) async fn cancel(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let t = match state.broker().cancel(&id).map_err(queue_error)? {
+    let t = match state.broker().cancel(&id).await.map_err(queue_error)? {
         CancelOutcome::Canceled(t) | CancelOutcome::SignalWorker { task: t, .. } => t,
         CancelOutcome::AlreadyTerminal(t) => {
             return Err(ApiError::conflict(format!(
@@ -310,7 +312,7 @@ pub(crate) async fn cancel(
         CancelOutcome::NotFound => return Err(ApiError::not_found(format!("no task {id}"))),
         _ => return Err(ApiError::internal("unexpected cancel outcome")),
     };
-    Ok((StatusCode::ACCEPTED, ApiJson(view(&state, t)?)).into_response())
+    Ok((StatusCode::ACCEPTED, ApiJson(view(&state, t).await?)).into_response())
 }
 
 /// Filters for listing tasks.
@@ -368,13 +370,14 @@ pub(crate) async fn list(
             limit,
             before_seq,
         })
+        .await
         .map_err(queue_error)?;
     let next_cursor = (tasks.len() == limit)
         .then(|| tasks.last().map(|t| t.seq.to_string()))
         .flatten();
-    let data = tasks
-        .into_iter()
-        .map(|t| view(&state, t))
-        .collect::<Result<_, _>>()?;
+    let mut data = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        data.push(view(&state, t).await?);
+    }
     Ok(ApiJson(TaskPage { data, next_cursor }))
 }

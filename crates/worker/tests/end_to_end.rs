@@ -91,9 +91,17 @@ fn worker(url: String, dir: &Path, runs: Arc<AtomicU32>) -> Worker {
 async fn wait_done(b: &Broker, ids: &[String], secs: u64) {
     let until = tokio::time::Instant::now() + Duration::from_secs(secs);
     loop {
-        let done = ids
-            .iter()
-            .all(|id| b.queue().get(id).unwrap().unwrap().state.is_terminal());
+        let mut done = true;
+        for id in ids {
+            done &= b
+                .queue()
+                .get(id)
+                .await
+                .unwrap()
+                .unwrap()
+                .state
+                .is_terminal();
+        }
         if done {
             return;
         }
@@ -119,20 +127,24 @@ async fn worker_runs_tasks_and_survives_a_gateway_restart() {
     let handle = w.handle();
     let worker_task = tokio::spawn(w.run());
 
-    let submit = |b: &Broker, i: u32| {
+    async fn submit(b: &Broker, i: u32) -> String {
         b.submit(NewTask {
             task_type: "echo".into(),
             input: json!({"i": i, "fail": i == 3}),
             ..Default::default()
         })
+        .await
         .unwrap()
         .0
         .id
-    };
-    let first: Vec<String> = (0..6).map(|i| submit(&broker, i)).collect();
+    }
+    let mut first = Vec::new();
+    for i in 0..6 {
+        first.push(submit(&broker, i).await);
+    }
     wait_done(&broker, &first, 20).await;
     for (i, id) in first.iter().enumerate() {
-        let t = broker.queue().get(id).unwrap().unwrap();
+        let t = broker.queue().get(id).await.unwrap().unwrap();
         if i == 3 {
             assert_eq!(t.state, TaskState::Failed);
             assert_eq!(t.error.unwrap().code, "bad_input");
@@ -140,7 +152,7 @@ async fn worker_runs_tasks_and_survives_a_gateway_restart() {
             assert_eq!(t.state, TaskState::Succeeded, "task {i}");
             assert_eq!(t.output.unwrap()["echo"]["i"], i);
         }
-        assert_eq!(broker.queue().attempts(id).unwrap().len(), 1);
+        assert_eq!(broker.queue().attempts(id).await.unwrap().len(), 1);
     }
     assert_eq!(runs.load(Ordering::SeqCst), 6);
 
@@ -151,13 +163,16 @@ async fn worker_runs_tasks_and_survives_a_gateway_restart() {
     drop(broker);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let broker = Broker::open(&db, cfg()).unwrap();
-    let more: Vec<String> = (10..14).map(|i| submit(&broker, i)).collect();
+    let mut more = Vec::new();
+    for i in 10..14 {
+        more.push(submit(&broker, i).await);
+    }
     let listener = TcpListener::bind(addr).await.unwrap();
     let _server = serve(broker.clone(), listener);
     wait_done(&broker, &more, 20).await;
     for id in &more {
         assert_eq!(
-            broker.queue().get(id).unwrap().unwrap().state,
+            broker.queue().get(id).await.unwrap().unwrap().state,
             TaskState::Succeeded
         );
     }

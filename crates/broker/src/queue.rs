@@ -1,0 +1,259 @@
+//! The `Queue` trait: the narrow contract every store backend implements (SQLite today;
+//! PostgreSQL and others behind the same conformance suite).
+//!
+//! The trait is object safe so that `Broker` holds an `Arc<dyn Queue>`: every method returns a
+//! boxed `Send` future. Times are Unix ms passed in by the caller, so backends never read the
+//! clock and tests can drive time. Nothing here assumes that the worker session holding a
+//! lease lives in this process: leases are rows keyed by lease id and worker id, renewed and
+//! swept by whichever instance runs the call.
+
+use std::future::Future;
+use std::pin::Pin;
+
+use futures_util::Stream;
+use kiln_protocol::messages::TaskError;
+use serde_json::Value;
+
+use crate::model::*;
+
+/// The future a queue method returns.
+pub type QueueFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, QueueError>> + Send + 'a>>;
+
+/// A stream of changes made by other processes sharing the store.
+pub type Notifications = Pin<Box<dyn Stream<Item = Notification> + Send>>;
+
+/// A change another process made to the shared store.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum Notification {
+    /// Tasks became ready to run (enqueued, released or requeued): dispatch should look.
+    TasksReady,
+    /// A task event another process wrote; publish it to local subscribers.
+    Event(TaskEvent),
+}
+
+/// What a sweep changed.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Sweep {
+    /// Tasks whose state changed.
+    pub changed: Vec<Task>,
+    /// `(worker_id, lease)` of expired running tasks whose workers should stop.
+    pub stop: Vec<(String, String)>,
+}
+
+/// Store-wide settings every backend takes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueOptions {
+    /// Attempts for tasks that do not set their own. Default: 3.
+    pub default_max_attempts: u32,
+    /// A retryable failure waits this times 2^(attempt-1) before the task runs again.
+    /// Default: 1000 ms.
+    pub retry_base_ms: u64,
+}
+
+impl Default for QueueOptions {
+    fn default() -> Self {
+        Self {
+            default_max_attempts: 3,
+            retry_base_ms: 1000,
+        }
+    }
+}
+
+impl QueueOptions {
+    /// When a task that failed attempt `attempt` retryably may run again.
+    pub fn retry_at(&self, attempt: u32, now: u64) -> u64 {
+        now.saturating_add(
+            self.retry_base_ms
+                .saturating_mul(1 << attempt.saturating_sub(1).min(16)),
+        )
+    }
+}
+
+/// A durable task store with leases.
+///
+/// Contract (checked by the conformance suite in `tests/conformance`):
+/// - `enqueue` is idempotent by `request_id`: the same key returns the stored task with
+///   `false`; a key reused for another type or input is [`QueueError::Conflict`]. A task is
+///   durable when `enqueue` returns.
+/// - `reserve` leases up to `n` queued tasks of the given types whose retry time has come,
+///   highest priority then oldest first, each with a fresh lease id and `attempt + 1`.
+/// - `complete`, `fail`, `dead_letter`, `release` and `progress` act only while the lease is
+///   the task's current lease and the task runs (compare-and-set); otherwise they change
+///   nothing and say why.
+/// - Every state change appends a [`TaskEvent`] readable with `events_after`.
+pub trait Queue: Send + Sync + std::fmt::Debug + 'static {
+    /// Stores a task, or returns the task already stored under its `request_id` (with
+    /// `false`).
+    fn enqueue(&self, task: NewTask, now: u64) -> QueueFuture<'_, (Task, bool)>;
+
+    /// Leases up to `n` queued tasks of `task_types` to `worker_id` until `lease_until`.
+    fn reserve<'a>(
+        &'a self,
+        worker_id: &'a str,
+        task_types: &'a [String],
+        n: usize,
+        lease_until: u64,
+        now: u64,
+    ) -> QueueFuture<'a, Vec<Task>>;
+
+    /// Extends every lease `worker_id` holds to `until` (never shortens one). Returns how
+    /// many leases it holds that now run at least until `until`.
+    fn renew<'a>(&'a self, worker_id: &'a str, until: u64) -> QueueFuture<'a, usize>;
+
+    /// The leases `worker_id` holds: `(lease, task_id)`.
+    fn leases_of<'a>(&'a self, worker_id: &'a str) -> QueueFuture<'a, Vec<(String, String)>>;
+
+    /// Records progress of a running lease. Returns the task id; `None` when the lease is
+    /// not current.
+    fn progress<'a>(
+        &'a self,
+        lease: &'a str,
+        progress: Value,
+        now: u64,
+    ) -> QueueFuture<'a, Option<String>>;
+
+    /// Ends the attempt holding `lease`. A retryable error requeues the task after the
+    /// store's backoff (see [`QueueOptions::retry_at`]) while attempts remain.
+    fn complete<'a>(
+        &'a self,
+        lease: &'a str,
+        completion: Completion,
+        now: u64,
+    ) -> QueueFuture<'a, CompleteOutcome>;
+
+    /// Ends the attempt holding `lease` with `error`. A retryable error with attempts left
+    /// (and no cancel requested) queues the task again, runnable from `retry_at`; otherwise
+    /// the task fails (dead-lettered when the error was retryable).
+    fn fail<'a>(
+        &'a self,
+        lease: &'a str,
+        error: TaskError,
+        retry_at: u64,
+        now: u64,
+    ) -> QueueFuture<'a, CompleteOutcome>;
+
+    /// Fails the attempt holding `lease` for good and marks the task dead-lettered,
+    /// whatever attempts remain (a poison task).
+    fn dead_letter<'a>(
+        &'a self,
+        lease: &'a str,
+        error: TaskError,
+        now: u64,
+    ) -> QueueFuture<'a, CompleteOutcome>;
+
+    /// Gives a lease back: the task is queued again at once and the attempt does not count.
+    /// `None` when the lease is not current.
+    fn release<'a>(
+        &'a self,
+        lease: &'a str,
+        why: &'a str,
+        now: u64,
+    ) -> QueueFuture<'a, Option<Task>>;
+
+    /// Releases every lease of `worker_id` (its process restarted).
+    fn release_worker<'a>(&'a self, worker_id: &'a str, now: u64) -> QueueFuture<'a, Vec<Task>>;
+
+    /// Requeues (or cancels / dead-letters) lapsed leases and expires passed deadlines.
+    fn sweep(&self, now: u64) -> QueueFuture<'_, Sweep>;
+
+    /// Cancels a task: a queued one at once; a running one is marked and its worker must be
+    /// told.
+    fn cancel<'a>(&'a self, id: &'a str, now: u64) -> QueueFuture<'a, CancelOutcome>;
+
+    /// A task by id.
+    fn get<'a>(&'a self, id: &'a str) -> QueueFuture<'a, Option<Task>>;
+
+    /// The attempts of a task, in order.
+    fn attempts<'a>(&'a self, id: &'a str) -> QueueFuture<'a, Vec<AttemptRecord>>;
+
+    /// How many queued tasks of its type run before this one (0: next); `None` unless
+    /// queued.
+    fn queue_position<'a>(&'a self, task: &'a Task) -> QueueFuture<'a, Option<u64>>;
+
+    /// Tasks, newest first.
+    fn list<'a>(&'a self, filter: &'a ListFilter) -> QueueFuture<'a, Vec<Task>>;
+
+    /// Counts by state and type.
+    fn stats(&self) -> QueueFuture<'_, Stats>;
+
+    /// Events of `task_id` after event id `after`, oldest first.
+    fn events_after<'a>(&'a self, task_id: &'a str, after: i64) -> QueueFuture<'a, Vec<TaskEvent>>;
+
+    /// Whether the store answers (readiness).
+    fn ping(&self) -> QueueFuture<'_, ()>;
+
+    /// Events written by this handle's calls since the last call, oldest first, committed
+    /// only; the broker broadcasts them to local subscribers.
+    fn take_events(&self) -> Vec<TaskEvent>;
+
+    /// Changes made by other processes sharing the store, when the backend can push them
+    /// (e.g. LISTEN/NOTIFY). `None`: nothing pushes, and the broker polls for ready tasks
+    /// every sweep interval. Called once by the broker.
+    fn notifications(&self) -> Option<Notifications> {
+        None
+    }
+}
+
+/// How an attempt ends, before the store applies it (shared by the backends).
+#[derive(Debug)]
+pub(crate) enum Ending {
+    /// A worker's result.
+    Done(Completion),
+    /// A failure with an explicit retry time.
+    Fail { error: TaskError, retry_at: u64 },
+    /// A failure that dead-letters the task whatever attempts remain.
+    Dead(TaskError),
+}
+
+/// The new state of a task whose attempt ended.
+#[derive(Debug)]
+pub(crate) struct Decision {
+    pub(crate) state: kiln_protocol::TaskState,
+    pub(crate) output: Option<Value>,
+    pub(crate) error: Option<TaskError>,
+    /// `Some(not_before)`: queued again, runnable from then.
+    pub(crate) requeue_at: Option<u64>,
+    pub(crate) dead: bool,
+}
+
+impl Ending {
+    pub(crate) fn decide(self, task: &Task, opts: &QueueOptions, now: u64) -> Decision {
+        use kiln_protocol::TaskState as S;
+        let plain = |state, output, error| Decision {
+            state,
+            output,
+            error,
+            requeue_at: None,
+            dead: false,
+        };
+        match self {
+            Ending::Done(Completion::Ok(v)) => plain(S::Succeeded, Some(v), None),
+            Ending::Done(Completion::Cancelled) => plain(S::Canceled, None, None),
+            Ending::Done(Completion::Error(error)) => Ending::Fail {
+                retry_at: opts.retry_at(task.attempt, now),
+                error,
+            }
+            .decide(task, opts, now),
+            Ending::Fail { error, retry_at } => {
+                let more =
+                    error.retryable && task.attempt < task.max_attempts && !task.cancel_requested;
+                let dead = error.retryable && !more && !task.cancel_requested;
+                Decision {
+                    state: if more { S::Queued } else { S::Failed },
+                    output: None,
+                    error: Some(error),
+                    requeue_at: more.then_some(retry_at),
+                    dead,
+                }
+            }
+            Ending::Dead(error) => Decision {
+                state: S::Failed,
+                output: None,
+                error: Some(error),
+                requeue_at: None,
+                dead: true,
+            },
+        }
+    }
+}

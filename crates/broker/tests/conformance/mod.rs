@@ -1,0 +1,521 @@
+//! The queue store's contract, run against every backend: idempotent enqueue, priority
+//! order, leases, compare-and-set results, explicit failure with a retry time, dead-letters,
+//! release, cancel, lapsed leases, deadlines, listing, counts, events.
+//!
+//! Each function takes a fresh, empty queue whose default is 2 attempts with no retry
+//! backoff. A backend's test file instantiates them all with `conformance_tests!`.
+
+#![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
+#![allow(dead_code, unreachable_pub)]
+
+use kiln_broker::*;
+use kiln_protocol::TaskState;
+use kiln_protocol::messages::TaskError;
+use serde_json::json;
+
+/// Instantiates every conformance test. `$make` is an async fn taking the test name and
+/// returning a fresh `Arc<dyn Queue>`; `$done` an async fn taking the test name, run after
+/// the test passed (cleanup).
+#[macro_export]
+macro_rules! conformance_tests {
+    ($make:path, $done:path) => {
+        $crate::conformance_tests!(@each $make, $done;
+            enqueue_is_idempotent_by_request_id,
+            reserve_by_priority_then_age_and_capability,
+            results_are_compare_and_set_on_the_lease,
+            stale_lease_after_expiry_is_refused,
+            lapsed_leases_dead_letter_after_max_attempts,
+            retryable_errors_requeue_until_attempts_run_out,
+            release_does_not_count_the_attempt,
+            cancel_queued_running_and_done,
+            deadlines_expire_tasks,
+            events_resume_after_an_id,
+            fail_waits_for_its_retry_time,
+            dead_letter_ignores_remaining_attempts,
+            renew_extends_only_the_workers_leases,
+            release_worker_requeues_everything_it_held,
+            list_and_stats,
+            concurrent_reserves_never_share_a_task,
+            events_of_failed_calls_are_not_published
+        );
+    };
+    (@each $make:path, $done:path; $($name:ident),*) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let q = $make(stringify!($name)).await;
+                conformance::$name(&*q).await;
+                drop(q);
+                $done(stringify!($name)).await;
+            }
+        )*
+    };
+}
+
+fn task(t: &str, input: serde_json::Value) -> NewTask {
+    NewTask {
+        task_type: t.into(),
+        input,
+        ..Default::default()
+    }
+}
+
+const T: u64 = 1_000_000;
+const TYPES: &[&str] = &["txt2img", "img2img"];
+
+fn types() -> Vec<String> {
+    TYPES.iter().map(|s| s.to_string()).collect()
+}
+
+fn oom() -> TaskError {
+    TaskError {
+        code: "oom".into(),
+        message: "out of memory".into(),
+        retryable: true,
+    }
+}
+
+async fn lease_one(q: &dyn Queue, worker: &str, until: u64, now: u64) -> String {
+    q.reserve(worker, &types(), 1, until, now).await.unwrap()[0]
+        .lease
+        .clone()
+        .unwrap()
+}
+
+pub async fn enqueue_is_idempotent_by_request_id(q: &dyn Queue) {
+    let mut t = task("txt2img", json!({"p": 1}));
+    t.request_id = Some("r1".into());
+    let (a, created) = q.enqueue(t.clone(), T).await.unwrap();
+    assert!(created);
+    let (b, created) = q.enqueue(t.clone(), T + 1).await.unwrap();
+    assert!(!created);
+    assert_eq!(a.id, b.id);
+    t.input = json!({"p": 2});
+    assert!(matches!(
+        q.enqueue(t, T).await.unwrap_err(),
+        QueueError::Conflict(_)
+    ));
+    assert!(matches!(
+        q.enqueue(task(" ", json!({})), T).await.unwrap_err(),
+        QueueError::Invalid(_)
+    ));
+}
+
+pub async fn reserve_by_priority_then_age_and_capability(q: &dyn Queue) {
+    let (low, _) = q.enqueue(task("txt2img", json!(1)), T).await.unwrap();
+    let mut hi = task("txt2img", json!(2));
+    hi.priority = 5;
+    let (hi, _) = q.enqueue(hi, T).await.unwrap();
+    let (other, _) = q.enqueue(task("upscale", json!(3)), T).await.unwrap();
+    let got = q.reserve("w", &types(), 5, T + 90_000, T).await.unwrap();
+    assert_eq!(
+        got.iter().map(|t| t.id.clone()).collect::<Vec<_>>(),
+        [hi.id, low.id]
+    );
+    assert!(
+        got.iter()
+            .all(|t| t.state == TaskState::Running && t.attempt == 1 && t.lease.is_some())
+    );
+    assert_eq!(
+        q.get(&other.id).await.unwrap().unwrap().state,
+        TaskState::Queued
+    );
+    assert_eq!(
+        q.queue_position(&q.get(&other.id).await.unwrap().unwrap())
+            .await
+            .unwrap(),
+        Some(0)
+    );
+}
+
+pub async fn results_are_compare_and_set_on_the_lease(q: &dyn Queue) {
+    let (t, _) = q.enqueue(task("txt2img", json!({})), T).await.unwrap();
+    let lease = q.reserve("w", &types(), 1, T + 90_000, T).await.unwrap()[0]
+        .lease
+        .clone()
+        .unwrap();
+    let first = q
+        .complete(&lease, Completion::Ok(json!({"url": "a"})), T + 5)
+        .await
+        .unwrap();
+    assert!(first.accepted);
+    let dup = q
+        .complete(&lease, Completion::Ok(json!({"url": "b"})), T + 6)
+        .await
+        .unwrap();
+    assert!(!dup.accepted);
+    let done = q.get(&t.id).await.unwrap().unwrap();
+    assert_eq!(done.state, TaskState::Succeeded);
+    assert_eq!(done.output, Some(json!({"url": "a"})));
+    assert!(
+        !q.complete("lease_nope", Completion::Cancelled, T)
+            .await
+            .unwrap()
+            .accepted
+    );
+}
+
+pub async fn stale_lease_after_expiry_is_refused(q: &dyn Queue) {
+    let (t, _) = q.enqueue(task("txt2img", json!({})), T).await.unwrap();
+    let old = q.reserve("w1", &types(), 1, T + 100, T).await.unwrap()[0]
+        .lease
+        .clone()
+        .unwrap();
+    let changed = q.sweep(T + 101).await.unwrap().changed;
+    assert_eq!(changed[0].state, TaskState::Queued);
+    let new = q
+        .reserve("w2", &types(), 1, T + 90_000, T + 102)
+        .await
+        .unwrap();
+    assert_eq!(new[0].attempt, 2);
+    let late = q
+        .complete(&old, Completion::Ok(json!("late")), T + 200)
+        .await
+        .unwrap();
+    assert!(!late.accepted);
+    assert_eq!(
+        late.reason.as_deref(),
+        Some("stale lease: the attempt is no longer current")
+    );
+    assert!(
+        q.complete(
+            new[0].lease.as_ref().unwrap(),
+            Completion::Ok(json!("ok")),
+            T + 300
+        )
+        .await
+        .unwrap()
+        .accepted
+    );
+    let attempts = q.attempts(&t.id).await.unwrap();
+    assert_eq!(attempts.len(), 2);
+    assert_eq!(attempts[0].error.as_deref(), Some("lease expired"));
+}
+
+pub async fn lapsed_leases_dead_letter_after_max_attempts(q: &dyn Queue) {
+    let (t, _) = q.enqueue(task("txt2img", json!({})), T).await.unwrap();
+    for i in 0..2u64 {
+        q.reserve("w", &types(), 1, T + i * 1000 + 10, T + i * 1000)
+            .await
+            .unwrap();
+        q.sweep(T + i * 1000 + 11).await.unwrap();
+    }
+    let t = q.get(&t.id).await.unwrap().unwrap();
+    assert_eq!(t.state, TaskState::Failed);
+    assert!(t.dead_lettered);
+    assert_eq!(t.error.unwrap().code, "lease_expired");
+}
+
+pub async fn retryable_errors_requeue_until_attempts_run_out(q: &dyn Queue) {
+    let (t, _) = q.enqueue(task("txt2img", json!({})), T).await.unwrap();
+    let err = TaskError {
+        code: "oom".into(),
+        message: "out of memory".into(),
+        retryable: true,
+    };
+    let l1 = q.reserve("w", &types(), 1, T + 90_000, T).await.unwrap()[0]
+        .lease
+        .clone()
+        .unwrap();
+    let o = q
+        .complete(&l1, Completion::Error(err.clone()), T + 1)
+        .await
+        .unwrap();
+    assert_eq!(o.task.unwrap().state, TaskState::Queued);
+    let l2 = q
+        .reserve("w", &types(), 1, T + 90_000, T + 2)
+        .await
+        .unwrap()[0]
+        .lease
+        .clone()
+        .unwrap();
+    let o = q
+        .complete(&l2, Completion::Error(err), T + 3)
+        .await
+        .unwrap();
+    let t2 = o.task.unwrap();
+    assert_eq!(t2.state, TaskState::Failed);
+    assert!(t2.dead_lettered);
+    assert_eq!(q.attempts(&t.id).await.unwrap().len(), 2);
+}
+
+pub async fn release_does_not_count_the_attempt(q: &dyn Queue) {
+    q.enqueue(task("txt2img", json!({})), T).await.unwrap();
+    let l = q.reserve("w", &types(), 1, T + 90_000, T).await.unwrap()[0]
+        .lease
+        .clone()
+        .unwrap();
+    let back = q.release(&l, "draining", T + 1).await.unwrap().unwrap();
+    assert_eq!((back.state, back.attempt), (TaskState::Queued, 0));
+    let again = q
+        .reserve("w", &types(), 1, T + 90_000, T + 2)
+        .await
+        .unwrap();
+    assert_eq!(again[0].attempt, 1);
+}
+
+pub async fn cancel_queued_running_and_done(q: &dyn Queue) {
+    let (a, _) = q.enqueue(task("txt2img", json!(1)), T).await.unwrap();
+    assert!(
+        matches!(q.cancel(&a.id, T).await.unwrap(), CancelOutcome::Canceled(t) if t.state == TaskState::Canceled)
+    );
+    let (b, _) = q.enqueue(task("txt2img", json!(2)), T).await.unwrap();
+    let l = q.reserve("w", &types(), 1, T + 100, T).await.unwrap()[0]
+        .lease
+        .clone()
+        .unwrap();
+    match q.cancel(&b.id, T).await.unwrap() {
+        CancelOutcome::SignalWorker {
+            worker_id, lease, ..
+        } => assert_eq!((worker_id.as_str(), lease.as_str()), ("w", l.as_str())),
+        other => panic!("{other:?}"),
+    }
+    // The worker never answers: when the lease lapses the task is canceled, not redelivered.
+    q.sweep(T + 101).await.unwrap();
+    assert_eq!(
+        q.get(&b.id).await.unwrap().unwrap().state,
+        TaskState::Canceled
+    );
+    assert!(matches!(
+        q.cancel(&b.id, T).await.unwrap(),
+        CancelOutcome::AlreadyTerminal(_)
+    ));
+    assert!(matches!(
+        q.cancel("task_x", T).await.unwrap(),
+        CancelOutcome::NotFound
+    ));
+}
+
+pub async fn deadlines_expire_tasks(q: &dyn Queue) {
+    let mut t = task("txt2img", json!({}));
+    t.deadline = Some(T + 50);
+    let (t, _) = q.enqueue(t, T).await.unwrap();
+    q.sweep(T + 51).await.unwrap();
+    assert_eq!(
+        q.get(&t.id).await.unwrap().unwrap().state,
+        TaskState::Expired
+    );
+}
+
+pub async fn events_resume_after_an_id(q: &dyn Queue) {
+    let (t, _) = q.enqueue(task("txt2img", json!({})), T).await.unwrap();
+    let l = q.reserve("w", &types(), 1, T + 90_000, T).await.unwrap()[0]
+        .lease
+        .clone()
+        .unwrap();
+    q.progress(&l, json!({"step": 1, "total": 2}), T + 1)
+        .await
+        .unwrap();
+    q.complete(&l, Completion::Ok(json!({})), T + 2)
+        .await
+        .unwrap();
+    let all = q.events_after(&t.id, 0).await.unwrap();
+    let kinds: Vec<_> = all.iter().map(|e| e.kind.as_str()).collect();
+    assert_eq!(
+        kinds,
+        ["status", "status", "progress", "status", "completed"]
+    );
+    let tail = q.events_after(&t.id, all[2].id).await.unwrap();
+    assert_eq!(tail.len(), 2);
+    assert_eq!(q.take_events().len(), 5);
+}
+
+pub async fn fail_waits_for_its_retry_time(q: &dyn Queue) {
+    let (t, _) = q.enqueue(task("txt2img", json!({})), T).await.unwrap();
+    let l = lease_one(q, "w", T + 90_000, T).await;
+    let o = q.fail(&l, oom(), T + 500, T + 1).await.unwrap();
+    assert!(o.accepted);
+    let back = o.task.unwrap();
+    assert_eq!(
+        (back.state, back.error.unwrap().code.as_str()),
+        (TaskState::Queued, "oom")
+    );
+    assert!(
+        q.reserve("w", &types(), 1, T + 90_000, T + 499)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let again = q
+        .reserve("w", &types(), 1, T + 90_000, T + 500)
+        .await
+        .unwrap();
+    assert_eq!((again[0].id.as_str(), again[0].attempt), (t.id.as_str(), 2));
+    // The fencing holds for failures too: the old lease is stale now.
+    assert!(!q.fail(&l, oom(), T + 600, T + 501).await.unwrap().accepted);
+    // A non-retryable error ends the task without dead-lettering it.
+    let l2 = again[0].lease.clone().unwrap();
+    let fatal = TaskError {
+        retryable: false,
+        ..oom()
+    };
+    let done = q
+        .fail(&l2, fatal, T + 700, T + 502)
+        .await
+        .unwrap()
+        .task
+        .unwrap();
+    assert_eq!((done.state, done.dead_lettered), (TaskState::Failed, false));
+}
+
+pub async fn dead_letter_ignores_remaining_attempts(q: &dyn Queue) {
+    let mut nt = task("txt2img", json!({}));
+    nt.max_attempts = Some(5);
+    let (t, _) = q.enqueue(nt, T).await.unwrap();
+    let l = lease_one(q, "w", T + 90_000, T).await;
+    let o = q.dead_letter(&l, oom(), T + 1).await.unwrap();
+    assert!(o.accepted);
+    let t = q.get(&t.id).await.unwrap().unwrap();
+    assert_eq!(
+        (t.state, t.dead_lettered, t.attempt),
+        (TaskState::Failed, true, 1)
+    );
+    assert!(!q.dead_letter(&l, oom(), T + 2).await.unwrap().accepted);
+    let events = q.events_after(&t.id, 0).await.unwrap();
+    assert_eq!(events.last().unwrap().kind, "completed");
+}
+
+pub async fn renew_extends_only_the_workers_leases(q: &dyn Queue) {
+    q.enqueue(task("txt2img", json!(1)), T).await.unwrap();
+    q.enqueue(task("txt2img", json!(2)), T).await.unwrap();
+    let mine = lease_one(q, "w1", T + 100, T).await;
+    let other = lease_one(q, "w2", T + 100, T).await;
+    assert_eq!(q.renew("w1", T + 1000).await.unwrap(), 1);
+    // Renewal never shortens a lease.
+    q.renew("w1", T + 50).await.unwrap();
+    let sweep = q.sweep(T + 101).await.unwrap();
+    assert_eq!(sweep.changed.len(), 1);
+    assert_eq!(sweep.changed[0].state, TaskState::Queued);
+    let held = q.leases_of("w1").await.unwrap();
+    assert_eq!(
+        held.iter().map(|(l, _)| l.as_str()).collect::<Vec<_>>(),
+        [mine.as_str()]
+    );
+    assert!(q.leases_of("w2").await.unwrap().is_empty());
+    assert!(
+        !q.complete(&other, Completion::Ok(json!(0)), T + 102)
+            .await
+            .unwrap()
+            .accepted
+    );
+    assert!(
+        q.complete(&mine, Completion::Ok(json!(0)), T + 999)
+            .await
+            .unwrap()
+            .accepted
+    );
+}
+
+pub async fn release_worker_requeues_everything_it_held(q: &dyn Queue) {
+    for i in 0..3 {
+        q.enqueue(task("txt2img", json!(i)), T).await.unwrap();
+    }
+    let got = q.reserve("w", &types(), 3, T + 90_000, T).await.unwrap();
+    assert_eq!(got.len(), 3);
+    let back = q.release_worker("w", T + 1).await.unwrap();
+    assert_eq!(back.len(), 3);
+    assert!(
+        back.iter()
+            .all(|t| t.state == TaskState::Queued && t.attempt == 0)
+    );
+    assert!(q.leases_of("w").await.unwrap().is_empty());
+    let stale = got[0].lease.clone().unwrap();
+    assert!(q.release(&stale, "again", T + 2).await.unwrap().is_none());
+    assert!(
+        q.progress(&stale, json!({}), T + 2)
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
+
+pub async fn list_and_stats(q: &dyn Queue) {
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let tt = if i % 2 == 0 { "txt2img" } else { "upscale" };
+        ids.push(q.enqueue(task(tt, json!(i)), T + i).await.unwrap().0.id);
+    }
+    q.reserve("w", &types(), 1, T + 90_000, T + 10)
+        .await
+        .unwrap();
+    let all = q
+        .list(&ListFilter {
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        all.iter().map(|t| t.id.clone()).rev().collect::<Vec<_>>(),
+        ids
+    );
+    let page = q
+        .list(&ListFilter {
+            limit: 2,
+            before_seq: Some(all[1].seq),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        page.iter().map(|t| t.id.as_str()).collect::<Vec<_>>(),
+        [ids[2].as_str(), ids[1].as_str()]
+    );
+    let queued_upscale = q
+        .list(&ListFilter {
+            state: Some(TaskState::Queued),
+            task_type: Some("upscale".into()),
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(queued_upscale.len(), 2);
+    let stats = q.stats().await.unwrap();
+    assert_eq!(
+        (
+            stats.count(TaskState::Queued),
+            stats.count(TaskState::Running)
+        ),
+        (4, 1)
+    );
+    q.ping().await.unwrap();
+    assert!(q.get("task_missing").await.unwrap().is_none());
+}
+
+pub async fn concurrent_reserves_never_share_a_task(q: &dyn Queue) {
+    for i in 0..40 {
+        q.enqueue(task("txt2img", json!(i)), T).await.unwrap();
+    }
+    let mut seen = std::collections::HashSet::new();
+    let calls = (0..8).map(|w| async move {
+        let worker = format!("w{w}");
+        let mut mine = Vec::new();
+        loop {
+            let got = q
+                .reserve(&worker, &types(), 3, T + 90_000, T)
+                .await
+                .unwrap();
+            if got.is_empty() {
+                break mine;
+            }
+            mine.extend(got.into_iter().map(|t| t.id));
+        }
+    });
+    for ids in futures_util::future::join_all(calls).await {
+        for id in ids {
+            assert!(seen.insert(id), "a task was reserved twice");
+        }
+    }
+    assert_eq!(seen.len(), 40);
+}
+
+pub async fn events_of_failed_calls_are_not_published(q: &dyn Queue) {
+    let mut t = task("txt2img", json!({"a": 1}));
+    t.request_id = Some("r".into());
+    q.enqueue(t.clone(), T).await.unwrap();
+    assert_eq!(q.take_events().len(), 1);
+    t.input = json!({"a": 2});
+    q.enqueue(t, T).await.unwrap_err();
+    assert!(q.take_events().is_empty());
+}

@@ -1,0 +1,74 @@
+//! The queue conformance suite on the SQLite backend (in memory and on a file), and what
+//! only a file can show: reopening it keeps the tasks.
+
+#![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
+
+mod conformance;
+
+use std::sync::Arc;
+
+use kiln_broker::*;
+use kiln_protocol::TaskState;
+use serde_json::json;
+
+async fn in_memory(_test: &str) -> Arc<dyn Queue> {
+    Arc::new(SqliteQueue::in_memory(2).unwrap())
+}
+
+async fn done(_test: &str) {}
+
+conformance_tests!(in_memory, done);
+
+/// The same suite on a file with the blocking-pool executor.
+mod on_file_blocking_pool {
+    use super::*;
+
+    async fn on_file(test: &str) -> Arc<dyn Queue> {
+        let dir = std::env::temp_dir().join(format!("kiln-conformance-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(format!("{test}.sqlite"));
+        for ext in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{ext}", path.display()));
+        }
+        let opts = SqliteOptions {
+            queue: QueueOptions {
+                default_max_attempts: 2,
+                retry_base_ms: 0,
+            },
+            executor: SqliteExecutor::BlockingPool,
+            ..SqliteOptions::default()
+        };
+        Arc::new(SqliteQueue::open(&path, opts).unwrap())
+    }
+
+    async fn remove(test: &str) {
+        let dir = std::env::temp_dir().join(format!("kiln-conformance-{}", std::process::id()));
+        for ext in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(dir.join(format!("{test}.sqlite{ext}")));
+        }
+    }
+
+    use crate::conformance;
+    conformance_tests!(on_file, remove);
+}
+
+#[tokio::test]
+async fn survives_reopening_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.sqlite");
+    let id = {
+        let q = SqliteQueue::open(&path, SqliteOptions::default()).unwrap();
+        let nt = NewTask {
+            task_type: "txt2img".into(),
+            input: json!({"keep": true}),
+            ..Default::default()
+        };
+        q.enqueue(nt, 1).await.unwrap().0.id
+    };
+    let q = SqliteQueue::open(&path, SqliteOptions::default()).unwrap();
+    assert_eq!(
+        q.get(&id).await.unwrap().unwrap().input,
+        json!({"keep": true})
+    );
+    assert_eq!(q.stats().await.unwrap().count(TaskState::Queued), 1);
+}
