@@ -268,7 +268,7 @@ async fn submit(
         metadata: Some(json!({"api": "openai.images"})),
         ..NewTask::default()
     };
-    match state.broker().submit(new) {
+    match state.broker().submit(new).await {
         Ok((task, created)) => {
             if created {
                 state
@@ -282,7 +282,7 @@ async fn submit(
         }
         Err(QueueError::Conflict(rid)) => {
             if let Some(fp) = fingerprint
-                && let Some(t) = find_repeat(state, &task_type, &rid, &fp)?
+                && let Some(t) = find_repeat(state, &task_type, &rid, &fp).await?
             {
                 return Ok(t);
             }
@@ -307,7 +307,7 @@ async fn submit(
 
 /// The task of an earlier call with this request id and fingerprint, among the latest 500
 /// of its type.
-fn find_repeat(
+async fn find_repeat(
     state: &AppState,
     task_type: &str,
     request_id: &str,
@@ -321,6 +321,7 @@ fn find_repeat(
             limit: 500,
             ..ListFilter::default()
         })
+        .await
         .map_err(|e| OpenAiError::from(crate::error::ApiError::unavailable(e.to_string())))?;
     Ok(tasks.into_iter().find(|t| {
         t.request_id.as_deref() == Some(request_id)
@@ -335,7 +336,7 @@ async fn wait_done(state: &AppState, id: &str, limit: Duration) -> Result<Task, 
     let mut shutdown = state.shutdown_signal();
     let until = tokio::time::Instant::now() + limit;
     loop {
-        let task = load(state, id)?;
+        let task = load(state, id).await?;
         if task.state.is_terminal() || limit.is_zero() || state.shutting_down() {
             return Ok(task);
         }
@@ -345,19 +346,19 @@ async fn wait_done(state: &AppState, id: &str, limit: Duration) -> Result<Task, 
                     Ok(e) if e.task_id == id && e.kind == "completed" => break,
                     Ok(_) => {}
                     Err(broadcast::error::RecvError::Lagged(_)) => break,
-                    Err(broadcast::error::RecvError::Closed) => return Ok(load(state, id)?),
+                    Err(broadcast::error::RecvError::Closed) => return Ok(load(state, id).await?),
                 },
-                _ = tokio::time::sleep_until(until) => return Ok(load(state, id)?),
-                _ = shutdown.changed() => return Ok(load(state, id)?),
+                _ = tokio::time::sleep_until(until) => return Ok(load(state, id).await?),
+                _ = shutdown.changed() => return Ok(load(state, id).await?),
             }
         }
     }
 }
 
 /// The `202` answer: the task object, `Location` and `Preference-Applied`.
-fn accepted(state: &AppState, task: Task) -> Result<Response, OpenAiError> {
+async fn accepted(state: &AppState, task: Task) -> Result<Response, OpenAiError> {
     let location = format!("/v1/tasks/{}", task.id);
-    let v = view(state, task)?;
+    let v = view(state, task).await?;
     let mut resp = (StatusCode::ACCEPTED, ApiJson(v)).into_response();
     if let Ok(l) = HeaderValue::from_str(&location) {
         resp.headers_mut().insert(header::LOCATION, l);
@@ -465,7 +466,7 @@ async fn run(
     }
     let task = wait_done(state, &task.id.clone(), wait_limit(headers, state)).await?;
     if !task.state.is_terminal() {
-        return accepted(state, task);
+        return accepted(state, task).await;
     }
     if task.state != TaskState::Succeeded {
         return Err(task_failure(&task));
