@@ -375,4 +375,78 @@ mod tests {
             .unwrap_err();
         assert!(matches!(e, FetchError::BadUrl(_)));
     }
+
+    /// A one-shot HTTP server on 127.0.0.1 answering `response`; returns its port and the
+    /// request it received.
+    async fn serve_once(response: Vec<u8>) -> (u16, tokio::task::JoinHandle<String>) {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let h = tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut buf = vec![0u8; 4096];
+            let n = s.read(&mut buf).await.unwrap();
+            s.write_all(&response).await.unwrap();
+            let _ = s.shutdown().await;
+            String::from_utf8_lossy(&buf[..n]).into_owned()
+        });
+        (port, h)
+    }
+
+    fn loopback() -> FetchPolicy {
+        FetchPolicy {
+            allow_loopback: true,
+            max_bytes: 16,
+            ..strict()
+        }
+    }
+
+    #[tokio::test]
+    async fn downloads_images_within_limits_and_sends_auth_only_to_its_origin() {
+        let ok =
+            b"HTTP/1.1 200 OK\r\ncontent-type: image/png\r\ncontent-length: 4\r\n\r\nPNG!".to_vec();
+        let (port, req) = serve_once(ok.clone()).await;
+        let mut p = loopback();
+        p.auth = Some((format!("http://127.0.0.1:{port}"), "Bearer k".into()));
+        let (data, ct) = fetch_image(&format!("http://127.0.0.1:{port}/a.png"), &p)
+            .await
+            .unwrap();
+        assert_eq!((&data[..], ct.as_str()), (&b"PNG!"[..], "image/png"));
+        assert!(
+            req.await
+                .unwrap()
+                .to_ascii_lowercase()
+                .contains("authorization: bearer k")
+        );
+        // Another origin never gets the key.
+        let (port, req) = serve_once(ok).await;
+        let (data, _) = fetch_image(&format!("http://127.0.0.1:{port}/a.png"), &p)
+            .await
+            .unwrap();
+        assert_eq!(&data[..], b"PNG!");
+        assert!(
+            !req.await
+                .unwrap()
+                .to_ascii_lowercase()
+                .contains("authorization")
+        );
+    }
+
+    #[tokio::test]
+    async fn refuses_non_images_oversize_and_redirects() {
+        let cases: [(&[u8], &str); 4] = [
+            (b"HTTP/1.1 200 OK\r\ncontent-type: text/html\r\ncontent-length: 2\r\n\r\nhi", "not an image"),
+            (b"HTTP/1.1 200 OK\r\ncontent-type: image/png\r\ncontent-length: 100\r\n\r\n", "exceed the limit"),
+            (b"HTTP/1.1 200 OK\r\ncontent-type: image/png\r\n\r\n0123456789abcdefXYZ", "exceeds the limit"),
+            (b"HTTP/1.1 302 Found\r\nlocation: http://169.254.169.254/\r\ncontent-length: 0\r\n\r\n", "redirects are not followed"),
+        ];
+        for (resp, want) in cases {
+            let (port, _req) = serve_once(resp.to_vec()).await;
+            let e = fetch_image(&format!("http://127.0.0.1:{port}/x"), &loopback())
+                .await
+                .unwrap_err();
+            assert!(matches!(e, FetchError::BadResponse { .. }), "{e}");
+            assert!(e.to_string().contains(want), "{e} should say {want:?}");
+        }
+    }
 }
