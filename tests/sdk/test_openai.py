@@ -62,6 +62,9 @@ def kiln():
         KILN_SERVER__DATA_DIR=data,
         KILN_LOG__FILTER="warn",
         KILN_GATEWAY__PUBLIC_BASE_URL=base,
+        # A model whose task type no worker serves: its tasks stay queued.
+        KILN_GATEWAY__OPENAI__MODELS__IDLE__GENERATE_TASK_TYPE="idle_gen",
+        KILN_GATEWAY__OPENAI__MODELS__IDLE__EDIT_TASK_TYPE="idle_edit",
     )
     log = open(os.path.join(data, "server.log"), "wb")
     proc = subprocess.Popen([binary, "serve"], env=env, stdout=log, stderr=log)
@@ -72,7 +75,8 @@ def kiln():
                 with urllib.request.urlopen(f"{base}/v1/models", timeout=1) as r:
                     models = json.load(r)
                 # The demo worker connects just after the listener opens.
-                if models["data"][0]["kiln"]["workers_online"] >= 1:
+                demo = [m for m in models["data"] if m["id"] == "kiln-demo"][0]
+                if demo["kiln"]["workers_online"] >= 1:
                     break
             except OSError:
                 pass
@@ -238,3 +242,23 @@ def test_idempotency_key_dedupes(client):
     assert e1.headers["x-kiln-task-id"] == e2.headers["x-kiln-task-id"]
     with pytest.raises(openai.ConflictError):
         client.images.generate(prompt="different", size="32x32", extra_headers=key)
+
+
+def test_wait_limit_answers_202_with_the_task(client, kiln):
+    started = time.time()
+    raw = client.images.with_raw_response.generate(
+        model="idle", prompt="nobody serves this", extra_headers={"Prefer": "wait=1"}
+    )
+    elapsed = time.time() - started
+    assert raw.status_code == 202
+    assert 0.9 <= elapsed < 10, elapsed
+    task = json.loads(raw.text)
+    assert task["status"] == "queued" and task["task_type"] == "idle_gen"
+    assert task["queue_position"] == 0
+    m = client.models.retrieve("idle")
+    assert m.model_extra["kiln"]["workers_online"] == 0
+    # It is an ordinary task: cancel it through the task API.
+    with urllib.request.urlopen(
+        urllib.request.Request(f"{kiln}/v1/tasks/{task['id']}/cancel", method="POST"), timeout=10
+    ) as r:
+        assert r.status == 202
