@@ -129,7 +129,18 @@ async fn run(
     call.time_left = ctx
         .deadline
         .map(|d| std::time::Duration::from_millis(d.saturating_sub(kiln_protocol::now_ms())));
-    let out = match up.run(&call).await {
+    let result = tokio::select! {
+        r = up.run(&call) => r,
+        _ = ctx.cancelled() => {
+            // The upstream may have the call already; the mark stays so it is never resent.
+            return Err(TaskError {
+                code: "cancelled".into(),
+                message: format!("canceled while {} was working on it", up.name()),
+                retryable: false,
+            });
+        }
+    };
+    let out = match result {
         Ok(out) => out,
         Err(e) => {
             if e.is_retryable() {
