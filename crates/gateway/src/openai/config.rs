@@ -156,7 +156,8 @@ pub struct ProviderConfig {
     /// Time limit of downloading one result image from a URL. Default: 60 s.
     #[serde(with = "humantime_serde")]
     pub download_timeout: Duration,
-    /// Largest result image downloaded or decoded from base64. Default: 50 MiB.
+    /// Largest result image downloaded or decoded from base64; a JSON answer of the
+    /// upstream may be twice this size (all images of the call together). Default: 50 MiB.
     pub max_download_bytes: usize,
     /// Result URLs may point at loopback addresses (127.0.0.0/8, ::1). Default: false.
     pub allow_loopback: bool,

@@ -201,8 +201,9 @@ impl OpenAiCompatible {
                 retry_statuses: cfg.retry_statuses.clone(),
                 ..RetryConfig::default()
             },
-            // b64_json answers carry up to 10 images, a third larger than the files.
-            max_response_bytes: cfg.max_download_bytes.saturating_mul(14),
+            // A b64_json answer carries all images of the call, each a third larger than
+            // its file.
+            max_response_bytes: cfg.max_download_bytes.saturating_mul(2),
             ..UploadConfig::default()
         };
         let client =
