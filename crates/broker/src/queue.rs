@@ -98,7 +98,7 @@ pub trait Queue: Send + Sync + std::fmt::Debug + 'static {
     ) -> QueueFuture<'a, Vec<Task>>;
 
     /// Extends every lease `worker_id` holds to `until` (never shortens one). Returns how
-    /// many leases it holds that now run at least until `until`.
+    /// many leases it extended.
     fn renew<'a>(&'a self, worker_id: &'a str, until: u64) -> QueueFuture<'a, usize>;
 
     /// The leases `worker_id` holds: `(lease, task_id)`.

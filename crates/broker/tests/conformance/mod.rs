@@ -14,8 +14,9 @@ use kiln_protocol::messages::TaskError;
 use serde_json::json;
 
 /// Instantiates every conformance test. `$make` is an async fn taking the test name and
-/// returning a fresh `Arc<dyn Queue>`; `$done` an async fn taking the test name, run after
-/// the test passed (cleanup).
+/// returning a fresh `Arc<dyn Queue>` (or `None`: the backend is not reachable here and the
+/// test is skipped with a notice); `$done` an async fn taking the test name, run after the
+/// test passed (cleanup).
 #[macro_export]
 macro_rules! conformance_tests {
     ($make:path, $done:path) => {
@@ -43,7 +44,9 @@ macro_rules! conformance_tests {
         $(
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $name() {
-                let q = $make(stringify!($name)).await;
+                let Some(q) = $make(stringify!($name)).await else {
+                    return;
+                };
                 conformance::$name(&*q).await;
                 drop(q);
                 $done(stringify!($name)).await;
