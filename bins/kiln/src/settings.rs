@@ -112,10 +112,11 @@ pub(crate) fn load(path: Option<&Path>) -> Result<Settings, String> {
     let cfg = b
         .build()
         .map_err(|e| format!("invalid configuration: {e}"))?;
-    let settings: Settings = cfg
+    let mut settings: Settings = cfg
         .try_deserialize()
         .map_err(|e| format!("invalid configuration: {e}"))?;
     settings.validate()?;
+    settings.resolve_secrets()?;
     Ok(settings)
 }
 
@@ -141,6 +142,10 @@ impl Settings {
             );
         }
         self.validate_storage()?;
+        self.gateway
+            .openai
+            .validate()
+            .map_err(|e| format!("invalid configuration: {e}"))?;
         if self.demo_worker.enabled && self.demo_worker.slots == 0 {
             return Err("invalid configuration: demo_worker.slots must be at least 1".into());
         }
@@ -185,6 +190,25 @@ impl Settings {
             ),
             _ => Ok(()),
         }
+    }
+
+    /// Reads the API key of each upstream provider from the variable its `api_key_env` names.
+    fn resolve_secrets(&mut self) -> Result<(), String> {
+        for (name, p) in self.gateway.openai.providers.iter_mut() {
+            if p.api_key_env.is_empty() {
+                continue;
+            }
+            match std::env::var(&p.api_key_env) {
+                Ok(v) if !v.is_empty() => p.api_key = Some(v),
+                _ => {
+                    return Err(format!(
+                        "invalid configuration: gateway.openai.providers.{name}.api_key_env names {:?}, which is not set",
+                        p.api_key_env
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Where the queue database lives.
