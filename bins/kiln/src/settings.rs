@@ -20,28 +20,44 @@ pub(crate) struct Settings {
     pub(crate) server: Server,
     pub(crate) log: Log,
     pub(crate) gateway: kiln_gateway::GatewayConfig,
+    pub(crate) storage: kiln_gateway::StorageConfig,
     pub(crate) broker: kiln_gateway::BrokerConfig,
-    pub(crate) queue: QueueSettings,
+    pub(crate) queue: Queue,
     pub(crate) demo_worker: DemoWorker,
 }
 
-/// Which store holds the tasks.
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub(crate) enum QueueBackend {
     Sqlite,
+    Postgres,
     Redis,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+/// Which store holds the queue.
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct QueueSettings {
+pub(crate) struct Queue {
     pub(crate) backend: QueueBackend,
-    #[cfg(feature = "redis")]
-    pub(crate) redis: kiln_broker::RedisOptions,
-    #[cfg(not(feature = "redis"))]
-    #[allow(dead_code)]
-    pub(crate) redis: serde::de::IgnoredAny,
+    pub(crate) postgres_url: String,
+    pub(crate) postgres_schema: String,
+    pub(crate) postgres_pool_size: usize,
+    pub(crate) redis_url: String,
+    pub(crate) redis_prefix: String,
+    #[serde(with = "humantime_serde")]
+    pub(crate) redis_request_id_ttl: Duration,
+}
+
+impl std::fmt::Debug for Queue {
+    // The URLs may carry a password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Queue")
+            .field("backend", &self.backend)
+            .field("postgres_schema", &self.postgres_schema)
+            .field("postgres_pool_size", &self.postgres_pool_size)
+            .field("redis_prefix", &self.redis_prefix)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -96,15 +112,17 @@ pub(crate) fn load(path: Option<&Path>) -> Result<Settings, String> {
             .with_list_parse_key("gateway.api_key_hashes")
             .with_list_parse_key("gateway.worker_token_hashes")
             .with_list_parse_key("gateway.known_task_types")
-            .with_list_parse_key("gateway.cors_origins"),
+            .with_list_parse_key("gateway.cors_origins")
+            .with_list_parse_key("storage.client.retry.retry_statuses"),
     );
     let cfg = b
         .build()
         .map_err(|e| format!("invalid configuration: {e}"))?;
-    let settings: Settings = cfg
+    let mut settings: Settings = cfg
         .try_deserialize()
         .map_err(|e| format!("invalid configuration: {e}"))?;
     settings.validate()?;
+    settings.resolve_secrets()?;
     Ok(settings)
 }
 
@@ -130,6 +148,16 @@ impl Settings {
                     .into(),
             );
         }
+        if self.queue.backend == QueueBackend::Postgres && self.queue.postgres_pool_size == 0 {
+            return Err(
+                "invalid configuration: queue.postgres_pool_size must be at least 1".into(),
+            );
+        }
+        self.validate_storage()?;
+        self.gateway
+            .openai
+            .validate()
+            .map_err(|e| format!("invalid configuration: {e}"))?;
         if self.demo_worker.enabled && self.demo_worker.slots == 0 {
             return Err("invalid configuration: demo_worker.slots must be at least 1".into());
         }
@@ -149,6 +177,52 @@ impl Settings {
 }
 
 impl Settings {
+    fn validate_storage(&self) -> Result<(), String> {
+        use kiln_gateway::StorageBackend;
+        if self.gateway.storage != kiln_gateway::StorageConfig::default() {
+            return Err(
+                "invalid configuration: gateway.storage is not a key; put file storage settings in [storage]"
+                    .into(),
+            );
+        }
+        match (self.storage.backend, &self.storage.s3) {
+            (StorageBackend::S3, None) => Err(
+                "invalid configuration: storage.backend is \"s3\" but storage.s3 is missing \
+                 (endpoint, bucket, access_key_id, secret_access_key)"
+                    .into(),
+            ),
+            (StorageBackend::Local, Some(_)) => Err(
+                "invalid configuration: storage.s3 is set but storage.backend is \"local\"; \
+                 set storage.backend = \"s3\" or remove storage.s3"
+                    .into(),
+            ),
+            (_, Some(s3)) if s3.endpoint.is_empty() || s3.bucket.is_empty() => Err(
+                "invalid configuration: storage.s3.endpoint and storage.s3.bucket must not be empty"
+                    .into(),
+            ),
+            _ => Ok(()),
+        }
+    }
+
+    /// Reads the API key of each upstream provider from the variable its `api_key_env` names.
+    fn resolve_secrets(&mut self) -> Result<(), String> {
+        for (name, p) in self.gateway.openai.providers.iter_mut() {
+            if p.api_key_env.is_empty() {
+                continue;
+            }
+            match std::env::var(&p.api_key_env) {
+                Ok(v) if !v.is_empty() => p.api_key = Some(v),
+                _ => {
+                    return Err(format!(
+                        "invalid configuration: gateway.openai.providers.{name}.api_key_env names {:?}, which is not set",
+                        p.api_key_env
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Where the queue database lives.
     pub(crate) fn queue_path(&self) -> PathBuf {
         self.server.data_dir.join("queue.sqlite")
@@ -158,14 +232,12 @@ impl Settings {
     pub(crate) fn queue_desc(&self) -> String {
         match self.queue.backend {
             QueueBackend::Sqlite => self.queue_path().display().to_string(),
-            #[cfg(feature = "redis")]
+            QueueBackend::Postgres => format!("postgres schema {:?}", self.queue.postgres_schema),
             QueueBackend::Redis => format!(
                 "{} (prefix {:?})",
-                redact_url(&self.queue.redis.url),
-                self.queue.redis.prefix
+                redact_url(&self.queue.redis_url),
+                self.queue.redis_prefix
             ),
-            #[cfg(not(feature = "redis"))]
-            QueueBackend::Redis => "redis (not built in)".into(),
         }
     }
 
@@ -180,7 +252,6 @@ impl Settings {
 }
 
 /// A URL without its password, for logs.
-#[cfg(feature = "redis")]
 fn redact_url(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => {
@@ -202,7 +273,6 @@ mod tests {
         assert_eq!(s.queue.backend, QueueBackend::Sqlite);
     }
 
-    #[cfg(feature = "redis")]
     #[test]
     fn redis_url_password_is_not_logged() {
         assert_eq!(
@@ -213,5 +283,12 @@ mod tests {
             redact_url("redis://127.0.0.1:6379"),
             "redis://127.0.0.1:6379"
         );
+    }
+
+    #[test]
+    fn storage_defaults_are_the_library_defaults() {
+        let s = load(None).unwrap();
+        // The documented storage defaults are the library's defaults.
+        assert_eq!(s.storage, kiln_gateway::StorageConfig::default());
     }
 }

@@ -2,119 +2,66 @@
 
 #![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
 
-use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+#[path = "../../../crates/gateway/tests/support/moto.rs"]
+mod moto;
+mod support;
+
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use serde_json::{Value, json};
+use support::{Resp, call, post_json, start, start_logging, wait_status};
 
-struct Server {
-    child: Child,
-    base: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start(data: &Path, env: &[(&str, &str)]) -> Server {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kiln"));
-    cmd.arg("serve")
-        .env("KILN_SERVER__LISTEN", "127.0.0.1:0")
-        .env("KILN_SERVER__DATA_DIR", data)
-        .env("KILN_SERVER__SHUTDOWN_GRACE", "2s")
-        .env("KILN_LOG__FILTER", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let mut child = cmd.spawn().unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line).unwrap();
-    let base = line
-        .trim()
-        .strip_prefix("kiln listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .to_owned();
-    Server { child, base }
-}
-
-struct Resp {
-    status: u16,
-    headers: hyper::HeaderMap,
-    body: Bytes,
-}
-
-impl Resp {
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", String::from_utf8_lossy(&self.body)))
-    }
-}
-
-async fn call(
-    base: &str,
-    method: &str,
-    path: &str,
-    body: impl Into<Bytes>,
-    headers: &[(&str, &str)],
-) -> Resp {
-    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
-    let mut req = hyper::Request::builder()
-        .method(method)
-        .uri(format!("{base}{path}"));
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    let resp = tokio::time::timeout(
-        Duration::from_secs(30),
-        client.request(req.body(Full::new(body.into())).unwrap()),
-    )
-    .await
-    .unwrap()
-    .unwrap();
-    let status = resp.status().as_u16();
-    let headers = resp.headers().clone();
-    let body = resp.into_body().collect().await.unwrap().to_bytes();
-    Resp {
-        status,
-        headers,
-        body,
-    }
-}
-
-async fn post_json(base: &str, path: &str, v: Value, headers: &[(&str, &str)]) -> Resp {
-    let mut h = vec![("content-type", "application/json")];
-    h.extend_from_slice(headers);
-    call(base, "POST", path, v.to_string(), &h).await
-}
-
-async fn wait_status(base: &str, id: &str, want: &str, secs: u64) -> Value {
-    let until = Instant::now() + Duration::from_secs(secs);
+/// Waits until the task's `timings` has `stage` (stages measured around the end are
+/// recorded just after it) and returns the task.
+async fn wait_timing(base: &str, id: &str, stage: &str) -> Value {
+    let until = Instant::now() + Duration::from_secs(10);
     loop {
         let t = call(base, "GET", &format!("/v1/tasks/{id}"), "", &[])
             .await
             .json();
-        if t["status"] == want {
+        if t["timings"][stage].is_u64() {
             return t;
         }
         assert!(
             Instant::now() < until,
-            "task {id} is {} not {want}: {t}",
-            t["status"]
+            "task {id} has no timings.{stage}: {t}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Checks that the stage timings are plausible: present, and the parts within the whole.
+fn check_timings(t: &Value, wall_ms: u64, worker_stages: &[&str]) {
+    let tm = &t["timings"];
+    let ms = |k: &str| {
+        tm[k]
+            .as_u64()
+            .unwrap_or_else(|| panic!("timings.{k} missing: {tm}"))
+    };
+    let (queued, dispatch, run, upload) = (
+        ms("queued_ms"),
+        ms("dispatch_ms"),
+        ms("run_ms"),
+        ms("upload_ms"),
+    );
+    assert!(dispatch <= queued, "{tm}");
+    // Server times are whole Unix ms, so their difference can round up by 1 ms.
+    assert!(
+        queued + run <= wall_ms.saturating_add(1),
+        "queued + run above the wall time {wall_ms}: {tm}"
+    );
+    let worker = tm["worker"].as_object().unwrap_or_else(|| panic!("{tm}"));
+    for stage in worker_stages {
+        assert!(
+            worker[*stage].is_u64(),
+            "timings.worker.{stage} missing: {tm}"
+        );
+    }
+    let worker_sum: u64 = worker.values().map(|v| v.as_u64().unwrap()).sum();
+    assert!(worker_sum <= run, "worker stages above run_ms: {tm}");
+    // The gateway stores the output inside the worker's upload request.
+    assert!(upload <= worker["upload_ms"].as_u64().unwrap(), "{tm}");
 }
 
 /// Reads an SSE response to its end: `(id, event, data)` triples.
@@ -154,6 +101,7 @@ fn png(w: u32, h: u32) -> Vec<u8> {
 async fn txt2img_create_stream_fetch() {
     let dir = tempfile::tempdir().unwrap();
     let s = start(dir.path(), &[]);
+    let began = Instant::now();
     let r = post_json(&s.base, "/v1/tasks", json!({"task_type": "txt2img", "input": {"prompt": "a red lighthouse", "width": 320, "height": 200, "seed": 9}}), &[]).await;
     assert_eq!(r.status, 202, "{:?}", r.body);
     let t = r.json();
@@ -177,9 +125,15 @@ async fn txt2img_create_stream_fetch() {
     let done = &events.last().unwrap().2;
     assert_eq!(done["status"], "succeeded");
     // The task object and the image.
-    let t = wait_status(&s.base, &id, "succeeded", 10).await;
+    wait_status(&s.base, &id, "succeeded", 10).await;
+    let wall_ms = began.elapsed().as_millis() as u64;
+    let t = wait_timing(&s.base, &id, "upload_ms").await;
     assert_eq!(t["attempts"].as_array().unwrap().len(), 1);
-    assert!(t["timings"]["run_ms"].as_u64().is_some());
+    check_timings(&t, wall_ms, &["render_ms", "encode_ms", "upload_ms"]);
+    assert!(
+        t["timings"].get("compress_ms").is_none(),
+        "no reference image"
+    );
     let file = &t["output"]["files"][0];
     let img = call(&s.base, "GET", file["url"].as_str().unwrap(), "", &[]).await;
     assert_eq!(img.status, 200);
@@ -238,7 +192,25 @@ async fn upload_compress_and_img2img() {
     )
     .await;
     let id = r.json()["id"].as_str().unwrap().to_owned();
-    let t = wait_status(&s.base, &id, "succeeded", 15).await;
+    wait_status(&s.base, &id, "succeeded", 15).await;
+    let t = wait_timing(&s.base, &id, "upload_ms").await;
+    // The reference image was compressed at upload; its time counts for the task.
+    let t = if t["timings"]["compress_ms"].is_u64() {
+        t
+    } else {
+        wait_timing(&s.base, &id, "compress_ms").await
+    };
+    check_timings(
+        &t,
+        u64::MAX,
+        &[
+            "download_ms",
+            "decode_ms",
+            "render_ms",
+            "encode_ms",
+            "upload_ms",
+        ],
+    );
     assert_eq!(t["output"]["transforms"], json!(["grayscale"]));
     let out = call(
         &s.base,
@@ -572,6 +544,157 @@ async fn auth_with_api_keys() {
     assert_eq!(call(&s.base, "GET", "/healthz", "", &[]).await.status, 200);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_task_span_carries_the_stage_timings() {
+    let dir = tempfile::tempdir().unwrap();
+    let log_path = dir.path().join("stderr.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let s = start_logging(
+        dir.path(),
+        &[
+            ("KILN_LOG__FORMAT", "json"),
+            ("KILN_LOG__FILTER", "warn,kiln_gateway=info"),
+        ],
+        Stdio::from(log),
+    );
+    let r = post_json(
+        &s.base,
+        "/v1/tasks",
+        json!({"task_type": "txt2img", "input": {"prompt": "span", "width": 64, "height": 64}}),
+        &[],
+    )
+    .await;
+    let id = r.json()["id"].as_str().unwrap().to_owned();
+    wait_status(&s.base, &id, "succeeded", 10).await;
+    let t = wait_timing(&s.base, &id, "upload_ms").await;
+    // The `task ended` event is logged inside the task's span, which holds the stages.
+    let until = Instant::now() + Duration::from_secs(10);
+    let ended = loop {
+        let text = std::fs::read_to_string(&log_path).unwrap();
+        let found = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find(|l| {
+                l["fields"]["message"] == "task ended" && l["fields"]["task_id"] == id.as_str()
+            });
+        if let Some(l) = found {
+            break l;
+        }
+        assert!(
+            Instant::now() < until,
+            "no `task ended` line for {id}:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let span = &ended["span"];
+    assert_eq!(span["name"], "task", "{ended}");
+    assert_eq!(span["task_id"], id.as_str());
+    assert_eq!(span["task_type"], "txt2img");
+    assert_eq!(span["attempt"], 1);
+    assert_eq!(span["status"], "succeeded");
+    for stage in ["queued_ms", "dispatch_ms", "run_ms", "upload_ms"] {
+        assert_eq!(span[stage], t["timings"][stage], "{stage}: {ended}");
+    }
+    let worker: Value = serde_json::from_str(span["worker"].as_str().unwrap()).unwrap();
+    assert_eq!(worker, t["timings"]["worker"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_in_s3_survive_a_restart() {
+    let Some(moto) = moto::Moto::start() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let endpoint = moto.endpoint();
+    let env: Vec<(&str, &str)> = vec![
+        ("KILN_STORAGE__BACKEND", "s3"),
+        ("KILN_STORAGE__CREATE_BUCKET", "true"),
+        ("KILN_STORAGE__S3__ENDPOINT", &endpoint),
+        ("KILN_STORAGE__S3__BUCKET", "kiln-e2e"),
+        ("KILN_STORAGE__S3__KEY_PREFIX", "files/"),
+        ("KILN_STORAGE__S3__ACCESS_KEY_ID", "test"),
+        ("KILN_STORAGE__S3__SECRET_ACCESS_KEY", "test"),
+        ("KILN_STORAGE__CLIENT__RETRY__INITIAL_BACKOFF", "20ms"),
+    ];
+    let (upload_id, output_id, output) = {
+        let s = start(dir.path(), &env);
+        let ready = call(&s.base, "GET", "/readyz", "", &[]).await;
+        assert_eq!(
+            ready.status,
+            200,
+            "{:?}",
+            String::from_utf8_lossy(&ready.body)
+        );
+        assert_eq!(ready.json()["storage"]["backend"], "s3");
+        let up = call(
+            &s.base,
+            "POST",
+            "/v1/files",
+            png(120, 80),
+            &[("content-type", "image/png")],
+        )
+        .await;
+        assert_eq!(up.status, 201, "{:?}", String::from_utf8_lossy(&up.body));
+        let upload_id = up.json()["id"].as_str().unwrap().to_owned();
+        let r = post_json(
+            &s.base,
+            "/v1/tasks",
+            json!({"task_type": "img2img", "input": {"image": upload_id, "prompt": "invert"}}),
+            &[],
+        )
+        .await;
+        let id = r.json()["id"].as_str().unwrap().to_owned();
+        wait_status(&s.base, &id, "succeeded", 20).await;
+        let t = wait_timing(&s.base, &id, "upload_ms").await;
+        let output_id = t["output"]["files"][0]["id"].as_str().unwrap().to_owned();
+        let out = call(&s.base, "GET", out_url(&t), "", &[]).await;
+        assert_eq!(out.status, 200);
+        assert_eq!(out.headers["content-type"], "image/png");
+        (upload_id, output_id, out.body)
+        // Dropping the server kills it.
+    };
+    // Nothing went to the local files directory.
+    let local = dir.path().join("files");
+    assert!(
+        !local.exists() || std::fs::read_dir(&local).unwrap().next().is_none(),
+        "files were written locally"
+    );
+    // A new server process serves both files from the bucket, byte for byte.
+    let s = start(dir.path(), &env);
+    let again = call(&s.base, "GET", &format!("/v1/files/{output_id}"), "", &[]).await;
+    assert_eq!(again.status, 200);
+    assert!(again.body == output, "output differs after restart");
+    let up = call(&s.base, "GET", &format!("/v1/files/{upload_id}"), "", &[]).await;
+    assert!(up.body.as_ref() == png(120, 80).as_slice());
+    assert_eq!(
+        call(
+            &s.base,
+            "DELETE",
+            &format!("/v1/files/{upload_id}"),
+            "",
+            &[]
+        )
+        .await
+        .status,
+        204
+    );
+    assert_eq!(
+        call(&s.base, "GET", &format!("/v1/files/{upload_id}"), "", &[])
+            .await
+            .status,
+        404
+    );
+    // Misconfigured storage is refused at start, naming the key.
+    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["config", "check"])
+        .env("KILN_SERVER__DATA_DIR", dir.path())
+        .env("KILN_STORAGE__BACKEND", "s3")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("storage.s3"));
+}
+
 #[test]
 fn bad_config_exits_64_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();
@@ -608,4 +731,82 @@ fn bad_config_exits_64_naming_the_key() {
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&printed.stdout).contains("[broker]"));
+}
+
+const PG_URL: &str = "host=127.0.0.1 port=5432 user=postgres dbname=test connect_timeout=3";
+
+/// A PostgreSQL queue on a fresh schema, or `None` (with a notice) when the server is not
+/// reachable outside CI.
+async fn pg_schema(name: &str) -> Option<kiln_broker::PostgresQueue> {
+    let opts = kiln_broker::PostgresOptions {
+        url: PG_URL.into(),
+        schema: format!("{name}_{}", std::process::id()),
+        ..Default::default()
+    };
+    match kiln_broker::PostgresQueue::open(opts).await {
+        Ok(q) => {
+            q.drop_schema().await.unwrap();
+            Some(q)
+        }
+        Err(e) if std::env::var("CI").is_ok_and(|v| v == "true") => {
+            panic!("PostgreSQL at {PG_URL} is required in CI: {e}")
+        }
+        Err(e) => {
+            eprintln!("notice: PostgreSQL at {PG_URL} not reachable ({e}); test skipped");
+            None
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_share_a_postgres_queue() {
+    let Some(pg) = pg_schema("kiln_e2e_two").await else {
+        return;
+    };
+    let schema = format!("kiln_e2e_two_{}", std::process::id());
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let common = [
+        ("KILN_QUEUE__BACKEND", "postgres"),
+        ("KILN_QUEUE__POSTGRES_URL", PG_URL),
+        ("KILN_QUEUE__POSTGRES_SCHEMA", schema.as_str()),
+        ("KILN_GATEWAY__KNOWN_TASK_TYPES", "txt2img"),
+    ];
+    // A has no worker; B runs the demo worker. Tasks submitted to A run on B, and A's SSE
+    // stream follows them through B's announcements.
+    let mut env_a = common.to_vec();
+    env_a.push(("KILN_DEMO_WORKER__ENABLED", "false"));
+    let a = start(da.path(), &env_a);
+    let mut ids = Vec::new();
+    for i in 0..4 {
+        let r = post_json(&a.base, "/v1/tasks", json!({"task_type": "txt2img", "input": {"prompt": format!("p{i}"), "width": 32, "height": 32}}), &[]).await;
+        assert_eq!(r.status, 202, "{:?}", r.json());
+        ids.push(r.json()["id"].as_str().unwrap().to_owned());
+    }
+    let b = start(db.path(), &common);
+    let sse = call(
+        &a.base,
+        "GET",
+        &format!("/v1/tasks/{}/events", ids[0]),
+        "",
+        &[],
+    )
+    .await;
+    let events = parse_sse(&sse.body);
+    assert_eq!(
+        events.last().map(|e| e.1.as_str()),
+        Some("completed"),
+        "{events:?}"
+    );
+    for id in &ids {
+        let t = wait_status(&a.base, id, "succeeded", 20).await;
+        assert_eq!(t["attempts"].as_array().unwrap().len(), 1);
+        assert_eq!(
+            call(&b.base, "GET", &format!("/v1/tasks/{id}"), "", &[])
+                .await
+                .json()["status"],
+            "succeeded"
+        );
+    }
+    drop((a, b));
+    pg.drop_schema().await.unwrap();
 }

@@ -772,6 +772,11 @@ impl Broker {
                 self.publish();
             }
             Message::Result(r) => {
+                if let Some(t) = r.timings.as_ref().filter(|t| !t.is_empty())
+                    && let Err(e) = self.queue.record_worker_timings(&r.lease, t).await
+                {
+                    tracing::warn!(message = "worker timings not stored", error = %e);
+                }
                 let completion = match r.status {
                     ResultStatus::Ok => Completion::Ok(r.output.unwrap_or(serde_json::Value::Null)),
                     ResultStatus::Cancelled => Completion::Cancelled,

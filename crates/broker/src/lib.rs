@@ -1,8 +1,9 @@
 //! kiln-broker: a durable task queue and the dispatcher that feeds `kiln.v1` worker
 //! sessions.
 //!
-//! Tasks live in a [`Queue`] store ([`SqliteQueue`], one WAL file, is the embedded
-//! default). They are stored before `submit` returns, so an accepted task survives a kill -9
+//! Tasks live in a [`Queue`] store: `SqliteQueue` (one WAL file) is the embedded default;
+//! with the `postgres` feature, `PostgresQueue` lets several gateway instances share one
+//! database. Tasks are stored before `submit` returns, so an accepted task survives a kill -9
 //! of the process. Each attempt gets its own lease; any frame from the worker
 //! renews its leases, and a lease lapses only after `lease` without renewal, so long jobs
 //! run once without tuning. Results are accepted by compare-and-set on the lease (first
@@ -45,6 +46,8 @@
 mod broker;
 mod config;
 mod model;
+#[cfg(feature = "postgres")]
+mod postgres;
 mod queue;
 #[cfg(feature = "redis")]
 mod redis;
@@ -55,5 +58,7 @@ pub use crate::redis::{RedisOptions, RedisQueue};
 pub use broker::{Broker, SessionEnd, WorkerInfo, now_ms};
 pub use config::BrokerConfig;
 pub use model::*;
+#[cfg(feature = "postgres")]
+pub use postgres::{PostgresOptions, PostgresQueue};
 pub use queue::{Notification, Notifications, Queue, QueueFuture, QueueOptions, Sweep};
 pub use sqlite::{SqliteExecutor, SqliteOptions, SqliteQueue};

@@ -98,7 +98,7 @@ pub trait Queue: Send + Sync + std::fmt::Debug + 'static {
     ) -> QueueFuture<'a, Vec<Task>>;
 
     /// Extends every lease `worker_id` holds to `until` (never shortens one). Returns how
-    /// many leases it holds that now run at least until `until`.
+    /// many leases it extended.
     fn renew<'a>(&'a self, worker_id: &'a str, until: u64) -> QueueFuture<'a, usize>;
 
     /// The leases `worker_id` holds: `(lease, task_id)`.
@@ -182,6 +182,27 @@ pub trait Queue: Send + Sync + std::fmt::Debug + 'static {
 
     /// Whether the store answers (readiness).
     fn ping(&self) -> QueueFuture<'_, ()>;
+
+    /// Stage timings recorded for a task: a JSON object of `<stage>_ms` numbers, with the
+    /// worker's own stages under `worker`. `None` when nothing was recorded.
+    fn timings<'a>(&'a self, id: &'a str) -> QueueFuture<'a, Option<Value>>;
+
+    /// Sets the keys of `timings` (a JSON object) in the task's recorded timings, leaving
+    /// the other keys as they are.
+    fn merge_timings<'a>(
+        &'a self,
+        id: &'a str,
+        timings: &'a serde_json::Map<String, Value>,
+    ) -> QueueFuture<'a, ()>;
+
+    /// Records the stages a worker sent with the result of `lease` as the task's `worker`
+    /// timings (replacing an earlier attempt's). False, and nothing stored, when `lease` is
+    /// not the running attempt's.
+    fn record_worker_timings<'a>(
+        &'a self,
+        lease: &'a str,
+        timings: &'a std::collections::BTreeMap<String, u64>,
+    ) -> QueueFuture<'a, bool>;
 
     /// Events written by this handle's calls since the last call, oldest first, committed
     /// only; the broker broadcasts them to local subscribers.

@@ -67,6 +67,10 @@ CREATE TABLE IF NOT EXISTS events (
     ts INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_task ON events (task_id, id);
+CREATE TABLE IF NOT EXISTS timings (
+    task_id TEXT PRIMARY KEY,
+    data TEXT NOT NULL
+);
 ";
 
 const COLS: &str = "id, request_id, task_type, state, priority, input, metadata, attempt, max_attempts, \
@@ -159,6 +163,31 @@ fn task_by_lease(c: &Connection, lease: &str) -> Result<Option<Task>> {
         .optional()?
         .map(finish_task)
         .transpose()
+}
+
+fn merge_timings_in(
+    c: &Connection,
+    id: &str,
+    timings: &serde_json::Map<String, Value>,
+) -> Result<()> {
+    let raw: Option<String> = c
+        .query_row("SELECT data FROM timings WHERE task_id = ?1", [id], |r| {
+            r.get(0)
+        })
+        .optional()?;
+    let mut all = match parse_json(raw)? {
+        Some(Value::Object(m)) => m,
+        _ => serde_json::Map::new(),
+    };
+    for (k, v) in timings {
+        all.insert(k.clone(), v.clone());
+    }
+    c.execute(
+        "INSERT INTO timings (task_id, data) VALUES (?1, ?2)
+         ON CONFLICT (task_id) DO UPDATE SET data = excluded.data",
+        params![id, Value::Object(all).to_string()],
+    )?;
+    Ok(())
 }
 
 fn status_data(t: &Task) -> Value {
@@ -754,6 +783,46 @@ impl Db {
             .collect::<rusqlite::Result<_>>()?)
     }
 
+    fn timings(&self, id: &str) -> Result<Option<Value>> {
+        let raw: Option<String> = self
+            .conn
+            .query_row("SELECT data FROM timings WHERE task_id = ?1", [id], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        parse_json(raw)
+    }
+
+    fn merge_timings(&self, id: &str, timings: &serde_json::Map<String, Value>) -> Result<()> {
+        let tx = self.conn.unchecked_transaction()?;
+        merge_timings_in(&tx, id, timings)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn record_worker_timings(
+        &self,
+        lease: &str,
+        timings: &std::collections::BTreeMap<String, u64>,
+    ) -> Result<bool> {
+        let tx = self.conn.unchecked_transaction()?;
+        let id: Option<String> = tx
+            .query_row(
+                "SELECT id FROM tasks WHERE lease = ?1 AND state = 'running'",
+                [lease],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let Some(id) = id else {
+            return Ok(false);
+        };
+        let mut m = serde_json::Map::new();
+        m.insert("worker".into(), json!(timings));
+        merge_timings_in(&tx, &id, &m)?;
+        tx.commit()?;
+        Ok(true)
+    }
+
     /// How many queued tasks run before this one (0: next); `None` unless queued.
     fn queue_position(&self, task: &Task) -> Result<Option<u64>> {
         if task.state != TaskState::Queued {
@@ -976,6 +1045,29 @@ impl Queue for SqliteQueue {
 
     fn ping(&self) -> QueueFuture<'_, ()> {
         self.call(|db| db.ping())
+    }
+
+    fn timings<'a>(&'a self, id: &'a str) -> QueueFuture<'a, Option<Value>> {
+        let id = id.to_owned();
+        self.call(move |db| db.timings(&id))
+    }
+
+    fn merge_timings<'a>(
+        &'a self,
+        id: &'a str,
+        timings: &'a serde_json::Map<String, Value>,
+    ) -> QueueFuture<'a, ()> {
+        let (id, t) = (id.to_owned(), timings.clone());
+        self.call(move |db| db.merge_timings(&id, &t))
+    }
+
+    fn record_worker_timings<'a>(
+        &'a self,
+        lease: &'a str,
+        timings: &'a std::collections::BTreeMap<String, u64>,
+    ) -> QueueFuture<'a, bool> {
+        let (l, t) = (lease.to_owned(), timings.clone());
+        self.call(move |db| db.record_worker_timings(&l, &t))
     }
 
     fn take_events(&self) -> Vec<TaskEvent> {

@@ -61,7 +61,7 @@ async fn cleanup(test: &str) {
     }
 }
 
-conformance_tests!(optional fresh, cleanup);
+conformance_tests!(fresh, cleanup);
 
 fn nt(t: &str) -> NewTask {
     NewTask {

@@ -11,8 +11,8 @@ use kiln_broker::*;
 use kiln_protocol::TaskState;
 use serde_json::json;
 
-async fn in_memory(_test: &str) -> Arc<dyn Queue> {
-    Arc::new(SqliteQueue::in_memory(2).unwrap())
+async fn in_memory(_test: &str) -> Option<Arc<dyn Queue>> {
+    Some(Arc::new(SqliteQueue::in_memory(2).unwrap()))
 }
 
 async fn done(_test: &str) {}
@@ -23,7 +23,7 @@ conformance_tests!(in_memory, done);
 mod on_file_blocking_pool {
     use super::*;
 
-    async fn on_file(test: &str) -> Arc<dyn Queue> {
+    async fn on_file(test: &str) -> Option<Arc<dyn Queue>> {
         let dir = std::env::temp_dir().join(format!("kiln-conformance-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join(format!("{test}.sqlite"));
@@ -38,7 +38,7 @@ mod on_file_blocking_pool {
             executor: SqliteExecutor::BlockingPool,
             ..SqliteOptions::default()
         };
-        Arc::new(SqliteQueue::open(&path, opts).unwrap())
+        Some(Arc::new(SqliteQueue::open(&path, opts).unwrap()))
     }
 
     async fn remove(test: &str) {

@@ -90,6 +90,7 @@ impl TestWorker {
             output: Some(json!({"ok": true})),
             error: None,
             usage: None,
+            timings: None,
         }));
     }
 

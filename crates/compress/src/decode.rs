@@ -5,7 +5,7 @@ use std::io::Cursor;
 use image::{DynamicImage, ImageDecoder, ImageReader};
 use turbojpeg::{Colorspace, Decompressor, Image, PixelFormat, ScalingFactor};
 
-use crate::{CompressError, DecodeLimits, Rgb, exif};
+use crate::{CompressError, DecodeLimits, Rgb, exif, webp_dec};
 
 /// Pixels ready for resizing: 1 (gray) or 3 (RGB) interleaved channels, orientation not applied.
 pub(crate) struct Decoded {
@@ -54,10 +54,46 @@ pub(crate) fn decode(
         )));
     }
     if is_jpeg(data) {
-        decode_jpeg(data, limits, target_long)
-    } else {
-        decode_other(data, limits, background)
+        return decode_jpeg(data, limits, target_long);
     }
+    if let Some(f) = webp_dec::features(data).filter(|f| !f.animated) {
+        return decode_webp(data, &f, limits, target_long, background);
+    }
+    // PNG, GIF, animated WebP (first frame) and anything libwebp cannot parse.
+    decode_other(data, limits, background)
+}
+
+/// Still WebP through libwebp, shrunk while decoding by the largest integer factor that
+/// keeps the long side at least `target_long` (as libvips does).
+fn decode_webp(
+    data: &[u8],
+    f: &webp_dec::Features,
+    limits: &DecodeLimits,
+    target_long: u32,
+    background: Rgb,
+) -> Result<Decoded, CompressError> {
+    let (w, h) = (f.width, f.height);
+    check_dims(w.into(), h.into(), limits)?;
+    let shrink = (w.max(h) / target_long.max(1)).max(1);
+    let scaled = if shrink > 1 {
+        (w.div_ceil(shrink), h.div_ceil(shrink))
+    } else {
+        (w, h)
+    };
+    let mut pixels =
+        webp_dec::decode(data, (w, h), scaled, f.has_alpha).map_err(CompressError::Corrupt)?;
+    if f.has_alpha {
+        flatten_rgba_in_place(&mut pixels, background);
+    }
+    Ok(Decoded {
+        pixels,
+        width: scaled.0,
+        height: scaled.1,
+        channels: 3,
+        full: (w, h),
+        orientation: exif::webp_orientation(data),
+        icc: exif::webp_icc(data),
+    })
 }
 
 fn tj_err(e: turbojpeg::Error) -> CompressError {
@@ -195,11 +231,9 @@ fn decode_other(
             (flatten::<2>(&la, &[bg]), 1)
         }
         (false, true) => {
-            let rgba = img.into_rgba8().into_raw();
-            (
-                flatten::<4>(&rgba, &[background.0, background.1, background.2]),
-                3,
-            )
+            let mut rgba = img.into_rgba8().into_raw();
+            flatten_rgba_in_place(&mut rgba, background);
+            (rgba, 3)
         }
     };
     Ok(Decoded {
@@ -211,6 +245,26 @@ fn decode_other(
         orientation,
         icc,
     })
+}
+
+/// RGBA to RGB in the same buffer (each pixel moves down, never past one not yet read),
+/// blending onto `bg` where alpha is not 255.
+fn flatten_rgba_in_place(px: &mut Vec<u8>, bg: Rgb) {
+    let n = px.len() / 4;
+    let bg = [bg.0 as u32, bg.1 as u32, bg.2 as u32];
+    for i in 0..n {
+        let s = i * 4;
+        let (r, g, b, a) = (px[s], px[s + 1], px[s + 2], px[s + 3]);
+        let rgb = if a == 255 {
+            [r, g, b]
+        } else {
+            let a = a as u32;
+            let mix = |c: u8, k: u32| ((c as u32 * a + k * (255 - a) + 127) / 255) as u8;
+            [mix(r, bg[0]), mix(g, bg[1]), mix(b, bg[2])]
+        };
+        px[i * 3..i * 3 + 3].copy_from_slice(&rgb);
+    }
+    px.truncate(n * 3);
 }
 
 /// Drop the alpha channel (last of `N`), blending onto `bg` where it is not opaque.
@@ -239,5 +293,8 @@ mod tests {
         let out = flatten::<4>(&px, &[255, 255, 255]);
         assert_eq!(&out[..6], &[255, 255, 255, 10, 20, 30]);
         assert_eq!(&out[6..], &[127, 127, 127]);
+        let mut inplace = px.to_vec();
+        flatten_rgba_in_place(&mut inplace, Rgb(255, 255, 255));
+        assert_eq!(inplace, out);
     }
 }

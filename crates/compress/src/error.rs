@@ -1,7 +1,7 @@
 use thiserror::Error;
 
 /// Why an image could not be compressed.
-#[derive(Debug, Error)]
+#[derive(Debug, Clone, Error)]
 #[non_exhaustive]
 pub enum CompressError {
     /// The input is not a format this crate reads (JPEG, PNG, WebP, GIF).

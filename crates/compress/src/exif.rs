@@ -82,6 +82,37 @@ pub(crate) fn jpeg_icc(data: &[u8]) -> Option<Vec<u8>> {
     Some(chunks.iter().flat_map(|c| c.1.iter().copied()).collect())
 }
 
+/// The chunks of a WebP (RIFF) file: (fourcc, payload). Stops at the first malformed one.
+fn webp_chunks(data: &[u8]) -> impl Iterator<Item = (&[u8], &[u8])> {
+    let ok = data.len() >= 12 && &data[0..4] == b"RIFF" && &data[8..12] == b"WEBP";
+    let mut pos = 12usize;
+    std::iter::from_fn(move || {
+        if !ok {
+            return None;
+        }
+        let fourcc = data.get(pos..pos + 4)?;
+        let len = u32::from_le_bytes(data.get(pos + 4..pos + 8)?.try_into().ok()?) as usize;
+        let payload = data.get(pos + 8..(pos + 8).checked_add(len)?)?;
+        pos += 8 + len + (len & 1);
+        Some((fourcc, payload))
+    })
+}
+
+/// EXIF orientation (1..=8) of a WebP, 1 when absent or unreadable.
+pub(crate) fn webp_orientation(data: &[u8]) -> u8 {
+    webp_chunks(data)
+        .find(|(c, _)| *c == b"EXIF")
+        .and_then(|(_, p)| tiff_orientation(p.strip_prefix(b"Exif\0\0").unwrap_or(p)))
+        .unwrap_or(1)
+}
+
+/// The ICC profile of a WebP (its `ICCP` chunk), if any.
+pub(crate) fn webp_icc(data: &[u8]) -> Option<Vec<u8>> {
+    webp_chunks(data)
+        .find(|(c, _)| *c == b"ICCP")
+        .map(|(_, p)| p.to_vec())
+}
+
 /// True when the JPEG carries an Adobe APP14 segment (CMYK stored inverted).
 pub(crate) fn has_adobe(data: &[u8]) -> bool {
     segments(data).any(|(m, p)| m == 0xEE && p.starts_with(b"Adobe"))
@@ -155,6 +186,33 @@ mod tests {
             t.extend_from_slice(&[0, 0]);
             assert_eq!(tiff_orientation(&t), Some(6));
         }
+    }
+
+    #[test]
+    fn webp_chunks_give_orientation_and_icc() {
+        let mut tiff = b"MM\0\x2a\0\0\0\x08\0\x01".to_vec();
+        tiff.extend_from_slice(&[0x01, 0x12, 0, 3, 0, 0, 0, 1, 0, 8, 0, 0]);
+        let mut body = b"WEBP".to_vec();
+        for (cc, payload) in [
+            (&b"VP8X"[..], &[0u8; 10][..]),
+            (b"ICCP", b"abc"),
+            (b"VP8 ", &[1, 2, 3, 4]),
+            (b"EXIF", &tiff),
+        ] {
+            body.extend_from_slice(cc);
+            body.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+            body.extend_from_slice(payload);
+            if payload.len() % 2 == 1 {
+                body.push(0);
+            }
+        }
+        let mut file = b"RIFF".to_vec();
+        file.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        file.extend_from_slice(&body);
+        assert_eq!(webp_orientation(&file), 8);
+        assert_eq!(webp_icc(&file).as_deref(), Some(&b"abc"[..]));
+        assert_eq!(webp_orientation(&file[..file.len() - 3]), 1);
+        assert_eq!(webp_orientation(b"RIFF\0\0\0\0WEBP"), 1);
     }
 
     #[test]

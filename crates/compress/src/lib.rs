@@ -8,8 +8,10 @@
 //! image is shrunk in steps, and when even that fails a typed error is returned.
 //!
 //! JPEG is decoded and encoded with libjpeg-turbo; large JPEGs are shrunk while decoding
-//! (DCT scaling by 1/2, 1/4 or 1/8), then resized with a SIMD Lanczos filter. The quality is
-//! found by a predictive search on the sizes seen so far (usually one or two encodes).
+//! (DCT scaling by 1/2, 1/4 or 1/8), still WebPs by libwebp's rescaler (an integer factor),
+//! then everything is resized with a SIMD Lanczos filter. The quality is the highest integer
+//! quality that fits, found by a predictive search on the sizes seen so far: one encode when
+//! `max_quality` fits, usually three when it does not (a miss, a fit at q, a miss at q + 1).
 //!
 //! The core is synchronous. With the `tokio` feature, [`Compressor`] runs work on a bounded
 //! blocking pool and caches results by a hash of input and options.
@@ -38,6 +40,7 @@ mod exif;
 mod options;
 mod pipeline;
 mod resize;
+mod webp_dec;
 
 #[cfg(feature = "tokio")]
 mod compressor;

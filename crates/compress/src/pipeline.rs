@@ -221,27 +221,62 @@ struct Found {
     samples: Vec<(u8, f64)>,
 }
 
-/// Predictive quality search: model ln(size) as linear in q, take secant steps from the sizes
-/// seen, and stop at the first fit within 6% below the budget (or when the bracket closes).
+/// Upper bound on encodes per search; the bracket normally closes after 1 to 4. With
+/// [`MODEL_STEPS`] model probes and bisection after them, a bracket of 100 qualities closes
+/// within 4 + 7 = 11.
+const MAX_ENCODES: u32 = 12;
+
+/// Encodes after which the search stops trusting the model and bisects.
+const MODEL_STEPS: u32 = 4;
+
+/// Slope of ln(size) against [`qscale`] used until two sizes are known. The searched corpus
+/// files span 0.55 to 0.69; a value below most of them makes the first guess land on the
+/// fitting side more often, from where interpolation is more accurate than extrapolation.
+const DEFAULT_SLOPE: f64 = 0.6;
+
+/// ln of libjpeg's quantiser scale (percent) for quality `q`: 5000/q below 50, 200-2q above.
+/// ln(size) is close to linear in it over q 20..95, far closer than to q itself.
+fn qscale(q: f64) -> f64 {
+    if q < 50.0 {
+        (5000.0 / q).ln()
+    } else {
+        (200.0 - 2.0 * q).max(1.0).ln()
+    }
+}
+
+/// Inverse of [`qscale`].
+fn qscale_inv(x: f64) -> f64 {
+    let s = x.exp();
+    if s > 100.0 {
+        5000.0 / s
+    } else {
+        100.0 - s / 2.0
+    }
+}
+
+/// Quality search ending at the highest integer quality that fits: the result `q` fits and
+/// `q + 1` was encoded and did not fit (or `q` is `max_quality`).
+///
+/// Model: ln(size) linear in [`qscale`]. The first probe is `max_quality` (or a prediction
+/// from `prior`); later probes interpolate between the highest fit and the lowest miss, or
+/// extrapolate from the two samples nearest the budget, always strictly inside the open
+/// bracket, so every encode narrows it; after [`MODEL_STEPS`] encodes it bisects.
 fn search(
     encode: &mut dyn FnMut(u8) -> Result<Vec<u8>, CompressError>,
     opts: &CompressOptions,
     prior: &[(u8, f64)],
 ) -> Result<Found, CompressError> {
-    const DEFAULT_SLOPE: f64 = 0.035;
-    const MAX_ENCODES: u32 = 8;
-    let max = opts.max_bytes as f64;
-    let target = (max * 0.985).ln();
+    let target = (opts.max_bytes as f64).ln();
     let (qmin, qmax) = (opts.min_quality, opts.max_quality);
     let mut best: Option<(u8, Vec<u8>)> = None;
-    let mut hi_fail: Option<u8> = None;
+    let mut miss: Option<(u8, f64)> = None;
     let mut samples: Vec<(u8, f64)> = Vec::new();
     let mut smallest = usize::MAX;
     let mut encodes = 0u32;
     let mut q = if prior.is_empty() {
         qmax
     } else {
-        predict(prior, target, DEFAULT_SLOPE, qmin, qmax)
+        predict(prior, None, target, qmin, qmax)
     };
     loop {
         let out = encode(q)?;
@@ -250,30 +285,29 @@ fn search(
         smallest = smallest.min(size);
         samples.push((q, size as f64));
         if size <= opts.max_bytes {
-            let close = size as f64 >= max * 0.96 || q == qmax;
             if best.as_ref().is_none_or(|b| q > b.0) {
                 best = Some((q, out));
             }
-            if close {
-                break;
-            }
-        } else {
-            hi_fail = Some(hi_fail.map_or(q, |h| h.min(q)));
-            if q == qmin {
-                break;
-            }
+        } else if miss.is_none_or(|m| q < m.0) {
+            miss = Some((q, size as f64));
         }
-        let lo = best.as_ref().map(|b| b.0);
-        let lower = lo.map_or(qmin, |l| l + 1);
-        let upper = hi_fail.map_or(qmax, |h| h - 1);
+        // Qualities not yet known to fit or miss: lower..=upper.
+        let lower = best.as_ref().map_or(qmin, |b| b.0 + 1);
+        let upper = miss.map_or(qmax, |m| m.0.saturating_sub(1));
         if lower > upper || encodes >= MAX_ENCODES {
             break;
         }
-        let mut next = predict(&samples, target, DEFAULT_SLOPE, lower, upper);
-        if samples.iter().any(|s| s.0 == next) {
-            next = lower + (upper - lower) / 2;
-        }
-        q = next;
+        let bracket = match (&best, miss) {
+            (Some((bq, bytes)), Some(m)) => Some(((*bq, bytes.len() as f64), m)),
+            _ => None,
+        };
+        // Three model steps are plenty on real images; after that, bisect so that any
+        // monotone size curve closes the bracket within MAX_ENCODES.
+        q = if encodes > MODEL_STEPS {
+            lower + (upper - lower) / 2
+        } else {
+            predict(&samples, bracket, target, lower, upper)
+        };
     }
     Ok(Found {
         best,
@@ -283,23 +317,41 @@ fn search(
     })
 }
 
-/// Next q from the samples (q, size): secant on ln(size) between the two samples nearest the
-/// target, else one sample with a default slope; clamped to `lo..=hi`.
-fn predict(samples: &[(u8, f64)], target_ln: f64, default_slope: f64, lo: u8, hi: u8) -> u8 {
-    let mut s: Vec<(f64, f64)> = samples
-        .iter()
-        .map(|&(q, z)| (q as f64, z.max(1.0).ln()))
-        .collect();
-    s.sort_by(|a, b| (a.1 - target_ln).abs().total_cmp(&(b.1 - target_ln).abs()));
-    let (q0, l0) = s.first().copied().unwrap_or((hi as f64, target_ln));
-    let slope = match s.get(1) {
-        Some(&(q1, l1)) if (q1 - q0).abs() > 0.5 => {
-            let k = (l1 - l0) / (q1 - q0);
-            if k > 0.002 { k } else { default_slope }
+/// Next q to probe, clamped to `lo..=hi`: the floor of the quality where the model puts
+/// ln(size) at `target_ln`. With a bracket (highest fit, lowest miss) it interpolates between
+/// the two; otherwise it extrapolates from the two samples nearest the target, or from the
+/// nearest one with [`DEFAULT_SLOPE`].
+fn predict(
+    samples: &[(u8, f64)],
+    bracket: Option<((u8, f64), (u8, f64))>,
+    target_ln: f64,
+    lo: u8,
+    hi: u8,
+) -> u8 {
+    let point = |&(q, z): &(u8, f64)| (qscale(q as f64), z.max(1.0).ln());
+    let ((x0, l0), slope) = match bracket {
+        Some((fit, miss)) => {
+            let (a, b) = (point(&fit), point(&miss));
+            (a, (b.1 - a.1) / (b.0 - a.0))
         }
-        _ => default_slope,
+        None => {
+            let mut s: Vec<(f64, f64)> = samples.iter().map(point).collect();
+            s.sort_by(|a, b| (a.1 - target_ln).abs().total_cmp(&(b.1 - target_ln).abs()));
+            let first = s.first().copied().unwrap_or((qscale(hi as f64), target_ln));
+            let slope = match s.get(1) {
+                Some(&(x1, l1)) if (x1 - first.0).abs() > 1e-3 => (l1 - first.1) / (x1 - first.0),
+                _ => -DEFAULT_SLOPE,
+            };
+            (first, slope)
+        }
     };
-    let q = (q0 + (target_ln - l0) / slope).floor();
+    // ln(size) falls as the quantiser scale grows; a flat or rising secant is noise (a
+    // shallow one is real and makes a long, clamped step).
+    let slope = if slope < -1e-6 { slope } else { -DEFAULT_SLOPE };
+    let q = qscale_inv(x0 + (target_ln - l0) / slope).floor();
+    if q.is_nan() {
+        return lo;
+    }
     q.clamp(lo as f64, hi as f64) as u8
 }
 
@@ -314,19 +366,94 @@ mod tests {
         assert_eq!(fit(100, 50, 2048), (100, 50));
     }
 
+    /// Run the search on a size table and return (q, encodes).
+    fn run(size: &dyn Fn(u8) -> usize, opts: &CompressOptions) -> (Option<u8>, u32) {
+        let mut enc = |q: u8| Ok(vec![0u8; size(q)]);
+        let f = search(&mut enc, opts, &[]).unwrap();
+        if let Some((_, b)) = &f.best {
+            assert!(b.len() <= opts.max_bytes);
+        }
+        (f.best.map(|b| b.0), f.encodes)
+    }
+
+    /// Highest q in range whose size fits, by brute force.
+    fn highest_fit(size: &dyn Fn(u8) -> usize, opts: &CompressOptions) -> Option<u8> {
+        (opts.min_quality..=opts.max_quality)
+            .rev()
+            .find(|&q| size(q) <= opts.max_bytes)
+    }
+
     #[test]
-    fn search_stops_on_the_first_close_fit() {
-        // Synthetic size model: size = 1000 * exp(0.04 q).
-        let opts = CompressOptions {
-            max_bytes: 20_000,
-            ..Default::default()
-        };
-        let mut enc = |q: u8| Ok(vec![0u8; (1000.0 * (0.04 * q as f64).exp()) as usize]);
-        let f = search(&mut enc, &opts, &[]).unwrap();
-        let (q, b) = f.best.unwrap();
-        assert!(b.len() <= 20_000);
-        // Highest fitting q is 74 (1000*e^2.96 = 19298); 75 gives 20085.
-        assert!(q >= 72, "q {q}");
-        assert!(f.encodes <= 4, "encodes {}", f.encodes);
+    fn qscale_round_trips() {
+        for q in 1..=99u8 {
+            let back = qscale_inv(qscale(q as f64));
+            assert!((back - q as f64).abs() < 1e-9, "{q} -> {back}");
+        }
+    }
+
+    #[test]
+    fn search_ends_at_the_highest_fitting_quality() {
+        // Size models: exponential in q, power law in the quantiser scale, and a flat curve.
+        let models: [&dyn Fn(u8) -> usize; 3] = [
+            &|q| (1000.0 * (0.04 * q as f64).exp()) as usize,
+            &|q| (9e6 * (-0.65 * qscale(q as f64)).exp()) as usize,
+            &|q| 10_000 + q as usize * 10,
+        ];
+        for (i, size) in models.iter().enumerate() {
+            for max_bytes in (2_000..900_000).step_by(7_919) {
+                let opts = CompressOptions {
+                    max_bytes,
+                    ..Default::default()
+                };
+                let (q, encodes) = run(*size, &opts);
+                assert_eq!(q, highest_fit(*size, &opts), "model {i}, max {max_bytes}");
+                assert!(
+                    encodes <= 6,
+                    "model {i}, max {max_bytes}: {encodes} encodes"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_model_shaped_curve_takes_at_most_four_encodes() {
+        // ln(size) linear in the quantiser scale with the corpus's slopes.
+        for slope in [0.55, 0.6, 0.65, 0.7, 0.75] {
+            let size = |q: u8| (4e6 * (-slope * qscale(q as f64)).exp()) as usize;
+            for max_bytes in (20_000..400_000).step_by(3_001) {
+                let opts = CompressOptions {
+                    max_bytes,
+                    ..Default::default()
+                };
+                let (q, encodes) = run(&size, &opts);
+                assert_eq!(q, highest_fit(&size, &opts));
+                assert!(encodes <= 4, "slope {slope}, max {max_bytes}: {encodes}");
+            }
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_monotone_curve_closes_the_bracket(
+            steps in proptest::collection::vec(0usize..40_000, 100),
+            max_bytes in 1usize..2_000_000,
+            min_quality in 1u8..60,
+            span in 0u8..40,
+        ) {
+            let table: Vec<usize> = steps
+                .iter()
+                .scan(500usize, |acc, s| { *acc += s; Some(*acc) })
+                .collect();
+            let size = |q: u8| table[q as usize - 1];
+            let opts = CompressOptions {
+                max_bytes,
+                min_quality,
+                max_quality: min_quality + span,
+                ..Default::default()
+            };
+            let (q, encodes) = run(&size, &opts);
+            proptest::prop_assert_eq!(q, highest_fit(&size, &opts));
+            proptest::prop_assert!(encodes <= MAX_ENCODES);
+        }
     }
 }

@@ -6,11 +6,18 @@ use image::imageops;
 use kiln_compress::{CompressOptions, compress};
 use turbojpeg::PixelFormat;
 
+/// `shared/corpus` beside the checkout, or `KILN_CORPUS_DIR` when set (for checkouts that
+/// live elsewhere, such as a git worktree).
 fn corpus() -> Option<PathBuf> {
-    let p = PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../../shared/corpus"
-    ));
+    let p = std::env::var_os("KILN_CORPUS_DIR").map_or_else(
+        || {
+            PathBuf::from(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../../../shared/corpus"
+            ))
+        },
+        PathBuf::from,
+    );
     if p.is_dir() {
         Some(p)
     } else {
@@ -142,4 +149,55 @@ fn grayscale_stays_grayscale() {
         let h = turbojpeg::read_header(&out.bytes).expect("JPEG");
         assert_eq!(h.colorspace, turbojpeg::Colorspace::Gray, "{file}");
     }
+}
+
+/// Every searched file ends at the highest quality that fits: the same pipeline pinned to
+/// q + 1 no longer fits at those dimensions (it has to shrink or give up), and pinned to q it
+/// reproduces the output.
+#[test]
+fn search_ends_at_the_highest_fitting_quality_on_the_corpus() {
+    let Some(dir) = corpus() else { return };
+    let opts = CompressOptions {
+        passthrough: false,
+        ..Default::default()
+    };
+    let mut searched = 0;
+    for file in [
+        "dragonfly-tree-4224x3168.jpg",
+        "evening-glow-boats-2560x1600-q70.jpg",
+        "fig-bowl-2572x1740.jpg",
+        "picos-mountains-3264x2448.jpg",
+        "life-stream-3088x2056.jpg",
+    ] {
+        let data = std::fs::read(dir.join(file)).expect("read");
+        let out = compress(&data, &opts).expect("compresses");
+        let q = out.quality.expect("re-encoded");
+        assert!(out.bytes.len() <= opts.max_bytes);
+        if q == opts.max_quality {
+            continue;
+        }
+        searched += 1;
+        let pinned = |q: u8| CompressOptions {
+            min_quality: q,
+            max_quality: q,
+            ..opts.clone()
+        };
+        let same = compress(&data, &pinned(q)).expect("q fits");
+        assert_eq!(same.bytes, out.bytes, "{file}: q {q} not reproduced");
+        match compress(&data, &pinned(q + 1)) {
+            Ok(up) => assert!(
+                up.width < out.width,
+                "{file}: q {} fits at {}x{} too ({} bytes)",
+                q + 1,
+                up.width,
+                up.height,
+                up.bytes.len()
+            ),
+            Err(e) => assert!(
+                matches!(e, kiln_compress::CompressError::TargetUnreachable { .. }),
+                "{e:?}"
+            ),
+        }
+    }
+    assert!(searched >= 4, "only {searched} files needed a search");
 }

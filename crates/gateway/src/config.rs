@@ -44,6 +44,12 @@ pub struct GatewayConfig {
     pub public_base_url: Option<String>,
     /// Send CORS headers allowing these origins. Default: empty (CORS off).
     pub cors_origins: Vec<String>,
+    /// Where files are stored: the local `files_dir` or an S3-compatible bucket.
+    /// Default: local.
+    pub storage: crate::StorageConfig,
+    /// The OpenAI-compatible images API: models, providers, waits.
+    /// Default: see [`crate::openai::OpenAiConfig`].
+    pub openai: crate::openai::OpenAiConfig,
 }
 
 impl Default for GatewayConfig {
@@ -61,6 +67,8 @@ impl Default for GatewayConfig {
             files_dir: PathBuf::from("kiln-data/files"),
             public_base_url: None,
             cors_origins: Vec::new(),
+            storage: crate::StorageConfig::default(),
+            openai: crate::openai::OpenAiConfig::default(),
         }
     }
 }

@@ -4,6 +4,7 @@ use axum::body::{Body, Bytes};
 use axum::extract::{FromRequest, Multipart, Path, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use futures_util::StreamExt as _;
 use serde::{Deserialize, Serialize};
 
 use crate::AppState;
@@ -149,13 +150,27 @@ pub(crate) async fn store_image(
             "max_bytes and max_dim must be above zero",
         ));
     }
-    let (bytes, ct, dims) = state.images().prepare(data, ct, max_bytes, max_dim).await?;
-    state.metrics().bytes_uploaded.inc_by(bytes.len() as u64);
-    state
+    let (bytes, ct, dims, compress_ms) =
+        state.images().prepare(data, ct, max_bytes, max_dim).await?;
+    let len = bytes.len() as u64;
+    let meta = state
         .files()
-        .put(&bytes, &ct, dims)
+        .put(bytes, &ct, dims, compress_ms)
         .await
-        .map_err(ApiError::internal)
+        .map_err(storage_error)?;
+    state.metrics().bytes_uploaded.inc_by(len);
+    tracing::info!(message = "file stored", file_id = %meta.id, bytes = len, backend = state.files().backend().as_str(), compress_ms, store_ms = meta.store_ms);
+    Ok(meta)
+}
+
+/// A storage failure as an API error: 503 when a retry may help, 500 otherwise.
+pub(crate) fn storage_error(e: crate::StorageError) -> ApiError {
+    if e.is_retryable() {
+        tracing::warn!(message = "file storage failed", error = %e);
+        ApiError::unavailable("the file storage is unavailable; retry later")
+    } else {
+        ApiError::internal(e)
+    }
 }
 
 /// Download a file.
@@ -168,11 +183,11 @@ pub(crate) async fn download(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let Some((meta, file)) = state
+    let Some((meta, content)) = state
         .files()
         .open_content(&id)
         .await
-        .map_err(ApiError::internal)?
+        .map_err(storage_error)?
     else {
         return Err(ApiError::not_found(format!("no file {id}")));
     };
@@ -187,7 +202,13 @@ pub(crate) async fn download(
     if let Ok(v) = "private, max-age=31536000, immutable".parse() {
         headers.insert(header::CACHE_CONTROL, v);
     }
-    let body = Body::from_stream(tokio_util::io::ReaderStream::new(file));
+    let file_id = meta.id.clone();
+    let content = content.inspect(move |r| {
+        if let Err(e) = r {
+            tracing::error!(message = "file download broke off", file_id = %file_id, error = %e);
+        }
+    });
+    let body = Body::from_stream(content);
     Ok((headers, body).into_response())
 }
 
@@ -201,12 +222,7 @@ pub(crate) async fn delete(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    if state
-        .files()
-        .delete(&id)
-        .await
-        .map_err(ApiError::internal)?
-    {
+    if state.files().delete(&id).await.map_err(storage_error)? {
         tracing::info!(message = "file deleted", file_id = %id);
         Ok(StatusCode::NO_CONTENT)
     } else {

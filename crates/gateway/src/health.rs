@@ -15,12 +15,19 @@ pub(crate) async fn healthz() -> ApiJson<serde_json::Value> {
     ApiJson(json!({"status": "ok"}))
 }
 
-/// Ready to serve: the queue store answers and the file store accepts writes.
+/// Ready to serve: the queue store answers and the file storage (directory or bucket)
+/// accepts writes.
 #[utoipa::path(get, path = "/readyz", tag = "health",
     responses((status = 200, description = "ready"), (status = 503, description = "not ready")))]
 pub(crate) async fn readyz(State(state): State<AppState>) -> Response {
     let queue = state.broker().queue().ping().await.is_ok();
-    let files = state.files().writable().await;
+    let probe = state.files().probe().await;
+    let files = probe.is_ok();
+    let storage = json!({
+        "backend": state.files().backend().as_str(),
+        "writable": files,
+        "error": probe.as_ref().err(),
+    });
     let workers = state.broker().workers();
     let online = workers.iter().filter(|w| w.connected).count();
     let mut types: Vec<String> = workers
@@ -35,6 +42,7 @@ pub(crate) async fn readyz(State(state): State<AppState>) -> Response {
     let body = json!({
         "status": if ready { "ready" } else { "not_ready" },
         "checks": {"queue_store": queue, "file_store": files, "shutting_down": shutting_down},
+        "storage": storage,
         "workers": {"online": online, "task_types": types, "paused": state.broker().is_paused()},
     });
     let status = if ready {
@@ -47,6 +55,7 @@ pub(crate) async fn readyz(State(state): State<AppState>) -> Response {
             message = "not ready",
             queue_store = queue,
             file_store = files,
+            storage_error = probe.as_ref().err().map(String::as_str),
             shutting_down
         );
     }

@@ -16,8 +16,9 @@ const MAX_SIDE: u32 = 16_384;
 /// Largest decoded buffer.
 const MAX_ALLOC: u64 = 512 << 20;
 
-/// An image ready to store: bytes, content type, dimensions.
-pub(crate) type Prepared = (Bytes, String, Option<(u32, u32)>);
+/// An image ready to store: bytes, content type, dimensions, and the time spent
+/// re-encoding it (ms; `None` when stored as sent).
+pub(crate) type Prepared = (Bytes, String, Option<(u32, u32)>, Option<u64>);
 
 /// Runs image work off the runtime.
 #[derive(Clone)]
@@ -86,13 +87,14 @@ impl ImagePrep {
         let fits = max_bytes.is_none_or(|m| data.len() <= m)
             && max_dim.is_none_or(|m| dims.0.max(dims.1) <= m);
         if fits {
-            return Ok((data, ct.to_owned(), Some(dims)));
+            return Ok((data, ct.to_owned(), Some(dims), None));
         }
         let opts = kiln_compress::CompressOptions {
             max_bytes: max_bytes.unwrap_or(usize::MAX),
             max_dimension: max_dim.unwrap_or(MAX_SIDE),
             ..kiln_compress::CompressOptions::default()
         };
+        let started = std::time::Instant::now();
         let out = self
             .compressor
             .compress(Arc::from(&data[..]), opts)
@@ -112,6 +114,7 @@ impl ImagePrep {
             Bytes::from(out.bytes.clone()),
             ct.to_owned(),
             Some((out.width, out.height)),
+            Some(started.elapsed().as_millis() as u64),
         ))
     }
 }

@@ -30,9 +30,13 @@ mod files;
 mod health;
 mod images;
 mod metrics;
+pub mod openai;
 mod openapi;
+mod s3store;
+mod storage;
 mod store;
 mod tasks;
+mod timing;
 mod workers;
 
 use std::sync::Arc;
@@ -52,6 +56,8 @@ pub use config::GatewayConfig;
 pub use error::ApiError;
 pub use kiln_broker::BrokerConfig;
 pub use metrics::Metrics;
+pub use s3store::S3Store;
+pub use storage::{ContentStream, FileStorage, StorageBackend, StorageConfig, StorageError};
 pub use store::{FileMeta, FileStore};
 
 /// The gateway's shared state.
@@ -64,13 +70,14 @@ pub struct AppState {
 struct Inner {
     config: GatewayConfig,
     broker: Arc<Broker>,
-    files: FileStore,
+    files: FileStorage,
     metrics: Metrics,
     images: images::ImagePrep,
     api_keys: SecretSet,
     worker_tokens: SecretSet,
     limiter: auth::RateLimiter,
     shutdown: watch::Sender<bool>,
+    spans: timing::TaskSpans,
 }
 
 /// Why the state could not be built.
@@ -83,6 +90,9 @@ pub enum StartError {
     /// The files directory cannot be created.
     #[error("gateway files directory: {0}")]
     Files(#[from] std::io::Error),
+    /// The file storage cannot be opened (bad S3 settings, bucket creation failed).
+    #[error("gateway file storage: {0}")]
+    Storage(#[from] StorageError),
 }
 
 impl AppState {
@@ -104,10 +114,11 @@ impl AppState {
             tokens.extend(extra.iter().cloned());
         }
         let worker_tokens = SecretSet::from_hashes(&tokens)?;
-        let files = FileStore::open(&config.files_dir).await?;
+        let files = FileStorage::open(&config).await?;
         let limiter = auth::RateLimiter::new(config.rate_limit_per_minute, config.rate_limit_burst);
         let (shutdown, _) = watch::channel(false);
-        Ok(Self {
+        let events = broker.subscribe();
+        let state = Self {
             inner: Arc::new(Inner {
                 config,
                 broker,
@@ -118,8 +129,11 @@ impl AppState {
                 worker_tokens,
                 limiter,
                 shutdown,
+                spans: timing::TaskSpans::default(),
             }),
-        })
+        };
+        tokio::spawn(timing::follow(Arc::downgrade(&state.inner), events));
+        Ok(state)
     }
 
     /// The settings.
@@ -130,8 +144,8 @@ impl AppState {
     pub fn broker(&self) -> &Arc<Broker> {
         &self.inner.broker
     }
-    /// The file store.
-    pub fn files(&self) -> &FileStore {
+    /// The file storage.
+    pub fn files(&self) -> &FileStorage {
         &self.inner.files
     }
     /// The metrics.
@@ -180,6 +194,7 @@ pub fn router(state: AppState) -> Router {
     let mut app = Router::new()
         .merge(api)
         .merge(streams)
+        .merge(openai::routes(&state))
         .layer(middleware::from_fn_with_state(state.clone(), auth_layer))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
@@ -221,7 +236,11 @@ async fn method_not_allowed() -> ApiError {
     )
 }
 
-async fn time_limit(State(limit): State<Duration>, req: Request, next: Next) -> Response {
+pub(crate) async fn time_limit(
+    State(limit): State<Duration>,
+    req: Request,
+    next: Next,
+) -> Response {
     match tokio::time::timeout(limit, next.run(req)).await {
         Ok(r) => r,
         Err(_) => ApiError {

@@ -23,6 +23,35 @@ pub struct FileMeta {
     pub sha256: String,
     /// Creation time, Unix milliseconds.
     pub created_at: u64,
+    /// Time spent compressing the upload to its limits, ms; absent when it was stored as
+    /// sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compress_ms: Option<u64>,
+    /// Time spent writing the content to the storage, ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store_ms: Option<u64>,
+}
+
+impl FileMeta {
+    /// The metadata of new content, under a new id (`store_ms` is set by the backend).
+    pub fn describe(
+        data: &[u8],
+        content_type: &str,
+        dims: Option<(u32, u32)>,
+        compress_ms: Option<u64>,
+    ) -> Self {
+        Self {
+            id: format!("file_{}", uuid::Uuid::new_v4().simple()),
+            content_type: content_type.to_owned(),
+            bytes: data.len() as u64,
+            width: dims.map(|d| d.0),
+            height: dims.map(|d| d.1),
+            sha256: hex::encode(Sha256::digest(data)),
+            created_at: kiln_protocol::now_ms(),
+            compress_ms,
+            store_ms: None,
+        }
+    }
 }
 
 /// A directory of files.
@@ -53,26 +82,28 @@ impl FileStore {
         &self.dir
     }
 
-    /// Stores `data`.
+    /// Stores `data` under a new id.
     pub async fn put(
         &self,
         data: &[u8],
         content_type: &str,
         dims: Option<(u32, u32)>,
     ) -> std::io::Result<FileMeta> {
-        let id = format!("file_{}", uuid::Uuid::new_v4().simple());
-        let meta = FileMeta {
-            id: id.clone(),
-            content_type: content_type.to_owned(),
-            bytes: data.len() as u64,
-            width: dims.map(|d| d.0),
-            height: dims.map(|d| d.1),
-            sha256: hex::encode(Sha256::digest(data)),
-            created_at: kiln_protocol::now_ms(),
-        };
+        self.put_meta(FileMeta::describe(data, content_type, dims, None), data)
+            .await
+    }
+
+    /// Stores `data` described by `meta` (from [`FileMeta::describe`]): the content
+    /// first, the sidecar last.
+    pub async fn put_meta(&self, mut meta: FileMeta, data: &[u8]) -> std::io::Result<FileMeta> {
+        if !valid_file_id(&meta.id) {
+            return Err(std::io::Error::other(format!("bad file id {:?}", meta.id)));
+        }
+        let started = std::time::Instant::now();
+        write_atomic(&self.dir.join(&meta.id), data).await?;
+        meta.store_ms = Some(started.elapsed().as_millis() as u64);
         let json = serde_json::to_vec(&meta).map_err(std::io::Error::other)?;
-        write_atomic(&self.dir.join(&id), data).await?;
-        write_atomic(&self.dir.join(format!("{id}.json")), &json).await?;
+        write_atomic(&self.dir.join(format!("{}.json", meta.id)), &json).await?;
         Ok(meta)
     }
 
@@ -161,6 +192,7 @@ mod tests {
             meta.sha256,
             "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"
         );
+        assert!(meta.store_ms.is_some());
         let (m, data) = store.read(&meta.id).await.unwrap().unwrap();
         assert_eq!((m, data), (meta.clone(), b"hello".to_vec()));
         assert!(store.delete(&meta.id).await.unwrap());

@@ -11,6 +11,7 @@ use serde_json::{Value, json};
 use crate::AppState;
 use crate::error::{ApiError, ApiJson, ApiQuery};
 use crate::files::file_url;
+use crate::timing::Timings;
 
 /// A task to create.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
@@ -52,13 +53,6 @@ pub(crate) struct AttemptView {
     started_at: String,
     ended_at: Option<String>,
     error: Option<String>,
-}
-
-/// Time spent per stage, ms.
-#[derive(Debug, Serialize, utoipa::ToSchema)]
-pub(crate) struct Timings {
-    queued_ms: Option<u64>,
-    run_ms: Option<u64>,
 }
 
 /// A task as the API shows it.
@@ -123,7 +117,12 @@ pub(crate) async fn view(state: &AppState, t: Task) -> Result<TaskView, ApiError
             percent: p["percent"].as_f64(),
             eta_ms: p["eta_ms"].as_u64(),
         });
-    let run_end = t.completed_at.unwrap_or_else(now_ms);
+    let timings = Timings::of(
+        &t,
+        &attempts,
+        q.timings(&t.id).await.map_err(ApiError::internal)?.as_ref(),
+        now_ms(),
+    );
     let base = state.config().public_base_url.as_deref();
     Ok(TaskView {
         request_id: t.request_id,
@@ -146,10 +145,7 @@ pub(crate) async fn view(state: &AppState, t: Task) -> Result<TaskView, ApiError
         completed_at: t.completed_at.map(rfc3339),
         output: t.output.map(|o| with_file_urls(o, base)),
         error: t.error.map(|e| json!(e)),
-        timings: Timings {
-            queued_ms: t.started_at.map(|s| s.saturating_sub(t.created_at)),
-            run_ms: t.started_at.map(|s| run_end.saturating_sub(s)),
-        },
+        timings,
         priority: t.priority,
         deadline: t.deadline.map(rfc3339),
         metadata: t.metadata,
@@ -246,7 +242,7 @@ pub(crate) async fn create(
             .submitted
             .get_or_create(&vec![("task_type", task.task_type.clone())])
             .inc();
-        tracing::info!(message = "task accepted", task_id = %task.id, task_type = %task.task_type);
+        crate::timing::accepted(&state, &task);
     }
     let location = format!("/v1/tasks/{}", task.id);
     let v = view(&state, task).await?;

@@ -196,6 +196,11 @@ pub struct TaskResult {
     /// Resource usage, free-form (e.g. `{"gpu_ms": 5120}`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<Value>,
+    /// Time the worker spent per stage of this attempt, milliseconds, keyed by stage name
+    /// ending in `_ms` (e.g. `{"decode_ms": 12, "render_ms": 840, "upload_ms": 35}`).
+    /// Optional; the gateway shows it as the task's `timings.worker`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timings: Option<std::collections::BTreeMap<String, u64>>,
 }
 
 /// `result_ack` (gateway -> worker): the result was recorded (`accepted`) or refused

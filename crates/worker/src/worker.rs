@@ -1,6 +1,6 @@
 //! The worker: connection loop, task runner, heartbeats, reconnects.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -116,9 +116,28 @@ pub struct TaskContext {
     pub input: Value,
     out: mpsc::UnboundedSender<Message>,
     cancel: watch::Receiver<bool>,
+    timings: Arc<Mutex<BTreeMap<String, u64>>>,
 }
 
 impl TaskContext {
+    /// Records how long a stage of this attempt took; sent with the result as
+    /// `timings.<stage>_ms` (a repeated stage adds up). `stage` is a short name such as
+    /// `render`.
+    pub fn record_stage(&self, stage: &str, took: Duration) {
+        let ms = u64::try_from(took.as_millis()).unwrap_or(u64::MAX);
+        let mut t = self.timings.lock().unwrap_or_else(|p| p.into_inner());
+        let slot = t.entry(format!("{stage}_ms")).or_insert(0);
+        *slot = slot.saturating_add(ms);
+    }
+
+    /// Runs `f` and records its duration as stage `stage` (see [`TaskContext::record_stage`]).
+    pub async fn timed<T>(&self, stage: &str, f: impl Future<Output = T>) -> T {
+        let started = Instant::now();
+        let out = f.await;
+        self.record_stage(stage, started.elapsed());
+        out
+    }
+
     /// Reports progress (lossy: the latest wins; dropped while disconnected).
     pub fn progress(&self, stage: &str, step: u64, total: u64) {
         let _ = self.out.send(Message::Progress(Progress {
@@ -598,7 +617,9 @@ impl Conn<'_> {
             input: t.input,
             out: self.out_tx.clone(),
             cancel: cancel_rx,
+            timings: Arc::default(),
         };
+        let timings = ctx.timings.clone();
         let state = self.state.clone();
         let outbox = self.outbox.clone();
         let out = self.out_tx.clone();
@@ -623,13 +644,18 @@ impl Conn<'_> {
                         }),
                 };
                 let cancelled = *cancel.borrow();
-                let result = match res {
+                let timings = Some(std::mem::take(
+                    &mut *timings.lock().unwrap_or_else(|p| p.into_inner()),
+                ))
+                .filter(|t| !t.is_empty());
+                let mut result = match res {
                     Ok(v) => TaskResult {
                         lease: lease.clone(),
                         status: ResultStatus::Ok,
                         output: Some(v),
                         error: None,
                         usage: None,
+                        timings: None,
                     },
                     Err(_) if cancelled => TaskResult {
                         lease: lease.clone(),
@@ -637,6 +663,7 @@ impl Conn<'_> {
                         output: None,
                         error: None,
                         usage: None,
+                        timings: None,
                     },
                     Err(e) => TaskResult {
                         lease: lease.clone(),
@@ -644,8 +671,10 @@ impl Conn<'_> {
                         output: None,
                         error: Some(e),
                         usage: None,
+                        timings: None,
                     },
                 };
+                result.timings = timings;
                 let entry = Entry {
                     task_id: task_id.clone(),
                     attempt,

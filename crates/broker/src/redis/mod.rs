@@ -14,6 +14,7 @@
 //! - `running` (lease expiry), `deadlines`, `delayed` (retry times) — sorted sets by Unix ms;
 //!   `worker:{id}` — the tasks a worker holds; `leases` — lease id to task id.
 //! - `att:{id}` — the attempts; `ev:{id}` — the task's events, ids from `evseq`;
+//!   `timings:{id}` — stage timings, one JSON value per key (merged key by key);
 //!   `counts:{state}` — tasks per type; `all` — every task by `seq` (for listing).
 //! - `rid:{request_id}` — the idempotency key, written with `SET NX` and a TTL
 //!   ([`RedisOptions::request_id_ttl`]): a resubmission after the TTL creates a new task.
@@ -44,7 +45,7 @@
 //! the clock), kept in the `running` sorted set. The pending list's idle time, which Redis
 //! measures on its own clock, is therefore not what decides that a lease lapsed; `renew`
 //! still re-claims the worker's own entries (`XCLAIM ... JUSTID`) so that `XPENDING` shows
-//! live work as fresh. `sweep` takes lapsed leases from `running` and puts their tasks back
+//! live work as fresh. `renew` returns how many leases it extended. `sweep` takes lapsed leases from `running` and puts their tasks back
 //! (or fails them past their attempts, into `dead`).
 //!
 //! # Connections
@@ -826,6 +827,61 @@ impl Queue for RedisQueue {
                 }
             }
             Ok(out)
+        })
+    }
+
+    fn timings<'a>(&'a self, id: &'a str) -> QueueFuture<'a, Option<Json>> {
+        Box::pin(async move {
+            let mut conn = self.conn.clone();
+            let h: HashMap<String, String> = ::redis::cmd("HGETALL")
+                .arg(self.key(&["timings", id]))
+                .query_async(&mut conn)
+                .await
+                .map_err(store)?;
+            if h.is_empty() {
+                return Ok(None);
+            }
+            let mut m = serde_json::Map::new();
+            for (k, v) in h {
+                let v = serde_json::from_str(&v)
+                    .map_err(|e| QueueError::Corrupt(format!("timing {k}: {e}")))?;
+                m.insert(k, v);
+            }
+            Ok(Some(Json::Object(m)))
+        })
+    }
+
+    fn merge_timings<'a>(
+        &'a self,
+        id: &'a str,
+        timings: &'a serde_json::Map<String, Json>,
+    ) -> QueueFuture<'a, ()> {
+        Box::pin(async move {
+            if timings.is_empty() {
+                return Ok(());
+            }
+            let mut cmd = ::redis::cmd("HSET");
+            cmd.arg(self.key(&["timings", id]));
+            for (k, v) in timings {
+                cmd.arg(k).arg(v.to_string());
+            }
+            let mut conn = self.conn.clone();
+            let _: i64 = cmd.query_async(&mut conn).await.map_err(store)?;
+            Ok(())
+        })
+    }
+
+    fn record_worker_timings<'a>(
+        &'a self,
+        lease: &'a str,
+        timings: &'a std::collections::BTreeMap<String, u64>,
+    ) -> QueueFuture<'a, bool> {
+        Box::pin(async move {
+            let data = serde_json::json!(timings).to_string();
+            let mut r = self
+                .run("worker_timings", vec![lease.to_owned(), data])
+                .await?;
+            Ok(int(&r.next().ok_or_else(|| corrupt("worker_timings"))?)? == 1)
         })
     }
 

@@ -269,8 +269,8 @@ elseif op == 'renew' then
       if tonumber(t.lease_expires_at) < untl then
         set(t, 'lease_expires_at', A[2])
         redis.call('ZADD', key('running'), A[2], id)
+        n = n + 1
       end
-      n = n + 1
       if t.entry then
         if not claims[t.stream] then claims[t.stream] = {'XCLAIM', t.stream, G, w, '0'} end
         table.insert(claims[t.stream], t.entry)
@@ -305,6 +305,15 @@ elseif op == 'progress' then
     return reply(tid)
   end
   return reply(false)
+
+elseif op == 'worker_timings' then
+  local tid = redis.call('HGET', key('leases'), A[1])
+  local t = tid and load(tid)
+  if t and t.state == 'running' and t.lease == A[1] then
+    redis.call('HSET', key('timings', tid), 'worker', A[2])
+    return reply(1)
+  end
+  return reply(0)
 
 elseif op == 'finish' then
   -- Compare-and-set on the lease. The decision was made from a read of the task; if the

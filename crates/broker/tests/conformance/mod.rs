@@ -1,6 +1,6 @@
 //! The queue store's contract, run against every backend: idempotent enqueue, priority
 //! order, leases, compare-and-set results, explicit failure with a retry time, dead-letters,
-//! release, cancel, lapsed leases, deadlines, listing, counts, events.
+//! release, cancel, lapsed leases, deadlines, listing, counts, events, stage timings.
 //!
 //! Each function takes a fresh, empty queue whose default is 2 attempts with no retry
 //! backoff. A backend's test file instantiates them all with `conformance_tests!`.
@@ -14,19 +14,13 @@ use kiln_protocol::messages::TaskError;
 use serde_json::json;
 
 /// Instantiates every conformance test. `$make` is an async fn taking the test name and
-/// returning a fresh `Arc<dyn Queue>`; `$done` an async fn taking the test name, run after
-/// the test passed (cleanup). With `optional`, `$make` returns `Option<Arc<dyn Queue>>` and
-/// `None` skips the test (a backend whose server is absent; it prints why).
+/// returning a fresh `Arc<dyn Queue>` (or `None`: the backend is not reachable here and the
+/// test is skipped with a notice); `$done` an async fn taking the test name, run after the
+/// test passed (cleanup).
 #[macro_export]
 macro_rules! conformance_tests {
-    (optional $make:path, $done:path) => {
-        $crate::conformance_tests!(@names @optional $make, $done);
-    };
     ($make:path, $done:path) => {
-        $crate::conformance_tests!(@names @each $make, $done);
-    };
-    (@names @$arm:ident $make:path, $done:path) => {
-        $crate::conformance_tests!(@$arm $make, $done;
+        $crate::conformance_tests!(@each $make, $done;
             enqueue_is_idempotent_by_request_id,
             reserve_by_priority_then_age_and_capability,
             results_are_compare_and_set_on_the_lease,
@@ -43,25 +37,17 @@ macro_rules! conformance_tests {
             release_worker_requeues_everything_it_held,
             list_and_stats,
             concurrent_reserves_never_share_a_task,
-            events_of_failed_calls_are_not_published
+            events_of_failed_calls_are_not_published,
+            timings_merge_by_key_and_worker_stages_need_the_current_lease
         );
     };
     (@each $make:path, $done:path; $($name:ident),*) => {
         $(
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $name() {
-                let q = $make(stringify!($name)).await;
-                conformance::$name(&*q).await;
-                drop(q);
-                $done(stringify!($name)).await;
-            }
-        )*
-    };
-    (@optional $make:path, $done:path; $($name:ident),*) => {
-        $(
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() {
-                let Some(q) = $make(stringify!($name)).await else { return };
+                let Some(q) = $make(stringify!($name)).await else {
+                    return;
+                };
                 conformance::$name(&*q).await;
                 drop(q);
                 $done(stringify!($name)).await;
@@ -536,4 +522,38 @@ pub async fn events_of_failed_calls_are_not_published(q: &dyn Queue) {
     t.input = json!({"a": 2});
     q.enqueue(t, T).await.unwrap_err();
     assert!(q.take_events().is_empty());
+}
+
+pub async fn timings_merge_by_key_and_worker_stages_need_the_current_lease(q: &dyn Queue) {
+    let (t, _) = q.enqueue(task("txt2img", json!({})), T).await.unwrap();
+    assert_eq!(q.timings(&t.id).await.unwrap(), None);
+    let m = |v: serde_json::Value| v.as_object().unwrap().clone();
+    q.merge_timings(&t.id, &m(json!({"compress_ms": 7})))
+        .await
+        .unwrap();
+    let lease = lease_one(q, "w", T + 90_000, T + 10).await;
+    let stages: std::collections::BTreeMap<String, u64> =
+        [("render_ms".to_owned(), 40), ("upload_ms".to_owned(), 3)].into();
+    assert!(q.record_worker_timings(&lease, &stages).await.unwrap());
+    assert!(
+        !q.record_worker_timings("lease_nope", &stages)
+            .await
+            .unwrap(),
+        "an unknown lease records nothing"
+    );
+    q.complete(&lease, Completion::Ok(json!({})), T + 60)
+        .await
+        .unwrap();
+    // The attempt is over: a late duplicate result cannot overwrite the stages.
+    let late: std::collections::BTreeMap<String, u64> = [("render_ms".to_owned(), 1)].into();
+    assert!(!q.record_worker_timings(&lease, &late).await.unwrap());
+    q.merge_timings(&t.id, &m(json!({"upload_ms": 2})))
+        .await
+        .unwrap();
+    assert_eq!(
+        q.timings(&t.id).await.unwrap(),
+        Some(
+            json!({"compress_ms": 7, "upload_ms": 2, "worker": {"render_ms": 40, "upload_ms": 3}})
+        )
+    );
 }

@@ -20,7 +20,7 @@ use crate::error::{AttemptError, UploadError};
 
 /// Where and how to store objects. Works with AWS S3 and S3-compatible stores (R2,
 /// MinIO) with `path_style`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct S3Config {
     /// Endpoint, e.g. `https://s3.eu-west-1.amazonaws.com` or
@@ -56,6 +56,28 @@ pub struct S3Config {
     /// domain); when unset the object's endpoint URL is reported. Default: none.
     #[serde(default)]
     pub public_base_url: Option<String>,
+}
+
+impl std::fmt::Debug for S3Config {
+    /// Shows every field but the secret key and the session token.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Config")
+            .field("endpoint", &self.endpoint)
+            .field("bucket", &self.bucket)
+            .field("region", &self.region)
+            .field("access_key_id", &self.access_key_id)
+            .field("secret_access_key", &"<redacted>")
+            .field(
+                "session_token",
+                &self.session_token.as_ref().map(|_| "<redacted>"),
+            )
+            .field("path_style", &self.path_style)
+            .field("key_prefix", &self.key_prefix)
+            .field("multipart_threshold", &self.multipart_threshold)
+            .field("part_size", &self.part_size)
+            .field("public_base_url", &self.public_base_url)
+            .finish()
+    }
 }
 
 fn default_region() -> String {
@@ -146,6 +168,38 @@ impl S3 {
             .send(&self.name, self.request(Method::GET, &url, vec![])?)
             .await?
             .body)
+    }
+
+    /// The object key an uploaded file named `file_name` gets: `key_prefix` + name.
+    pub fn key_for(&self, file_name: &str) -> String {
+        format!("{}{file_name}", self.cfg.key_prefix)
+    }
+
+    /// Reads `len` bytes of an object from `offset` (GetObject with `Range`). A server that
+    /// ignores the range answers with the whole object; callers check the length.
+    pub async fn get_object_range(
+        &self,
+        client: &UploadClient,
+        key: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<Bytes, UploadError> {
+        let url = self.object_url(key)?;
+        let mut req = self.request(Method::GET, &url, vec![])?;
+        let last = offset.saturating_add(len.max(1) - 1);
+        let range = HeaderValue::from_str(&format!("bytes={offset}-{last}"))
+            .map_err(|e| UploadError::Config(e.to_string()))?;
+        req.headers.insert(header::RANGE, range);
+        Ok(client.send(&self.name, req).await?.body)
+    }
+
+    /// Deletes an object (DeleteObject). Deleting a missing key succeeds, as S3 does.
+    pub async fn delete_object(&self, client: &UploadClient, key: &str) -> Result<(), UploadError> {
+        let url = self.object_url(key)?;
+        client
+            .send(&self.name, self.request(Method::DELETE, &url, vec![])?)
+            .await
+            .map(|_| ())
     }
 
     fn signer(&self) -> Signer {
@@ -305,7 +359,7 @@ impl UploadTarget for S3 {
         file: &'a UploadFile,
     ) -> BoxFuture<'a, Result<UploadResult, UploadError>> {
         Box::pin(async move {
-            let key = format!("{}{}", self.cfg.key_prefix, file.file_name);
+            let key = self.key_for(&file.file_name);
             let url = self.object_url(&key)?;
             let started = tokio::time::Instant::now();
             let (sent, attempts) = if file.payload.len() >= self.cfg.multipart_threshold {
@@ -463,6 +517,19 @@ mod tests {
             })
             .is_err()
         );
+    }
+
+    #[test]
+    fn debug_hides_secrets() {
+        let c = S3Config {
+            session_token: Some("tok-123".into()),
+            ..cfg()
+        };
+        let shown = format!("{c:?}");
+        assert!(shown.contains("AKID"), "{shown}");
+        assert!(!shown.contains("secret\""), "{shown}");
+        assert!(!shown.contains("tok-123"), "{shown}");
+        assert_eq!(S3::new(c).unwrap().key_for("x.png"), "x.png");
     }
 
     #[test]

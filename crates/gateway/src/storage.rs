@@ -1,0 +1,216 @@
+//! Where files live: a local directory ([`FileStore`]) by default, or an S3-compatible
+//! bucket ([`S3Store`], through kiln-upload's S3 target) when configured. Both keep the
+//! content and a JSON sidecar with its [`FileMeta`]; the content is written first and the
+//! sidecar last, so a file is visible only when complete, and a restarted server serves
+//! every file stored before.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt as _;
+use futures_util::stream::BoxStream;
+use serde::Deserialize;
+
+use crate::GatewayConfig;
+use crate::s3store::S3Store;
+use crate::store::{FileMeta, FileStore};
+
+/// Which storage backend holds the files.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum StorageBackend {
+    /// A local directory (`GatewayConfig::files_dir`). The default.
+    #[default]
+    Local,
+    /// An S3-compatible bucket (`StorageConfig::s3`).
+    S3,
+}
+
+impl StorageBackend {
+    /// `local` or `s3`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StorageBackend::Local => "local",
+            StorageBackend::S3 => "s3",
+        }
+    }
+}
+
+/// Settings of the file storage.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    /// `local` (files under `GatewayConfig::files_dir`) or `s3`. Default: local.
+    pub backend: StorageBackend,
+    /// The bucket, required for backend `s3`: endpoint, bucket, region, credentials,
+    /// `path_style`, `key_prefix` (objects are `<key_prefix><file id>` plus
+    /// `<key_prefix><file id>.json`), multipart threshold and part size. Default: none.
+    pub s3: Option<kiln_upload::S3Config>,
+    /// Create the bucket at start when it is missing (for MinIO or test servers).
+    /// Default: false.
+    pub create_bucket: bool,
+    /// Bytes fetched per ranged GET while streaming a file out of S3 (at most
+    /// `client.max_response_bytes`). Default: 4 MiB.
+    pub download_chunk_bytes: u64,
+    /// Time limit of the write probe behind `/readyz`. Default: 5 s.
+    #[serde(with = "humantime_serde")]
+    pub probe_timeout: Duration,
+    /// The HTTP client that talks to S3: timeouts, retries, pool (kiln-upload's
+    /// `UploadConfig`). Default: kiln-upload's defaults.
+    pub client: kiln_upload::UploadConfig,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            backend: StorageBackend::Local,
+            s3: None,
+            create_bucket: false,
+            download_chunk_bytes: 4 << 20,
+            probe_timeout: Duration::from_secs(5),
+            client: kiln_upload::UploadConfig::default(),
+        }
+    }
+}
+
+/// A storage failure.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StorageError {
+    /// The local directory failed.
+    #[error("file storage: {0}")]
+    Io(#[from] std::io::Error),
+    /// The S3 store failed (after kiln-upload's retries).
+    #[error("S3 file storage: {0}")]
+    S3(#[from] kiln_upload::UploadError),
+    /// A stored file does not match its metadata.
+    #[error("stored file {id} is damaged: {why}")]
+    Corrupt {
+        /// The file.
+        id: String,
+        /// What does not match.
+        why: String,
+    },
+    /// The storage settings are invalid.
+    #[error("storage config: {0}")]
+    Config(String),
+}
+
+impl StorageError {
+    /// Whether the same call may succeed later (a network or disk hiccup).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            StorageError::Io(_) => true,
+            StorageError::S3(e) => e.is_retryable(),
+            StorageError::Corrupt { .. } | StorageError::Config(_) => false,
+        }
+    }
+}
+
+/// A file's content, streamed in chunks.
+pub type ContentStream = BoxStream<'static, Result<Bytes, StorageError>>;
+
+/// The file storage the gateway uses.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum FileStorage {
+    /// A local directory.
+    Local(FileStore),
+    /// An S3-compatible bucket.
+    S3(Box<S3Store>),
+}
+
+impl FileStorage {
+    /// Opens the backend `config.storage` names (creating the directory, or checking the S3
+    /// settings and creating the bucket when asked).
+    pub async fn open(config: &GatewayConfig) -> Result<Self, StorageError> {
+        match config.storage.backend {
+            StorageBackend::Local => Ok(Self::Local(FileStore::open(&config.files_dir).await?)),
+            StorageBackend::S3 => Ok(Self::S3(Box::new(S3Store::open(&config.storage).await?))),
+        }
+    }
+
+    /// Which backend this is.
+    pub fn backend(&self) -> StorageBackend {
+        match self {
+            FileStorage::Local(_) => StorageBackend::Local,
+            FileStorage::S3(_) => StorageBackend::S3,
+        }
+    }
+
+    /// Stores `data` under a new id. `compress_ms` is the time spent compressing it, kept
+    /// in the metadata for task timings.
+    pub async fn put(
+        &self,
+        data: Bytes,
+        content_type: &str,
+        dims: Option<(u32, u32)>,
+        compress_ms: Option<u64>,
+    ) -> Result<FileMeta, StorageError> {
+        let meta = FileMeta::describe(&data, content_type, dims, compress_ms);
+        match self {
+            FileStorage::Local(s) => Ok(s.put_meta(meta, &data).await?),
+            FileStorage::S3(s) => s.put(meta, data).await,
+        }
+    }
+
+    /// The metadata of `id`, if stored.
+    pub async fn meta(&self, id: &str) -> Result<Option<FileMeta>, StorageError> {
+        match self {
+            FileStorage::Local(s) => Ok(s.meta(id).await?),
+            FileStorage::S3(s) => s.meta(id).await,
+        }
+    }
+
+    /// The metadata and a stream of the content of `id`, if stored.
+    pub async fn open_content(
+        &self,
+        id: &str,
+    ) -> Result<Option<(FileMeta, ContentStream)>, StorageError> {
+        match self {
+            FileStorage::Local(s) => Ok(s.open_content(id).await?.map(|(m, f)| {
+                let stream = tokio_util::io::ReaderStream::new(f)
+                    .map(|r| r.map_err(StorageError::from))
+                    .boxed();
+                (m, stream)
+            })),
+            FileStorage::S3(s) => s.open_content(id).await,
+        }
+    }
+
+    /// Reads the whole content of `id`.
+    pub async fn read(&self, id: &str) -> Result<Option<(FileMeta, Bytes)>, StorageError> {
+        let Some((meta, mut stream)) = self.open_content(id).await? else {
+            return Ok(None);
+        };
+        let mut out = Vec::with_capacity(usize::try_from(meta.bytes).unwrap_or(0));
+        while let Some(chunk) = stream.next().await {
+            out.extend_from_slice(&chunk?);
+        }
+        Ok(Some((meta, Bytes::from(out))))
+    }
+
+    /// Deletes `id`; false when it was not there.
+    pub async fn delete(&self, id: &str) -> Result<bool, StorageError> {
+        match self {
+            FileStorage::Local(s) => Ok(s.delete(id).await?),
+            FileStorage::S3(s) => s.delete(id).await,
+        }
+    }
+
+    /// Whether the storage accepts writes now (readiness): writes and removes a probe.
+    /// `Err` says why not.
+    pub async fn probe(&self) -> Result<(), String> {
+        match self {
+            FileStorage::Local(s) => {
+                if s.writable().await {
+                    Ok(())
+                } else {
+                    Err(format!("{} does not accept writes", s.dir().display()))
+                }
+            }
+            FileStorage::S3(s) => s.probe().await,
+        }
+    }
+}

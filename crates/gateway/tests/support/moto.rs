@@ -1,0 +1,69 @@
+//! A moto S3 server on a free 127.0.0.1 port, stopped by pid on drop. The binary comes from
+//! the venv `scripts/prepare.sh` creates (`target/.venv-s3`), or `KILN_MOTO_SERVER`.
+//! Without it, tests print a notice and skip — except under `CI=true`, where they fail.
+// Shared by kiln-gateway's and kiln's tests (`#[path]`), so not every helper is used by both.
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
+
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct Moto {
+    child: Child,
+    pub port: u16,
+}
+
+impl Moto {
+    /// Starts moto, or returns `None` (after a notice) when it is not installed.
+    pub fn start() -> Option<Self> {
+        let bin = std::env::var_os("KILN_MOTO_SERVER")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                    .join("../../target/.venv-s3/bin/moto_server")
+            });
+        if !bin.exists() {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "{} not found: CI must run the S3 tests (scripts/prepare.sh installs moto)",
+                bin.display()
+            );
+            eprintln!(
+                "notice: {} not found; skipping S3 storage tests (run scripts/prepare.sh)",
+                bin.display()
+            );
+            return None;
+        }
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new(bin)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let moto = Moto { child, port };
+        let until = Instant::now() + Duration::from_secs(30);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < until, "moto did not start on {port}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Some(moto)
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
