@@ -26,13 +26,13 @@
 //! # Atomicity
 //!
 //! Each call is one run of a Lua script (`queue.lua`, sent with `EVALSHA` through
-//! [`redis::Script`], loaded again after a Redis restart). Redis runs a script to its end
+//! `redis::Script`, loaded again after a Redis restart). Redis runs a script to its end
 //! before any other command, so reserve, renew, complete-by-lease (compare-and-set: only the
 //! current lease of a running task counts, the first finisher wins), release, cancel and
 //! sweep are atomic across every instance. Lua was chosen over `WATCH`/`MULTI` because a
 //! reserve touches keys that are only known once it has read the streams, which a
 //! transaction would have to watch up front and retry under contention. Ending an attempt
-//! reads the task, lets the shared [`Ending::decide`] rules choose its new state, and hands
+//! reads the task, lets the shared `Ending::decide` rules choose its new state, and hands
 //! the script the fields that decision rests on (attempt, cancel requested): if another
 //! instance changed them meanwhile the script writes nothing and the call decides again.
 //! Redis does not roll a script back on error, so arguments are validated before the call.
@@ -51,7 +51,7 @@
 //! # Connections
 //!
 //! Commands share one multiplexed, auto-reconnecting connection
-//! ([`redis::aio::ConnectionManager`]). The [`Queue::notifications`] reader blocks in
+//! (`redis::aio::ConnectionManager`). The [`Queue::notifications`] reader blocks in
 //! `XREAD BLOCK` on a connection of its own, never on the shared one (a blocking read on a
 //! multiplexed connection stalls every command behind it), and resumes after the last entry
 //! it saw when it reconnects.
