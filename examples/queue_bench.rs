@@ -2,7 +2,9 @@
 //! over loopback. Submits N tasks and measures end-to-end throughput, then 500 sequential
 //! submit-to-result round trips.
 //!
-//! Run: `cargo run --release --example queue_bench -- --n 10000 --slots 2 [--backend sqlite]`
+//! Run: `cargo run --release --example queue_bench -- --n 10000 --slots 2
+//! [--backend sqlite|postgres] [--sqlite-executor thread|pool] [--postgres-url URL] [--rtt 500]`
+//! (PostgreSQL: a schema of its own in `dbname=test` on 127.0.0.1:5432, dropped at the end).
 //! The last stdout line is `{"n":N,"tasks_per_s":F,"rtt_p50_ms":F,"rtt_p99_ms":F,"lost":N,"duplicates":N}`.
 
 use std::collections::HashMap;
@@ -10,7 +12,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use kiln_broker::{Broker, BrokerConfig, NewTask};
+use kiln_broker::{
+    Broker, BrokerConfig, NewTask, PostgresOptions, PostgresQueue, Queue, SqliteExecutor,
+    SqliteOptions, SqliteQueue,
+};
 use kiln_gateway::{AppState, GatewayConfig};
 use kiln_worker::{TaskContext, TaskError, Worker, WorkerConfig};
 use serde_json::json;
@@ -20,6 +25,8 @@ struct Args {
     slots: u32,
     backend: String,
     rtt: usize,
+    sqlite_executor: SqliteExecutor,
+    postgres_url: String,
 }
 
 fn args() -> Result<Args, String> {
@@ -28,6 +35,8 @@ fn args() -> Result<Args, String> {
         slots: 2,
         backend: "sqlite".into(),
         rtt: 500,
+        sqlite_executor: SqliteExecutor::Thread,
+        postgres_url: "host=127.0.0.1 port=5432 user=postgres dbname=test".into(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -37,6 +46,18 @@ fn args() -> Result<Args, String> {
             "--slots" => a.slots = v()?.parse().map_err(|e| format!("--slots: {e}"))?,
             "--backend" => a.backend = v()?,
             "--rtt" => a.rtt = v()?.parse().map_err(|e| format!("--rtt: {e}"))?,
+            "--postgres-url" => a.postgres_url = v()?,
+            "--sqlite-executor" => {
+                a.sqlite_executor = match v()?.as_str() {
+                    "thread" => SqliteExecutor::Thread,
+                    "pool" => SqliteExecutor::BlockingPool,
+                    other => {
+                        return Err(format!(
+                            "--sqlite-executor: {other:?} is not thread or pool"
+                        ));
+                    }
+                }
+            }
             other => return Err(format!("unknown argument {other}")),
         }
     }
@@ -59,16 +80,35 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         )
         .with_writer(std::io::stderr)
         .init();
-    if a.backend != "sqlite" {
-        return Err(format!(
-            "backend {:?} is not built yet; only sqlite is available",
-            a.backend
-        )
-        .into());
-    }
     let dir = std::env::temp_dir().join(format!("kiln-queue-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let broker = Broker::open(&dir.join("queue.sqlite"), BrokerConfig::default())?;
+    let cfg = BrokerConfig::default();
+    let mut pg = None;
+    let queue: Arc<dyn Queue> = match a.backend.as_str() {
+        "sqlite" => Arc::new(SqliteQueue::open(
+            &dir.join("queue.sqlite"),
+            SqliteOptions {
+                queue: cfg.queue_options(),
+                sync_full: cfg.sync_full,
+                executor: a.sqlite_executor,
+            },
+        )?),
+        "postgres" => {
+            let q = Arc::new(
+                PostgresQueue::open(PostgresOptions {
+                    url: a.postgres_url.clone(),
+                    schema: format!("kiln_bench_{}", std::process::id()),
+                    queue: cfg.queue_options(),
+                    ..PostgresOptions::default()
+                })
+                .await?,
+            );
+            pg = Some(q.clone());
+            q
+        }
+        other => return Err(format!("--backend {other:?}: use sqlite or postgres").into()),
+    };
+    let broker = Broker::with_queue(queue, cfg);
     let state = AppState::new(
         GatewayConfig {
             files_dir: dir.join("files"),
@@ -198,6 +238,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     handle.shutdown();
     let _ = std::fs::remove_dir_all(&dir);
+    if let Some(q) = pg {
+        q.drop_schema().await?;
+    }
     println!(
         "{}",
         json!({"n": a.n, "tasks_per_s": (tasks_per_s * 10.0).round() / 10.0, "rtt_p50_ms": (pct(&rtts, 0.5) * 1000.0).round() / 1000.0,

@@ -61,3 +61,8 @@ if [ ! -x "$KILN_VENV/bin/st" ]; then
   python3 -m venv "$KILN_VENV"
   "$KILN_VENV/bin/pip" install -q --disable-pip-version-check "schemathesis>=4,<5"
 fi
+# The official OpenAI Python SDK and pytest for tests/sdk (scripts/sdk-tests.sh).
+if ! "$KILN_VENV/bin/python" -c 'import openai, pytest' >/dev/null 2>&1; then
+  echo "prepare: installing the openai SDK and pytest into $KILN_VENV"
+  "$KILN_VENV/bin/pip" install -q --disable-pip-version-check "openai>=1.50,<4" "pytest>=8,<10"
+fi

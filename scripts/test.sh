@@ -7,3 +7,5 @@ bash scripts/prepare.sh
 cargo test --workspace --locked "$@"
 # The HTTP API against its own OpenAPI document: no input may produce a 5xx.
 bash scripts/schemathesis.sh
+# The official OpenAI Python SDK as the client of the images API.
+bash scripts/sdk-tests.sh

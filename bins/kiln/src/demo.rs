@@ -124,6 +124,64 @@ pub(crate) fn img2img(
     (img, applied)
 }
 
+/// An edit of one or more reference images: several references are placed side by side
+/// (scaled to the height of the first), then [`img2img`] applies the prompt's transforms;
+/// `size` resizes the result to exactly that size, and `n` variants are made (variant `i`
+/// has its hue turned by `i * 37` degrees).
+pub(crate) fn edit(
+    refs: Vec<DynamicImage>,
+    prompt: &str,
+    max_side: u32,
+    size: Option<(u32, u32)>,
+    n: u32,
+) -> (Vec<DynamicImage>, Vec<&'static str>) {
+    let mut refs = refs.into_iter();
+    let Some(first) = refs.next() else {
+        return (Vec::new(), Vec::new());
+    };
+    let rest: Vec<DynamicImage> = refs.collect();
+    let base = if rest.is_empty() {
+        first
+    } else {
+        let h = first.height().clamp(1, MAX_SIDE);
+        let scaled: Vec<RgbImage> = std::iter::once(first)
+            .chain(rest)
+            .map(|img| {
+                let w = (u64::from(img.width()) * u64::from(h) / u64::from(img.height().max(1)))
+                    .clamp(1, u64::from(MAX_SIDE)) as u32;
+                img.resize_exact(w, h, imageops::FilterType::Triangle)
+                    .to_rgb8()
+            })
+            .collect();
+        let total_w: u32 = scaled.iter().map(|i| i.width()).sum();
+        let mut canvas: RgbImage = ImageBuffer::new(total_w.max(1), h);
+        let mut x = 0i64;
+        for img in &scaled {
+            imageops::overlay(&mut canvas, img, x, 0);
+            x += i64::from(img.width());
+        }
+        DynamicImage::ImageRgb8(canvas)
+    };
+    let (mut out, applied) = img2img(base, prompt, max_side);
+    if let Some((w, h)) = size {
+        out = out.resize_exact(
+            w.clamp(1, MAX_SIDE),
+            h.clamp(1, MAX_SIDE),
+            imageops::FilterType::Lanczos3,
+        );
+    }
+    let variants = (0..n.max(1))
+        .map(|i| {
+            if i == 0 {
+                out.clone()
+            } else {
+                out.huerotate(i as i32 * 37)
+            }
+        })
+        .collect();
+    (variants, applied)
+}
+
 fn sepia(img: &RgbImage) -> RgbImage {
     let mut out = img.clone();
     for p in out.pixels_mut() {
@@ -181,5 +239,20 @@ mod tests {
         let levels: std::collections::BTreeSet<u8> =
             p.to_rgb8().pixels().flat_map(|p| p.0).collect();
         assert!(levels.len() <= 4, "{levels:?}");
+    }
+
+    #[test]
+    fn edit_joins_references_sizes_and_makes_variants() {
+        let a = DynamicImage::ImageRgb8(txt2img("a", 1, 40, 20, |_, _| {}));
+        let b = DynamicImage::ImageRgb8(txt2img("b", 2, 20, 40, |_, _| {}));
+        // b is scaled to height 20 (width 10): side by side 50 x 20.
+        let (outs, applied) = edit(vec![a.clone(), b], "mirror", 2048, None, 1);
+        assert_eq!(applied, ["mirror"]);
+        assert_eq!(outs.len(), 1);
+        assert_eq!(outs[0].dimensions(), (50, 20));
+        let (outs, _) = edit(vec![a], "invert", 2048, Some((64, 48)), 3);
+        assert_eq!(outs.len(), 3);
+        assert!(outs.iter().all(|o| o.dimensions() == (64, 48)));
+        assert_ne!(outs[0].to_rgb8(), outs[1].to_rgb8());
     }
 }

@@ -2,6 +2,7 @@
 //! tools. Reads as a script: parse arguments, load settings, start logging, run.
 
 mod demo;
+mod provider;
 mod settings;
 
 use std::path::PathBuf;

@@ -9,13 +9,13 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::{Client, connect::HttpConnector};
 use hyper_util::rt::TokioExecutor;
-use kiln_broker::Broker;
+use kiln_broker::{Broker, PostgresOptions, PostgresQueue};
 use kiln_gateway::{AppState, hash_secret};
 use kiln_worker::{TaskContext, TaskError, Worker, WorkerConfig};
 use serde_json::{Value, json};
 
 use crate::demo;
-use crate::settings::Settings;
+use crate::settings::{QueueBackend, Settings};
 
 /// Task types of the built-in demo worker.
 const DEMO_TYPES: &[&str] = &["txt2img", "img2img", "delete_asset"];
@@ -29,8 +29,22 @@ pub(crate) async fn serve(s: Settings) -> anyhow::Result<()> {
                 s.server.data_dir.display()
             )
         })?;
-    let broker = Broker::open(&s.queue_path(), s.broker.clone())
-        .with_context(|| format!("cannot open the queue at {}", s.queue_path().display()))?;
+    let broker = match s.queue.backend {
+        QueueBackend::Sqlite => Broker::open(&s.queue_path(), s.broker.clone())
+            .with_context(|| format!("cannot open the queue at {}", s.queue_path().display()))?,
+        QueueBackend::Postgres => {
+            let q = PostgresQueue::open(PostgresOptions {
+                url: s.queue.postgres_url.clone(),
+                schema: s.queue.postgres_schema.clone(),
+                pool_size: s.queue.postgres_pool_size,
+                queue: s.broker.queue_options(),
+                ..PostgresOptions::default()
+            })
+            .await
+            .context("cannot open the PostgreSQL queue (queue.postgres_url)")?;
+            Broker::with_queue(std::sync::Arc::new(q), s.broker.clone())
+        }
+    };
     let mut gw = s.gateway.clone();
     gw.files_dir = s.files_dir();
     gw.storage = s.storage.clone();
@@ -39,6 +53,8 @@ pub(crate) async fn serve(s: Settings) -> anyhow::Result<()> {
         gw.known_task_types
             .extend(DEMO_TYPES.iter().map(|t| t.to_string()));
     }
+    let openai_types = gw.openai.task_types();
+    gw.known_task_types.extend(openai_types);
     let no_keys = gw.api_key_hashes.is_empty();
     let state =
         AppState::with_extra_worker_tokens(gw, broker.clone(), &[hash_secret(&demo_token)]).await?;
@@ -70,7 +86,7 @@ pub(crate) async fn serve(s: Settings) -> anyhow::Result<()> {
         let url = format!("ws://{addr}/v1/workers/connect");
         let worker = demo_worker_builder(
             url,
-            Some(demo_token),
+            Some(demo_token.clone()),
             s.server.data_dir.join("demo-worker"),
             s.demo_worker.slots,
         );
@@ -83,6 +99,24 @@ pub(crate) async fn serve(s: Settings) -> anyhow::Result<()> {
         Some((handle, task))
     } else {
         None
+    };
+
+    let providers = if s.gateway.openai.providers.is_empty() {
+        None
+    } else {
+        let worker = crate::provider::worker(
+            format!("ws://{addr}/v1/workers/connect"),
+            Some(demo_token.clone()),
+            s.server.data_dir.join("provider-worker"),
+            &s.gateway.openai.providers,
+        )?;
+        let handle = worker.handle();
+        let task = tokio::spawn(async move {
+            if let Err(e) = worker.run().await {
+                tracing::error!(message = "provider runner stopped", error = %e);
+            }
+        });
+        Some((handle, task))
     };
 
     let grace = s.server.shutdown_grace;
@@ -112,7 +146,7 @@ pub(crate) async fn serve(s: Settings) -> anyhow::Result<()> {
             broker.close_all(kiln_protocol::close::RESTART, &kiln_protocol::close::reason_with_retry_after("restarting", 2000));
         }
     }
-    if let Some((handle, task)) = demo {
+    for (handle, task) in demo.into_iter().chain(providers) {
         handle.shutdown();
         let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
     }
@@ -159,14 +193,14 @@ pub(crate) async fn demo_worker(
 
 /// The files API of the gateway, as the demo worker uses it.
 #[derive(Clone)]
-struct FilesApi {
+pub(crate) struct FilesApi {
     base: String,
     token: Option<String>,
     client: Client<HttpConnector, Full<Bytes>>,
     owned: PathBuf,
 }
 
-fn bad_input(msg: impl Into<String>) -> TaskError {
+pub(crate) fn bad_input(msg: impl Into<String>) -> TaskError {
     TaskError {
         code: "invalid_input".into(),
         message: msg.into(),
@@ -174,7 +208,7 @@ fn bad_input(msg: impl Into<String>) -> TaskError {
     }
 }
 
-fn transient(msg: impl Into<String>) -> TaskError {
+pub(crate) fn transient(msg: impl Into<String>) -> TaskError {
     TaskError {
         code: "files_api".into(),
         message: msg.into(),
@@ -183,6 +217,25 @@ fn transient(msg: impl Into<String>) -> TaskError {
 }
 
 impl FilesApi {
+    /// The files API of the gateway whose worker socket is `url`; files this worker
+    /// creates are listed in `<state_dir>/owned-files`.
+    pub(crate) fn new(url: &str, token: Option<String>, state_dir: &std::path::Path) -> Self {
+        let base = url
+            .replacen("ws://", "http://", 1)
+            .replacen("wss://", "https://", 1)
+            .split("/v1/")
+            .next()
+            .unwrap_or_default()
+            .trim_end_matches('/')
+            .to_owned();
+        Self {
+            base,
+            token,
+            client: Client::builder(TokioExecutor::new()).build_http(),
+            owned: state_dir.join("owned-files"),
+        }
+    }
+
     async fn call(
         &self,
         method: hyper::Method,
@@ -228,7 +281,7 @@ impl FilesApi {
             .map_err(|_| transient("files API timed out"))?
     }
 
-    async fn upload(&self, bytes: Vec<u8>, ct: &str) -> Result<Value, TaskError> {
+    pub(crate) async fn upload(&self, bytes: Vec<u8>, ct: &str) -> Result<Value, TaskError> {
         let (status, _, body) = self
             .call(hyper::Method::POST, "/v1/files", bytes, Some(ct))
             .await?;
@@ -257,7 +310,7 @@ impl FilesApi {
         )
     }
 
-    async fn download(&self, id: &str) -> Result<Bytes, TaskError> {
+    pub(crate) async fn download(&self, id: &str) -> Result<Bytes, TaskError> {
         let (status, _, body) = self
             .call(
                 hyper::Method::GET,
@@ -288,19 +341,7 @@ fn demo_worker_builder(
     state_dir: PathBuf,
     slots: u32,
 ) -> Worker {
-    let base = url
-        .replacen("ws://", "http://", 1)
-        .split("/v1/")
-        .next()
-        .unwrap_or_default()
-        .trim_end_matches('/')
-        .to_owned();
-    let api = FilesApi {
-        base,
-        token: token.clone(),
-        client: Client::builder(TokioExecutor::new()).build_http(),
-        owned: state_dir.join("owned-files"),
-    };
+    let api = FilesApi::new(&url, token.clone(), &state_dir);
     let cfg = WorkerConfig {
         url,
         token,
@@ -343,6 +384,18 @@ fn dim(v: &Value, key: &str, default: u32) -> Result<u32, TaskError> {
     }
 }
 
+/// `n` of an input: how many images to make (1 to 10).
+fn count(v: &Value) -> Result<u32, TaskError> {
+    match &v["n"] {
+        Value::Null => Ok(1),
+        x => x
+            .as_u64()
+            .filter(|n| (1..=10).contains(n))
+            .map(|n| n as u32)
+            .ok_or_else(|| bad_input("n must be an integer from 1 to 10")),
+    }
+}
+
 async fn txt2img(api: FilesApi, ctx: TaskContext) -> Result<Value, TaskError> {
     let input = ctx.input.clone();
     let prompt = input["prompt"]
@@ -351,69 +404,111 @@ async fn txt2img(api: FilesApi, ctx: TaskContext) -> Result<Value, TaskError> {
         .to_owned();
     let (w, h) = (dim(&input, "width", 512)?, dim(&input, "height", 512)?);
     let seed = input["seed"].as_u64().unwrap_or(0);
-    let c = ctx.clone();
-    let png = tokio::task::spawn_blocking(move || {
-        let started = Instant::now();
-        let img = demo::txt2img(&prompt, seed, w, h, |step, total| {
-            c.progress("render", u64::from(step), u64::from(total))
-        });
-        c.record_stage("render", started.elapsed());
-        let started = Instant::now();
-        let png = encode_png(&image::DynamicImage::ImageRgb8(img));
-        c.record_stage("encode", started.elapsed());
-        png
-    })
-    .await
-    .map_err(|e| transient(e.to_string()))??;
-    if ctx.is_cancelled() {
-        return Err(TaskError {
-            code: "cancelled".into(),
-            message: "canceled".into(),
-            retryable: false,
-        });
+    let n = count(&input)?;
+    let mut files = Vec::new();
+    for i in 0..n {
+        let c = ctx.clone();
+        let p = prompt.clone();
+        let png = tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
+            let img = demo::txt2img(&p, seed + u64::from(i), w, h, |step, total| {
+                c.progress("render", u64::from(i * total + step), u64::from(n * total))
+            });
+            c.record_stage("render", started.elapsed());
+            let started = Instant::now();
+            let png = encode_png(&image::DynamicImage::ImageRgb8(img));
+            c.record_stage("encode", started.elapsed());
+            png
+        })
+        .await
+        .map_err(|e| transient(e.to_string()))??;
+        if ctx.is_cancelled() {
+            return Err(TaskError {
+                code: "cancelled".into(),
+                message: "canceled".into(),
+                retryable: false,
+            });
+        }
+        files.push(ctx.timed("upload", api.upload(png, "image/png")).await?);
     }
-    ctx.progress("upload", 1, 1);
-    let file = ctx.timed("upload", api.upload(png, "image/png")).await?;
-    Ok(json!({"files": [file], "seed": seed, "generator": "kiln demo (procedural, not a model)"}))
+    Ok(json!({"files": files, "seed": seed, "generator": "kiln demo (procedural, not a model)"}))
+}
+
+/// The reference file ids of an img2img input: `images` (several) or `image` (one).
+fn reference_ids(input: &Value) -> Result<Vec<String>, TaskError> {
+    let ids: Vec<String> = match input["images"].as_array() {
+        Some(a) => a
+            .iter()
+            .filter_map(|v| v.as_str().map(str::to_owned))
+            .collect(),
+        None => input["image"]
+            .as_str()
+            .map(str::to_owned)
+            .into_iter()
+            .collect(),
+    };
+    if ids.is_empty() || ids.len() > 16 {
+        return Err(bad_input(
+            "input.image (a file id) or input.images (1 to 16 file ids) is required",
+        ));
+    }
+    Ok(ids)
+}
+
+fn decode(data: &[u8]) -> Result<image::DynamicImage, TaskError> {
+    let mut reader = image::ImageReader::new(std::io::Cursor::new(data))
+        .with_guessed_format()
+        .map_err(|e| bad_input(e.to_string()))?;
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(16_384);
+    limits.max_image_height = Some(16_384);
+    reader.limits(limits);
+    reader
+        .decode()
+        .map_err(|e| bad_input(format!("cannot decode the input image: {e}")))
 }
 
 async fn img2img(api: FilesApi, ctx: TaskContext) -> Result<Value, TaskError> {
     let input = ctx.input.clone();
-    let id = input["image"]
-        .as_str()
-        .ok_or_else(|| bad_input("input.image (a file id) is required"))?;
+    let ids = reference_ids(&input)?;
     let prompt = input["prompt"].as_str().unwrap_or("").to_owned();
     let max_side = dim(&input, "max_side", 1024)?;
-    ctx.progress("download", 0, 3);
-    let data = ctx.timed("download", api.download(id)).await?;
-    ctx.progress("transform", 1, 3);
+    let size = match (&input["width"], &input["height"]) {
+        (Value::Null, Value::Null) => None,
+        _ => Some((dim(&input, "width", 512)?, dim(&input, "height", 512)?)),
+    };
+    let n = count(&input)?;
+    let total = ids.len() as u64 + u64::from(n) + 1;
+    let mut data = Vec::with_capacity(ids.len());
+    for (i, id) in ids.iter().enumerate() {
+        ctx.progress("download", i as u64, total);
+        data.push(ctx.timed("download", api.download(id)).await?);
+    }
+    ctx.progress("transform", ids.len() as u64, total);
     let c = ctx.clone();
-    let (png, applied) = tokio::task::spawn_blocking(move || {
+    let (pngs, applied) = tokio::task::spawn_blocking(move || {
         let started = Instant::now();
-        let mut reader = image::ImageReader::new(std::io::Cursor::new(&data[..]))
-            .with_guessed_format()
-            .map_err(|e| bad_input(e.to_string()))?;
-        let mut limits = image::Limits::default();
-        limits.max_image_width = Some(16_384);
-        limits.max_image_height = Some(16_384);
-        reader.limits(limits);
-        let img = reader
-            .decode()
-            .map_err(|e| bad_input(format!("cannot decode the input image: {e}")))?;
+        let refs = data
+            .iter()
+            .map(|d| decode(d))
+            .collect::<Result<Vec<_>, _>>()?;
         c.record_stage("decode", started.elapsed());
         let started = Instant::now();
-        let (out, applied) = demo::img2img(img, &prompt, max_side);
+        let (outs, applied) = demo::edit(refs, &prompt, max_side, size, n);
         c.record_stage("render", started.elapsed());
         let started = Instant::now();
-        let png = encode_png(&out)?;
+        let pngs = outs.iter().map(encode_png).collect::<Result<Vec<_>, _>>()?;
         c.record_stage("encode", started.elapsed());
-        Ok::<_, TaskError>((png, applied))
+        Ok::<_, TaskError>((pngs, applied))
     })
     .await
     .map_err(|e| transient(e.to_string()))??;
-    ctx.progress("upload", 2, 3);
-    let file = ctx.timed("upload", api.upload(png, "image/png")).await?;
-    Ok(json!({"files": [file], "transforms": applied}))
+    let mut files = Vec::new();
+    for (i, png) in pngs.into_iter().enumerate() {
+        ctx.progress("upload", ids.len() as u64 + 1 + i as u64, total);
+        files.push(ctx.timed("upload", api.upload(png, "image/png")).await?);
+    }
+    Ok(json!({"files": files, "transforms": applied, "references": ids.len()}))
 }
 
 async fn delete_asset(api: FilesApi, ctx: TaskContext) -> Result<Value, TaskError> {

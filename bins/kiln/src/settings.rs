@@ -22,7 +22,36 @@ pub(crate) struct Settings {
     pub(crate) gateway: kiln_gateway::GatewayConfig,
     pub(crate) storage: kiln_gateway::StorageConfig,
     pub(crate) broker: kiln_gateway::BrokerConfig,
+    pub(crate) queue: Queue,
     pub(crate) demo_worker: DemoWorker,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum QueueBackend {
+    Sqlite,
+    Postgres,
+}
+
+/// Which store holds the queue.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Queue {
+    pub(crate) backend: QueueBackend,
+    pub(crate) postgres_url: String,
+    pub(crate) postgres_schema: String,
+    pub(crate) postgres_pool_size: usize,
+}
+
+impl std::fmt::Debug for Queue {
+    // The URL may carry a password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Queue")
+            .field("backend", &self.backend)
+            .field("postgres_schema", &self.postgres_schema)
+            .field("postgres_pool_size", &self.postgres_pool_size)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -83,10 +112,11 @@ pub(crate) fn load(path: Option<&Path>) -> Result<Settings, String> {
     let cfg = b
         .build()
         .map_err(|e| format!("invalid configuration: {e}"))?;
-    let settings: Settings = cfg
+    let mut settings: Settings = cfg
         .try_deserialize()
         .map_err(|e| format!("invalid configuration: {e}"))?;
     settings.validate()?;
+    settings.resolve_secrets()?;
     Ok(settings)
 }
 
@@ -106,7 +136,16 @@ impl Settings {
                 self.server.listen
             ));
         }
+        if self.queue.backend == QueueBackend::Postgres && self.queue.postgres_pool_size == 0 {
+            return Err(
+                "invalid configuration: queue.postgres_pool_size must be at least 1".into(),
+            );
+        }
         self.validate_storage()?;
+        self.gateway
+            .openai
+            .validate()
+            .map_err(|e| format!("invalid configuration: {e}"))?;
         if self.demo_worker.enabled && self.demo_worker.slots == 0 {
             return Err("invalid configuration: demo_worker.slots must be at least 1".into());
         }
@@ -151,6 +190,25 @@ impl Settings {
             ),
             _ => Ok(()),
         }
+    }
+
+    /// Reads the API key of each upstream provider from the variable its `api_key_env` names.
+    fn resolve_secrets(&mut self) -> Result<(), String> {
+        for (name, p) in self.gateway.openai.providers.iter_mut() {
+            if p.api_key_env.is_empty() {
+                continue;
+            }
+            match std::env::var(&p.api_key_env) {
+                Ok(v) if !v.is_empty() => p.api_key = Some(v),
+                _ => {
+                    return Err(format!(
+                        "invalid configuration: gateway.openai.providers.{name}.api_key_env names {:?}, which is not set",
+                        p.api_key_env
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Where the queue database lives.

@@ -111,7 +111,11 @@ impl Compressor {
     ///
     /// Dropping the returned future does not cancel a compression that has started: it
     /// finishes, fills the cache and answers the other requests waiting for it.
-    pub async fn compress(&self, input: Arc<[u8]>, opts: CompressOptions) -> Outcome {
+    pub async fn compress(
+        &self,
+        input: Arc<[u8]>,
+        opts: CompressOptions,
+    ) -> Result<Arc<Compressed>, CompressError> {
         let key = cache_key(&input, &opts);
         loop {
             let role = {

@@ -113,7 +113,8 @@ async fn a_follower_survives_its_leader_being_dropped_before_it_starts() {
         cache_bytes: 1 << 20,
     });
     let png = big_png();
-    // Hold the only permit with a different job.
+    // Hold the only permit with a different job (a 6 MP PNG: far longer than the 15 ms of
+    // sleeps below, so the leader is still waiting for the permit when it is dropped).
     let busy = {
         let (c, png) = (compressor.clone(), png.clone());
         let opts = CompressOptions {
@@ -122,17 +123,17 @@ async fn a_follower_survives_its_leader_being_dropped_before_it_starts() {
         };
         tokio::spawn(async move { c.compress(png, opts).await })
     };
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    tokio::time::sleep(Duration::from_millis(5)).await;
     let leader = {
         let (c, png) = (compressor.clone(), png.clone());
         tokio::spawn(async move { c.compress(png, CompressOptions::default()).await })
     };
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    tokio::time::sleep(Duration::from_millis(5)).await;
     let follower = {
         let (c, png) = (compressor.clone(), png.clone());
         tokio::spawn(async move { c.compress(png, CompressOptions::default()).await })
     };
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    tokio::time::sleep(Duration::from_millis(5)).await;
     leader.abort();
     assert!(leader.await.expect_err("aborted").is_cancelled());
     let out = tokio::time::timeout(Duration::from_secs(60), follower)

@@ -47,6 +47,9 @@ pub struct GatewayConfig {
     /// Where files are stored: the local `files_dir` or an S3-compatible bucket.
     /// Default: local.
     pub storage: crate::StorageConfig,
+    /// The OpenAI-compatible images API: models, providers, waits.
+    /// Default: see [`crate::openai::OpenAiConfig`].
+    pub openai: crate::openai::OpenAiConfig,
 }
 
 impl Default for GatewayConfig {
@@ -65,6 +68,7 @@ impl Default for GatewayConfig {
             public_base_url: None,
             cors_origins: Vec::new(),
             storage: crate::StorageConfig::default(),
+            openai: crate::openai::OpenAiConfig::default(),
         }
     }
 }

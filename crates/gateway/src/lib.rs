@@ -30,6 +30,7 @@ mod files;
 mod health;
 mod images;
 mod metrics;
+pub mod openai;
 mod openapi;
 mod s3store;
 mod storage;
@@ -194,6 +195,7 @@ pub fn router(state: AppState) -> Router {
     let mut app = Router::new()
         .merge(api)
         .merge(streams)
+        .merge(openai::routes(&state))
         .layer(middleware::from_fn_with_state(state.clone(), auth_layer))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
@@ -235,7 +237,11 @@ async fn method_not_allowed() -> ApiError {
     )
 }
 
-async fn time_limit(State(limit): State<Duration>, req: Request, next: Next) -> Response {
+pub(crate) async fn time_limit(
+    State(limit): State<Duration>,
+    req: Request,
+    next: Next,
+) -> Response {
     match tokio::time::timeout(limit, next.run(req)).await {
         Ok(r) => r,
         Err(_) => ApiError {

@@ -1,0 +1,398 @@
+//! The upstream path: kiln A serves the OpenAI images API and forwards models to kiln B
+//! (another real `kiln` with the demo worker) as its OpenAI-compatible upstream, directly
+//! and through nginx with injected faults (429 + Retry-After, 502, connection reset, 403).
+//! Outcomes are asserted with nginx's access log as the count of calls that reached it.
+
+#![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
+
+mod support;
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use serde_json::{Value, json};
+use support::{Server, call, post_json, start, start_with};
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn png_size(b64: &str) -> (u32, u32) {
+    let data = base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .unwrap();
+    let img = image::load_from_memory(&data).unwrap();
+    (img.width(), img.height())
+}
+
+fn png(w: u32, h: u32) -> Vec<u8> {
+    let img = image::RgbImage::from_fn(w, h, |x, y| image::Rgb([x as u8, y as u8, 90]));
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Png).unwrap();
+    out.into_inner()
+}
+
+struct Nginx {
+    child: Child,
+    dir: tempfile::TempDir,
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Nginx {
+    /// Requests that reached `location` (its prefix), from the access log.
+    fn hits(&self, prefix: &str) -> usize {
+        std::fs::read_to_string(self.dir.path().join("hits.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.starts_with(prefix))
+            .count()
+    }
+}
+
+/// nginx on `port` in front of kiln B on `backend`, one location per fault.
+fn nginx(port: u16, backend: u16) -> Option<Nginx> {
+    let bin = ["/usr/sbin/nginx", "/usr/local/sbin/nginx"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists());
+    let Some(bin) = bin else {
+        eprintln!("notice: nginx not installed; fault tests skipped (apt-get install nginx-light)");
+        return None;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display();
+    let conf = format!(
+        r#"daemon off; master_process off; worker_processes 1; pid {d}/nginx.pid;
+error_log {d}/error.log info;
+events {{ worker_connections 256; }}
+http {{
+  log_format hits '$uri $status';
+  access_log {d}/hits.log hits;
+  client_body_temp_path {d}/body; proxy_temp_path {d}/proxy; fastcgi_temp_path {d}/fcgi;
+  uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;
+  client_max_body_size 64m;
+  limit_req_zone $binary_remote_addr zone=one:1m rate=1r/s;
+  server {{
+    listen 127.0.0.1:{port};
+    location /ok/ {{ proxy_pass http://127.0.0.1:{backend}/; proxy_read_timeout 60s; }}
+    location /limited/ {{
+      limit_req zone=one; limit_req_status 429; error_page 429 = @limited;
+      proxy_pass http://127.0.0.1:{backend}/;
+    }}
+    location @limited {{ add_header Retry-After 1 always; return 429 '{{"error":{{"message":"slow down"}}}}'; }}
+    location /r429/ {{ add_header Retry-After 1 always; return 429 '{{"error":{{"message":"rate limited"}}}}'; }}
+    location /r502/ {{ return 502 'bad gateway'; }}
+    location /reset/ {{ return 444; }}
+    location /r403/ {{ default_type application/json; return 403 '{{"error":{{"message":"reference image too large for this account"}}}}'; }}
+  }}
+}}
+"#
+    );
+    let path = dir.path().join("nginx.conf");
+    std::fs::write(&path, conf).unwrap();
+    let child = Command::new(bin)
+        .arg("-p")
+        .arg(dir.path())
+        .arg("-c")
+        .arg(&path)
+        .arg("-e")
+        .arg(dir.path().join("error.log"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let until = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            Instant::now() < until,
+            "nginx did not start: {}",
+            std::fs::read_to_string(dir.path().join("error.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Some(Nginx { child, dir })
+}
+
+fn provider(name: &str, base: &str, extra: &str) -> String {
+    format!(
+        "[gateway.openai.providers.{name}]\nbase_url = \"{base}\"\napi_key_env = \"UPSTREAM_TEST_KEY\"\n\
+         max_retries = 2\ninitial_backoff = \"100ms\"\nrequest_timeout = \"10s\"\ndeadline = \"30s\"\n{extra}\n\
+         [gateway.openai.models.{name}]\nruns_on = \"provider\"\nprovider = \"{name}\"\nupstream_model = \"kiln-demo\"\n"
+    )
+}
+
+/// Starts kiln A with `providers` (TOML) and waits until its provider runner is connected.
+async fn kiln_a(dir: &Path, providers: &str) -> Server {
+    let path = dir.join("a.toml");
+    std::fs::write(&path, providers).unwrap();
+    let a = start_with(
+        &dir.join("a"),
+        Some(&path),
+        &[
+            ("KILN_DEMO_WORKER__ENABLED", "false"),
+            ("UPSTREAM_TEST_KEY", "upstream-secret"),
+        ],
+    );
+    let until = Instant::now() + Duration::from_secs(20);
+    loop {
+        let w = call(&a.base, "GET", "/v1/workers", "", &[]).await.json();
+        if w["data"].as_array().is_some_and(|v| !v.is_empty()) {
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "provider runner did not connect: {w}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    a
+}
+
+async fn generate(a: &Server, model: &str, extra: Value) -> support::Resp {
+    let mut body = json!({"model": model, "prompt": "a harbour", "size": "64x48", "response_format": "b64_json"});
+    body.as_object_mut()
+        .unwrap()
+        .extend(extra.as_object().unwrap().clone());
+    post_json(&a.base, "/v1/images/generations", body, &[]).await
+}
+
+fn last_task_error(r: &support::Resp) -> String {
+    r.json()["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// Kiln B: the upstream, with an API key that A must send.
+fn kiln_b(dir: &Path) -> Server {
+    let hash = kiln_gateway::hash_secret("upstream-secret");
+    start(&dir.join("b"), &[("KILN_GATEWAY__API_KEY_HASHES", &hash)])
+}
+
+async fn wait_workers(b: &Server) {
+    let until = Instant::now() + Duration::from_secs(20);
+    loop {
+        let m = call(
+            &b.base,
+            "GET",
+            "/v1/models",
+            "",
+            &[("authorization", "Bearer upstream-secret")],
+        )
+        .await
+        .json();
+        if m["data"][0]["kiln"]["workers_online"].as_u64() >= Some(1) {
+            return;
+        }
+        assert!(
+            Instant::now() < until,
+            "B's demo worker did not connect: {m}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_generate_edit_and_ssrf() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = kiln_b(dir.path());
+    wait_workers(&b).await;
+    let base = format!("{}/v1", b.base);
+    let toml = [
+        provider("direct", &base, ""),
+        provider(
+            "direct-url",
+            &base,
+            "response_format = \"url\"\nallow_loopback = true",
+        ),
+        provider("strict-url", &base, "response_format = \"url\""),
+        provider("no-key", &base, "").replace("api_key_env = \"UPSTREAM_TEST_KEY\"\n", ""),
+    ]
+    .concat();
+    let a = kiln_a(dir.path(), &toml).await;
+
+    // /v1/models says where each model runs.
+    let m = call(&a.base, "GET", "/v1/models", "", &[]).await.json();
+    let direct = m["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["id"] == "direct")
+        .unwrap();
+    assert_eq!(direct["kiln"]["runs_on"], "provider");
+    assert_eq!(direct["kiln"]["upstream_host"], "127.0.0.1");
+
+    // Generation: n and size reach B's demo worker; one attempt is recorded.
+    let r = generate(&a, "direct", json!({"n": 2})).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let data = r.json()["data"].as_array().unwrap().clone();
+    assert_eq!(data.len(), 2);
+    assert_eq!(png_size(data[0]["b64_json"].as_str().unwrap()), (64, 48));
+    let task_id = r.headers["x-kiln-task-id"].to_str().unwrap().to_owned();
+    let t = call(&a.base, "GET", &format!("/v1/tasks/{task_id}"), "", &[])
+        .await
+        .json();
+    assert_eq!(t["task_type"], "openai.direct");
+    let attempts = t["output"]["upstream"]["attempts"].as_array().unwrap();
+    assert_eq!(attempts.len(), 1, "{t}");
+
+    // Edit with two references: multipart `image[]` to B, whose demo worker joins them.
+    let boundary = "XbOuNdArY";
+    let mut body = Vec::new();
+    for (name, value) in [
+        ("model", "direct"),
+        ("prompt", "mirror"),
+        ("response_format", "b64_json"),
+    ] {
+        body.extend_from_slice(
+            format!(
+                "--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n"
+            )
+            .as_bytes(),
+        );
+    }
+    for (i, img) in [png(40, 30), png(20, 30)].iter().enumerate() {
+        body.extend_from_slice(format!("--{boundary}\r\nContent-Disposition: form-data; name=\"image[]\"; filename=\"r{i}.png\"\r\nContent-Type: image/png\r\n\r\n").as_bytes());
+        body.extend_from_slice(img);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+    let ct = format!("multipart/form-data; boundary={boundary}");
+    let r = call(
+        &a.base,
+        "POST",
+        "/v1/images/edits",
+        body,
+        &[("content-type", &ct)],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(
+        png_size(r.json()["data"][0]["b64_json"].as_str().unwrap()),
+        (60, 30)
+    );
+
+    // Result URLs: downloaded when loopback is allowed, refused by default (SSRF).
+    let r = generate(&a, "direct-url", json!({})).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(
+        png_size(r.json()["data"][0]["b64_json"].as_str().unwrap()),
+        (64, 48)
+    );
+    let r = generate(&a, "strict-url", json!({})).await;
+    assert_eq!(r.status, 502, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["error"]["code"], "upstream_bad_result");
+    assert!(
+        last_task_error(&r).contains("loopback"),
+        "{}",
+        last_task_error(&r)
+    );
+
+    // Without the key, B answers 401: final, with B's message, one attempt.
+    let r = generate(&a, "no-key", json!({})).await;
+    assert_eq!(r.status, 502, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["error"]["code"], "upstream_refused");
+    let msg = last_task_error(&r);
+    assert!(
+        msg.contains("401")
+            && msg.contains("API key")
+            && msg.contains("[attempts: #1 HTTP 401, stopped: not_retryable"),
+        "{msg}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_faults_through_nginx() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = kiln_b(dir.path());
+    wait_workers(&b).await;
+    let port = free_port();
+    let backend: u16 = b.base.rsplit(':').next().unwrap().parse().unwrap();
+    let Some(ng) = nginx(port, backend) else {
+        return;
+    };
+    let front = format!("http://127.0.0.1:{port}");
+    let toml = [
+        provider("ok", &format!("{front}/ok/v1"), ""),
+        provider("limited", &format!("{front}/limited/v1"), ""),
+        provider("r429", &format!("{front}/r429/v1"), ""),
+        provider("r502", &format!("{front}/r502/v1"), ""),
+        provider(
+            "r502-idem",
+            &format!("{front}/r502/v1"),
+            "idempotency_header = \"Idempotency-Key\"",
+        ),
+        provider("reset", &format!("{front}/reset/v1"), ""),
+        provider("r403", &format!("{front}/r403/v1"), ""),
+    ]
+    .concat();
+    let a = kiln_a(dir.path(), &toml).await;
+
+    // Through the proxy, no fault.
+    let r = generate(&a, "ok", json!({})).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(ng.hits("/ok/"), 1);
+
+    // 429 with Retry-After: retried after the wait, then passes (rate 1/s; the first
+    // request of this second is taken by the probe).
+    let probe = call(&front, "GET", "/limited/healthz", "", &[]).await;
+    assert_eq!(probe.status, 200);
+    let started = Instant::now();
+    let r = generate(&a, "limited", json!({})).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    let task_id = r.headers["x-kiln-task-id"].to_str().unwrap().to_owned();
+    let t = call(&a.base, "GET", &format!("/v1/tasks/{task_id}"), "", &[])
+        .await
+        .json();
+    let attempts = t["output"]["upstream"]["attempts"].as_array().unwrap();
+    assert!(attempts.len() >= 2, "{t}");
+    assert_eq!(attempts[0]["status"], 429, "{t}");
+    assert!(attempts[0]["delay_ms"].as_u64().unwrap() >= 1000, "{t}");
+
+    // 429 every time: three attempts (max_retries = 2), each after Retry-After, then 429.
+    let started = Instant::now();
+    let r = generate(&a, "r429", json!({})).await;
+    assert_eq!(r.status, 429, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["error"]["code"], "upstream_rate_limited");
+    assert!(started.elapsed() >= Duration::from_secs(2));
+    assert_eq!(ng.hits("/r429/"), 3);
+
+    // 502 on a POST without an idempotency key: the upstream may have processed it, so it
+    // is not replayed; with a key it is (three attempts).
+    let r = generate(&a, "r502", json!({})).await;
+    assert_eq!(r.status, 502);
+    assert_eq!(r.json()["error"]["code"], "upstream_failed");
+    assert_eq!(ng.hits("/r502/"), 1);
+    let r = generate(&a, "r502-idem", json!({})).await;
+    assert_eq!(r.status, 502);
+    assert_eq!(ng.hits("/r502/"), 4);
+
+    // A connection reset mid-request: maybe processed, not replayed, and the broker does not
+    // run the task again either.
+    let r = generate(&a, "reset", json!({})).await;
+    assert_eq!(r.status, 502, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(ng.hits("/reset/"), 1);
+    let task = r.json()["error"]["message"].as_str().unwrap().to_owned();
+    assert!(task.contains("maybe_processed"), "{task}");
+
+    // 403: final after one attempt, with the upstream's message.
+    let r = generate(&a, "r403", json!({})).await;
+    assert_eq!(r.status, 502);
+    assert!(last_task_error(&r).contains("reference image too large for this account"));
+    assert_eq!(ng.hits("/r403/"), 1);
+}

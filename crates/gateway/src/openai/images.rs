@@ -1,0 +1,647 @@
+//! `POST /v1/images/generations` and `POST /v1/images/edits`: OpenAI's images API as thin
+//! adapters over kiln tasks. Each call creates a durable task, waits on the broker's task
+//! events (no polling) up to the wait limit, and maps the task's output files to `data[]`;
+//! a task not done by then is answered with `202`, the task object and `Location`.
+
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, Multipart, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use base64::Engine as _;
+use kiln_broker::{ListFilter, NewTask, QueueError, Task};
+use kiln_protocol::TaskState;
+use serde_json::{Map, Value, json};
+use sha2::{Digest, Sha256};
+use tokio::sync::broadcast;
+
+use super::config::{ModelConfig, ProviderConfig, ResponseFormat, RunsOn};
+use super::error::OpenAiError;
+use crate::AppState;
+use crate::error::ApiJson;
+use crate::files::{file_url, store_image};
+use crate::tasks::{load, view};
+
+/// Most reference images of one edit.
+pub(crate) const MAX_IMAGES: usize = 16;
+/// Longest prompt, in characters.
+const MAX_PROMPT: usize = 32_000;
+/// Smallest and largest side of a requested `size`.
+const SIDES: std::ops::RangeInclusive<u32> = 16..=4096;
+
+/// The fields common to generations and edits, validated.
+#[derive(Debug)]
+struct Call {
+    model_name: String,
+    model: ModelConfig,
+    prompt: String,
+    n: u32,
+    size: Option<(u32, u32)>,
+    size_text: Option<String>,
+    response_format: ResponseFormat,
+    /// Passed through to the worker or upstream as given.
+    extras: Map<String, Value>,
+}
+
+fn text<'a>(
+    fields: &'a Map<String, Value>,
+    key: &'static str,
+) -> Result<Option<&'a str>, OpenAiError> {
+    match fields.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.as_str())),
+        Some(_) => Err(OpenAiError::invalid(
+            key,
+            format!("`{key}` must be a string"),
+        )),
+    }
+}
+
+fn parse_size(s: &str) -> Result<Option<(u32, u32)>, OpenAiError> {
+    if s == "auto" {
+        return Ok(None);
+    }
+    let bad = || {
+        OpenAiError::invalid(
+            "size",
+            format!(
+                "size {s:?} is not `auto` or WIDTHxHEIGHT with sides from {} to {}",
+                SIDES.start(),
+                SIDES.end()
+            ),
+        )
+    };
+    let (w, h) = s.split_once('x').ok_or_else(bad)?;
+    let (w, h): (u32, u32) = (w.parse().map_err(|_| bad())?, h.parse().map_err(|_| bad())?);
+    if !SIDES.contains(&w) || !SIDES.contains(&h) {
+        return Err(bad());
+    }
+    Ok(Some((w, h)))
+}
+
+impl Call {
+    fn parse(state: &AppState, fields: &Map<String, Value>) -> Result<Self, OpenAiError> {
+        let cfg = &state.config().openai;
+        let prompt = text(fields, "prompt")?
+            .filter(|p| !p.trim().is_empty())
+            .ok_or_else(|| OpenAiError::invalid("prompt", "`prompt` is required"))?;
+        if prompt.chars().count() > MAX_PROMPT {
+            return Err(OpenAiError::invalid(
+                "prompt",
+                format!("`prompt` is longer than {MAX_PROMPT} characters"),
+            ));
+        }
+        let model_name = text(fields, "model")?
+            .unwrap_or(&cfg.default_model)
+            .to_owned();
+        let model = cfg.models.get(&model_name).cloned().ok_or_else(|| {
+            let known: Vec<&str> = cfg.models.keys().map(String::as_str).collect();
+            OpenAiError {
+                code: "model_not_found".into(),
+                ..OpenAiError::invalid(
+                    "model",
+                    format!(
+                        "the model {model_name:?} does not exist here; models: {}",
+                        known.join(", ")
+                    ),
+                )
+            }
+        })?;
+        let n = match fields.get("n") {
+            None | Some(Value::Null) => 1,
+            Some(Value::Number(x)) => x.as_u64().unwrap_or(0),
+            Some(Value::String(s)) => s.trim().parse().unwrap_or(0),
+            Some(_) => 0,
+        };
+        if !(1..=u64::from(cfg.max_n)).contains(&n) {
+            return Err(OpenAiError::invalid(
+                "n",
+                format!("`n` must be an integer from 1 to {}", cfg.max_n),
+            ));
+        }
+        let size_text = text(fields, "size")?.map(str::to_owned);
+        let size = match &size_text {
+            Some(s) => parse_size(s)?,
+            None => None,
+        };
+        let response_format = match text(fields, "response_format")? {
+            None => cfg.default_response_format,
+            Some("url") => ResponseFormat::Url,
+            Some("b64_json") => ResponseFormat::B64Json,
+            Some(other) => {
+                return Err(OpenAiError::invalid(
+                    "response_format",
+                    format!("response_format {other:?} is not `url` or `b64_json`"),
+                ));
+            }
+        };
+        if let Some(f) = text(fields, "output_format")?
+            && !matches!(f, "png" | "jpeg" | "webp")
+        {
+            return Err(OpenAiError::invalid(
+                "output_format",
+                format!("output_format {f:?} is not png, jpeg or webp"),
+            ));
+        }
+        let mut extras = Map::new();
+        for key in [
+            "quality",
+            "background",
+            "output_format",
+            "style",
+            "moderation",
+        ] {
+            if let Some(v) = text(fields, key)? {
+                extras.insert(key.into(), v.into());
+            }
+        }
+        Ok(Self {
+            model_name,
+            model,
+            prompt: prompt.to_owned(),
+            n: n as u32,
+            size,
+            size_text,
+            response_format,
+            extras,
+        })
+    }
+
+    /// The task type and input for this call; `refs` are the stored reference images (and
+    /// mask) of an edit.
+    fn task(&self, edit: Option<(&[String], Option<&str>)>) -> (String, Value) {
+        let mut input = self.extras.clone();
+        input.insert("prompt".into(), self.prompt.clone().into());
+        input.insert("n".into(), self.n.into());
+        let task_type = match self.model.runs_on {
+            RunsOn::Provider => {
+                let upstream = if self.model.upstream_model.is_empty() {
+                    &self.model_name
+                } else {
+                    &self.model.upstream_model
+                };
+                input.insert("model".into(), upstream.clone().into());
+                let op = if edit.is_some() { "edit" } else { "generate" };
+                input.insert("operation".into(), op.into());
+                if let Some(s) = &self.size_text {
+                    input.insert("size".into(), s.clone().into());
+                }
+                ProviderConfig::task_type(&self.model.provider)
+            }
+            _ => {
+                input.insert("model".into(), self.model_name.clone().into());
+                if let Some((w, h)) = self.size {
+                    input.insert("width".into(), w.into());
+                    input.insert("height".into(), h.into());
+                }
+                if edit.is_some() {
+                    self.model.edit_task_type.clone()
+                } else {
+                    self.model.generate_task_type.clone()
+                }
+            }
+        };
+        if let Some((images, mask)) = edit {
+            if let Some(first) = images.first() {
+                input.insert("image".into(), first.clone().into());
+            }
+            input.insert("images".into(), json!(images));
+            if let Some(m) = mask {
+                input.insert("mask".into(), m.into());
+            }
+        }
+        (task_type, Value::Object(input))
+    }
+}
+
+/// How long to wait, from `Prefer` (`respond-async`, `wait=N`).
+fn wait_limit(headers: &HeaderMap, state: &AppState) -> Duration {
+    let cfg = &state.config().openai;
+    let mut wait = cfg.sync_wait;
+    for token in headers
+        .get_all("prefer")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split([',', ';']))
+        .map(str::trim)
+    {
+        if token.eq_ignore_ascii_case("respond-async") {
+            return Duration::ZERO;
+        }
+        if let Some(n) = token
+            .strip_prefix("wait=")
+            .and_then(|n| n.trim().parse::<u64>().ok())
+        {
+            wait = Duration::from_secs(n);
+        }
+    }
+    wait.min(cfg.max_wait)
+}
+
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, OpenAiError> {
+    match headers.get("idempotency-key").map(|v| v.to_str()) {
+        None => Ok(None),
+        Some(Ok(k)) if !k.is_empty() && k.len() <= 200 => Ok(Some(format!("openai:{k}"))),
+        Some(_) => Err(OpenAiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_idempotency_key",
+            "Idempotency-Key must be 1 to 200 visible ASCII characters",
+        )),
+    }
+}
+
+/// Submits the task; with an idempotency key, a repeated call returns the first task.
+/// Edits carry a fingerprint of their content in the input (their stored reference files
+/// get new ids on every call), and a repeat with the same fingerprint is the same call.
+async fn submit(
+    state: &AppState,
+    task_type: String,
+    input: Value,
+    request_id: Option<String>,
+) -> Result<Task, OpenAiError> {
+    let fingerprint = input.get("fingerprint").cloned();
+    let new = NewTask {
+        task_type: task_type.clone(),
+        input,
+        request_id: request_id.clone(),
+        metadata: Some(json!({"api": "openai.images"})),
+        ..NewTask::default()
+    };
+    match state.broker().submit(new).await {
+        Ok((task, created)) => {
+            if created {
+                state
+                    .metrics()
+                    .submitted
+                    .get_or_create(&vec![("task_type", task.task_type.clone())])
+                    .inc();
+                tracing::info!(message = "task accepted", task_id = %task.id, task_type = %task.task_type, api = "openai.images");
+            }
+            Ok(task)
+        }
+        Err(QueueError::Conflict(rid)) => {
+            if let Some(fp) = fingerprint
+                && let Some(t) = find_repeat(state, &task_type, &rid, &fp).await?
+            {
+                return Ok(t);
+            }
+            Err(OpenAiError::new(
+                StatusCode::CONFLICT,
+                "idempotency_key_reused",
+                "this Idempotency-Key was already used for a different request",
+            ))
+        }
+        Err(QueueError::Invalid(m)) => Err(OpenAiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_value",
+            m,
+        )),
+        Err(e) => Err(OpenAiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            format!("the queue store failed: {e}"),
+        )),
+    }
+}
+
+/// The task of an earlier call with this request id and fingerprint, among the latest 500
+/// of its type.
+async fn find_repeat(
+    state: &AppState,
+    task_type: &str,
+    request_id: &str,
+    fingerprint: &Value,
+) -> Result<Option<Task>, OpenAiError> {
+    let tasks = state
+        .broker()
+        .queue()
+        .list(&ListFilter {
+            task_type: Some(task_type.to_owned()),
+            limit: 500,
+            ..ListFilter::default()
+        })
+        .await
+        .map_err(|e| OpenAiError::from(crate::error::ApiError::unavailable(e.to_string())))?;
+    Ok(tasks.into_iter().find(|t| {
+        t.request_id.as_deref() == Some(request_id)
+            && t.input.get("fingerprint") == Some(fingerprint)
+    }))
+}
+
+/// Waits until the task is terminal or `limit` passes, on the broker's event feed.
+async fn wait_done(state: &AppState, id: &str, limit: Duration) -> Result<Task, OpenAiError> {
+    // Subscribe before reading, so a completion between the two is not missed.
+    let mut rx = state.broker().subscribe();
+    let mut shutdown = state.shutdown_signal();
+    let until = tokio::time::Instant::now() + limit;
+    loop {
+        let task = load(state, id).await?;
+        if task.state.is_terminal() || limit.is_zero() || state.shutting_down() {
+            return Ok(task);
+        }
+        loop {
+            tokio::select! {
+                r = rx.recv() => match r {
+                    Ok(e) if e.task_id == id && e.kind == "completed" => break,
+                    Ok(_) => {}
+                    Err(broadcast::error::RecvError::Lagged(_)) => break,
+                    Err(broadcast::error::RecvError::Closed) => return Ok(load(state, id).await?),
+                },
+                _ = tokio::time::sleep_until(until) => return Ok(load(state, id).await?),
+                _ = shutdown.changed() => return Ok(load(state, id).await?),
+            }
+        }
+    }
+}
+
+/// The `202` answer: the task object, `Location` and `Preference-Applied`.
+async fn accepted(state: &AppState, task: Task) -> Result<Response, OpenAiError> {
+    let location = format!("/v1/tasks/{}", task.id);
+    let v = view(state, task).await?;
+    let mut resp = (StatusCode::ACCEPTED, ApiJson(v)).into_response();
+    if let Ok(l) = HeaderValue::from_str(&location) {
+        resp.headers_mut().insert(header::LOCATION, l);
+    }
+    resp.headers_mut().insert(
+        "preference-applied",
+        HeaderValue::from_static("respond-async"),
+    );
+    Ok(resp)
+}
+
+/// A failed, canceled or expired task as an OpenAI error.
+fn task_failure(task: &Task) -> OpenAiError {
+    let (code, message) = match &task.error {
+        Some(e) => (e.code.clone(), e.message.clone()),
+        None => (
+            task.state.as_str().to_owned(),
+            format!("the task ended {}", task.state.as_str()),
+        ),
+    };
+    let status = match task.state {
+        TaskState::Canceled => StatusCode::CONFLICT,
+        TaskState::Expired => StatusCode::GATEWAY_TIMEOUT,
+        _ if code == "invalid_input" || code == "upstream_rejected" => StatusCode::BAD_REQUEST,
+        _ if code == "upstream_rate_limited" => StatusCode::TOO_MANY_REQUESTS,
+        _ if code.starts_with("upstream") => StatusCode::BAD_GATEWAY,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    OpenAiError::new(status, code, format!("{message} (task {})", task.id))
+}
+
+/// The OpenAI body of a succeeded task.
+async fn images_body(
+    state: &AppState,
+    task: &Task,
+    fmt: ResponseFormat,
+) -> Result<Value, OpenAiError> {
+    let out = task.output.as_ref().unwrap_or(&Value::Null);
+    let files = out["files"].as_array().cloned().unwrap_or_default();
+    let base = state.config().public_base_url.as_deref();
+    let revised = out["revised_prompts"].as_array();
+    let mut data = Vec::with_capacity(files.len());
+    for (i, f) in files.iter().enumerate() {
+        let Some(id) = f["id"].as_str() else { continue };
+        let mut item = Map::new();
+        match fmt {
+            ResponseFormat::B64Json => {
+                let (_, bytes) = state
+                    .files()
+                    .read(id)
+                    .await
+                    .map_err(|e| OpenAiError::from(crate::error::ApiError::internal(e)))?
+                    .ok_or_else(|| {
+                        OpenAiError::new(
+                            StatusCode::GONE,
+                            "file_gone",
+                            format!("the result file {id} was deleted"),
+                        )
+                    })?;
+                item.insert(
+                    "b64_json".into(),
+                    base64::engine::general_purpose::STANDARD
+                        .encode(bytes)
+                        .into(),
+                );
+            }
+            _ => {
+                item.insert("url".into(), file_url(base, id).into());
+            }
+        }
+        if let Some(p) = revised.and_then(|r| r.get(i)).filter(|p| p.is_string()) {
+            item.insert("revised_prompt".into(), p.clone());
+        }
+        data.push(Value::Object(item));
+    }
+    let mut body = json!({"created": task.created_at / 1000, "data": data});
+    if let Some(u) = out.get("usage").filter(|u| u.is_object()) {
+        body["usage"] = u.clone();
+    }
+    Ok(body)
+}
+
+/// Creates the task, waits, answers.
+async fn run(
+    state: &AppState,
+    headers: &HeaderMap,
+    call: &Call,
+    task_type: String,
+    input: Value,
+    request_id: Option<String>,
+) -> Result<Response, OpenAiError> {
+    let task = submit(state, task_type, input.clone(), request_id).await?;
+    if task.input.get("images") != input.get("images") {
+        // A repeat of an earlier edit: the references stored for this call are not needed.
+        for id in input["images"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .chain(input.get("mask"))
+        {
+            if let Some(id) = id.as_str() {
+                let _ = state.files().delete(id).await;
+            }
+        }
+    }
+    let task = wait_done(state, &task.id.clone(), wait_limit(headers, state)).await?;
+    if !task.state.is_terminal() {
+        return accepted(state, task).await;
+    }
+    if task.state != TaskState::Succeeded {
+        return Err(task_failure(&task));
+    }
+    let body = images_body(state, &task, call.response_format).await?;
+    let mut resp = (StatusCode::OK, axum::Json(body)).into_response();
+    if let Ok(v) = HeaderValue::from_str(&task.id) {
+        resp.headers_mut().insert("x-kiln-task-id", v);
+    }
+    Ok(resp)
+}
+
+/// `POST /v1/images/generations` (JSON).
+pub(crate) async fn generations(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, OpenAiError> {
+    let fields: Map<String, Value> = match serde_json::from_slice::<Value>(&body) {
+        Ok(Value::Object(m)) => m,
+        Ok(_) => {
+            return Err(OpenAiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_json",
+                "the body must be a JSON object",
+            ));
+        }
+        Err(e) => {
+            return Err(OpenAiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_json",
+                format!("the body is not valid JSON: {e}"),
+            ));
+        }
+    };
+    let request_id = idempotency_key(&headers)?;
+    let call = Call::parse(&state, &fields)?;
+    let (task_type, input) = call.task(None);
+    run(&state, &headers, &call, task_type, input, request_id).await
+}
+
+/// An uploaded part: bytes and the content type it claims (or that its bytes show).
+struct Part {
+    data: Bytes,
+    content_type: String,
+}
+
+fn sniff(data: &[u8], claimed: Option<&str>) -> String {
+    let claimed = claimed.unwrap_or("").to_ascii_lowercase();
+    if claimed.starts_with("image/") {
+        return claimed;
+    }
+    match image::guess_format(data) {
+        Ok(image::ImageFormat::Png) => "image/png".into(),
+        Ok(image::ImageFormat::Jpeg) => "image/jpeg".into(),
+        Ok(image::ImageFormat::WebP) => "image/webp".into(),
+        Ok(image::ImageFormat::Gif) => "image/gif".into(),
+        _ => claimed,
+    }
+}
+
+fn multipart_error(e: axum::extract::multipart::MultipartError) -> OpenAiError {
+    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        OpenAiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            "the request body exceeds the configured limit",
+        )
+    } else {
+        OpenAiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_multipart",
+            format!("malformed multipart body: {}", e.body_text()),
+        )
+    }
+}
+
+/// `POST /v1/images/edits` (multipart: `image` or `image[]` up to 16 files, `mask`, fields).
+pub(crate) async fn edits(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    req: Request,
+) -> Result<Response, OpenAiError> {
+    let ctype = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    if !ctype.starts_with("multipart/form-data") {
+        return Err(OpenAiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_content_type",
+            "edits take multipart/form-data with `image` (or `image[]`) files",
+        ));
+    }
+    let request_id = idempotency_key(&headers)?;
+    let mut mp = Multipart::from_request(req, &state).await.map_err(|e| {
+        OpenAiError::new(StatusCode::BAD_REQUEST, "invalid_multipart", e.body_text())
+    })?;
+    let mut images: Vec<Part> = Vec::new();
+    let mut mask: Option<Part> = None;
+    let mut fields = Map::new();
+    while let Some(field) = mp.next_field().await.map_err(multipart_error)? {
+        let name = field.name().unwrap_or("").to_owned();
+        match name.as_str() {
+            "image" | "image[]" | "mask" => {
+                let claimed = field.content_type().map(str::to_owned);
+                let data = field.bytes().await.map_err(multipart_error)?;
+                let part = Part {
+                    content_type: sniff(&data, claimed.as_deref()),
+                    data,
+                };
+                if name == "mask" {
+                    mask = Some(part);
+                } else {
+                    if images.len() == MAX_IMAGES {
+                        return Err(OpenAiError::invalid(
+                            "image",
+                            format!("at most {MAX_IMAGES} images per edit"),
+                        ));
+                    }
+                    images.push(part);
+                }
+            }
+            _ => {
+                let v = field.text().await.map_err(multipart_error)?;
+                fields.insert(name, Value::String(v));
+            }
+        }
+    }
+    if images.is_empty() {
+        return Err(OpenAiError::invalid(
+            "image",
+            "`image` (or `image[]`) is required: one to 16 image files",
+        ));
+    }
+    let call = Call::parse(&state, &fields)?;
+    // The fingerprint identifies the call's content for idempotent repeats.
+    let mut fp = Sha256::new();
+    fp.update(serde_json::to_vec(&fields).unwrap_or_default());
+    for p in images.iter().chain(mask.iter()) {
+        fp.update(Sha256::digest(&p.data));
+    }
+    let fingerprint = hex::encode(fp.finalize());
+    // Compress the references (off the runtime, inside store_image) to the model's limits.
+    let (max_bytes, max_dim) = (
+        call.model.max_reference_bytes,
+        call.model.max_reference_dimension,
+    );
+    let stored = futures_util::future::try_join_all(images.into_iter().map(|p| {
+        let state = state.clone();
+        async move {
+            store_image(
+                &state,
+                p.data,
+                &p.content_type,
+                Some(max_bytes),
+                Some(max_dim),
+            )
+            .await
+        }
+    }))
+    .await?;
+    let ids: Vec<String> = stored.into_iter().map(|m| m.id).collect();
+    let mask_id = match mask {
+        Some(p) => Some(
+            store_image(&state, p.data, &p.content_type, None, None)
+                .await?
+                .id,
+        ),
+        None => None,
+    };
+    let (task_type, mut input) = call.task(Some((&ids, mask_id.as_deref())));
+    if request_id.is_some() {
+        input["fingerprint"] = fingerprint.into();
+    }
+    run(&state, &headers, &call, task_type, input, request_id).await
+}

@@ -1,0 +1,604 @@
+//! The client of an upstream OpenAI-compatible image API. Calls go through kiln-upload's
+//! pooled client under kiln-retry's policy: a call that may have reached the upstream is
+//! replayed only when an idempotency header is configured; 4xx answers are final (429
+//! waits for `Retry-After` within the deadline); every attempt is reported.
+
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::http::{HeaderValue, Method, Uri, header};
+use base64::Engine as _;
+use kiln_upload::{
+    AttemptError, Class, HttpRequest, Payload, RetryConfig, UploadClient, UploadConfig, UploadError,
+};
+use serde_json::{Map, Value, json};
+
+use super::config::{ProviderConfig, ResponseFormat};
+use super::fetch::{FetchError, FetchPolicy, fetch_image};
+
+/// An image sent to or received from the upstream.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Image {
+    /// The bytes.
+    pub data: Bytes,
+    /// MIME type.
+    pub content_type: String,
+}
+
+impl Image {
+    /// An image.
+    pub fn new(data: impl Into<Bytes>, content_type: impl Into<String>) -> Self {
+        Self {
+            data: data.into(),
+            content_type: content_type.into(),
+        }
+    }
+}
+
+/// One call: a generation (no references) or an edit.
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub struct Call {
+    /// The task it serves; the idempotency key is `kiln-<task_id>`.
+    pub task_id: String,
+    /// Fields sent upstream: `model`, `prompt`, `n`, `size`, `quality`, ... (as the task
+    /// input carries them; `operation`, `images`, `image`, `mask` and `fingerprint` are
+    /// not sent).
+    pub fields: Map<String, Value>,
+    /// Reference images; empty for a generation.
+    pub references: Vec<Image>,
+    /// The edit's mask.
+    pub mask: Option<Image>,
+    /// Time left before the task's deadline, when it has one.
+    pub time_left: Option<Duration>,
+}
+
+/// One attempt of the call, as recorded on the task.
+#[derive(Debug, Clone, serde::Serialize)]
+#[non_exhaustive]
+pub struct Attempt {
+    /// 1-based.
+    pub attempt: u32,
+    /// `not_sent`, `refused`, `maybe_processed`, `response`, `permanent`; none for success.
+    pub class: Option<&'static str>,
+    /// The upstream's status, when it answered.
+    pub status: Option<u16>,
+    /// The wait before the next attempt, ms.
+    pub delay_ms: Option<u64>,
+    /// What went wrong.
+    pub error: Option<String>,
+}
+
+/// What the upstream produced.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Output {
+    /// The images, in order.
+    pub images: Vec<Image>,
+    /// `revised_prompt` per image, when given.
+    pub revised_prompts: Vec<Option<String>>,
+    /// The upstream's `usage`, when given.
+    pub usage: Option<Value>,
+    /// Every attempt of the call.
+    pub attempts: Vec<Attempt>,
+}
+
+/// Why a call failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProviderError {
+    /// The upstream answered a final 4xx (403 included); its message is kept.
+    #[error("the upstream answered {status}: {message}")]
+    Rejected {
+        /// Status.
+        status: u16,
+        /// The upstream's message.
+        message: String,
+        /// Every attempt.
+        attempts: Vec<Attempt>,
+    },
+    /// 429 and no retry left within the deadline.
+    #[error("the upstream is rate limiting: {message}")]
+    RateLimited {
+        /// The upstream's message.
+        message: String,
+        /// Every attempt.
+        attempts: Vec<Attempt>,
+    },
+    /// Transport failures or 5xx, after the retries the policy allowed.
+    #[error("the upstream call failed: {message}")]
+    Failed {
+        /// What happened last.
+        message: String,
+        /// Whether the upstream may have processed the call (so it must not be resent).
+        maybe_processed: bool,
+        /// Every attempt.
+        attempts: Vec<Attempt>,
+    },
+    /// The upstream answered 2xx with something that is not an images response, or a
+    /// result image could not be fetched (SSRF refusal, size, type, timeout).
+    #[error("the upstream's result is unusable: {message}")]
+    BadResult {
+        /// What was wrong.
+        message: String,
+        /// Every attempt.
+        attempts: Vec<Attempt>,
+    },
+    /// The call could not be built (bad configuration or input).
+    #[error("invalid upstream call: {0}")]
+    Invalid(String),
+}
+
+impl ProviderError {
+    /// A stable code for the task error.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ProviderError::Rejected {
+                status: 400 | 422, ..
+            } => "upstream_rejected",
+            ProviderError::Rejected { .. } => "upstream_refused",
+            ProviderError::RateLimited { .. } => "upstream_rate_limited",
+            ProviderError::Failed { .. } => "upstream_failed",
+            ProviderError::BadResult { .. } => "upstream_bad_result",
+            ProviderError::Invalid(_) => "invalid_input",
+        }
+    }
+
+    /// Whether running the task again later is safe and may succeed: only when no attempt
+    /// can have reached the upstream.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            ProviderError::Failed {
+                maybe_processed, ..
+            } => !maybe_processed,
+            _ => false,
+        }
+    }
+
+    /// Every attempt of the call.
+    pub fn attempts(&self) -> &[Attempt] {
+        match self {
+            ProviderError::Rejected { attempts, .. }
+            | ProviderError::RateLimited { attempts, .. }
+            | ProviderError::Failed { attempts, .. }
+            | ProviderError::BadResult { attempts, .. } => attempts,
+            ProviderError::Invalid(_) => &[],
+        }
+    }
+}
+
+/// An upstream OpenAI-compatible image API.
+#[derive(Debug, Clone)]
+pub struct OpenAiCompatible {
+    name: String,
+    cfg: ProviderConfig,
+    base: String,
+    client: UploadClient,
+}
+
+/// Fields of the task input that are kiln's, not the upstream's.
+const NOT_SENT: &[&str] = &[
+    "operation",
+    "images",
+    "image",
+    "mask",
+    "fingerprint",
+    "width",
+    "height",
+];
+
+impl OpenAiCompatible {
+    /// A client for the provider `name`.
+    pub fn new(name: &str, cfg: ProviderConfig) -> Result<Self, ProviderError> {
+        let upload = UploadConfig {
+            connect_timeout: cfg.connect_timeout,
+            attempt_timeout: cfg.request_timeout.min(cfg.deadline),
+            retry: RetryConfig {
+                max_retries: cfg.max_retries,
+                initial_backoff: cfg.initial_backoff,
+                deadline: Some(cfg.deadline),
+                retry_statuses: cfg.retry_statuses.clone(),
+                ..RetryConfig::default()
+            },
+            // A b64_json answer carries all images of the call, each a third larger than
+            // its file.
+            max_response_bytes: cfg.max_download_bytes.saturating_mul(2),
+            ..UploadConfig::default()
+        };
+        let client =
+            UploadClient::new(upload).map_err(|e| ProviderError::Invalid(e.to_string()))?;
+        Ok(Self {
+            name: name.to_owned(),
+            base: cfg.base_url.trim_end_matches('/').to_owned(),
+            cfg,
+            client,
+        })
+    }
+
+    /// The provider's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn request(
+        &self,
+        path: &str,
+        body: Vec<u8>,
+        ctype: &str,
+        task_id: &str,
+    ) -> Result<HttpRequest, ProviderError> {
+        let uri: Uri = format!("{}{path}", self.base)
+            .parse()
+            .map_err(|e| ProviderError::Invalid(format!("bad base_url: {e}")))?;
+        let mut req = HttpRequest::new(Method::POST, uri, vec![Payload::from(body)]);
+        let hv =
+            |s: &str| HeaderValue::from_str(s).map_err(|e| ProviderError::Invalid(e.to_string()));
+        req.headers.insert(header::CONTENT_TYPE, hv(ctype)?);
+        req.headers
+            .insert(header::ACCEPT, HeaderValue::from_static("application/json"));
+        if let Some(key) = &self.cfg.api_key {
+            req.headers
+                .insert(header::AUTHORIZATION, hv(&format!("Bearer {key}"))?);
+        }
+        if !self.cfg.idempotency_header.is_empty() {
+            let name = header::HeaderName::from_bytes(self.cfg.idempotency_header.as_bytes())
+                .map_err(|e| ProviderError::Invalid(format!("bad idempotency_header: {e}")))?;
+            req.headers.insert(name, hv(&format!("kiln-{task_id}"))?);
+            req.idempotent = true;
+        } else {
+            req.idempotent = false;
+        }
+        Ok(req)
+    }
+
+    fn fields(&self, call: &Call) -> Map<String, Value> {
+        let mut f: Map<String, Value> = call
+            .fields
+            .iter()
+            .filter(|(k, _)| !NOT_SENT.contains(&k.as_str()))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let fmt = match self.cfg.response_format {
+            ResponseFormat::Url => "url",
+            _ => "b64_json",
+        };
+        f.insert("response_format".into(), fmt.into());
+        f
+    }
+
+    /// Runs the call: `POST /images/generations` (JSON) without references, otherwise
+    /// `POST /images/edits` (multipart with `image[]` parts and the mask).
+    pub async fn run(&self, call: &Call) -> Result<Output, ProviderError> {
+        let fields = self.fields(call);
+        let req = if call.references.is_empty() {
+            let body =
+                serde_json::to_vec(&fields).map_err(|e| ProviderError::Invalid(e.to_string()))?;
+            self.request(
+                "/images/generations",
+                body,
+                "application/json",
+                &call.task_id,
+            )?
+        } else {
+            let boundary = format!("kiln-{}", uuid::Uuid::new_v4().simple());
+            let body = multipart(&boundary, &fields, &call.references, call.mask.as_ref());
+            self.request(
+                "/images/edits",
+                body,
+                &format!("multipart/form-data; boundary={boundary}"),
+                &call.task_id,
+            )?
+        };
+        let limit = match call.time_left {
+            Some(t) => t.min(self.cfg.deadline),
+            None => self.cfg.deadline,
+        };
+        let sent = match tokio::time::timeout(limit, self.client.send(&self.name, req)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Err(failure(&e)),
+            Err(_) => {
+                return Err(ProviderError::Failed {
+                    message: format!(
+                        "the task's deadline ({} ms) passed during the call",
+                        limit.as_millis()
+                    ),
+                    maybe_processed: true,
+                    attempts: Vec::new(),
+                });
+            }
+        };
+        let attempts = log(&sent.attempts, None);
+        let bad = |message: String, attempts: &[Attempt]| ProviderError::BadResult {
+            message,
+            attempts: attempts.to_vec(),
+        };
+        let json: Value = serde_json::from_slice(&sent.body).map_err(|e| {
+            bad(
+                format!("the answer ({}) is not JSON: {e}", sent.content_type()),
+                &attempts,
+            )
+        })?;
+        let data = json["data"]
+            .as_array()
+            .filter(|d| !d.is_empty())
+            .ok_or_else(|| bad("the answer has no `data` images".into(), &attempts))?;
+        let policy = FetchPolicy {
+            allow_loopback: self.cfg.allow_loopback,
+            allow_private: self.cfg.allow_private,
+            timeout: self.cfg.download_timeout,
+            max_bytes: self.cfg.max_download_bytes,
+            auth: self
+                .cfg
+                .api_key
+                .as_ref()
+                .map(|k| (self.origin(), format!("Bearer {k}"))),
+        };
+        let mut images = Vec::with_capacity(data.len());
+        let mut revised = Vec::with_capacity(data.len());
+        for item in data {
+            let image = if let Some(b64) = item["b64_json"].as_str() {
+                if b64.len() / 4 * 3 > self.cfg.max_download_bytes {
+                    return Err(bad(
+                        "a b64_json image exceeds max_download_bytes".into(),
+                        &attempts,
+                    ));
+                }
+                let raw = base64::engine::general_purpose::STANDARD
+                    .decode(b64)
+                    .map_err(|e| bad(format!("b64_json is not base64: {e}"), &attempts))?;
+                let ct = match image::guess_format(&raw) {
+                    Ok(image::ImageFormat::Jpeg) => "image/jpeg",
+                    Ok(image::ImageFormat::WebP) => "image/webp",
+                    Ok(image::ImageFormat::Png) => "image/png",
+                    _ => {
+                        return Err(bad(
+                            "b64_json is not a PNG, JPEG or WebP image".into(),
+                            &attempts,
+                        ));
+                    }
+                };
+                Image::new(raw, ct)
+            } else if let Some(url) = item["url"].as_str() {
+                let url = self.absolute(url);
+                let (data, ct) = fetch_image(&url, &policy)
+                    .await
+                    .map_err(|e: FetchError| bad(e.to_string(), &attempts))?;
+                Image::new(data, ct)
+            } else {
+                return Err(bad(
+                    "a `data` item has neither b64_json nor url".into(),
+                    &attempts,
+                ));
+            };
+            images.push(image);
+            revised.push(item["revised_prompt"].as_str().map(str::to_owned));
+        }
+        Ok(Output {
+            images,
+            revised_prompts: revised,
+            usage: json.get("usage").filter(|u| u.is_object()).cloned(),
+            attempts,
+        })
+    }
+
+    /// `scheme://authority` of the base URL.
+    fn origin(&self) -> String {
+        self.base
+            .parse::<Uri>()
+            .ok()
+            .and_then(|u| Some(format!("{}://{}", u.scheme_str()?, u.authority()?)))
+            .unwrap_or_default()
+    }
+
+    /// A result URL relative to the upstream (`/v1/files/…`) made absolute.
+    fn absolute(&self, url: &str) -> String {
+        if url.starts_with('/') {
+            format!("{}{url}", self.origin())
+        } else {
+            url.to_owned()
+        }
+    }
+}
+
+fn multipart(
+    boundary: &str,
+    fields: &Map<String, Value>,
+    images: &[Image],
+    mask: Option<&Image>,
+) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (k, v) in fields {
+        let text = match v {
+            Value::String(s) => s.clone(),
+            Value::Null => continue,
+            other => other.to_string(),
+        };
+        out.extend_from_slice(
+            format!(
+                "--{boundary}\r\nContent-Disposition: form-data; name=\"{k}\"\r\n\r\n{text}\r\n"
+            )
+            .as_bytes(),
+        );
+    }
+    let field = if images.len() == 1 {
+        "image"
+    } else {
+        "image[]"
+    };
+    let parts = images
+        .iter()
+        .enumerate()
+        .map(|(i, img)| (field, format!("image{i}"), img))
+        .chain(mask.map(|m| ("mask", "mask".to_owned(), m)));
+    for (name, file, img) in parts {
+        let ext = img.content_type.rsplit('/').next().unwrap_or("bin");
+        out.extend_from_slice(
+            format!(
+                "--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"; filename=\"{file}.{ext}\"\r\nContent-Type: {}\r\n\r\n",
+                img.content_type
+            )
+            .as_bytes(),
+        );
+        out.extend_from_slice(&img.data);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+    out
+}
+
+fn log(attempts: &[kiln_retry::AttemptLog], last: Option<&AttemptError>) -> Vec<Attempt> {
+    let n = attempts.len();
+    attempts
+        .iter()
+        .enumerate()
+        .map(|(i, a)| Attempt {
+            attempt: a.attempt,
+            class: a.class.map(|c| c.as_str()),
+            status: a.class.and_then(|c| c.status()).or_else(|| {
+                if i + 1 == n {
+                    last.and_then(AttemptError::status)
+                } else {
+                    None
+                }
+            }),
+            delay_ms: a.delay.map(|d| d.as_millis() as u64),
+            error: a.error.clone(),
+        })
+        .collect()
+}
+
+/// The upstream's own message from an error body excerpt (`{"error":{"message":…}}`).
+fn upstream_message(excerpt: &str) -> String {
+    serde_json::from_str::<Value>(excerpt)
+        .ok()
+        .and_then(|v| {
+            v["error"]["message"]
+                .as_str()
+                .or_else(|| v["error"].as_str())
+                .or_else(|| v["message"].as_str())
+                .map(str::to_owned)
+        })
+        .unwrap_or_else(|| excerpt.to_owned())
+}
+
+fn failure(e: &UploadError) -> ProviderError {
+    let last = e.last_attempt_error();
+    let mut attempts = log(e.attempts(), last);
+    // Why retrying stopped, on the last attempt.
+    if let (UploadError::Failed { error, .. }, Some(a)) = (e, attempts.last_mut()) {
+        a.error = Some(format!(
+            "{}; stopped: {} ({})",
+            a.error.as_deref().unwrap_or("failed"),
+            error.reason.as_str(),
+            error.detail
+        ));
+    }
+    let maybe = e
+        .attempts()
+        .iter()
+        .any(|a| !matches!(a.class, Some(Class::NotSent | Class::Refused)));
+    match last {
+        Some(AttemptError::Status {
+            status, excerpt, ..
+        }) => {
+            let message = upstream_message(excerpt);
+            match *status {
+                429 => ProviderError::RateLimited { message, attempts },
+                s @ 400..=499 if s != 408 => ProviderError::Rejected {
+                    status: s,
+                    message,
+                    attempts,
+                },
+                s => ProviderError::Failed {
+                    message: format!("HTTP {s}: {message}"),
+                    maybe_processed: maybe,
+                    attempts,
+                },
+            }
+        }
+        Some(AttemptError::Unexpected { .. } | AttemptError::ResponseTooLarge { .. }) => {
+            ProviderError::BadResult {
+                message: e.to_string(),
+                attempts,
+            }
+        }
+        _ => match e {
+            UploadError::Failed { .. } => ProviderError::Failed {
+                message: e.to_string(),
+                maybe_processed: maybe,
+                attempts,
+            },
+            other => ProviderError::Invalid(other.to_string()),
+        },
+    }
+}
+
+/// A short text of the attempt log for the task's error message.
+pub fn summary(attempts: &[Attempt]) -> String {
+    attempts
+        .iter()
+        .map(|a| {
+            let what = match (a.class, a.status) {
+                (_, Some(s)) => format!("HTTP {s}"),
+                (Some(c), None) => c.to_owned(),
+                (None, None) => "ok".to_owned(),
+            };
+            let stop = a
+                .error
+                .as_deref()
+                .and_then(|e| e.split_once("; stopped: "))
+                .map(|(_, s)| format!(", stopped: {s}"))
+                .unwrap_or_default();
+            match a.delay_ms {
+                Some(d) => format!("#{} {what}, then waited {d} ms", a.attempt),
+                None => format!("#{} {what}{stop}", a.attempt),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// The attempt log as JSON, for the task output.
+pub fn attempts_json(attempts: &[Attempt]) -> Value {
+    json!(attempts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstream_messages_are_extracted() {
+        assert_eq!(
+            upstream_message(r#"{"error":{"message":"quota exceeded","type":"x"}}"#),
+            "quota exceeded"
+        );
+        assert_eq!(
+            upstream_message("<html>forbidden</html>"),
+            "<html>forbidden</html>"
+        );
+    }
+
+    #[test]
+    fn multipart_has_fields_and_image_parts() {
+        let mut f = Map::new();
+        f.insert("prompt".into(), "a cat".into());
+        f.insert("n".into(), 2.into());
+        let imgs = [
+            Image::new(&b"AAA"[..], "image/png"),
+            Image::new(&b"BBB"[..], "image/jpeg"),
+        ];
+        let body = String::from_utf8(multipart("XX", &f, &imgs, None)).unwrap();
+        assert!(body.contains("name=\"prompt\"\r\n\r\na cat\r\n"));
+        assert!(body.contains("name=\"n\"\r\n\r\n2\r\n"));
+        assert_eq!(body.matches("name=\"image[]\"").count(), 2);
+        assert!(
+            body.contains("filename=\"image1.jpeg\"\r\nContent-Type: image/jpeg\r\n\r\nBBB\r\n")
+        );
+        assert!(body.ends_with("--XX--\r\n"));
+        let one = String::from_utf8(multipart("XX", &f, &imgs[..1], Some(&imgs[0]))).unwrap();
+        assert!(one.contains("name=\"image\"; filename"));
+        assert!(one.contains("name=\"mask\"; filename"));
+    }
+}

@@ -1,0 +1,305 @@
+//! Reliability with scaled timers (heartbeat 0.5 s, lease 3 s): a worker process killed with
+//! SIGKILL mid-task and restarted has the task again within 1 s of its hello and finishes it
+//! once; a TCP connection cut for 2 s with the worker alive causes no redelivery, and a
+//! cancel sent meanwhile is replayed when the session resumes.
+//!
+//! The killed worker is a real child process: this test binary run again with
+//! `--ignored --exact child_worker` and the `KILN_TEST_CHILD_*` variables set.
+
+#![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
+#![allow(clippy::result_large_err)] // the callback signature is tungstenite's
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use kiln_broker::{Broker, BrokerConfig, NewTask};
+use kiln_protocol::TaskState;
+use kiln_worker::{TaskContext, TaskError, Worker, WorkerConfig};
+use serde_json::json;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio_tungstenite::tungstenite::{self, handshake::server};
+
+/// A minimal gateway: accepts kiln.v1 WebSockets on `listener` and hands them to the broker.
+fn serve(broker: Arc<Broker>, listener: TcpListener) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut conns = tokio::task::JoinSet::new();
+        while let Ok((tcp, _)) = listener.accept().await {
+            let broker = broker.clone();
+            conns.spawn(async move {
+                let cb = |_req: &server::Request, mut resp: server::Response| {
+                    resp.headers_mut()
+                        .insert("Sec-WebSocket-Protocol", "kiln.v1".parse().unwrap());
+                    Ok(resp)
+                };
+                let Ok(ws) = tokio_tungstenite::accept_hdr_async(tcp, cb).await else {
+                    return;
+                };
+                let (tx, rx) = ws.split();
+                let frames = Box::pin(rx.filter_map(|m| async move {
+                    match m {
+                        Ok(tungstenite::Message::Text(t)) => {
+                            Some(Ok::<_, tungstenite::Error>(t.to_string()))
+                        }
+                        Ok(_) => None,
+                        Err(e) => Some(Err(e)),
+                    }
+                }));
+                let mut sink = Box::pin(tx.with(|s: String| async move {
+                    Ok::<_, tungstenite::Error>(tungstenite::Message::Text(s.into()))
+                }));
+                let _end = broker.serve_session(frames, &mut sink).await;
+                let _ = sink.close().await;
+            });
+        }
+    })
+}
+
+fn cfg() -> BrokerConfig {
+    BrokerConfig {
+        heartbeat: Duration::from_millis(500),
+        lease: Duration::from_secs(3),
+        dead_after: Duration::from_millis(1500),
+        sweep_interval: Duration::from_millis(100),
+        ..Default::default()
+    }
+}
+
+fn worker_config(url: String, dir: &Path) -> WorkerConfig {
+    let mut wc = WorkerConfig {
+        url,
+        state_dir: dir.to_path_buf(),
+        slots: 1,
+        ..Default::default()
+    };
+    wc.reconnect.initial_backoff = Duration::from_millis(50);
+    wc.reconnect.max_backoff = Duration::from_millis(200);
+    wc
+}
+
+async fn submit(b: &Broker, task_type: &str, input: serde_json::Value) -> String {
+    let nt = NewTask {
+        task_type: task_type.into(),
+        input,
+        ..Default::default()
+    };
+    b.submit(nt).await.unwrap().0.id
+}
+
+async fn wait_for<F: Fn() -> bool>(what: &str, secs: u64, f: F) {
+    let until = Instant::now() + Duration::from_secs(secs);
+    while !f() {
+        assert!(Instant::now() < until, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn state(b: &Broker, id: &str) -> TaskState {
+    b.queue().get(id).await.unwrap().unwrap().state
+}
+
+/// Entry point of the worker child process (does nothing in a normal test run).
+#[test]
+#[ignore = "entry point of the worker child process of worker_sigkill_mid_task_is_reassigned_on_restart"]
+fn child_worker() {
+    let (Ok(url), Ok(dir), Ok(log)) = (
+        std::env::var("KILN_TEST_CHILD_URL"),
+        std::env::var("KILN_TEST_CHILD_DIR"),
+        std::env::var("KILN_TEST_CHILD_LOG"),
+    ) else {
+        return;
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let w = Worker::new(worker_config(url, Path::new(&dir))).handler(
+        "slow",
+        move |ctx: TaskContext| {
+            let log = log.clone();
+            async move {
+                let line = |s: String| {
+                    let mut f = std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(&log)
+                        .unwrap();
+                    writeln!(f, "{s}").unwrap();
+                };
+                line(format!("start {} {}", ctx.task_id, ctx.attempt));
+                tokio::time::sleep(Duration::from_millis(ctx.input["ms"].as_u64().unwrap_or(0)))
+                    .await;
+                line(format!("done {} {}", ctx.task_id, ctx.attempt));
+                Ok::<_, TaskError>(json!({"slept": true}))
+            }
+        },
+    );
+    rt.block_on(w.run()).unwrap();
+}
+
+fn spawn_child(url: &str, dir: &Path, log: &Path) -> Child {
+    Command::new(std::env::current_exe().unwrap())
+        .args(["--ignored", "--exact", "child_worker", "--nocapture"])
+        .env("KILN_TEST_CHILD_URL", url)
+        .env("KILN_TEST_CHILD_DIR", dir)
+        .env("KILN_TEST_CHILD_LOG", log)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+fn log_lines(log: &PathBuf, prefix: &str) -> usize {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.starts_with(prefix))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_sigkill_mid_task_is_reassigned_on_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::open(&dir.path().join("queue.sqlite"), cfg()).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("ws://{}/", listener.local_addr().unwrap());
+    let _server = serve(broker.clone(), listener);
+    let (state_dir, log) = (dir.path().join("w"), dir.path().join("runs.log"));
+    let id = submit(&broker, "slow", json!({"ms": 1500})).await;
+
+    let mut first = spawn_child(&url, &state_dir, &log);
+    wait_for("the first start", 30, || log_lines(&log, "start") == 1).await;
+    let boot1 = broker.workers()[0].boot_id.clone();
+    first.kill().unwrap(); // SIGKILL
+    first.wait().unwrap();
+    assert_eq!(
+        state(&broker, &id).await,
+        TaskState::Running,
+        "the lease is still held"
+    );
+
+    let mut second = spawn_child(&url, &state_dir, &log);
+    let b = broker.clone();
+    wait_for("the restarted worker's hello", 30, move || {
+        b.workers()
+            .iter()
+            .any(|w| w.connected && w.boot_id != boot1)
+    })
+    .await;
+    let hello = Instant::now();
+    wait_for("the second start", 5, || log_lines(&log, "start") == 2).await;
+    let reassigned = hello.elapsed();
+    assert!(
+        reassigned <= Duration::from_secs(1),
+        "reassigned {reassigned:?} after hello"
+    );
+    let until = Instant::now() + Duration::from_secs(10);
+    while state(&broker, &id).await != TaskState::Succeeded {
+        assert!(Instant::now() < until, "the task did not finish");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    second.kill().unwrap();
+    second.wait().unwrap();
+    assert_eq!(log_lines(&log, "done"), 1, "finished exactly once");
+    // A restart releases the lease without spending the attempt: the rerun is attempt 1
+    // again, and its record replaces the killed one.
+    let attempts = broker.queue().attempts(&id).await.unwrap();
+    assert_eq!(attempts.len(), 1);
+    assert!(attempts[0].ended_at.is_some() && attempts[0].error.is_none());
+}
+
+/// A TCP proxy whose connections can be cut (and new ones refused) while `cut` is true.
+fn proxy(listener: TcpListener, upstream: std::net::SocketAddr, cut: watch::Receiver<bool>) {
+    tokio::spawn(async move {
+        while let Ok((mut down, _)) = listener.accept().await {
+            if *cut.borrow() {
+                drop(down);
+                continue;
+            }
+            let mut cut = cut.clone();
+            tokio::spawn(async move {
+                let Ok(mut up) = TcpStream::connect(upstream).await else {
+                    return;
+                };
+                tokio::select! {
+                    _ = tokio::io::copy_bidirectional(&mut down, &mut up) => {}
+                    _ = cut.wait_for(|c| *c) => {}
+                }
+            });
+        }
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_cut_for_2s_resumes_without_redelivery_and_replays_cancel() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::open(&dir.path().join("queue.sqlite"), cfg()).unwrap();
+    let gw = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let gw_addr = gw.local_addr().unwrap();
+    let _server = serve(broker.clone(), gw);
+    let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("ws://{}/", front.local_addr().unwrap());
+    let (cut_tx, cut_rx) = watch::channel(false);
+    proxy(front, gw_addr, cut_rx);
+
+    let runs = Arc::new(AtomicU32::new(0));
+    let r = runs.clone();
+    let w = Worker::new(worker_config(url, &dir.path().join("w"))).handler(
+        "wait",
+        move |ctx: TaskContext| {
+            let r = r.clone();
+            async move {
+                r.fetch_add(1, Ordering::SeqCst);
+                match tokio::time::timeout(Duration::from_secs(20), ctx.cancelled()).await {
+                    Ok(()) => Err(TaskError {
+                        code: "cancelled".into(),
+                        message: "stopped on request".into(),
+                        retryable: false,
+                    }),
+                    Err(_) => Ok(json!("not cancelled")),
+                }
+            }
+        },
+    );
+    let handle = w.handle();
+    tokio::spawn(w.run());
+
+    let id = submit(&broker, "wait", json!({})).await;
+    let r = runs.clone();
+    wait_for("the task to start", 10, move || {
+        r.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    let session = broker.workers()[0].session.clone();
+
+    cut_tx.send(true).unwrap();
+    let b = broker.clone();
+    wait_for("the broker to see the drop", 5, move || {
+        !b.workers()[0].connected
+    })
+    .await;
+    // Cancel while the worker cannot hear it: kept for the resumed session.
+    assert!(matches!(
+        broker.cancel(&id).await.unwrap(),
+        kiln_broker::CancelOutcome::SignalWorker { .. }
+    ));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    cut_tx.send(false).unwrap();
+
+    let until = Instant::now() + Duration::from_secs(10);
+    while state(&broker, &id).await != TaskState::Canceled {
+        assert!(
+            Instant::now() < until,
+            "the replayed cancel did not stop the task"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let w = &broker.workers()[0];
+    assert!(w.connected);
+    assert_eq!(w.session, session, "the session was resumed, not replaced");
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "no redelivery");
+    assert_eq!(broker.queue().attempts(&id).await.unwrap().len(), 1);
+    handle.shutdown();
+}
