@@ -114,7 +114,8 @@ impl AppState {
             tokens.extend(extra.iter().cloned());
         }
         let worker_tokens = SecretSet::from_hashes(&tokens)?;
-        let files = FileStorage::open(&config).await?;
+        let metrics = Metrics::new();
+        let files = FileStorage::open(&config, &metrics).await?;
         let limiter = auth::RateLimiter::new(config.rate_limit_per_minute, config.rate_limit_burst);
         let (shutdown, _) = watch::channel(false);
         let events = broker.subscribe();
@@ -123,7 +124,7 @@ impl AppState {
                 config,
                 broker,
                 files,
-                metrics: Metrics::new(),
+                metrics,
                 images: images::ImagePrep::default(),
                 api_keys,
                 worker_tokens,

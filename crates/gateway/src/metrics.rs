@@ -27,7 +27,7 @@ pub struct Metrics {
     pub run_time: Histogram,
     /// Tasks submitted, by type.
     pub submitted: Family<Labels, Counter>,
-    /// Retries of outbound calls, by class.
+    /// Retries of outbound calls (the S3 file storage's requests), by class.
     pub retries: Family<Labels, Counter>,
     /// Bytes accepted by `POST /v1/files`.
     pub bytes_uploaded: Counter,

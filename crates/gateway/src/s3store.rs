@@ -4,15 +4,32 @@
 //! Downloads stream in ranged GETs of `download_chunk_bytes` and are checked against the
 //! stored SHA-256 at the end.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::StreamExt as _;
-use kiln_upload::{Payload, S3, UploadClient, UploadFile};
+use kiln_upload::{MetricEvent, MetricsHook, Payload, S3, UploadClient, UploadFile};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use sha2::{Digest, Sha256};
 
+use crate::Metrics;
 use crate::storage::{ContentStream, StorageConfig, StorageError};
 use crate::store::{FileMeta, valid_file_id};
+
+/// Counts the S3 client's retries in the gateway's `kiln_retries_total{class}`.
+struct RetryMetrics(Family<Vec<(&'static str, String)>, Counter>);
+
+impl MetricsHook for RetryMetrics {
+    fn record(&self, event: MetricEvent) {
+        if let MetricEvent::Retry { class, .. } = event {
+            self.0
+                .get_or_create(&vec![("class", class.as_str().to_owned())])
+                .inc();
+        }
+    }
+}
 
 /// Name of the object `/readyz` writes and removes.
 const PROBE: &str = ".kiln-ready-probe";
@@ -28,9 +45,9 @@ pub struct S3Store {
 }
 
 impl S3Store {
-    /// Checks the settings, builds the client and, with `create_bucket`, creates the
-    /// bucket.
-    pub async fn open(cfg: &StorageConfig) -> Result<Self, StorageError> {
+    /// Checks the settings, builds the client (its retries counted in `metrics`) and, with
+    /// `create_bucket`, creates the bucket.
+    pub async fn open(cfg: &StorageConfig, metrics: &Metrics) -> Result<Self, StorageError> {
         let s3 = cfg.s3.clone().ok_or_else(|| {
             StorageError::Config("backend s3 needs the bucket settings (storage.s3)".into())
         })?;
@@ -46,7 +63,8 @@ impl S3Store {
         let target = S3::new(s3)
             .map_err(|e| StorageError::Config(e.to_string()))?
             .named("s3-files");
-        let client = UploadClient::new(cfg.client.clone())
+        let hook = Arc::new(RetryMetrics(metrics.retries.clone()));
+        let client = UploadClient::with_metrics(cfg.client.clone(), hook)
             .map_err(|e| StorageError::Config(e.to_string()))?;
         if cfg.create_bucket {
             target.create_bucket(&client).await?;

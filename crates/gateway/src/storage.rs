@@ -11,9 +11,9 @@ use futures_util::StreamExt as _;
 use futures_util::stream::BoxStream;
 use serde::Deserialize;
 
-use crate::GatewayConfig;
 use crate::s3store::S3Store;
 use crate::store::{FileMeta, FileStore};
+use crate::{GatewayConfig, Metrics};
 
 /// Which storage backend holds the files.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -123,11 +123,13 @@ pub enum FileStorage {
 
 impl FileStorage {
     /// Opens the backend `config.storage` names (creating the directory, or checking the S3
-    /// settings and creating the bucket when asked).
-    pub async fn open(config: &GatewayConfig) -> Result<Self, StorageError> {
+    /// settings and creating the bucket when asked). S3 retries are counted in `metrics`.
+    pub async fn open(config: &GatewayConfig, metrics: &Metrics) -> Result<Self, StorageError> {
         match config.storage.backend {
             StorageBackend::Local => Ok(Self::Local(FileStore::open(&config.files_dir).await?)),
-            StorageBackend::S3 => Ok(Self::S3(Box::new(S3Store::open(&config.storage).await?))),
+            StorageBackend::S3 => Ok(Self::S3(Box::new(
+                S3Store::open(&config.storage, metrics).await?,
+            ))),
         }
     }
 

@@ -318,4 +318,35 @@ async fn missing_bucket_is_not_ready() {
     .await;
     assert!(r.status.is_server_error(), "{:?}", r.status);
     assert!(r.json()["error"]["code"].is_string());
+
+    // Nothing listens at the endpoint: connects fail (never sent), are retried and counted,
+    // readiness says why, and an upload is a retryable 503.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let mut cfg = storage(&moto, "kiln-files", false);
+    if let Some(s3) = cfg.s3.as_mut() {
+        s3.endpoint = format!("http://127.0.0.1:{port}");
+    }
+    let (_state, mut app) = gateway(cfg).await;
+    let ready = call(&mut app, "GET", "/readyz", None, vec![]).await;
+    assert_eq!(ready.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(ready.json()["storage"]["error"].is_string());
+    let r = call(
+        &mut app,
+        "POST",
+        "/v1/files",
+        Some("image/png"),
+        noise_png(8, 8, 4),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{:?}", r.json());
+    assert_eq!(r.json()["error"]["retryable"], true);
+    let metrics = call(&mut app, "GET", "/metrics", None, vec![]).await;
+    let text = String::from_utf8_lossy(metrics.bytes()).into_owned();
+    // Two retries for the probe's PUT, two for the upload's.
+    assert!(
+        text.contains("kiln_retries_total{class=\"not_sent\"} 4"),
+        "{text}"
+    );
 }
