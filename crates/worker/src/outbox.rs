@@ -47,6 +47,19 @@ impl Outbox {
         let _ = tokio::fs::remove_file(self.path(lease)).await;
     }
 
+    /// Whether no result waits for its `result_ack`.
+    pub(crate) async fn is_empty(&self) -> bool {
+        let Ok(mut rd) = tokio::fs::read_dir(&self.dir).await else {
+            return true;
+        };
+        while let Ok(Some(e)) = rd.next_entry().await {
+            if e.path().extension().is_some_and(|x| x == "json") {
+                return false;
+            }
+        }
+        true
+    }
+
     pub(crate) async fn all(&self) -> Vec<Entry> {
         let mut out = Vec::new();
         let Ok(mut rd) = tokio::fs::read_dir(&self.dir).await else {

@@ -37,8 +37,8 @@ pub struct WorkerConfig {
     pub reconnect: RetryConfig,
     /// A connection up this long resets the backoff. Default: 60 s.
     pub reset_after: Duration,
-    /// On shutdown or drain, wait this long for running tasks before releasing them.
-    /// Default: 30 s.
+    /// On shutdown or drain, wait this long for running tasks (and for the `result_ack` of
+    /// finished ones) before releasing what still runs. Default: 30 s.
     pub shutdown_grace: Duration,
 }
 
@@ -468,7 +468,9 @@ impl Conn<'_> {
                 let running = lock(self.state).running.len();
                 let grace_over =
                     drain_started.is_some_and(|t| t.elapsed() >= self.w.cfg.shutdown_grace);
-                if running == 0 || grace_over {
+                // Finished results wait for their `result_ack` too (within the grace period),
+                // so a graceful stop leaves nothing in the outbox to resend.
+                if grace_over || (running == 0 && self.outbox.is_empty().await) {
                     let leases: Vec<String> = lock(self.state)
                         .running
                         .drain()
