@@ -60,5 +60,5 @@ pub use config::BrokerConfig;
 pub use model::*;
 #[cfg(feature = "postgres")]
 pub use postgres::{PostgresOptions, PostgresQueue};
-pub use queue::{Notification, Notifications, Queue, QueueFuture, QueueOptions, Sweep};
+pub use queue::{Ending, Notification, Notifications, Queue, QueueFuture, QueueOptions, Sweep};
 pub use sqlite::{SqliteExecutor, SqliteOptions, SqliteQueue};

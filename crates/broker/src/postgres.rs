@@ -986,32 +986,13 @@ impl Queue for PostgresQueue {
         Box::pin(self.progress_(lease, progress, now))
     }
 
-    fn complete<'a>(
+    fn finish<'a>(
         &'a self,
         lease: &'a str,
-        completion: Completion,
+        ending: Ending,
         now: u64,
     ) -> QueueFuture<'a, CompleteOutcome> {
-        Box::pin(self.end_attempt(lease, Ending::Done(completion), now))
-    }
-
-    fn fail<'a>(
-        &'a self,
-        lease: &'a str,
-        error: TaskError,
-        retry_at: u64,
-        now: u64,
-    ) -> QueueFuture<'a, CompleteOutcome> {
-        Box::pin(self.end_attempt(lease, Ending::Fail { error, retry_at }, now))
-    }
-
-    fn dead_letter<'a>(
-        &'a self,
-        lease: &'a str,
-        error: TaskError,
-        now: u64,
-    ) -> QueueFuture<'a, CompleteOutcome> {
-        Box::pin(self.end_attempt(lease, Ending::Dead(error), now))
+        Box::pin(self.end_attempt(lease, ending, now))
     }
 
     fn release<'a>(

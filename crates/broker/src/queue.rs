@@ -113,6 +113,15 @@ pub trait Queue: Send + Sync + std::fmt::Debug + 'static {
         now: u64,
     ) -> QueueFuture<'a, Option<String>>;
 
+    /// Ends the attempt holding `lease` as `ending` says (compare-and-set on the lease). The
+    /// one method behind [`Queue::complete`], [`Queue::fail`] and [`Queue::dead_letter`].
+    fn finish<'a>(
+        &'a self,
+        lease: &'a str,
+        ending: Ending,
+        now: u64,
+    ) -> QueueFuture<'a, CompleteOutcome>;
+
     /// Ends the attempt holding `lease`. A retryable error requeues the task after the
     /// store's backoff (see [`QueueOptions::retry_at`]) while attempts remain.
     fn complete<'a>(
@@ -120,7 +129,9 @@ pub trait Queue: Send + Sync + std::fmt::Debug + 'static {
         lease: &'a str,
         completion: Completion,
         now: u64,
-    ) -> QueueFuture<'a, CompleteOutcome>;
+    ) -> QueueFuture<'a, CompleteOutcome> {
+        self.finish(lease, Ending::Done(completion), now)
+    }
 
     /// Ends the attempt holding `lease` with `error`. A retryable error with attempts left
     /// (and no cancel requested) queues the task again, runnable from `retry_at`; otherwise
@@ -131,7 +142,9 @@ pub trait Queue: Send + Sync + std::fmt::Debug + 'static {
         error: TaskError,
         retry_at: u64,
         now: u64,
-    ) -> QueueFuture<'a, CompleteOutcome>;
+    ) -> QueueFuture<'a, CompleteOutcome> {
+        self.finish(lease, Ending::Fail { error, retry_at }, now)
+    }
 
     /// Fails the attempt holding `lease` for good and marks the task dead-lettered,
     /// whatever attempts remain (a poison task).
@@ -140,7 +153,9 @@ pub trait Queue: Send + Sync + std::fmt::Debug + 'static {
         lease: &'a str,
         error: TaskError,
         now: u64,
-    ) -> QueueFuture<'a, CompleteOutcome>;
+    ) -> QueueFuture<'a, CompleteOutcome> {
+        self.finish(lease, Ending::Dead(error), now)
+    }
 
     /// Gives a lease back: the task is queued again at once and the attempt does not count.
     /// `None` when the lease is not current.
@@ -216,13 +231,19 @@ pub trait Queue: Send + Sync + std::fmt::Debug + 'static {
     }
 }
 
-/// How an attempt ends, before the store applies it (shared by the backends).
-#[derive(Debug)]
-pub(crate) enum Ending {
+/// How an attempt ends, before the store applies it (see [`Queue::finish`]).
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum Ending {
     /// A worker's result.
     Done(Completion),
     /// A failure with an explicit retry time.
-    Fail { error: TaskError, retry_at: u64 },
+    Fail {
+        /// What went wrong.
+        error: TaskError,
+        /// When the task may run again (if it is retried), Unix ms.
+        retry_at: u64,
+    },
     /// A failure that dead-letters the task whatever attempts remain.
     Dead(TaskError),
 }

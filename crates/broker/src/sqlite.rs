@@ -956,35 +956,14 @@ impl Queue for SqliteQueue {
         self.call(move |db| db.progress(&l, progress, now))
     }
 
-    fn complete<'a>(
+    fn finish<'a>(
         &'a self,
         lease: &'a str,
-        completion: Completion,
+        ending: Ending,
         now: u64,
     ) -> QueueFuture<'a, CompleteOutcome> {
         let l = lease.to_owned();
-        self.call(move |db| db.end_attempt(&l, Ending::Done(completion), now))
-    }
-
-    fn fail<'a>(
-        &'a self,
-        lease: &'a str,
-        error: TaskError,
-        retry_at: u64,
-        now: u64,
-    ) -> QueueFuture<'a, CompleteOutcome> {
-        let l = lease.to_owned();
-        self.call(move |db| db.end_attempt(&l, Ending::Fail { error, retry_at }, now))
-    }
-
-    fn dead_letter<'a>(
-        &'a self,
-        lease: &'a str,
-        error: TaskError,
-        now: u64,
-    ) -> QueueFuture<'a, CompleteOutcome> {
-        let l = lease.to_owned();
-        self.call(move |db| db.end_attempt(&l, Ending::Dead(error), now))
+        self.call(move |db| db.end_attempt(&l, ending, now))
     }
 
     fn release<'a>(

@@ -472,7 +472,7 @@ impl RedisQueue {
                     Some(task),
                 ));
             }
-            let d = clone_ending(&ending).decide(&task, &self.opts.queue, now);
+            let d = ending.clone().decide(&task, &self.opts.queue, now);
             let err_json = d.error.as_ref().map(|e| serde_json::json!(e).to_string());
             let args = vec![
                 lease.to_owned(),
@@ -523,17 +523,6 @@ fn refused(reason: &str, task: Option<Task>) -> CompleteOutcome {
         accepted: false,
         reason: Some(reason.into()),
         task,
-    }
-}
-
-fn clone_ending(e: &Ending) -> Ending {
-    match e {
-        Ending::Done(c) => Ending::Done(c.clone()),
-        Ending::Fail { error, retry_at } => Ending::Fail {
-            error: error.clone(),
-            retry_at: *retry_at,
-        },
-        Ending::Dead(err) => Ending::Dead(err.clone()),
     }
 }
 
@@ -629,32 +618,13 @@ impl Queue for RedisQueue {
         })
     }
 
-    fn complete<'a>(
+    fn finish<'a>(
         &'a self,
         lease: &'a str,
-        completion: Completion,
+        ending: Ending,
         now: u64,
     ) -> QueueFuture<'a, CompleteOutcome> {
-        Box::pin(self.end_attempt(lease, Ending::Done(completion), now))
-    }
-
-    fn fail<'a>(
-        &'a self,
-        lease: &'a str,
-        error: TaskError,
-        retry_at: u64,
-        now: u64,
-    ) -> QueueFuture<'a, CompleteOutcome> {
-        Box::pin(self.end_attempt(lease, Ending::Fail { error, retry_at }, now))
-    }
-
-    fn dead_letter<'a>(
-        &'a self,
-        lease: &'a str,
-        error: TaskError,
-        now: u64,
-    ) -> QueueFuture<'a, CompleteOutcome> {
-        Box::pin(self.end_attempt(lease, Ending::Dead(error), now))
+        Box::pin(self.end_attempt(lease, ending, now))
     }
 
     fn release<'a>(
