@@ -2,7 +2,7 @@
 
 #![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
 
-#[path = "../../../crates/gateway/tests/support/moto.rs"]
+#[path = "../../../crates/upload/tests/support/moto.rs"]
 mod moto;
 mod support;
 

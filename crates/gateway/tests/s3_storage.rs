@@ -3,7 +3,7 @@
 //! store instance, delete, readiness, and damaged objects detected on download.
 #![allow(clippy::unwrap_used)]
 
-#[path = "support/moto.rs"]
+#[path = "../../upload/tests/support/moto.rs"]
 mod moto;
 
 use std::time::Duration;

@@ -5,63 +5,15 @@
 // Helpers outside #[test] functions unwrap too: a failed setup step should panic.
 #![allow(clippy::unwrap_used)]
 
+#[path = "support/moto.rs"]
+mod moto;
 mod support;
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use kiln_upload::{Payload, S3, S3Config, UploadConfig, UploadFile};
-use support::{client, free_port, wait_port};
-
-struct Moto {
-    child: Child,
-    port: u16,
-}
-
-impl Moto {
-    fn start() -> Option<Self> {
-        let bin = std::env::var_os("KILN_MOTO_SERVER")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| {
-                PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                    .join("../../target/.venv-s3/bin/moto_server")
-            });
-        if !bin.exists() {
-            assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "{} not found: CI must run the S3 tests (scripts/prepare.sh installs moto)",
-                bin.display()
-            );
-            eprintln!(
-                "notice: {} not found; skipping S3 tests (run scripts/prepare.sh)",
-                bin.display()
-            );
-            return None;
-        }
-        let port = free_port();
-        let child = Command::new(bin)
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let m = Moto { child, port };
-        assert!(
-            wait_port(port, Duration::from_secs(30)),
-            "moto did not start"
-        );
-        Some(m)
-    }
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use moto::Moto;
+use support::client;
 
 fn s3(port: u16, threshold: u64) -> S3 {
     S3::new(S3Config {

@@ -1,7 +1,8 @@
 //! A moto S3 server on a free 127.0.0.1 port, stopped by pid on drop. The binary comes from
 //! the venv `scripts/prepare.sh` creates (`target/.venv-s3`), or `KILN_MOTO_SERVER`.
 //! Without it, tests print a notice and skip — except under `CI=true`, where they fail.
-// Shared by kiln-gateway's and kiln's tests (`#[path]`), so not every helper is used by both.
+// Shared by kiln-upload's, kiln-gateway's and kiln's tests (`#[path]`), so not every helper
+// is used by each.
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
 
 use std::net::{TcpListener, TcpStream};
@@ -30,7 +31,7 @@ impl Moto {
                 bin.display()
             );
             eprintln!(
-                "notice: {} not found; skipping S3 storage tests (run scripts/prepare.sh)",
+                "notice: {} not found; skipping the S3 tests (run scripts/prepare.sh)",
                 bin.display()
             );
             return None;
