@@ -113,6 +113,31 @@ pub struct CompleteOutcome {
     pub task: Option<Task>,
 }
 
+impl CompleteOutcome {
+    /// No attempt ever had this lease.
+    pub(crate) fn unknown_lease() -> Self {
+        Self::refused("unknown lease".into(), None)
+    }
+
+    /// The lease belonged to an earlier attempt of its task.
+    pub(crate) fn stale_lease() -> Self {
+        Self::refused("stale lease: the attempt is no longer current".into(), None)
+    }
+
+    /// The lease is current but the task no longer runs.
+    pub(crate) fn not_running(task: Task) -> Self {
+        Self::refused(format!("task is {}", task.state.as_str()), Some(task))
+    }
+
+    fn refused(reason: String, task: Option<Task>) -> Self {
+        Self {
+            accepted: false,
+            reason: Some(reason),
+            task,
+        }
+    }
+}
+
 /// The answer to a cancel.
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]

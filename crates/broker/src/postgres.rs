@@ -596,23 +596,14 @@ impl PostgresQueue {
                 .rows("SELECT 1 FROM {s}.attempts WHERE lease = $1", &[&lease])
                 .await?
                 .is_empty();
-            let reason = if known {
-                "stale lease: the attempt is no longer current"
+            return Ok(if known {
+                CompleteOutcome::stale_lease()
             } else {
-                "unknown lease"
-            };
-            return Ok(CompleteOutcome {
-                accepted: false,
-                reason: Some(reason.into()),
-                task: None,
+                CompleteOutcome::unknown_lease()
             });
         };
         if task.state != TaskState::Running {
-            return Ok(CompleteOutcome {
-                accepted: false,
-                reason: Some(format!("task is {}", task.state.as_str())),
-                task: Some(task),
-            });
+            return Ok(CompleteOutcome::not_running(task));
         }
         let d = ending.decide(&task, &self.opts, now);
         let err_json = d.error.as_ref().map(|e| json!(e).to_string());

@@ -519,29 +519,22 @@ impl Db {
     fn end_attempt(&self, lease: &str, ending: Ending, now: u64) -> Result<CompleteOutcome> {
         let tx = self.conn.unchecked_transaction()?;
         let Some(task) = task_by_lease(&tx, lease)? else {
-            let reason = match tx
+            let known = tx
                 .query_row(
                     "SELECT task_id FROM attempts WHERE lease = ?1",
                     [lease],
                     |r| r.get::<_, String>(0),
                 )
                 .optional()?
-            {
-                Some(_) => "stale lease: the attempt is no longer current",
-                None => "unknown lease",
-            };
-            return Ok(CompleteOutcome {
-                accepted: false,
-                reason: Some(reason.into()),
-                task: None,
+                .is_some();
+            return Ok(if known {
+                CompleteOutcome::stale_lease()
+            } else {
+                CompleteOutcome::unknown_lease()
             });
         };
         if task.state != TaskState::Running {
-            return Ok(CompleteOutcome {
-                accepted: false,
-                reason: Some(format!("task is {}", task.state.as_str())),
-                task: Some(task),
-            });
+            return Ok(CompleteOutcome::not_running(task));
         }
         let decision = ending.decide(&task, &self.opts, now);
         let err_json = decision.error.as_ref().map(|e| json!(e).to_string());

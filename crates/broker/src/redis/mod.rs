@@ -458,19 +458,13 @@ impl RedisQueue {
                 None => None,
             };
             let Some(task) = task else {
-                return Ok(refused("unknown lease", None));
+                return Ok(CompleteOutcome::unknown_lease());
             };
             if task.lease.as_deref() != Some(lease) {
-                return Ok(refused(
-                    "stale lease: the attempt is no longer current",
-                    None,
-                ));
+                return Ok(CompleteOutcome::stale_lease());
             }
             if task.state != TaskState::Running {
-                return Ok(refused(
-                    &format!("task is {}", task.state.as_str()),
-                    Some(task),
-                ));
+                return Ok(CompleteOutcome::not_running(task));
             }
             let d = ending.clone().decide(&task, &self.opts.queue, now);
             let err_json = d.error.as_ref().map(|e| serde_json::json!(e).to_string());
@@ -498,16 +492,10 @@ impl RedisQueue {
                         task: Some(need_task(r.next())?),
                     });
                 }
-                "unknown" => return Ok(refused("unknown lease", None)),
-                "stale" => {
-                    return Ok(refused(
-                        "stale lease: the attempt is no longer current",
-                        None,
-                    ));
-                }
+                "unknown" => return Ok(CompleteOutcome::unknown_lease()),
+                "stale" => return Ok(CompleteOutcome::stale_lease()),
                 "state" => {
-                    let t = need_task(r.next())?;
-                    return Ok(refused(&format!("task is {}", t.state.as_str()), Some(t)));
+                    return Ok(CompleteOutcome::not_running(need_task(r.next())?));
                 }
                 _ => continue, // "retry": the task changed between the read and the script
             }
@@ -515,14 +503,6 @@ impl RedisQueue {
         Err(QueueError::Unavailable(
             "the task kept changing while its result was stored".into(),
         ))
-    }
-}
-
-fn refused(reason: &str, task: Option<Task>) -> CompleteOutcome {
-    CompleteOutcome {
-        accepted: false,
-        reason: Some(reason.into()),
-        task,
     }
 }
 
