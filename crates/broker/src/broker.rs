@@ -509,7 +509,10 @@ impl Broker {
             (Some((boot, session, _)), Some(r)) => *boot == hello.boot_id && *session == r.session,
             _ => false,
         };
-        let claimed: HashSet<&String> = hello.inflight.iter().collect();
+        // The worker holds the leases it runs and those whose result waits in its outbox (the
+        // result follows the welcome): neither is given back, or a finished task would run
+        // again.
+        let claimed: HashSet<&String> = hello.inflight.iter().chain(&hello.outbox).collect();
         if let (true, Some((_, session, inflight))) = (resumable, &previous) {
             // Leases the worker no longer has go back to the queue.
             let lost: Vec<&String> = inflight.iter().filter(|l| !claimed.contains(l)).collect();
@@ -537,6 +540,7 @@ impl Broker {
             let keep: Vec<String> = hello
                 .inflight
                 .iter()
+                .chain(&hello.outbox)
                 .filter(|l| s.inflight.contains(*l))
                 .cloned()
                 .collect();
@@ -568,8 +572,8 @@ impl Broker {
             p.replacing = true;
         }
         // The queue's lease table decides what the worker keeps: with the same boot (gateway
-        // restarted, or resume data lost) leases it still runs are kept; a new boot releases
-        // everything the old process held.
+        // restarted, or resume data lost) leases it still runs or holds a result for are
+        // kept; a new boot releases everything the old process held.
         let restarted = previous
             .as_ref()
             .is_some_and(|(boot, _, _)| *boot != hello.boot_id);

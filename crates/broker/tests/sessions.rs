@@ -1,5 +1,6 @@
 //! Worker sessions over channels: credits, fencing, resume without redelivery, restart
-//! with reassignment, cancel replay, bad frames.
+//! with reassignment, a gateway restart keeping what the worker runs or holds a result for,
+//! cancel replay, bad frames.
 
 #![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
 
@@ -27,6 +28,18 @@ impl TestWorker {
         resume: Option<Resume>,
         inflight: Vec<String>,
     ) -> (Self, Welcome) {
+        Self::connect_with_outbox(b, boot, slots, resume, inflight, vec![]).await
+    }
+
+    /// Like `connect`, saying that results for the leases in `outbox` wait to be sent.
+    async fn connect_with_outbox(
+        b: &Arc<Broker>,
+        boot: &str,
+        slots: u32,
+        resume: Option<Resume>,
+        inflight: Vec<String>,
+        outbox: Vec<String>,
+    ) -> (Self, Welcome) {
         let (tx, from_worker) = mpsc::unbounded();
         let (to_worker, rx) = mpsc::unbounded();
         let end = tokio::spawn(b.clone().serve_session(from_worker, to_worker));
@@ -41,7 +54,7 @@ impl TestWorker {
             slots,
             resume,
             inflight,
-            outbox: vec![],
+            outbox,
         }));
         let Message::Welcome(welcome) = w.recv().await else {
             panic!("no welcome")
@@ -100,15 +113,18 @@ impl TestWorker {
     }
 }
 
-fn broker() -> Arc<Broker> {
-    let cfg = BrokerConfig {
+fn cfg() -> BrokerConfig {
+    BrokerConfig {
         heartbeat: Duration::from_millis(200),
         lease: Duration::from_secs(3),
         dead_after: Duration::from_secs(2),
         sweep_interval: Duration::from_millis(100),
         ..Default::default()
-    };
-    Broker::with_queue(Arc::new(SqliteQueue::in_memory(3).unwrap()), cfg)
+    }
+}
+
+fn broker() -> Arc<Broker> {
+    Broker::with_queue(Arc::new(SqliteQueue::in_memory(3).unwrap()), cfg())
 }
 
 async fn submit(b: &Broker, n: usize) -> Vec<String> {
@@ -243,6 +259,92 @@ async fn new_boot_releases_old_leases_at_once() {
         panic!()
     };
     assert!(!stale.accepted, "the old boot's lease is fenced out");
+}
+
+/// The gateway process restarts (a new broker on the same store, no sessions) while the
+/// worker runs one task and holds the unsent result of another: both leases are kept, and
+/// the stored result is accepted instead of the task running again.
+#[tokio::test]
+async fn gateway_restart_keeps_running_and_outbox_leases() {
+    let q: Arc<dyn Queue> = Arc::new(SqliteQueue::in_memory(3).unwrap());
+    let b1 = Broker::with_queue(q.clone(), cfg());
+    let ids = submit(&b1, 2).await;
+    let (mut w, welcome) = TestWorker::connect(&b1, "boot1", 2, None, vec![]).await;
+    let a = w.assign().await;
+    assert_eq!(a.tasks.len(), 2);
+    w.send(Message::Ack(Ack { seq: a.seq }));
+    let (running, finished) = (a.tasks[0].lease.clone(), a.tasks[1].lease.clone());
+    w.drop_connection().await;
+    drop(b1);
+    let b2 = Broker::with_queue(q.clone(), cfg());
+    let resume = Some(Resume {
+        session: welcome.session,
+        last_seq: a.seq,
+    });
+    let (mut w, again) = TestWorker::connect_with_outbox(
+        &b2,
+        "boot1",
+        2,
+        resume,
+        vec![running.clone()],
+        vec![finished.clone()],
+    )
+    .await;
+    assert!(!again.resumed, "the new gateway does not know the session");
+    let mut keep = again.keep.clone();
+    keep.sort();
+    let mut want = vec![running.clone(), finished.clone()];
+    want.sort();
+    assert_eq!(keep, want);
+    assert!(again.drop.is_empty());
+    w.result(&finished, ResultStatus::Ok);
+    let Message::ResultAck(ack) = w.recv().await else {
+        panic!()
+    };
+    assert!(ack.accepted, "{ack:?}");
+    w.result(&running, ResultStatus::Ok);
+    let Message::ResultAck(ack) = w.recv().await else {
+        panic!()
+    };
+    assert!(ack.accepted, "{ack:?}");
+    for id in &ids {
+        assert_eq!(
+            q.get(id).await.unwrap().unwrap().state,
+            TaskState::Succeeded
+        );
+        assert_eq!(q.attempts(id).await.unwrap().len(), 1, "ran once");
+    }
+}
+
+/// A task that finished while the connection was down: its lease is in the outbox, not in
+/// `inflight`, and the resumed session keeps it so the result is accepted.
+#[tokio::test]
+async fn resume_keeps_a_lease_whose_result_is_in_the_outbox() {
+    let b = broker();
+    let ids = submit(&b, 1).await;
+    let (mut w, welcome) = TestWorker::connect(&b, "boot1", 1, None, vec![]).await;
+    let a = w.assign().await;
+    w.send(Message::Ack(Ack { seq: a.seq }));
+    let lease = a.tasks[0].lease.clone();
+    w.drop_connection().await;
+    let resume = Some(Resume {
+        session: welcome.session.clone(),
+        last_seq: a.seq,
+    });
+    let (mut w, again) =
+        TestWorker::connect_with_outbox(&b, "boot1", 1, resume, vec![], vec![lease.clone()]).await;
+    assert!(again.resumed);
+    assert_eq!(again.keep, vec![lease.clone()]);
+    w.result(&lease, ResultStatus::Ok);
+    let Message::ResultAck(ack) = w.recv().await else {
+        panic!()
+    };
+    assert!(ack.accepted, "{ack:?}");
+    assert_eq!(
+        b.queue().get(&ids[0]).await.unwrap().unwrap().state,
+        TaskState::Succeeded
+    );
+    assert_eq!(b.queue().attempts(&ids[0]).await.unwrap().len(), 1);
 }
 
 #[tokio::test]
