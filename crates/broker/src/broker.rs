@@ -573,7 +573,8 @@ impl Broker {
         }
         // The queue's lease table decides what the worker keeps: with the same boot (gateway
         // restarted, or resume data lost) leases it still runs or holds a result for are
-        // kept; a new boot releases everything the old process held.
+        // kept; a new boot releases everything the old process held, and the lost attempts
+        // count (a task that crashes its worker every time ends dead-lettered).
         let restarted = previous
             .as_ref()
             .is_some_and(|(boot, _, _)| *boot != hello.boot_id);

@@ -680,7 +680,7 @@ impl PostgresQueue {
             .await?;
         let mut out = Vec::with_capacity(held.len());
         for t in held {
-            out.push(tx.requeue(&t, "worker restarted", false, now).await?);
+            out.push(tx.requeue(&t, "worker restarted", true, now).await?);
         }
         tx.commit().await?;
         Ok(out)

@@ -166,7 +166,9 @@ pub trait Queue: Send + Sync + std::fmt::Debug + 'static {
         now: u64,
     ) -> QueueFuture<'a, Option<Task>>;
 
-    /// Releases every lease of `worker_id` (its process restarted).
+    /// Releases every lease of `worker_id` (its process restarted). Unlike [`Queue::release`]
+    /// the attempts count, as for a lapsed lease: a task whose attempts are spent fails
+    /// dead-lettered, and each attempt record ends with the error `worker restarted`.
     fn release_worker<'a>(&'a self, worker_id: &'a str, now: u64) -> QueueFuture<'a, Vec<Task>>;
 
     /// Requeues (or cancels / dead-letters) lapsed leases and expires passed deadlines.

@@ -640,7 +640,7 @@ impl Db {
     }
 
     /// Releases every lease of `worker_id` (its process restarted): the tasks are queued
-    /// again at once.
+    /// again at once, and the lost attempts count (dead-lettered when none remain).
     fn release_worker(&self, worker_id: &str, now: u64) -> Result<Vec<Task>> {
         let tx = self.conn.unchecked_transaction()?;
         let sql = format!("SELECT {COLS} FROM tasks WHERE state = 'running' AND worker_id = ?1");
@@ -653,7 +653,7 @@ impl Db {
         };
         let mut out = Vec::new();
         for t in tasks {
-            out.push(self.requeue_locked(&tx, &t, "worker restarted", false, now)?);
+            out.push(self.requeue_locked(&tx, &t, "worker restarted", true, now)?);
         }
         tx.commit()?;
         Ok(out)

@@ -1,6 +1,6 @@
 //! Worker sessions over channels: credits, fencing, resume without redelivery, restart
-//! with reassignment, a gateway restart keeping what the worker runs or holds a result for,
-//! cancel replay, bad frames.
+//! with reassignment (the lost attempt counts), a gateway restart keeping what the worker
+//! runs or holds a result for, cancel replay, bad frames.
 
 #![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
 
@@ -250,8 +250,8 @@ async fn new_boot_releases_old_leases_at_once() {
     );
     assert_eq!(again.tasks[0].task_id, ids[0]);
     assert_eq!(
-        again.tasks[0].attempt, 1,
-        "a restart does not spend an attempt"
+        again.tasks[0].attempt, 2,
+        "the attempt lost with the old process counts"
     );
     assert_ne!(again.tasks[0].lease, a.tasks[0].lease);
     w2.result(&a.tasks[0].lease, ResultStatus::Ok);
@@ -259,6 +259,9 @@ async fn new_boot_releases_old_leases_at_once() {
         panic!()
     };
     assert!(!stale.accepted, "the old boot's lease is fenced out");
+    let attempts = b.queue().attempts(&ids[0]).await.unwrap();
+    assert_eq!(attempts.len(), 2);
+    assert_eq!(attempts[0].error.as_deref(), Some("worker restarted"));
 }
 
 /// The gateway process restarts (a new broker on the same store, no sessions) while the

@@ -1,6 +1,7 @@
 //! Reliability with scaled timers (heartbeat 0.5 s, lease 3 s): a worker process killed with
 //! SIGKILL mid-task and restarted has the task again within 1 s of its hello and finishes it
-//! once; a TCP connection cut for 2 s with the worker alive causes no redelivery, and a
+//! once (the killed attempt counts); a task that crashes its worker process every time is
+//! dead-lettered after its 3 attempts; a TCP connection cut for 2 s with the worker alive causes no redelivery, and a
 //! cancel sent meanwhile is replayed when the session resumes.
 //!
 //! The killed worker is a real child process: this test binary run again with
@@ -70,7 +71,7 @@ async fn state(b: &Broker, id: &str) -> TaskState {
 
 /// Entry point of the worker child process (does nothing in a normal test run).
 #[test]
-#[ignore = "entry point of the worker child process of worker_sigkill_mid_task_is_reassigned_on_restart"]
+#[ignore = "entry point of the worker child process of these tests"]
 fn child_worker() {
     let (Ok(url), Ok(dir), Ok(log)) = (
         std::env::var("KILN_TEST_CHILD_URL"),
@@ -80,9 +81,22 @@ fn child_worker() {
         return;
     };
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let w = Worker::new(worker_config(url, Path::new(&dir))).handler(
-        "slow",
-        move |ctx: TaskContext| {
+    let poison_log = log.clone();
+    let w = Worker::new(worker_config(url, Path::new(&dir)))
+        .handler("poison", move |ctx: TaskContext| {
+            let log = poison_log.clone();
+            async move {
+                let mut f = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&log)
+                    .unwrap();
+                writeln!(f, "start {} {}", ctx.task_id, ctx.attempt).unwrap();
+                // Gone at once, as in a crash: no result, no release, no bye.
+                std::process::exit(134);
+            }
+        })
+        .handler("slow", move |ctx: TaskContext| {
             let log = log.clone();
             async move {
                 let line = |s: String| {
@@ -99,8 +113,7 @@ fn child_worker() {
                 line(format!("done {} {}", ctx.task_id, ctx.attempt));
                 Ok::<_, TaskError>(json!({"slept": true}))
             }
-        },
-    );
+        });
     rt.block_on(w.run()).unwrap();
 }
 
@@ -168,11 +181,66 @@ async fn worker_sigkill_mid_task_is_reassigned_on_restart() {
     second.kill().unwrap();
     second.wait().unwrap();
     assert_eq!(log_lines(&log, "done"), 1, "finished exactly once");
-    // A restart releases the lease without spending the attempt: the rerun is attempt 1
-    // again, and its record replaces the killed one.
+    // The killed attempt counts (a task that kills its worker every time ends
+    // dead-lettered): the rerun is attempt 2, and attempt 1 ended with the restart.
+    assert_eq!(log_lines(&log, &format!("start {id} 2")), 1);
     let attempts = broker.queue().attempts(&id).await.unwrap();
-    assert_eq!(attempts.len(), 1);
-    assert!(attempts[0].ended_at.is_some() && attempts[0].error.is_none());
+    assert_eq!(attempts.len(), 2);
+    assert_eq!(attempts[0].error.as_deref(), Some("worker restarted"));
+    assert!(attempts[1].ended_at.is_some() && attempts[1].error.is_none());
+}
+
+/// A task that takes its worker process down every time it runs: each restart (a new boot)
+/// spends an attempt, and after `max_attempts` (3) the task is dead-lettered; the next boot
+/// is not given it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_that_crashes_its_worker_every_time_is_dead_lettered() {
+    struct Guard(Child);
+    impl Drop for Guard {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::open(&dir.path().join("queue.sqlite"), cfg()).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("ws://{}/", listener.local_addr().unwrap());
+    let _server = serve(broker.clone(), listener);
+    let (state_dir, log) = (dir.path().join("w"), dir.path().join("runs.log"));
+    let id = submit(&broker, "poison", json!({})).await;
+    for attempt in 1..=3u32 {
+        let mut child = Guard(spawn_child(&url, &state_dir, &log));
+        wait_for("the poison task to start", 30, || {
+            log_lines(&log, &format!("start {id} {attempt}")) == 1
+        })
+        .await;
+        let until = Instant::now() + Duration::from_secs(10);
+        while child.0.try_wait().unwrap().is_none() {
+            assert!(Instant::now() < until, "the worker did not crash");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    // The next boot's hello releases the third attempt; none remains.
+    let _last = Guard(spawn_child(&url, &state_dir, &log));
+    let until = Instant::now() + Duration::from_secs(30);
+    while state(&broker, &id).await != TaskState::Failed {
+        assert!(Instant::now() < until, "the task was not dead-lettered");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let t = broker.queue().get(&id).await.unwrap().unwrap();
+    assert!(t.dead_lettered);
+    assert_eq!(t.error.unwrap().message, "worker restarted");
+    let attempts = broker.queue().attempts(&id).await.unwrap();
+    assert_eq!(attempts.len(), 3);
+    assert!(
+        attempts
+            .iter()
+            .all(|a| a.error.as_deref() == Some("worker restarted"))
+    );
+    // Give the last worker time to be (wrongly) assigned the task again.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(log_lines(&log, "start"), 3, "ran once per attempt, no more");
 }
 
 /// A TCP proxy whose connections can be cut (and new ones refused) while `cut` is true.

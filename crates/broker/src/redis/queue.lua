@@ -361,7 +361,7 @@ elseif op == 'release_worker' then
   for _, id in ipairs(redis.call('SMEMBERS', key('worker', A[1]))) do
     local t = load(id)
     if t and t.state == 'running' and t.worker_id == A[1] then
-      requeue(t, 'worker restarted', false, A[2])
+      requeue(t, 'worker restarted', true, A[2])
       out[#out + 1] = snap(id)
     end
   end

@@ -1,6 +1,7 @@
 //! The queue store's contract, run against every backend: idempotent enqueue, priority
 //! order, leases, compare-and-set results, explicit failure with a retry time, dead-letters,
-//! release, cancel, lapsed leases, deadlines, listing, counts, events, stage timings.
+//! release, worker restarts (they spend attempts), cancel, lapsed leases, deadlines, listing,
+//! counts, events, stage timings.
 //!
 //! Each function takes a fresh, empty queue whose default is 2 attempts with no retry
 //! backoff. A backend's test file instantiates them all with `conformance_tests!`.
@@ -35,6 +36,7 @@ macro_rules! conformance_tests {
             dead_letter_ignores_remaining_attempts,
             renew_extends_only_the_workers_leases,
             release_worker_requeues_everything_it_held,
+            a_task_that_keeps_crashing_its_worker_is_dead_lettered,
             list_and_stats,
             concurrent_reserves_never_share_a_task,
             events_of_failed_calls_are_not_published,
@@ -418,9 +420,10 @@ pub async fn release_worker_requeues_everything_it_held(q: &dyn Queue) {
     assert_eq!(got.len(), 3);
     let back = q.release_worker("w", T + 1).await.unwrap();
     assert_eq!(back.len(), 3);
+    // Queued again at once; the lost attempt counts (it stays 1 until the next reserve).
     assert!(
         back.iter()
-            .all(|t| t.state == TaskState::Queued && t.attempt == 0)
+            .all(|t| t.state == TaskState::Queued && t.attempt == 1)
     );
     assert!(q.leases_of("w").await.unwrap().is_empty());
     let stale = got[0].lease.clone().unwrap();
@@ -431,6 +434,50 @@ pub async fn release_worker_requeues_everything_it_held(q: &dyn Queue) {
             .unwrap()
             .is_none()
     );
+}
+
+/// A task that takes its worker process down every time: each restart spends an attempt,
+/// and once they are spent the task is dead-lettered instead of crashing workers forever.
+pub async fn a_task_that_keeps_crashing_its_worker_is_dead_lettered(q: &dyn Queue) {
+    let (t, _) = q.enqueue(task("txt2img", json!({})), T).await.unwrap();
+    let first = q.reserve("w", &types(), 1, T + 90_000, T).await.unwrap();
+    assert_eq!(first[0].attempt, 1);
+    let back = q.release_worker("w", T + 1).await.unwrap();
+    assert_eq!(back[0].state, TaskState::Queued);
+    let second = q
+        .reserve("w", &types(), 1, T + 90_000, T + 2)
+        .await
+        .unwrap();
+    assert_eq!(second[0].id, t.id);
+    assert_eq!(second[0].attempt, 2, "the crashed attempt counted");
+    let back = q.release_worker("w", T + 3).await.unwrap();
+    assert_eq!(back.len(), 1);
+    let dead = q.get(&t.id).await.unwrap().unwrap();
+    assert_eq!(dead.state, TaskState::Failed);
+    assert!(dead.dead_lettered);
+    assert_eq!(dead.error.unwrap().message, "worker restarted");
+    assert!(
+        q.reserve("w", &types(), 1, T + 90_000, T + 4)
+            .await
+            .unwrap()
+            .is_empty(),
+        "not run a third time"
+    );
+    let attempts = q.attempts(&t.id).await.unwrap();
+    assert_eq!(attempts.len(), 2);
+    for a in &attempts {
+        assert_eq!(a.error.as_deref(), Some("worker restarted"));
+        assert!(a.ended_at.is_some());
+    }
+    let completed: Vec<_> = q
+        .events_after(&t.id, 0)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.kind == "completed")
+        .collect();
+    assert_eq!(completed.len(), 1);
+    assert_eq!(completed[0].data["status"], "failed");
 }
 
 pub async fn list_and_stats(q: &dyn Queue) {
