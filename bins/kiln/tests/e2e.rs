@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use support::{Resp, call, post_json, start, start_logging, wait_status};
+use support::{PG_URL, Resp, call, pg_schema, post_json, start, start_logging, wait_status};
 
 /// Waits until the task's `timings` has `stage` (stages measured around the end are
 /// recorded just after it) and returns the task.
@@ -731,31 +731,6 @@ fn bad_config_exits_64_naming_the_key() {
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&printed.stdout).contains("[broker]"));
-}
-
-const PG_URL: &str = "host=127.0.0.1 port=5432 user=postgres dbname=test connect_timeout=3";
-
-/// A PostgreSQL queue on a fresh schema, or `None` (with a notice) when the server is not
-/// reachable outside CI.
-async fn pg_schema(name: &str) -> Option<kiln_broker::PostgresQueue> {
-    let opts = kiln_broker::PostgresOptions {
-        url: PG_URL.into(),
-        schema: format!("{name}_{}", std::process::id()),
-        ..Default::default()
-    };
-    match kiln_broker::PostgresQueue::open(opts).await {
-        Ok(q) => {
-            q.drop_schema().await.unwrap();
-            Some(q)
-        }
-        Err(e) if std::env::var("CI").is_ok_and(|v| v == "true") => {
-            panic!("PostgreSQL at {PG_URL} is required in CI: {e}")
-        }
-        Err(e) => {
-            eprintln!("notice: PostgreSQL at {PG_URL} not reachable ({e}); test skipped");
-            None
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -135,3 +135,28 @@ pub async fn wait_status(base: &str, id: &str, want: &str, secs: u64) -> Value {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+pub const PG_URL: &str = "host=127.0.0.1 port=5432 user=postgres dbname=test connect_timeout=3";
+
+/// A PostgreSQL queue on a fresh schema, or `None` (with a notice) when the server is not
+/// reachable outside CI.
+pub async fn pg_schema(name: &str) -> Option<kiln_broker::PostgresQueue> {
+    let opts = kiln_broker::PostgresOptions {
+        url: PG_URL.into(),
+        schema: format!("{name}_{}", std::process::id()),
+        ..Default::default()
+    };
+    match kiln_broker::PostgresQueue::open(opts).await {
+        Ok(q) => {
+            q.drop_schema().await.unwrap();
+            Some(q)
+        }
+        Err(e) if std::env::var("CI").is_ok_and(|v| v == "true") => {
+            panic!("PostgreSQL at {PG_URL} is required in CI: {e}")
+        }
+        Err(e) => {
+            eprintln!("notice: PostgreSQL at {PG_URL} not reachable ({e}); test skipped");
+            None
+        }
+    }
+}
