@@ -575,9 +575,14 @@ impl Broker {
         // restarted, or resume data lost) leases it still runs or holds a result for are
         // kept; a new boot releases everything the old process held, and the lost attempts
         // count (a task that crashes its worker every time ends dead-lettered).
-        let restarted = previous
-            .as_ref()
-            .is_some_and(|(boot, _, _)| *boot != hello.boot_id);
+        let restarted = match &previous {
+            Some((boot, _, _)) => *boot != hello.boot_id,
+            // No session here (this gateway restarted, the worker was on another instance, or
+            // it was gone longer than a lease): a hello with no session to resume and nothing
+            // running or unsent comes from a new process, so what the store still leases to
+            // this worker belonged to an earlier boot.
+            None => hello.resume.is_none() && hello.inflight.is_empty() && hello.outbox.is_empty(),
+        };
         let mut keep = Vec::new();
         let mut inflight = HashSet::new();
         if restarted {

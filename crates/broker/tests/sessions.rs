@@ -264,6 +264,29 @@ async fn new_boot_releases_old_leases_at_once() {
     assert_eq!(attempts[0].error.as_deref(), Some("worker restarted"));
 }
 
+/// A worker process that crashed connects to a gateway that has no session for it (the
+/// gateway restarted too, or the worker was on another instance): its hello, with no session
+/// to resume and nothing running, still marks a new process, so the lost attempt counts.
+#[tokio::test]
+async fn new_process_on_a_gateway_without_its_session_spends_the_lost_attempt() {
+    let q: Arc<dyn Queue> = Arc::new(SqliteQueue::in_memory(3).unwrap());
+    let b1 = Broker::with_queue(q.clone(), cfg());
+    let ids = submit(&b1, 1).await;
+    let (mut w, _) = TestWorker::connect(&b1, "boot1", 1, None, vec![]).await;
+    let a = w.assign().await;
+    w.drop_connection().await;
+    drop(b1);
+    let b2 = Broker::with_queue(q.clone(), cfg());
+    let (mut w2, welcome) = TestWorker::connect(&b2, "boot2", 1, None, vec![]).await;
+    assert!(!welcome.resumed);
+    let again = w2.assign().await;
+    assert_eq!(again.tasks[0].task_id, ids[0]);
+    assert_eq!(again.tasks[0].attempt, 2, "the crashed attempt counted");
+    assert_ne!(again.tasks[0].lease, a.tasks[0].lease);
+    let attempts = q.attempts(&ids[0]).await.unwrap();
+    assert_eq!(attempts[0].error.as_deref(), Some("worker restarted"));
+}
+
 /// The gateway process restarts (a new broker on the same store, no sessions) while the
 /// worker runs one task and holds the unsent result of another: both leases are kept, and
 /// the stored result is accepted instead of the task running again.
