@@ -698,6 +698,7 @@ impl Broker {
                                 task_type: t.task_type,
                                 priority: t.priority,
                                 deadline: t.deadline,
+                                model: None,
                                 input: t.input,
                             })
                         })
