@@ -170,7 +170,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     });
     let handle = worker.handle();
     tokio::spawn(worker.run());
-    while !broker.can_serve("noop") {
+    while !broker.can_serve("noop", None, &[]) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 

@@ -42,6 +42,10 @@ enum Command {
         /// Tasks run at once.
         #[arg(long, default_value_t = 2)]
         slots: u32,
+        /// A model the worker serves (repeatable): tasks that name a model go only to
+        /// workers listing it.
+        #[arg(long = "model", default_value = "kiln-demo")]
+        models: Vec<String>,
     },
     /// Configuration tools.
     Config {
@@ -84,6 +88,7 @@ fn main() -> ExitCode {
             token,
             state_dir,
             slots,
+            models,
         } => {
             init_tracing(&settings::Log {
                 format: settings::LogFormat::Auto,
@@ -95,7 +100,7 @@ fn main() -> ExitCode {
                 );
                 return ExitCode::from(2);
             }
-            run(serve::demo_worker(url, token, state_dir, slots))
+            run(serve::demo_worker(url, token, state_dir, slots, models))
         }
     }
 }

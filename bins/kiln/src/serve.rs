@@ -92,6 +92,7 @@ pub(crate) async fn serve(s: Settings) -> anyhow::Result<()> {
             Some(demo_token.clone()),
             s.server.data_dir.join("demo-worker"),
             s.demo_worker.slots,
+            s.demo_worker.models.clone(),
         );
         let handle = worker.handle();
         let task = tokio::spawn(async move {
@@ -204,8 +205,9 @@ pub(crate) async fn demo_worker(
     token: Option<String>,
     state_dir: PathBuf,
     slots: u32,
+    models: Vec<String>,
 ) -> anyhow::Result<()> {
-    let worker = demo_worker_builder(url, token, state_dir, slots);
+    let worker = demo_worker_builder(url, token, state_dir, slots, models);
     let handle = worker.handle();
     tokio::spawn(async move {
         shutdown_signal().await;
@@ -364,6 +366,7 @@ fn demo_worker_builder(
     token: Option<String>,
     state_dir: PathBuf,
     slots: u32,
+    models: Vec<String>,
 ) -> Worker {
     let api = FilesApi::new(&url, token.clone(), &state_dir);
     let cfg = WorkerConfig {
@@ -371,6 +374,7 @@ fn demo_worker_builder(
         token,
         state_dir,
         slots,
+        models,
         labels: vec!["demo".into()],
         ..WorkerConfig::default()
     };

@@ -89,6 +89,7 @@ pub(crate) struct Log {
 pub(crate) struct DemoWorker {
     pub(crate) enabled: bool,
     pub(crate) slots: u32,
+    pub(crate) models: Vec<String>,
 }
 
 /// Loads settings; the error names the offending key.

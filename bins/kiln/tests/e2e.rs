@@ -785,3 +785,99 @@ async fn two_instances_share_a_postgres_queue() {
     drop((a, b));
     pg.drop_schema().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_route_by_model_and_labels() {
+    let dir = tempfile::tempdir().unwrap();
+    // An OpenAI model whose tasks ask for a model the demo worker does not list.
+    let s = start(
+        dir.path(),
+        &[(
+            "KILN_GATEWAY__OPENAI__MODELS__SDXL__WORKER_MODEL",
+            "sdxl-base",
+        )],
+    );
+    let post = |body: Value| post_json(&s.base, "/v1/tasks", body, &[]);
+    // The demo worker lists the model kiln-demo and the label demo: it runs this one.
+    let r = post(
+        json!({"task_type": "txt2img", "model": "kiln-demo", "labels": ["demo", "demo"],
+        "input": {"prompt": "routed", "width": 64, "height": 64}}),
+    )
+    .await;
+    assert_eq!(r.status, 202, "{:?}", r.body);
+    let t = r.json();
+    assert_eq!(
+        (&t["model"], &t["labels"]),
+        (&json!("kiln-demo"), &json!(["demo"]))
+    );
+    let fit = t["id"].as_str().unwrap().to_owned();
+    // Neither of these fits the demo worker: they wait for a worker that does.
+    let mut waiting = Vec::new();
+    for body in [
+        json!({"task_type": "txt2img", "model": "sdxl-base", "input": {"prompt": "m"}}),
+        json!({"task_type": "txt2img", "labels": ["gpu=a100"], "input": {"prompt": "l"}}),
+    ] {
+        let r = post(body).await;
+        assert_eq!(r.status, 202, "{:?}", r.body);
+        waiting.push(r.json()["id"].as_str().unwrap().to_owned());
+    }
+    wait_status(&s.base, &fit, "succeeded", 20).await;
+    // A plain task submitted after them still runs: they block nothing.
+    let r = post(
+        json!({"task_type": "txt2img", "input": {"prompt": "plain", "width": 64, "height": 64}}),
+    )
+    .await;
+    let plain = r.json()["id"].as_str().unwrap().to_owned();
+    wait_status(&s.base, &plain, "succeeded", 20).await;
+    for id in &waiting {
+        let t = call(&s.base, "GET", &format!("/v1/tasks/{id}"), "", &[])
+            .await
+            .json();
+        assert_eq!(t["status"], "queued", "{t}");
+        assert_eq!(t["queue_position"], 0, "{t}");
+    }
+    // Malformed routing is refused.
+    for body in [
+        json!({"task_type": "txt2img", "model": ""}),
+        json!({"task_type": "txt2img", "model": "has space"}),
+        json!({"task_type": "txt2img", "labels": ["ok", ""]}),
+        json!({"task_type": "txt2img", "labels": (0..17).map(|i| format!("l{i}")).collect::<Vec<_>>()}),
+    ] {
+        let r = post(body.clone()).await;
+        assert_eq!(r.status, 422, "{body}: {:?}", r.body);
+    }
+    // The OpenAI API asks for the configured worker model: kiln-demo runs on the demo worker.
+    let r = post_json(
+        &s.base,
+        "/v1/images/generations",
+        json!({"model": "kiln-demo", "prompt": "a fox", "size": "64x64"}),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let id = r.headers["x-kiln-task-id"].to_str().unwrap().to_owned();
+    let t = call(&s.base, "GET", &format!("/v1/tasks/{id}"), "", &[])
+        .await
+        .json();
+    assert_eq!(t["model"], "kiln-demo");
+    // ... and sdxl asks for sdxl-base, which no worker lists: the call answers 202.
+    let r = post_json(
+        &s.base,
+        "/v1/images/generations",
+        json!({"model": "sdxl", "prompt": "a fox"}),
+        &[("prefer", "wait=1")],
+    )
+    .await;
+    assert_eq!(r.status, 202, "{:?}", r.body);
+    assert_eq!(
+        (&r.json()["model"], &r.json()["status"]),
+        (&json!("sdxl-base"), &json!("queued"))
+    );
+    let m = call(&s.base, "GET", "/v1/models/sdxl", "", &[])
+        .await
+        .json();
+    assert_eq!(
+        (&m["kiln"]["worker_model"], &m["kiln"]["workers_online"]),
+        (&json!("sdxl-base"), &json!(0))
+    );
+}

@@ -315,11 +315,12 @@ impl Broker {
         v
     }
 
-    /// Whether a connected worker serves `task_type`.
-    pub fn can_serve(&self, task_type: &str) -> bool {
+    /// Whether a connected worker could run a task of `task_type` that needs `model` and
+    /// `labels` (the routing rule of [`serves`]).
+    pub fn can_serve(&self, task_type: &str, model: Option<&str>, labels: &[String]) -> bool {
         self.sessions()
             .values()
-            .any(|s| s.tx.is_some() && s.capabilities.task_types.iter().any(|t| t == task_type))
+            .any(|s| s.tx.is_some() && serves(&s.capabilities, task_type, model, labels))
     }
 
     async fn sweep(&self) {
@@ -657,7 +658,7 @@ impl Broker {
         }
         let now = now_ms();
         let lease_until = now + self.cfg.lease.as_millis() as u64;
-        let (types, free, session) = {
+        let (caps, free, session) = {
             let mut sessions = self.sessions();
             let Some(s) = sessions.get_mut(worker_id) else {
                 return;
@@ -671,11 +672,11 @@ impl Broker {
             }
             // The credits stay taken while the store answers.
             s.reserving += free;
-            (s.capabilities.task_types.clone(), free, s.session.clone())
+            (s.capabilities.clone(), free, s.session.clone())
         };
         let reserved = self
             .queue
-            .reserve(worker_id, &types, free, lease_until, now)
+            .reserve(worker_id, &caps, free, lease_until, now)
             .await;
         let orphans = {
             let mut sessions = self.sessions();
@@ -708,6 +709,7 @@ impl Broker {
                                 task_type: t.task_type,
                                 priority: t.priority,
                                 deadline: t.deadline,
+                                model: t.model,
                                 input: t.input,
                             })
                         })

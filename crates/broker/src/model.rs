@@ -1,6 +1,7 @@
 //! The records the queue stores and returns.
 
 use kiln_protocol::TaskState;
+pub use kiln_protocol::messages::Capabilities;
 use kiln_protocol::messages::TaskError;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -22,6 +23,14 @@ pub struct NewTask {
     pub metadata: Option<Value>,
     /// Attempts before the task is dead-lettered; `None` uses the broker's default.
     pub max_attempts: Option<u32>,
+    /// The model the task needs: only a worker listing it in its `models` capability runs
+    /// the task. `None`: any worker serving the type.
+    #[serde(default)]
+    pub model: Option<String>,
+    /// Labels the worker must have, every one of them (e.g. `gpu=a100`). Stored sorted,
+    /// without duplicates.
+    #[serde(default)]
+    pub labels: Vec<String>,
 }
 
 /// A stored task.
@@ -72,6 +81,55 @@ pub struct Task {
     pub completed_at: Option<u64>,
     /// Position in submission order (for cursors).
     pub seq: i64,
+    /// The model a worker must serve, if any.
+    pub model: Option<String>,
+    /// Labels a worker must have (sorted).
+    pub labels: Vec<String>,
+}
+
+impl Task {
+    /// Whether a worker with these capabilities may run this task (see [`serves`]).
+    pub fn fits(&self, caps: &Capabilities) -> bool {
+        serves(caps, &self.task_type, self.model.as_deref(), &self.labels)
+    }
+}
+
+/// The routing rule: a worker with `caps` may run a task of `task_type` that needs `model`
+/// and `labels` when it serves the type, lists the model (a task that names a model goes
+/// only to workers listing it; a worker with no models runs only tasks that name none), and
+/// has every label. A task without model and labels runs on any worker serving its type.
+pub fn serves(
+    caps: &Capabilities,
+    task_type: &str,
+    model: Option<&str>,
+    labels: &[String],
+) -> bool {
+    caps.task_types.iter().any(|t| t == task_type)
+        && model.is_none_or(|m| caps.models.iter().any(|w| w == m))
+        && labels.iter().all(|l| caps.labels.contains(l))
+}
+
+/// Checks the routing fields of a task and puts its labels in their stored form (sorted,
+/// without duplicates).
+pub(crate) fn normalize_routing(t: &mut NewTask) -> Result<(), QueueError> {
+    if t.model.as_deref().is_some_and(|m| m.trim().is_empty()) {
+        return Err(QueueError::Invalid("model is empty".into()));
+    }
+    if t.labels.iter().any(|l| l.trim().is_empty()) {
+        return Err(QueueError::Invalid("a label is empty".into()));
+    }
+    t.labels.sort();
+    t.labels.dedup();
+    Ok(())
+}
+
+/// Whether a stored task is the one `t` (normalized) asks for again: same type, input
+/// and routing.
+pub(crate) fn same_request(stored: &Task, t: &NewTask) -> bool {
+    stored.task_type == t.task_type
+        && stored.input == t.input
+        && stored.model == t.model
+        && stored.labels == t.labels
 }
 
 /// One attempt of a task.

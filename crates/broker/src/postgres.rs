@@ -80,8 +80,13 @@ CREATE TABLE IF NOT EXISTS {s}.tasks (
     dead_lettered BOOLEAN NOT NULL DEFAULT FALSE,
     created_at BIGINT NOT NULL,
     started_at BIGINT,
-    completed_at BIGINT
+    completed_at BIGINT,
+    model TEXT,
+    labels TEXT[] NOT NULL DEFAULT '{}'
 );
+-- Routing columns, added to tables made by earlier releases.
+ALTER TABLE {s}.tasks ADD COLUMN IF NOT EXISTS model TEXT;
+ALTER TABLE {s}.tasks ADD COLUMN IF NOT EXISTS labels TEXT[] NOT NULL DEFAULT '{}';
 CREATE INDEX IF NOT EXISTS tasks_ready ON {s}.tasks (task_type, priority DESC, seq) WHERE state = 'queued';
 CREATE INDEX IF NOT EXISTS tasks_running ON {s}.tasks (lease_expires_at) WHERE state = 'running';
 CREATE INDEX IF NOT EXISTS tasks_worker ON {s}.tasks (worker_id) WHERE state = 'running';
@@ -113,7 +118,7 @@ CREATE TABLE IF NOT EXISTS {s}.timings (
 
 const COLS: &str = "id, request_id, task_type, state, priority, input, metadata, attempt, max_attempts, \
     lease, worker_id, lease_expires_at, deadline, cancel_requested, output, error, progress, \
-    dead_lettered, created_at, started_at, completed_at, seq";
+    dead_lettered, created_at, started_at, completed_at, seq, model, labels";
 
 /// NOTIFY payloads must stay below 8000 bytes; larger event batches send ids only.
 const MAX_PAYLOAD: usize = 7000;
@@ -206,6 +211,8 @@ fn row_to_task(r: &Row) -> Result<Task> {
         started_at: r.try_get::<_, Option<i64>>(19)?.map(u),
         completed_at: r.try_get::<_, Option<i64>>(20)?.map(u),
         seq: r.try_get(21)?,
+        model: r.try_get(22)?,
+        labels: r.try_get(23)?,
     })
 }
 
@@ -470,10 +477,11 @@ impl PostgresQueue {
         Ok(c.query(&stmt, params).await?)
     }
 
-    async fn enqueue_(&self, t: NewTask, now: u64) -> Result<(Task, bool)> {
+    async fn enqueue_(&self, mut t: NewTask, now: u64) -> Result<(Task, bool)> {
         if t.task_type.trim().is_empty() {
             return Err(QueueError::Invalid("task_type is empty".into()));
         }
+        normalize_routing(&mut t)?;
         let mut c = self.pool.get().await?;
         let mut tx = self.begin(&mut c).await?;
         let id = new_id("task");
@@ -484,8 +492,8 @@ impl PostgresQueue {
         let inserted = tx
             .task(
                 &format!(
-                    "INSERT INTO {{s}}.tasks (id, request_id, task_type, state, priority, input, metadata, max_attempts, deadline, created_at)
-                     VALUES ($1, $2, $3, 'queued', $4, $5, $6, $7, $8, $9)
+                    "INSERT INTO {{s}}.tasks (id, request_id, task_type, state, priority, input, metadata, max_attempts, deadline, created_at, model, labels)
+                     VALUES ($1, $2, $3, 'queued', $4, $5, $6, $7, $8, $9, $10, $11)
                      ON CONFLICT (request_id) DO NOTHING RETURNING {COLS}"
                 ),
                 &[
@@ -498,6 +506,8 @@ impl PostgresQueue {
                     &max,
                     &t.deadline.map(i),
                     &i(now),
+                    &t.model,
+                    &t.labels,
                 ],
             )
             .await?;
@@ -510,8 +520,8 @@ impl PostgresQueue {
                 )
                 .await?
                 .ok_or_else(|| corrupt("request_id conflict without a task"))?;
-            let rid = t.request_id.unwrap_or_default();
-            if existing.task_type != t.task_type || existing.input != t.input {
+            let rid = t.request_id.clone().unwrap_or_default();
+            if !same_request(&existing, &t) {
                 return Err(QueueError::Conflict(rid));
             }
             return Ok((existing, false));
@@ -524,11 +534,12 @@ impl PostgresQueue {
     async fn reserve_(
         &self,
         worker_id: &str,
-        task_types: &[String],
+        caps: &Capabilities,
         n: usize,
         lease_until: u64,
         now: u64,
     ) -> Result<Vec<Task>> {
+        let task_types = &caps.task_types;
         if n == 0 || task_types.is_empty() {
             return Ok(Vec::new());
         }
@@ -543,11 +554,20 @@ impl PostgresQueue {
                      WHERE id IN (
                        SELECT id FROM {{s}}.tasks
                        WHERE state = 'queued' AND not_before <= $3 AND task_type = ANY($4)
+                         AND (model IS NULL OR model = ANY($6)) AND labels <@ $7
                        ORDER BY priority DESC, seq LIMIT $5
                        FOR UPDATE SKIP LOCKED)
                      RETURNING {COLS}"
                 ),
-                &[&worker_id, &i(lease_until), &i(now), &task_types, &(n as i64)],
+                &[
+                    &worker_id,
+                    &i(lease_until),
+                    &i(now),
+                    task_types,
+                    &(n as i64),
+                    &caps.models,
+                    &caps.labels,
+                ],
             )
             .await?;
         tasks.sort_by(|a, b| b.priority.cmp(&a.priority).then(a.seq.cmp(&b.seq)));
@@ -934,12 +954,12 @@ impl Queue for PostgresQueue {
     fn reserve<'a>(
         &'a self,
         worker_id: &'a str,
-        task_types: &'a [String],
+        caps: &'a Capabilities,
         n: usize,
         lease_until: u64,
         now: u64,
     ) -> QueueFuture<'a, Vec<Task>> {
-        Box::pin(self.reserve_(worker_id, task_types, n, lease_until, now))
+        Box::pin(self.reserve_(worker_id, caps, n, lease_until, now))
     }
 
     fn renew<'a>(&'a self, worker_id: &'a str, until: u64) -> QueueFuture<'a, usize> {
@@ -1051,8 +1071,9 @@ impl Queue for PostgresQueue {
             let rows = self
                 .read(
                     "SELECT COUNT(*) FROM {s}.tasks WHERE state = 'queued' AND task_type = $1
+                     AND model IS NOT DISTINCT FROM $4
                      AND (priority > $2 OR (priority = $2 AND seq < $3))",
-                    &[&task.task_type, &task.priority, &task.seq],
+                    &[&task.task_type, &task.priority, &task.seq, &task.model],
                 )
                 .await?;
             let n: i64 = rows

@@ -74,10 +74,14 @@ impl QueueOptions {
 ///
 /// Contract (checked by the conformance suite in `tests/conformance`):
 /// - `enqueue` is idempotent by `request_id`: the same key returns the stored task with
-///   `false`; a key reused for another type or input is [`QueueError::Conflict`]. A task is
+///   `false`; a key reused for another type, input, model or labels is
+///   [`QueueError::Conflict`]; an empty model or label is [`QueueError::Invalid`]. A task is
 ///   durable when `enqueue` returns.
-/// - `reserve` leases up to `n` queued tasks of the given types whose retry time has come,
-///   highest priority then oldest first, each with a fresh lease id and `attempt + 1`.
+/// - `reserve` leases up to `n` queued tasks whose retry time has come and that the worker's
+///   capabilities fit ([`serves`](crate::serves): its task types, the task's model if it
+///   names one, all of the task's labels), highest priority then oldest first among those,
+///   each with a fresh lease id and `attempt + 1`. Tasks that do not fit stay queued, in
+///   their place, for a worker that fits.
 /// - `complete`, `fail`, `dead_letter`, `release` and `progress` act only while the lease is
 ///   the task's current lease and the task runs (compare-and-set); otherwise they change
 ///   nothing and say why.
@@ -87,11 +91,11 @@ pub trait Queue: Send + Sync + std::fmt::Debug + 'static {
     /// `false`).
     fn enqueue(&self, task: NewTask, now: u64) -> QueueFuture<'_, (Task, bool)>;
 
-    /// Leases up to `n` queued tasks of `task_types` to `worker_id` until `lease_until`.
+    /// Leases up to `n` queued tasks that `caps` fit to `worker_id` until `lease_until`.
     fn reserve<'a>(
         &'a self,
         worker_id: &'a str,
-        task_types: &'a [String],
+        caps: &'a Capabilities,
         n: usize,
         lease_until: u64,
         now: u64,
@@ -184,8 +188,8 @@ pub trait Queue: Send + Sync + std::fmt::Debug + 'static {
     /// The attempts of a task, in order.
     fn attempts<'a>(&'a self, id: &'a str) -> QueueFuture<'a, Vec<AttemptRecord>>;
 
-    /// How many queued tasks of its type run before this one (0: next); `None` unless
-    /// queued.
+    /// How many queued tasks of its type and model run before this one (0: next); `None`
+    /// unless queued.
     fn queue_position<'a>(&'a self, task: &'a Task) -> QueueFuture<'a, Option<u64>>;
 
     /// Tasks, newest first.

@@ -44,7 +44,9 @@ CREATE TABLE IF NOT EXISTS tasks (
     dead_lettered INTEGER NOT NULL DEFAULT 0,
     created_at INTEGER NOT NULL,
     started_at INTEGER,
-    completed_at INTEGER
+    completed_at INTEGER,
+    model TEXT,
+    labels TEXT
 );
 CREATE INDEX IF NOT EXISTS tasks_ready ON tasks (task_type, priority DESC, seq) WHERE state = 'queued';
 CREATE INDEX IF NOT EXISTS tasks_running ON tasks (lease_expires_at) WHERE state = 'running';
@@ -73,9 +75,14 @@ CREATE TABLE IF NOT EXISTS timings (
 );
 ";
 
+/// Columns added after the first release: `ALTER TABLE ADD COLUMN` on databases without them.
+/// `model`: the model a worker must list (NULL: any); `labels`: the labels a worker must
+/// have, a sorted JSON array of strings (NULL: none).
+const ADDED_COLUMNS: &[(&str, &str)] = &[("model", "TEXT"), ("labels", "TEXT")];
+
 const COLS: &str = "id, request_id, task_type, state, priority, input, metadata, attempt, max_attempts, \
     lease, worker_id, lease_expires_at, deadline, cancel_requested, output, error, progress, \
-    dead_lettered, created_at, started_at, completed_at, seq";
+    dead_lettered, created_at, started_at, completed_at, seq, model, labels";
 
 type Result<T> = std::result::Result<T, QueueError>;
 
@@ -96,6 +103,7 @@ struct RawTask {
     output: Option<String>,
     error: Option<String>,
     progress: Option<String>,
+    labels: Option<String>,
 }
 
 fn row_to_task(r: &Row<'_>) -> rusqlite::Result<RawTask> {
@@ -123,6 +131,8 @@ fn row_to_task(r: &Row<'_>) -> rusqlite::Result<RawTask> {
         started_at: r.get(19)?,
         completed_at: r.get(20)?,
         seq: r.get(21)?,
+        model: r.get(22)?,
+        labels: Vec::new(),
     };
     Ok(RawTask {
         task,
@@ -131,6 +141,7 @@ fn row_to_task(r: &Row<'_>) -> rusqlite::Result<RawTask> {
         output: r.get(14)?,
         error: r.get(15)?,
         progress: r.get(16)?,
+        labels: r.get(23)?,
     })
 }
 
@@ -140,6 +151,11 @@ fn finish_task(raw: RawTask) -> Result<Task> {
     t.metadata = parse_json(raw.metadata)?;
     t.output = parse_json(raw.output)?;
     t.progress = parse_json(raw.progress)?;
+    t.labels = raw
+        .labels
+        .map(|l| serde_json::from_str(&l).map_err(|e| QueueError::Corrupt(e.to_string())))
+        .transpose()?
+        .unwrap_or_default();
     t.error = raw
         .error
         .map(|e| {
@@ -147,6 +163,26 @@ fn finish_task(raw: RawTask) -> Result<Task> {
         })
         .transpose()?;
     Ok(t)
+}
+
+/// Brings a database made by an earlier release up to the current columns.
+fn add_missing_columns(c: &Connection) -> Result<()> {
+    let have: Vec<String> = {
+        let mut stmt = c.prepare("SELECT name FROM pragma_table_info('tasks')")?;
+        stmt.query_map([], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?
+    };
+    for (name, ty) in ADDED_COLUMNS {
+        if !have.iter().any(|h| h == name) {
+            c.execute_batch(&format!("ALTER TABLE tasks ADD COLUMN {name} {ty}"))?;
+        }
+    }
+    Ok(())
+}
+
+/// The stored form of a label list: a JSON array, NULL when empty.
+fn labels_column(labels: &[String]) -> Option<String> {
+    (!labels.is_empty()).then(|| json!(labels).to_string())
 }
 
 fn get_task(c: &Connection, id: &str) -> Result<Option<Task>> {
@@ -276,6 +312,7 @@ impl SqliteQueue {
         conn.pragma_update(None, "busy_timeout", 5000)?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.execute_batch(SCHEMA)?;
+        add_missing_columns(&conn)?;
         let db = Db {
             conn,
             opts: QueueOptions {
@@ -384,11 +421,12 @@ impl Db {
     }
 
     /// Stores a task, or returns the task already stored under its `request_id` (with
-    /// `false`). A `request_id` reused for a different type or input is a conflict.
-    fn enqueue(&self, t: NewTask, now: u64) -> Result<(Task, bool)> {
+    /// `false`). A `request_id` reused for a different type, input or routing is a conflict.
+    fn enqueue(&self, mut t: NewTask, now: u64) -> Result<(Task, bool)> {
         if t.task_type.trim().is_empty() {
             return Err(QueueError::Invalid("task_type is empty".into()));
         }
+        normalize_routing(&mut t)?;
         let tx = self.conn.unchecked_transaction()?;
         if let Some(rid) = &t.request_id {
             let existing: Option<String> = tx
@@ -399,7 +437,7 @@ impl Db {
             if let Some(id) = existing {
                 let task = get_task(&tx, &id)?
                     .ok_or_else(|| QueueError::Corrupt("task vanished".into()))?;
-                if task.task_type != t.task_type || task.input != t.input {
+                if !same_request(&task, &t) {
                     return Err(QueueError::Conflict(rid.clone()));
                 }
                 return Ok((task, false));
@@ -407,8 +445,8 @@ impl Db {
         }
         let id = new_id("task");
         tx.execute(
-            "INSERT INTO tasks (id, request_id, task_type, state, priority, input, metadata, max_attempts, deadline, created_at)
-             VALUES (?1, ?2, ?3, 'queued', ?4, ?5, ?6, ?7, ?8, ?9)",
+            "INSERT INTO tasks (id, request_id, task_type, state, priority, input, metadata, max_attempts, deadline, created_at, model, labels)
+             VALUES (?1, ?2, ?3, 'queued', ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
             params![
                 id,
                 t.request_id,
@@ -418,7 +456,9 @@ impl Db {
                 t.metadata.as_ref().map(Value::to_string),
                 t.max_attempts.unwrap_or(self.opts.default_max_attempts).max(1),
                 t.deadline,
-                now
+                now,
+                t.model,
+                labels_column(&t.labels)
             ],
         )?;
         let task = get_task(&tx, &id)?.ok_or_else(|| QueueError::Corrupt("insert lost".into()))?;
@@ -427,16 +467,19 @@ impl Db {
         Ok((task, true))
     }
 
-    /// Leases up to `n` queued tasks of the given types to `worker_id`, highest priority
-    /// then oldest first, each with a new lease id, until `lease_until`.
+    /// Leases up to `n` queued tasks that `caps` fit to `worker_id`, highest priority
+    /// then oldest first, each with a new lease id, until `lease_until`. The ready index
+    /// (type, priority, seq) orders the scan; model and labels are checked per row, the
+    /// worker's lists passed as JSON arrays.
     fn reserve(
         &self,
         worker_id: &str,
-        task_types: &[String],
+        caps: &Capabilities,
         n: usize,
         lease_until: u64,
         now: u64,
     ) -> Result<Vec<Task>> {
+        let task_types = &caps.task_types;
         if n == 0 || task_types.is_empty() {
             return Ok(Vec::new());
         }
@@ -444,12 +487,17 @@ impl Db {
         let marks = vec!["?"; task_types.len()].join(",");
         let sql = format!(
             "SELECT id FROM tasks WHERE state = 'queued' AND not_before <= ? AND task_type IN ({marks})
+             AND (model IS NULL OR model IN (SELECT value FROM json_each(?)))
+             AND (labels IS NULL OR NOT EXISTS (SELECT 1 FROM json_each(tasks.labels) AS need
+                  WHERE need.value NOT IN (SELECT value FROM json_each(?))))
              ORDER BY priority DESC, seq LIMIT ?"
         );
         let ids: Vec<String> = {
             let mut stmt = tx.prepare_cached(&sql)?;
             let mut args: Vec<rusqlite::types::Value> = vec![(now as i64).into()];
             args.extend(task_types.iter().map(|t| t.clone().into()));
+            args.push(json!(caps.models).to_string().into());
+            args.push(json!(caps.labels).to_string().into());
             args.push((n as i64).into());
             stmt.query_map(rusqlite::params_from_iter(args), |r| r.get(0))?
                 .collect::<rusqlite::Result<_>>()?
@@ -816,15 +864,16 @@ impl Db {
         Ok(true)
     }
 
-    /// How many queued tasks run before this one (0: next); `None` unless queued.
+    /// How many queued tasks of its type and model run before this one (0: next); `None`
+    /// unless queued.
     fn queue_position(&self, task: &Task) -> Result<Option<u64>> {
         if task.state != TaskState::Queued {
             return Ok(None);
         }
         let n: i64 = self.conn.query_row(
-            "SELECT COUNT(*) FROM tasks WHERE state = 'queued' AND task_type = ?1
+            "SELECT COUNT(*) FROM tasks WHERE state = 'queued' AND task_type = ?1 AND model IS ?4
              AND (priority > ?2 OR (priority = ?2 AND seq < ?3))",
-            params![task.task_type, task.priority, task.seq],
+            params![task.task_type, task.priority, task.seq, task.model],
             |r| r.get(0),
         )?;
         Ok(Some(n as u64))
@@ -920,13 +969,13 @@ impl Queue for SqliteQueue {
     fn reserve<'a>(
         &'a self,
         worker_id: &'a str,
-        task_types: &'a [String],
+        caps: &'a Capabilities,
         n: usize,
         lease_until: u64,
         now: u64,
     ) -> QueueFuture<'a, Vec<Task>> {
-        let (w, types) = (worker_id.to_owned(), task_types.to_vec());
-        self.call(move |db| db.reserve(&w, &types, n, lease_until, now))
+        let (w, caps) = (worker_id.to_owned(), caps.clone());
+        self.call(move |db| db.reserve(&w, &caps, n, lease_until, now))
     }
 
     fn renew<'a>(&'a self, worker_id: &'a str, until: u64) -> QueueFuture<'a, usize> {

@@ -108,7 +108,7 @@ async fn instances_on_one_schema_notify_each_other() {
     }
     // B leases it; A's completion reaches B as events, its own calls never come back to it.
     let l = b
-        .reserve("w", &["txt2img".into()], 1, 100_000, 2)
+        .reserve("w", &txt2img_worker(), 1, 100_000, 2)
         .await
         .unwrap()[0]
         .lease
@@ -169,7 +169,7 @@ async fn two_instances_claim_disjoint_tasks_and_dedupe_request_ids() {
         let mut mine = Vec::new();
         loop {
             let got = q
-                .reserve(w, &["txt2img".into()], 2, 100_000, 2)
+                .reserve(w, &txt2img_worker(), 2, 100_000, 2)
                 .await
                 .unwrap();
             if got.is_empty() {
@@ -196,4 +196,60 @@ async fn bad_schema_names_are_refused() {
     .await
     .unwrap_err();
     assert!(matches!(e, QueueError::Invalid(_)), "{e}");
+}
+
+/// A worker serving `txt2img`.
+fn txt2img_worker() -> Capabilities {
+    Capabilities {
+        task_types: vec!["txt2img".into()],
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schema_from_before_routing_gets_the_new_columns() {
+    let schema = schema_for("a_schema_from_before_routing");
+    let Some(q) = open(&schema).await else { return };
+    q.drop_schema().await.unwrap();
+    drop(q);
+    let q = open(&schema).await.unwrap();
+    let nt = NewTask {
+        task_type: "txt2img".into(),
+        input: json!({"old": true}),
+        ..Default::default()
+    };
+    let old = q.enqueue(nt, 1).await.unwrap().0.id;
+    drop(q);
+    // The tables as an earlier release left them: no routing columns.
+    let (c, conn) = tokio_postgres::connect(URL, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let driver = tokio::spawn(conn);
+    c.batch_execute(&format!(
+        "ALTER TABLE {schema}.tasks DROP COLUMN model; ALTER TABLE {schema}.tasks DROP COLUMN labels;"
+    ))
+    .await
+    .unwrap();
+    let q = open(&schema).await.unwrap();
+    let t = q.get(&old).await.unwrap().unwrap();
+    assert_eq!((t.model, t.labels.len()), (None, 0));
+    let nt = NewTask {
+        task_type: "txt2img".into(),
+        input: json!({"new": true}),
+        model: Some("sdxl".into()),
+        labels: vec!["gpu=a100".into()],
+        ..Default::default()
+    };
+    let (routed, _) = q.enqueue(nt, 2).await.unwrap();
+    let w = Capabilities {
+        task_types: vec!["txt2img".into()],
+        models: vec!["sdxl".into()],
+        labels: vec!["gpu=a100".into()],
+    };
+    let got = q.reserve("w", &w, 5, 100_000, 3).await.unwrap();
+    let got: Vec<&str> = got.iter().map(|t| t.id.as_str()).collect();
+    assert_eq!(got, [old.as_str(), routed.id.as_str()]);
+    q.drop_schema().await.unwrap();
+    drop(c);
+    driver.abort();
 }

@@ -104,7 +104,7 @@ async fn two_handles_share_tasks_leases_and_events() {
     }
     // B reserves what A enqueued; A renews and completes B's lease (the lease is shared).
     let got = b
-        .reserve("w", &["txt2img".into()], 4, 90_000, 1_001)
+        .reserve("w", &txt2img_worker(), 4, 90_000, 1_001)
         .await
         .unwrap();
     assert_eq!(got.len(), 1);
@@ -155,7 +155,7 @@ async fn dead_letters_go_to_the_dead_stream_and_user_json_is_kept_verbatim() {
         .unwrap();
     assert_eq!(q.get(&t.id).await.unwrap().unwrap().input, input);
     let l = q
-        .reserve("w", &["txt2img".into()], 1, 1_000, 2)
+        .reserve("w", &txt2img_worker(), 1, 1_000, 2)
         .await
         .unwrap()[0]
         .lease
@@ -182,4 +182,12 @@ async fn dead_letters_go_to_the_dead_stream_and_user_json_is_kept_verbatim() {
         .await
         .unwrap();
     assert!(left.is_empty(), "{left:?}");
+}
+
+/// A worker serving `txt2img`.
+fn txt2img_worker() -> Capabilities {
+    Capabilities {
+        task_types: vec!["txt2img".into()],
+        ..Default::default()
+    }
 }

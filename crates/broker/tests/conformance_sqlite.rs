@@ -72,3 +72,56 @@ async fn survives_reopening_the_file() {
     );
     assert_eq!(q.stats().await.unwrap().count(TaskState::Queued), 1);
 }
+
+#[tokio::test]
+async fn a_file_from_before_routing_gets_the_new_columns() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.sqlite");
+    let old = {
+        let q = SqliteQueue::open(&path, SqliteOptions::default()).unwrap();
+        let nt = NewTask {
+            task_type: "txt2img".into(),
+            input: json!({"old": true}),
+            ..Default::default()
+        };
+        q.enqueue(nt, 1).await.unwrap().0.id
+    };
+    // The file as an earlier release left it: no routing columns.
+    {
+        let c = rusqlite::Connection::open(&path).unwrap();
+        c.execute_batch(
+            "ALTER TABLE tasks DROP COLUMN model; ALTER TABLE tasks DROP COLUMN labels;",
+        )
+        .unwrap();
+        let cols: i64 = c
+            .query_row(
+                "SELECT COUNT(*) FROM pragma_table_info('tasks') WHERE name IN ('model', 'labels')",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(cols, 0);
+    }
+    let q = SqliteQueue::open(&path, SqliteOptions::default()).unwrap();
+    let t = q.get(&old).await.unwrap().unwrap();
+    assert_eq!((t.model, t.labels.len()), (None, 0));
+    let nt = NewTask {
+        task_type: "txt2img".into(),
+        input: json!({"new": true}),
+        model: Some("sdxl".into()),
+        labels: vec!["gpu=a100".into()],
+        ..Default::default()
+    };
+    let (routed, _) = q.enqueue(nt, 2).await.unwrap();
+    drop(q);
+    // Opening again finds the columns and changes nothing.
+    let q = SqliteQueue::open(&path, SqliteOptions::default()).unwrap();
+    let w = Capabilities {
+        task_types: vec!["txt2img".into()],
+        models: vec!["sdxl".into()],
+        labels: vec!["gpu=a100".into()],
+    };
+    let got = q.reserve("w", &w, 5, 100_000, 3).await.unwrap();
+    let got: Vec<&str> = got.iter().map(|t| t.id.as_str()).collect();
+    assert_eq!(got, [old.as_str(), routed.id.as_str()]);
+}

@@ -40,17 +40,32 @@ impl TestWorker {
         inflight: Vec<String>,
         outbox: Vec<String>,
     ) -> (Self, Welcome) {
+        let caps = Capabilities {
+            task_types: vec!["txt2img".into()],
+            ..Default::default()
+        };
+        Self::connect_as(b, "w1", caps, boot, slots, resume, inflight, outbox).await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn connect_as(
+        b: &Arc<Broker>,
+        worker_id: &str,
+        capabilities: Capabilities,
+        boot: &str,
+        slots: u32,
+        resume: Option<Resume>,
+        inflight: Vec<String>,
+        outbox: Vec<String>,
+    ) -> (Self, Welcome) {
         let (tx, from_worker) = mpsc::unbounded();
         let (to_worker, rx) = mpsc::unbounded();
         let end = tokio::spawn(b.clone().serve_session(from_worker, to_worker));
         let mut w = TestWorker { tx, rx, end };
         w.send(Message::Hello(Hello {
-            worker_id: "w1".into(),
+            worker_id: worker_id.into(),
             boot_id: boot.into(),
-            capabilities: Capabilities {
-                task_types: vec!["txt2img".into()],
-                ..Default::default()
-            },
+            capabilities,
             slots,
             resume,
             inflight,
@@ -435,4 +450,67 @@ async fn first_frame_must_be_hello() {
     tx.unbounded_send(Ok(Envelope::new(Message::Ack(Ack { seq: 1 }), 0).encode()))
         .unwrap();
     assert_eq!(end.await.unwrap().code, kiln_protocol::close::PROTOCOL);
+}
+
+#[tokio::test]
+async fn workers_with_different_models_each_get_only_their_own_tasks() {
+    let b = broker();
+    let submit_for = |model: &'static str, i: usize| {
+        let b = b.clone();
+        async move {
+            b.submit(NewTask {
+                task_type: "txt2img".into(),
+                input: json!({"i": i}),
+                model: Some(model.into()),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .0
+            .id
+        }
+    };
+    let (mut sdxl, mut flux) = (Vec::new(), Vec::new());
+    for i in 0..3 {
+        sdxl.push(submit_for("sdxl", i).await);
+        flux.push(submit_for("flux", i).await);
+    }
+    assert!(!b.can_serve("txt2img", Some("sdxl"), &[]));
+    let caps = |model: &str| Capabilities {
+        task_types: vec!["txt2img".into()],
+        models: vec![model.into()],
+        labels: vec!["gpu=a100".into()],
+    };
+    let (mut wa, _) = TestWorker::connect_as(&b, "wa", caps("sdxl"), "ba", 8, None, vec![], vec![]).await;
+    let (mut wb, _) = TestWorker::connect_as(&b, "wb", caps("flux"), "bb", 8, None, vec![], vec![]).await;
+    assert!(b.can_serve("txt2img", Some("flux"), &["gpu=a100".into()]));
+    assert!(!b.can_serve("txt2img", Some("flux"), &["gpu=h100".into()]));
+    assert!(!b.can_serve("txt2img", Some("sd15"), &[]));
+    assert!(b.can_serve("txt2img", None, &[]));
+    async fn take(w: &mut TestWorker, n: usize) -> Vec<TaskAssignment> {
+        let mut got = Vec::new();
+        while got.len() < n {
+            let a = w.assign().await;
+            w.send(Message::Ack(Ack { seq: a.seq }));
+            got.extend(a.tasks);
+        }
+        got
+    }
+    for (w, model, want) in [(&mut wa, "sdxl", &sdxl), (&mut wb, "flux", &flux)] {
+        let got = take(w, 3).await;
+        let mut ids: Vec<String> = got.iter().map(|t| t.task_id.clone()).collect();
+        ids.sort();
+        let mut want = want.clone();
+        want.sort();
+        assert_eq!(ids, want, "{model} worker got other tasks");
+        assert!(got.iter().all(|t| t.model.as_deref() == Some(model)));
+    }
+    // A new task for one model wakes dispatch: only its worker gets it.
+    let late = submit_for("flux", 9).await;
+    let got = take(&mut wb, 1).await;
+    assert_eq!(got[0].task_id, late);
+    wa.nothing_for(300).await;
+    for w in [wa, wb] {
+        w.drop_connection().await;
+    }
 }

@@ -33,6 +33,23 @@ pub(crate) struct CreateTask {
     /// Free-form metadata returned with the task.
     #[schema(value_type = Object)]
     metadata: Option<Value>,
+    /// The model the task needs: only workers listing it in their `models` run the task.
+    /// 1 to 128 visible ASCII characters.
+    #[schema(min_length = 1, max_length = 128)]
+    model: Option<String>,
+    /// Labels the worker must have, all of them (e.g. `gpu=a100`): at most 16, each 1 to
+    /// 128 visible ASCII characters.
+    #[serde(default)]
+    #[schema(max_items = 16)]
+    labels: Vec<String>,
+}
+
+/// The most labels one task may ask for.
+const MAX_LABELS: usize = 16;
+
+/// A model name or label: 1 to 128 visible ASCII characters.
+fn routing_name(s: &str) -> bool {
+    (1..=128).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_graphic())
 }
 
 /// Progress of a running task.
@@ -78,6 +95,10 @@ pub(crate) struct TaskView {
     deadline: Option<String>,
     #[schema(value_type = Object)]
     metadata: Option<Value>,
+    /// The model a worker must serve, if any.
+    model: Option<String>,
+    /// Labels a worker must have (sorted).
+    labels: Vec<String>,
     dead_lettered: bool,
     cancel_requested: bool,
 }
@@ -149,6 +170,8 @@ pub(crate) async fn view(state: &AppState, t: Task) -> Result<TaskView, ApiError
         priority: t.priority,
         deadline: t.deadline.map(rfc3339),
         metadata: t.metadata,
+        model: t.model,
+        labels: t.labels,
         dead_lettered: t.dead_lettered,
         cancel_requested: t.cancel_requested,
         id: t.id,
@@ -158,7 +181,7 @@ pub(crate) async fn view(state: &AppState, t: Task) -> Result<TaskView, ApiError
 fn queue_error(e: QueueError) -> ApiError {
     match e {
         QueueError::Conflict(rid) => ApiError::conflict(format!(
-            "request_id {rid:?} was already used for a task with a different type or input"
+            "request_id {rid:?} was already used for a task with a different type, input, model or labels"
         )),
         QueueError::Invalid(m) => ApiError::invalid(m),
         other => ApiError::unavailable(format!("the queue store failed: {other}")),
@@ -207,13 +230,31 @@ pub(crate) async fn create(
             "task_type must be 1 to 64 characters of letters, digits, `_`, `-`, `.`",
         ));
     }
+    if body.model.as_deref().is_some_and(|m| !routing_name(m)) {
+        return Err(ApiError::invalid(
+            "model must be 1 to 128 visible ASCII characters",
+        ));
+    }
+    if body.labels.len() > MAX_LABELS || !body.labels.iter().all(|l| routing_name(l)) {
+        return Err(ApiError::invalid(format!(
+            "labels: at most {MAX_LABELS}, each 1 to 128 visible ASCII characters"
+        )));
+    }
     let cfg = state.config();
     let known = cfg.queue_unknown_task_types
         || cfg.known_task_types.iter().any(|t| t == tt)
-        || state.broker().can_serve(tt);
+        || state
+            .broker()
+            .can_serve(tt, body.model.as_deref(), &body.labels);
     if !known {
+        let routed = match (&body.model, body.labels.is_empty()) {
+            (None, true) => String::new(),
+            (Some(m), true) => format!(" with model {m:?}"),
+            (None, false) => format!(" with labels {:?}", body.labels),
+            (Some(m), false) => format!(" with model {m:?} and labels {:?}", body.labels),
+        };
         return Err(ApiError::invalid(format!(
-            "no worker serves task type {tt:?} (connected workers serve: {})",
+            "no worker serves task type {tt:?}{routed} (connected workers serve: {})",
             served_types(&state).join(", ")
         )));
     }
@@ -233,6 +274,8 @@ pub(crate) async fn create(
             deadline,
             metadata: body.metadata,
             max_attempts: None,
+            model: body.model,
+            labels: body.labels,
         })
         .await
         .map_err(queue_error)?;

@@ -301,7 +301,10 @@ mod tests {
         };
         let t0 = 1_000_000;
         let (t, _) = q.enqueue(new, t0).await.unwrap();
-        let types = ["t".to_owned()];
+        let types = kiln_broker::Capabilities {
+            task_types: vec!["t".to_owned()],
+            ..Default::default()
+        };
         // Queued 100 ms, then the first attempt fails after 50 ms (retryable).
         let lease = q
             .reserve("w", &types, 1, t0 + 90_000, t0 + 100)

@@ -9,9 +9,11 @@ use serde_json::Value;
 pub struct Capabilities {
     /// Task types the worker's handlers serve, e.g. `txt2img`.
     pub task_types: Vec<String>,
-    /// Models the worker has loaded (empty: any).
+    /// Models the worker serves. A task that names a model goes only to workers listing
+    /// it; a worker with no models gets only tasks that name none.
     pub models: Vec<String>,
-    /// Free-form labels matched by routing, e.g. `gpu=a100`.
+    /// Free-form labels matched by routing, e.g. `gpu=a100`: a task that asks for labels
+    /// goes only to workers that have all of them.
     pub labels: Vec<String>,
 }
 
@@ -105,6 +107,10 @@ pub struct TaskAssignment {
     /// Absolute deadline, Unix ms; the worker should give up past it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deadline: Option<u64>,
+    /// The model the task needs (one of the worker's `models`), when it names one: the
+    /// model to load for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
     /// The task's input, as the client sent it.
     pub input: Value,
 }

@@ -29,9 +29,12 @@ pub struct WorkerConfig {
     pub state_dir: PathBuf,
     /// Tasks run at once. Default: 1.
     pub slots: u32,
-    /// Models this worker serves (routing). Default: empty.
+    /// Models this worker serves (routing): a task that names a model is assigned only to
+    /// workers listing it; with none, the worker gets only tasks that name no model.
+    /// Default: empty.
     pub models: Vec<String>,
-    /// Labels (routing). Default: empty.
+    /// Labels (routing), e.g. `gpu=a100`: a task that asks for labels is assigned only to
+    /// workers having all of them. Default: empty.
     pub labels: Vec<String>,
     /// Reconnect backoff. Default: full jitter from 1 s, doubling, capped at 60 s, forever.
     pub reconnect: RetryConfig,
@@ -112,6 +115,8 @@ pub struct TaskContext {
     pub request_id: Option<String>,
     /// Deadline, Unix ms.
     pub deadline: Option<u64>,
+    /// The model the task needs (one of [`WorkerConfig::models`]), if it names one.
+    pub model: Option<String>,
     /// The input.
     pub input: Value,
     out: mpsc::UnboundedSender<Message>,
@@ -616,6 +621,7 @@ impl Conn<'_> {
             task_type: t.task_type,
             request_id: t.request_id,
             deadline: t.deadline,
+            model: t.model,
             input: t.input,
             out: self.out_tx.clone(),
             cancel: cancel_rx,

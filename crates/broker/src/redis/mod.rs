@@ -11,6 +11,11 @@
 //!   worker. When the attempt ends the entry is acknowledged and deleted (`XACK` + `XDEL`);
 //!   a task that goes back to the queue gets a new entry at the back of its level.
 //!   `prios:{type}` lists the levels, `cursor` mirrors the group's last delivered id.
+//! - `rq:{route}:{priority}` — the ready streams of tasks that name a model or labels: one
+//!   route per (type, model, labels), `route` the SHA-1 of the three, levels in
+//!   `rprios:{route}`, and `routes:{type}` maps each route to its model and labels. A
+//!   reserve reads only the streams of routes the worker fits (see [`crate::serves`]), so
+//!   every entry it reads is one it may run and nothing is skipped or put back.
 //! - `running` (lease expiry), `deadlines`, `delayed` (retry times) — sorted sets by Unix ms;
 //!   `worker:{id}` — the tasks a worker holds; `leases` — lease id to task id.
 //! - `att:{id}` — the attempts; `ev:{id}` — the task's events, ids from `evseq`;
@@ -247,6 +252,12 @@ fn task_from(v: Value) -> Result<Option<Task>> {
         started_at: num(&h, "started_at")?,
         completed_at: num(&h, "completed_at")?,
         seq: num(&h, "seq")?.unwrap_or(0),
+        model: h.get("model").cloned(),
+        labels: json_field(&h, "labels")?
+            .map(serde_json::from_value::<Vec<String>>)
+            .transpose()
+            .map_err(|e| QueueError::Corrupt(format!("labels: {e}")))?
+            .unwrap_or_default(),
     }))
 }
 
@@ -416,10 +427,11 @@ impl RedisQueue {
             .map_err(store)
     }
 
-    async fn enqueue_now(&self, t: NewTask, now: u64) -> Result<(Task, bool)> {
+    async fn enqueue_now(&self, mut t: NewTask, now: u64) -> Result<(Task, bool)> {
         if t.task_type.trim().is_empty() {
             return Err(QueueError::Invalid("task_type is empty".into()));
         }
+        normalize_routing(&mut t)?;
         let id = format!("task_{}", uuid::Uuid::new_v4().simple());
         let max = t
             .max_attempts
@@ -437,12 +449,18 @@ impl RedisQueue {
             t.deadline.map(|d| d.to_string()).unwrap_or_default(),
             t.request_id.clone().unwrap_or_default(),
             ttl.to_string(),
+            t.model.clone().unwrap_or_default(),
+            if t.labels.is_empty() {
+                String::new()
+            } else {
+                serde_json::json!(t.labels).to_string()
+            },
         ];
         let mut r = self.run("enqueue", args).await?;
         let tag = r.tag()?;
         let task = need_task(r.next())?;
         if tag == "exists" {
-            if task.task_type != t.task_type || task.input != t.input {
+            if !same_request(&task, &t) {
                 return Err(QueueError::Conflict(t.request_id.unwrap_or_default()));
             }
             return Ok((task, false));
@@ -535,15 +553,20 @@ impl Queue for RedisQueue {
     fn reserve<'a>(
         &'a self,
         worker_id: &'a str,
-        task_types: &'a [String],
+        caps: &'a Capabilities,
         n: usize,
         lease_until: u64,
         now: u64,
     ) -> QueueFuture<'a, Vec<Task>> {
         Box::pin(async move {
-            let mut types: Vec<&String> = task_types.iter().collect();
-            types.sort();
-            types.dedup();
+            let set = |v: &'a [String]| {
+                let mut v: Vec<&'a String> = v.iter().collect();
+                v.sort();
+                v.dedup();
+                v
+            };
+            let (types, models, labels) =
+                (set(&caps.task_types), set(&caps.models), set(&caps.labels));
             if n == 0 || types.is_empty() {
                 return Ok(Vec::new());
             }
@@ -555,6 +578,10 @@ impl Queue for RedisQueue {
                 types.len().to_string(),
             ];
             args.extend(types.into_iter().cloned());
+            args.push(models.len().to_string());
+            args.extend(models.into_iter().cloned());
+            args.push(labels.len().to_string());
+            args.extend(labels.into_iter().cloned());
             args.extend((0..n).map(|_| format!("lease_{}", uuid::Uuid::new_v4().simple())));
             let mut r = self.run("reserve", args).await?;
             tasks_from(r.next().ok_or_else(|| corrupt("reserve"))?)

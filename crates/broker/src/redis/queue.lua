@@ -66,15 +66,55 @@ local function terminal_event(t, now)
     .. ',"error":' .. (t.error or 'null') .. '}', now)
 end
 
--- The ready queue: one stream per (task type, priority), consumer group `kiln`, the worker
--- id as consumer name. An entry lives from the time its task is queued until its attempt
--- ends (XACK + XDEL); `cursor` mirrors the group's last delivered id for peeking.
+-- The ready queue: one stream per route and priority, consumer group `kiln`, the worker id
+-- as consumer name. An entry lives from the time its task is queued until its attempt ends
+-- (XACK + XDEL); `cursor` mirrors the group's last delivered id for peeking.
+--
+-- A route is what a task asks of its worker. Tasks that ask nothing beyond their type live in
+-- `q:{type}:{priority}`, levels listed in `prios:{type}`. Tasks that name a model or labels
+-- live in `rq:{route}:{priority}`, levels in `rprios:{route}`, where route is the SHA-1 of
+-- (type, model, labels) and `routes:{type}` maps it to {model, labels JSON}. Every entry of
+-- a stream asks the same, so a worker reads only the streams it fits and never has to skip
+-- an entry it cannot run: entries stay in their place, in order, for the workers that fit.
+local function route_of(t)
+  local m, l = t.model or '', t.labels or ''
+  if m == '' and l == '' then return nil end
+  return redis.sha1hex(cjson.encode({t.task_type, m, l}))
+end
+-- The ready streams of a type whose route `want` accepts: {stream, priority} pairs. `want`
+-- gets {model, labels JSON} ('' for none).
+local function levels(tt, want)
+  local out = {}
+  if want({'', ''}) then
+    for _, p in ipairs(redis.call('ZRANGE', key('prios', tt), 0, -1)) do
+      out[#out + 1] = {key('q', tt, p), tonumber(p)}
+    end
+  end
+  local routes = redis.call('HGETALL', key('routes', tt))
+  for i = 1, #routes, 2 do
+    if want(cjson.decode(routes[i + 1])) then
+      for _, p in ipairs(redis.call('ZRANGE', key('rprios', routes[i]), 0, -1)) do
+        out[#out + 1] = {key('rq', routes[i], p), tonumber(p)}
+      end
+    end
+  end
+  return out
+end
 local function push_ready(t)
-  local s = key('q', t.task_type, t.priority)
-  local prios = key('prios', t.task_type)
+  local route = route_of(t)
+  local s, prios
+  if route then
+    s, prios = key('rq', route, t.priority), key('rprios', route)
+  else
+    s, prios = key('q', t.task_type, t.priority), key('prios', t.task_type)
+  end
   if not redis.call('ZSCORE', prios, t.priority) then
     redis.pcall('XGROUP', 'CREATE', s, G, '0', 'MKSTREAM')
     redis.call('ZADD', prios, t.priority, t.priority)
+    if route then
+      redis.call('HSET', key('routes', t.task_type), route,
+        cjson.encode({t.model or '', t.labels or ''}))
+    end
   end
   local e = redis.call('XADD', s, '*', 'task', t.id)
   set(t, 'stream', s, 'entry', e)
@@ -155,8 +195,8 @@ local function reply(...)
 end
 
 if op == 'enqueue' then
-  local id, now, tt, prio, input, meta, maxa, deadline, rid, ttl =
-    A[1], A[2], A[3], A[4], A[5], A[6], A[7], A[8], A[9], A[10]
+  local id, now, tt, prio, input, meta, maxa, deadline, rid, ttl, model, labels =
+    A[1], A[2], A[3], A[4], A[5], A[6], A[7], A[8], A[9], A[10], A[11], A[12]
   local rkey = key('rid', rid)
   if rid ~= '' then
     local old = redis.call('GET', rkey)
@@ -170,6 +210,8 @@ if op == 'enqueue' then
     'max_attempts', maxa, 'cancel_requested', '0', 'dead_lettered', '0', 'created_at', now,
     'seq', tostring(seq))
   if meta ~= '' then set(t, 'metadata', meta) end
+  if model ~= '' then set(t, 'model', model) end
+  if labels ~= '' then set(t, 'labels', labels) end
   if deadline ~= '' then
     set(t, 'deadline', deadline)
     redis.call('ZADD', key('deadlines'), deadline, id)
@@ -188,19 +230,37 @@ if op == 'enqueue' then
   return reply('created', snap(id))
 
 elseif op == 'reserve' then
+  -- Arguments: worker, n, lease until, now, then the worker's task types, models and
+  -- labels (each a count and the values), then n fresh lease ids.
   local w, n, untl, now, nt = A[1], tonumber(A[2]), A[3], A[4], tonumber(A[5])
+  local nm = tonumber(A[6 + nt])
+  local nl = tonumber(A[7 + nt + nm])
+  local models, labels = {}, {}
+  for i = 1, nm do models[A[6 + nt + i]] = true end
+  for i = 1, nl do labels[A[7 + nt + nm + i]] = true end
+  local function fits(route)
+    if route[1] ~= '' and not models[route[1]] then return false end
+    if route[2] ~= '' then
+      for _, l in ipairs(cjson.decode(route[2])) do
+        if not labels[l] then return false end
+      end
+    end
+    return true
+  end
   promote(now)
-  -- Peek at the undelivered heads of every candidate stream, pick the best n (priority,
-  -- then age), then deliver exactly those with XREADGROUP, stream by stream.
+  -- Peek at the undelivered heads of every stream the worker fits, pick the best n
+  -- (priority, then age), then deliver exactly those with XREADGROUP, stream by stream.
   local cands = {}
   for i = 1, nt do
-    local tt = A[5 + i]
-    for _, p in ipairs(redis.call('ZRANGE', key('prios', tt), 0, -1)) do
-      local s = key('q', tt, p)
+    for _, lv in ipairs(levels(A[5 + i], fits)) do
+      local s, p = lv[1], lv[2]
       local cur = redis.call('HGET', key('cursor'), s) or '0-0'
       for _, e in ipairs(redis.call('XRANGE', s, '(' .. cur, '+', 'COUNT', n)) do
-        local ms, sq = string.match(e[1], '(%d+)-(%d+)')
-        cands[#cands + 1] = {tonumber(p), tonumber(ms), tonumber(sq), s}
+        -- Age: the entry's time, then the task's submission order (entries of different
+        -- streams added in the same millisecond).
+        local ms = string.match(e[1], '(%d+)-%d+')
+        local sq = tonumber(redis.call('HGET', key('task', e[2][2]), 'seq') or '0') or 0
+        cands[#cands + 1] = {p, tonumber(ms), sq, s}
       end
     end
   end
@@ -219,7 +279,7 @@ elseif op == 'reserve' then
     per[s] = per[s] + 1
   end
   local out = {}
-  local li = 5 + nt
+  local li = 7 + nt + nm + nl
   for _, s in ipairs(order) do
     local r = redis.call('XREADGROUP', 'GROUP', G, w, 'COUNT', per[s], 'STREAMS', s, '>')
     if r then
@@ -421,15 +481,17 @@ elseif op == 'cancel' then
 elseif op == 'position' then
   local t = load(A[1])
   if not t or t.state ~= 'queued' then return reply(false) end
+  -- Tasks of the same type and model ahead of this one, across their routes' streams.
   local n = 0
   local mine = tonumber(t.priority)
-  for _, p in ipairs(redis.call('ZRANGE', key('prios', t.task_type), 0, -1)) do
-    local s = key('q', t.task_type, p)
+  local model = t.model or ''
+  for _, lv in ipairs(levels(t.task_type, function(route) return route[1] == model end)) do
+    local s, p = lv[1], lv[2]
     -- Undelivered entries: the stream's length less its pending (delivered) entries.
     local undelivered = redis.call('XLEN', s) - redis.call('XPENDING', s, G)[1]
-    if tonumber(p) > mine or (tonumber(p) == mine and not t.entry) then
+    if p > mine or (p == mine and not t.entry) then
       n = n + undelivered
-    elseif tonumber(p) == mine then
+    elseif p == mine then
       local cur = redis.call('HGET', key('cursor'), s) or '0-0'
       n = n + #redis.call('XRANGE', s, '(' .. cur, '(' .. t.entry)
     end

@@ -40,7 +40,11 @@ macro_rules! conformance_tests {
             list_and_stats,
             concurrent_reserves_never_share_a_task,
             events_of_failed_calls_are_not_published,
-            timings_merge_by_key_and_worker_stages_need_the_current_lease
+            timings_merge_by_key_and_worker_stages_need_the_current_lease,
+            a_model_task_goes_only_to_workers_listing_the_model,
+            labels_must_all_be_on_the_worker,
+            unfit_tasks_stay_queued_and_are_not_starved,
+            priority_then_age_among_the_tasks_a_worker_fits
         );
     };
     (@each $make:path, $done:path; $($name:ident),*) => {
@@ -73,6 +77,35 @@ fn types() -> Vec<String> {
     TYPES.iter().map(|s| s.to_string()).collect()
 }
 
+/// A worker serving `TYPES`, without models or labels.
+fn caps() -> Capabilities {
+    Capabilities {
+        task_types: types(),
+        ..Default::default()
+    }
+}
+
+/// A worker serving `TYPES` with these models and labels.
+fn worker(models: &[&str], labels: &[&str]) -> Capabilities {
+    Capabilities {
+        task_types: types(),
+        models: models.iter().map(|s| s.to_string()).collect(),
+        labels: labels.iter().map(|s| s.to_string()).collect(),
+    }
+}
+
+fn routed(model: Option<&str>, labels: &[&str], input: serde_json::Value) -> NewTask {
+    NewTask {
+        model: model.map(str::to_owned),
+        labels: labels.iter().map(|s| s.to_string()).collect(),
+        ..task("txt2img", input)
+    }
+}
+
+fn ids(tasks: &[Task]) -> Vec<String> {
+    tasks.iter().map(|t| t.id.clone()).collect()
+}
+
 fn oom() -> TaskError {
     TaskError {
         code: "oom".into(),
@@ -82,7 +115,7 @@ fn oom() -> TaskError {
 }
 
 async fn lease_one(q: &dyn Queue, worker: &str, until: u64, now: u64) -> String {
-    q.reserve(worker, &types(), 1, until, now).await.unwrap()[0]
+    q.reserve(worker, &caps(), 1, until, now).await.unwrap()[0]
         .lease
         .clone()
         .unwrap()
@@ -113,7 +146,7 @@ pub async fn reserve_by_priority_then_age_and_capability(q: &dyn Queue) {
     hi.priority = 5;
     let (hi, _) = q.enqueue(hi, T).await.unwrap();
     let (other, _) = q.enqueue(task("upscale", json!(3)), T).await.unwrap();
-    let got = q.reserve("w", &types(), 5, T + 90_000, T).await.unwrap();
+    let got = q.reserve("w", &caps(), 5, T + 90_000, T).await.unwrap();
     assert_eq!(
         got.iter().map(|t| t.id.clone()).collect::<Vec<_>>(),
         [hi.id, low.id]
@@ -136,7 +169,7 @@ pub async fn reserve_by_priority_then_age_and_capability(q: &dyn Queue) {
 
 pub async fn results_are_compare_and_set_on_the_lease(q: &dyn Queue) {
     let (t, _) = q.enqueue(task("txt2img", json!({})), T).await.unwrap();
-    let lease = q.reserve("w", &types(), 1, T + 90_000, T).await.unwrap()[0]
+    let lease = q.reserve("w", &caps(), 1, T + 90_000, T).await.unwrap()[0]
         .lease
         .clone()
         .unwrap();
@@ -163,14 +196,14 @@ pub async fn results_are_compare_and_set_on_the_lease(q: &dyn Queue) {
 
 pub async fn stale_lease_after_expiry_is_refused(q: &dyn Queue) {
     let (t, _) = q.enqueue(task("txt2img", json!({})), T).await.unwrap();
-    let old = q.reserve("w1", &types(), 1, T + 100, T).await.unwrap()[0]
+    let old = q.reserve("w1", &caps(), 1, T + 100, T).await.unwrap()[0]
         .lease
         .clone()
         .unwrap();
     let changed = q.sweep(T + 101).await.unwrap().changed;
     assert_eq!(changed[0].state, TaskState::Queued);
     let new = q
-        .reserve("w2", &types(), 1, T + 90_000, T + 102)
+        .reserve("w2", &caps(), 1, T + 90_000, T + 102)
         .await
         .unwrap();
     assert_eq!(new[0].attempt, 2);
@@ -201,7 +234,7 @@ pub async fn stale_lease_after_expiry_is_refused(q: &dyn Queue) {
 pub async fn lapsed_leases_dead_letter_after_max_attempts(q: &dyn Queue) {
     let (t, _) = q.enqueue(task("txt2img", json!({})), T).await.unwrap();
     for i in 0..2u64 {
-        q.reserve("w", &types(), 1, T + i * 1000 + 10, T + i * 1000)
+        q.reserve("w", &caps(), 1, T + i * 1000 + 10, T + i * 1000)
             .await
             .unwrap();
         q.sweep(T + i * 1000 + 11).await.unwrap();
@@ -219,7 +252,7 @@ pub async fn retryable_errors_requeue_until_attempts_run_out(q: &dyn Queue) {
         message: "out of memory".into(),
         retryable: true,
     };
-    let l1 = q.reserve("w", &types(), 1, T + 90_000, T).await.unwrap()[0]
+    let l1 = q.reserve("w", &caps(), 1, T + 90_000, T).await.unwrap()[0]
         .lease
         .clone()
         .unwrap();
@@ -228,10 +261,7 @@ pub async fn retryable_errors_requeue_until_attempts_run_out(q: &dyn Queue) {
         .await
         .unwrap();
     assert_eq!(o.task.unwrap().state, TaskState::Queued);
-    let l2 = q
-        .reserve("w", &types(), 1, T + 90_000, T + 2)
-        .await
-        .unwrap()[0]
+    let l2 = q.reserve("w", &caps(), 1, T + 90_000, T + 2).await.unwrap()[0]
         .lease
         .clone()
         .unwrap();
@@ -247,16 +277,13 @@ pub async fn retryable_errors_requeue_until_attempts_run_out(q: &dyn Queue) {
 
 pub async fn release_does_not_count_the_attempt(q: &dyn Queue) {
     q.enqueue(task("txt2img", json!({})), T).await.unwrap();
-    let l = q.reserve("w", &types(), 1, T + 90_000, T).await.unwrap()[0]
+    let l = q.reserve("w", &caps(), 1, T + 90_000, T).await.unwrap()[0]
         .lease
         .clone()
         .unwrap();
     let back = q.release(&l, "draining", T + 1).await.unwrap().unwrap();
     assert_eq!((back.state, back.attempt), (TaskState::Queued, 0));
-    let again = q
-        .reserve("w", &types(), 1, T + 90_000, T + 2)
-        .await
-        .unwrap();
+    let again = q.reserve("w", &caps(), 1, T + 90_000, T + 2).await.unwrap();
     assert_eq!(again[0].attempt, 1);
 }
 
@@ -266,7 +293,7 @@ pub async fn cancel_queued_running_and_done(q: &dyn Queue) {
         matches!(q.cancel(&a.id, T).await.unwrap(), CancelOutcome::Canceled(t) if t.state == TaskState::Canceled)
     );
     let (b, _) = q.enqueue(task("txt2img", json!(2)), T).await.unwrap();
-    let l = q.reserve("w", &types(), 1, T + 100, T).await.unwrap()[0]
+    let l = q.reserve("w", &caps(), 1, T + 100, T).await.unwrap()[0]
         .lease
         .clone()
         .unwrap();
@@ -305,7 +332,7 @@ pub async fn deadlines_expire_tasks(q: &dyn Queue) {
 
 pub async fn events_resume_after_an_id(q: &dyn Queue) {
     let (t, _) = q.enqueue(task("txt2img", json!({})), T).await.unwrap();
-    let l = q.reserve("w", &types(), 1, T + 90_000, T).await.unwrap()[0]
+    let l = q.reserve("w", &caps(), 1, T + 90_000, T).await.unwrap()[0]
         .lease
         .clone()
         .unwrap();
@@ -337,13 +364,13 @@ pub async fn fail_waits_for_its_retry_time(q: &dyn Queue) {
         (TaskState::Queued, "oom")
     );
     assert!(
-        q.reserve("w", &types(), 1, T + 90_000, T + 499)
+        q.reserve("w", &caps(), 1, T + 90_000, T + 499)
             .await
             .unwrap()
             .is_empty()
     );
     let again = q
-        .reserve("w", &types(), 1, T + 90_000, T + 500)
+        .reserve("w", &caps(), 1, T + 90_000, T + 500)
         .await
         .unwrap();
     assert_eq!((again[0].id.as_str(), again[0].attempt), (t.id.as_str(), 2));
@@ -416,7 +443,7 @@ pub async fn release_worker_requeues_everything_it_held(q: &dyn Queue) {
     for i in 0..3 {
         q.enqueue(task("txt2img", json!(i)), T).await.unwrap();
     }
-    let got = q.reserve("w", &types(), 3, T + 90_000, T).await.unwrap();
+    let got = q.reserve("w", &caps(), 3, T + 90_000, T).await.unwrap();
     assert_eq!(got.len(), 3);
     let back = q.release_worker("w", T + 1).await.unwrap();
     assert_eq!(back.len(), 3);
@@ -486,7 +513,7 @@ pub async fn list_and_stats(q: &dyn Queue) {
         let tt = if i % 2 == 0 { "txt2img" } else { "upscale" };
         ids.push(q.enqueue(task(tt, json!(i)), T + i).await.unwrap().0.id);
     }
-    q.reserve("w", &types(), 1, T + 90_000, T + 10)
+    q.reserve("w", &caps(), 1, T + 90_000, T + 10)
         .await
         .unwrap();
     let all = q
@@ -543,10 +570,7 @@ pub async fn concurrent_reserves_never_share_a_task(q: &dyn Queue) {
         let worker = format!("w{w}");
         let mut mine = Vec::new();
         loop {
-            let got = q
-                .reserve(&worker, &types(), 3, T + 90_000, T)
-                .await
-                .unwrap();
+            let got = q.reserve(&worker, &caps(), 3, T + 90_000, T).await.unwrap();
             if got.is_empty() {
                 break mine;
             }
@@ -603,4 +627,228 @@ pub async fn timings_merge_by_key_and_worker_stages_need_the_current_lease(q: &d
             json!({"compress_ms": 7, "upload_ms": 2, "worker": {"render_ms": 40, "upload_ms": 3}})
         )
     );
+}
+
+pub async fn a_model_task_goes_only_to_workers_listing_the_model(q: &dyn Queue) {
+    let mut nt = routed(Some("sdxl"), &[], json!({"p": 1}));
+    nt.request_id = Some("r-model".into());
+    let (t, _) = q.enqueue(nt.clone(), T).await.unwrap();
+    assert_eq!(t.model.as_deref(), Some("sdxl"));
+    // The same request with another model is another task.
+    let mut other = nt.clone();
+    other.model = Some("flux".into());
+    assert!(matches!(
+        q.enqueue(other, T).await.unwrap_err(),
+        QueueError::Conflict(_)
+    ));
+    let mut empty = nt.clone();
+    empty.model = Some(" ".into());
+    empty.request_id = None;
+    assert!(matches!(
+        q.enqueue(empty, T).await.unwrap_err(),
+        QueueError::Invalid(_)
+    ));
+    // No models listed, or other models: nothing to run.
+    for w in [caps(), worker(&["flux"], &[])] {
+        assert!(
+            q.reserve("w0", &w, 5, T + 90_000, T)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    }
+    // A model alone is not enough: the worker must serve the type too.
+    let wrong_type = Capabilities {
+        task_types: vec!["upscale".into()],
+        models: vec!["sdxl".into()],
+        ..Default::default()
+    };
+    assert!(
+        q.reserve("w0", &wrong_type, 5, T + 90_000, T)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let got = q
+        .reserve("w1", &worker(&["flux", "sdxl"], &[]), 5, T + 90_000, T + 1)
+        .await
+        .unwrap();
+    assert_eq!(ids(&got), vec![t.id.clone()]);
+    assert_eq!(got[0].model.as_deref(), Some("sdxl"));
+    assert!(got[0].fits(&worker(&["sdxl"], &[])));
+    assert!(!got[0].fits(&caps()));
+    // A task that names no model runs on a worker that lists models.
+    let (plain, _) = q.enqueue(task("txt2img", json!(2)), T + 2).await.unwrap();
+    assert_eq!(plain.model, None);
+    let got = q
+        .reserve("w1", &worker(&["sdxl"], &[]), 5, T + 90_000, T + 3)
+        .await
+        .unwrap();
+    assert_eq!(ids(&got), [plain.id]);
+    // Stored and read back.
+    assert_eq!(
+        q.get(&t.id).await.unwrap().unwrap().model.as_deref(),
+        Some("sdxl")
+    );
+}
+
+pub async fn labels_must_all_be_on_the_worker(q: &dyn Queue) {
+    let (t, _) = q
+        .enqueue(
+            routed(None, &["region=eu", "gpu=a100", "region=eu"], json!(1)),
+            T,
+        )
+        .await
+        .unwrap();
+    // Stored sorted, without duplicates.
+    assert_eq!(t.labels, ["gpu=a100", "region=eu"]);
+    for w in [
+        caps(),
+        worker(&[], &["gpu=a100"]),
+        worker(&[], &["region=eu", "gpu=h100"]),
+    ] {
+        assert!(
+            q.reserve("w0", &w, 5, T + 90_000, T)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    }
+    let superset = worker(&[], &["spot", "region=eu", "gpu=a100"]);
+    let got = q
+        .reserve("w1", &superset, 5, T + 90_000, T + 1)
+        .await
+        .unwrap();
+    assert_eq!(ids(&got), vec![t.id.clone()]);
+    assert_eq!(got[0].labels, ["gpu=a100", "region=eu"]);
+    // Model and labels together: both must hold.
+    let (both, _) = q
+        .enqueue(routed(Some("sdxl"), &["gpu=a100"], json!(2)), T + 2)
+        .await
+        .unwrap();
+    for w in [worker(&["sdxl"], &[]), worker(&["flux"], &["gpu=a100"])] {
+        assert!(
+            q.reserve("w0", &w, 5, T + 90_000, T + 3)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    }
+    let got = q
+        .reserve(
+            "w2",
+            &worker(&["sdxl"], &["gpu=a100"]),
+            5,
+            T + 90_000,
+            T + 3,
+        )
+        .await
+        .unwrap();
+    assert_eq!(ids(&got), [both.id]);
+    let mut empty = routed(None, &["gpu=a100", ""], json!(3));
+    empty.request_id = None;
+    assert!(matches!(
+        q.enqueue(empty, T).await.unwrap_err(),
+        QueueError::Invalid(_)
+    ));
+}
+
+pub async fn unfit_tasks_stay_queued_and_are_not_starved(q: &dyn Queue) {
+    // The oldest, most urgent task needs a model the first worker lacks.
+    let mut first = routed(Some("sdxl"), &["gpu=a100"], json!("a"));
+    first.priority = 9;
+    let (a, _) = q.enqueue(first, T).await.unwrap();
+    let mut plain = Vec::new();
+    for i in 0..4 {
+        plain.push(
+            q.enqueue(task("txt2img", json!(i)), T + 1 + i)
+                .await
+                .unwrap()
+                .0
+                .id,
+        );
+    }
+    // The worker that does not fit takes every other task, one reserve after another, and
+    // never the unfit one, which keeps its place at the head of its queue.
+    let other = worker(&["flux"], &["gpu=a100"]);
+    let mut got = Vec::new();
+    for i in 0..3 {
+        got.extend(ids(&q
+            .reserve("w0", &other, 2, T + 90_000, T + 10 + i)
+            .await
+            .unwrap()));
+    }
+    assert_eq!(got, plain);
+    let waiting = q.get(&a.id).await.unwrap().unwrap();
+    assert_eq!((waiting.state, waiting.attempt), (TaskState::Queued, 0));
+    assert_eq!(q.queue_position(&waiting).await.unwrap(), Some(0));
+    // A worker that fits comes: it gets the task at once.
+    let fit = worker(&["sdxl"], &["gpu=a100", "zone=b"]);
+    let got = q.reserve("w1", &fit, 5, T + 90_000, T + 20).await.unwrap();
+    assert_eq!(ids(&got), vec![a.id.clone()]);
+    // Given back (and after a lapsed lease), it is again only for workers that fit.
+    let lease = got[0].lease.clone().unwrap();
+    q.release(&lease, "restart", T + 21).await.unwrap().unwrap();
+    assert!(
+        q.reserve("w0", &other, 5, T + 90_000, T + 22)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let again = q.reserve("w1", &fit, 5, T + 100, T + 23).await.unwrap();
+    assert_eq!(ids(&again), vec![a.id.clone()]);
+    q.sweep(T + 101).await.unwrap();
+    assert!(
+        q.reserve("w0", &other, 5, T + 90_000, T + 102)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let last = q.reserve("w2", &fit, 5, T + 90_000, T + 103).await.unwrap();
+    assert_eq!((ids(&last), last[0].attempt), (vec![a.id.clone()], 2));
+    assert!(
+        q.complete(
+            last[0].lease.as_ref().unwrap(),
+            Completion::Ok(json!({})),
+            T + 104
+        )
+        .await
+        .unwrap()
+        .accepted
+    );
+}
+
+pub async fn priority_then_age_among_the_tasks_a_worker_fits(q: &dyn Queue) {
+    let mut at = T;
+    let mut add = |model: Option<&str>, labels: &[&str], priority: i32| {
+        let mut nt = routed(model, labels, json!(at));
+        nt.priority = priority;
+        at += 1;
+        (nt, at)
+    };
+    let mut id = Vec::new();
+    for (model, labels, prio) in [
+        (Some("sdxl"), &[][..], 0),
+        (None, &[][..], 0),
+        (Some("sdxl"), &["gpu=a100"][..], 5),
+        (Some("flux"), &[][..], 9),
+        (None, &[][..], 5),
+        (None, &["gpu=h100"][..], 7),
+        (Some("sdxl"), &[][..], 5),
+    ] {
+        let (nt, now) = add(model, labels, prio);
+        id.push(q.enqueue(nt, now).await.unwrap().0.id);
+    }
+    let w = worker(&["sdxl"], &["gpu=a100"]);
+    let got = q.reserve("w", &w, 3, T + 90_000, T + 100).await.unwrap();
+    assert_eq!(ids(&got), [id[2].clone(), id[4].clone(), id[6].clone()]);
+    let got = q.reserve("w", &w, 10, T + 90_000, T + 101).await.unwrap();
+    assert_eq!(ids(&got), [id[0].clone(), id[1].clone()]);
+    // Never the flux task nor the h100 one.
+    for i in [3, 5] {
+        assert_eq!(
+            q.get(&id[i]).await.unwrap().unwrap().state,
+            TaskState::Queued
+        );
+    }
 }

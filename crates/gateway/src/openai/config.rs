@@ -85,6 +85,10 @@ pub struct ModelConfig {
     pub generate_task_type: String,
     /// Task type of edits on workers. Default: `img2img`.
     pub edit_task_type: String,
+    /// With `runs_on = "workers"`: the model the tasks ask for, which only workers listing
+    /// it in their `models` capability run; empty means the model's own name. Default:
+    /// empty.
+    pub worker_model: String,
     /// With `runs_on = "provider"`: the provider's name. Default: empty.
     pub provider: String,
     /// With `runs_on = "provider"`: the model name sent upstream; empty means the same
@@ -103,10 +107,23 @@ impl Default for ModelConfig {
             runs_on: RunsOn::Workers,
             generate_task_type: "txt2img".into(),
             edit_task_type: "img2img".into(),
+            worker_model: String::new(),
             provider: String::new(),
             upstream_model: String::new(),
             max_reference_bytes: 4 << 20,
             max_reference_dimension: 2048,
+        }
+    }
+}
+
+impl ModelConfig {
+    /// The model workers must list to run this model's tasks, for the model called `name`
+    /// (`None` with `runs_on = "provider"`: the provider's task type routes those).
+    pub fn worker_model<'a>(&'a self, name: &'a str) -> Option<&'a str> {
+        match self.runs_on {
+            RunsOn::Provider => None,
+            _ if self.worker_model.is_empty() => Some(name),
+            _ => Some(&self.worker_model),
         }
     }
 }

@@ -259,6 +259,7 @@ async fn submit(
     task_type: String,
     input: Value,
     request_id: Option<String>,
+    model: Option<String>,
 ) -> Result<Task, OpenAiError> {
     let fingerprint = input.get("fingerprint").cloned();
     let new = NewTask {
@@ -266,6 +267,7 @@ async fn submit(
         input,
         request_id: request_id.clone(),
         metadata: Some(json!({"api": "openai.images"})),
+        model,
         ..NewTask::default()
     };
     match state.broker().submit(new).await {
@@ -450,7 +452,8 @@ async fn run(
     input: Value,
     request_id: Option<String>,
 ) -> Result<Response, OpenAiError> {
-    let task = submit(state, task_type, input.clone(), request_id).await?;
+    let model = call.model.worker_model(&call.model_name).map(str::to_owned);
+    let task = submit(state, task_type, input.clone(), request_id, model).await?;
     if task.input.get("images") != input.get("images") {
         // A repeat of an earlier edit: the references stored for this call are not needed.
         for id in input["images"]

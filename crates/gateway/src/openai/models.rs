@@ -27,21 +27,22 @@ fn model_object(state: &AppState, name: &str, m: &ModelConfig) -> Value {
             })
         }
         _ => {
+            let worker_model = m.worker_model(name);
             let online = state
                 .broker()
                 .workers()
                 .into_iter()
                 .filter(|w| {
                     w.connected
-                        && w.capabilities
-                            .task_types
+                        && [&m.generate_task_type, &m.edit_task_type]
                             .iter()
-                            .any(|t| *t == m.generate_task_type || *t == m.edit_task_type)
+                            .any(|t| kiln_broker::serves(&w.capabilities, t, worker_model, &[]))
                 })
                 .count();
             json!({
                 "runs_on": "workers",
                 "task_types": [m.generate_task_type, m.edit_task_type],
+                "worker_model": worker_model,
                 "workers_online": online,
             })
         }
