@@ -87,15 +87,20 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let cfg = BrokerConfig::default();
     let mut pg = None;
     let mut redis_queue = None;
+    let mut sqlite = None;
     let queue: Arc<dyn Queue> = match a.backend.as_str() {
-        "sqlite" => Arc::new(SqliteQueue::open(
-            &dir.join("queue.sqlite"),
-            SqliteOptions {
-                queue: cfg.queue_options(),
-                sync_full: cfg.sync_full,
-                executor: a.sqlite_executor,
-            },
-        )?),
+        "sqlite" => {
+            let q = Arc::new(SqliteQueue::open(
+                &dir.join("queue.sqlite"),
+                SqliteOptions {
+                    queue: cfg.queue_options(),
+                    sync_full: cfg.sync_full,
+                    executor: a.sqlite_executor,
+                },
+            )?);
+            sqlite = Some(q.clone());
+            q
+        }
         "postgres" => {
             let q = Arc::new(
                 PostgresQueue::open(PostgresOptions {
@@ -255,6 +260,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         ids.len(),
         executed.load(Ordering::Relaxed)
     );
+    if let Some(q) = &sqlite {
+        eprintln!("sqlite: {} calls committed in groups", q.grouped_calls());
+    }
     handle.shutdown();
     let _ = std::fs::remove_dir_all(&dir);
     if let Some(q) = pg {

@@ -798,8 +798,15 @@ impl Broker {
                         retryable: false,
                     })),
                 };
-                let (accepted, reason) = match self.queue.complete(&r.lease, completion, now).await
-                {
+                // The worker's slot is free once it sent the result, whether or not the store
+                // takes it: the next tasks are reserved while the result is stored, and the
+                // store commits both together.
+                self.free_lease(worker_id, &r.lease);
+                let (stored, ()) = tokio::join!(
+                    self.queue.complete(&r.lease, completion, now),
+                    self.dispatch(worker_id)
+                );
+                let (accepted, reason) = match stored {
                     Ok(o) => (o.accepted, o.reason),
                     Err(e) => {
                         // Not acknowledged: the worker keeps it in its outbox and resends.
@@ -808,7 +815,6 @@ impl Broker {
                     }
                 };
                 self.publish();
-                self.free_lease(worker_id, &r.lease);
                 let _ = sink
                     .send(reply(Message::ResultAck(ResultAck {
                         lease: r.lease,
@@ -816,7 +822,6 @@ impl Broker {
                         reason,
                     })))
                     .await;
-                self.dispatch(worker_id).await;
             }
             Message::Reject(r) => {
                 let res = if r.retryable {

@@ -52,6 +52,41 @@ mod on_file_blocking_pool {
     conformance_tests!(on_file, remove);
 }
 
+/// The same suite on a file with the default executor: one writer thread that commits
+/// waiting calls together, and a read connection of its own.
+mod on_file_writer_thread {
+    use super::*;
+
+    fn path(test: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("kiln-conformance-t-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir.join(format!("{test}.sqlite"))
+    }
+
+    async fn on_file(test: &str) -> Option<Arc<dyn Queue>> {
+        let path = path(test);
+        remove(test).await;
+        let opts = SqliteOptions {
+            queue: QueueOptions {
+                default_max_attempts: 2,
+                retry_base_ms: 0,
+            },
+            ..SqliteOptions::default()
+        };
+        Some(Arc::new(SqliteQueue::open(&path, opts).unwrap()))
+    }
+
+    async fn remove(test: &str) {
+        let path = path(test);
+        for ext in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{ext}", path.display()));
+        }
+    }
+
+    use crate::conformance;
+    conformance_tests!(on_file, remove);
+}
+
 #[tokio::test]
 async fn survives_reopening_the_file() {
     let dir = tempfile::tempdir().unwrap();

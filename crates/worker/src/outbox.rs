@@ -1,7 +1,9 @@
 //! Results waiting for `result_ack`, one JSON file per lease, written before they are sent.
 //! Durable across a crash of the worker process (not across a power loss: no fsync).
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use kiln_protocol::messages::TaskResult;
 use serde::{Deserialize, Serialize};
@@ -16,13 +18,26 @@ pub(crate) struct Entry {
 #[derive(Debug, Clone)]
 pub(crate) struct Outbox {
     dir: PathBuf,
+    /// Leases whose entry is written and not yet acknowledged (kept in memory so that
+    /// removal can happen in the background).
+    pending: Arc<Mutex<HashSet<String>>>,
 }
 
 impl Outbox {
     pub(crate) async fn open(state_dir: &Path) -> std::io::Result<Self> {
         let dir = state_dir.join("outbox");
         tokio::fs::create_dir_all(&dir).await?;
-        Ok(Self { dir })
+        let ob = Self {
+            dir,
+            pending: Arc::default(),
+        };
+        let found: HashSet<String> = ob.all().await.into_iter().map(|e| e.result.lease).collect();
+        *ob.lock() = found;
+        Ok(ob)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn path(&self, lease: &str) -> PathBuf {
@@ -39,25 +54,34 @@ impl Outbox {
         // Written to a temporary name and renamed: a crash of the process never leaves a torn
         // entry. No fsync: like the queue's WAL in NORMAL mode, an entry survives a process
         // crash; after a power loss a lost entry means the lease lapses and the task runs again.
-        tokio::fs::write(&tmp, serde_json::to_vec(e).map_err(std::io::Error::other)?).await?;
-        tokio::fs::rename(&tmp, &path).await
+        // One trip to the blocking pool for both steps: this is on every result's path.
+        let bytes = serde_json::to_vec(e).map_err(std::io::Error::other)?;
+        tokio::task::spawn_blocking(move || {
+            std::fs::write(&tmp, bytes)?;
+            std::fs::rename(&tmp, &path)
+        })
+        .await
+        .map_err(std::io::Error::other)??;
+        self.lock().insert(e.result.lease.clone());
+        Ok(())
     }
 
-    pub(crate) async fn remove(&self, lease: &str) {
-        let _ = tokio::fs::remove_file(self.path(lease)).await;
+    /// Deletes the entry of `lease` in the background: the session loop does not wait for
+    /// the file system. A crash before it happens leaves an entry that is resent and
+    /// answered with `accepted: false`, which is harmless.
+    pub(crate) fn remove(&self, lease: &str) {
+        if !self.lock().remove(lease) {
+            return;
+        }
+        let path = self.path(lease);
+        tokio::task::spawn_blocking(move || {
+            let _ = std::fs::remove_file(path);
+        });
     }
 
     /// Whether no result waits for its `result_ack`.
-    pub(crate) async fn is_empty(&self) -> bool {
-        let Ok(mut rd) = tokio::fs::read_dir(&self.dir).await else {
-            return true;
-        };
-        while let Ok(Some(e)) = rd.next_entry().await {
-            if e.path().extension().is_some_and(|x| x == "json") {
-                return false;
-            }
-        }
-        true
+    pub(crate) fn is_empty(&self) -> bool {
+        self.lock().is_empty()
     }
 
     pub(crate) async fn all(&self) -> Vec<Entry> {

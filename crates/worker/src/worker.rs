@@ -475,7 +475,7 @@ impl Conn<'_> {
                     drain_started.is_some_and(|t| t.elapsed() >= self.w.cfg.shutdown_grace);
                 // Finished results wait for their `result_ack` too (within the grace period),
                 // so a graceful stop leaves nothing in the outbox to resend.
-                if grace_over || (running == 0 && self.outbox.is_empty().await) {
+                if grace_over || (running == 0 && self.outbox.is_empty()) {
                     let leases: Vec<String> = lock(self.state)
                         .running
                         .drain()
@@ -555,7 +555,7 @@ impl Conn<'_> {
                             if !r.accepted {
                                 tracing::info!(message = "result not accepted", lease = %r.lease, reason = ?r.reason);
                             }
-                            self.outbox.remove(&r.lease).await;
+                            self.outbox.remove(&r.lease);
                         }
                         Message::HeartbeatAck(_) | Message::Welcome(_) => {}
                         Message::Error => tracing::warn!(message = "gateway reported an error", error = ?env.error, error_msg = ?env.error_msg),
