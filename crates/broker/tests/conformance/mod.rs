@@ -467,12 +467,12 @@ pub async fn release_worker_requeues_everything_it_held(q: &dyn Queue) {
 /// and once they are spent the task is dead-lettered instead of crashing workers forever.
 pub async fn a_task_that_keeps_crashing_its_worker_is_dead_lettered(q: &dyn Queue) {
     let (t, _) = q.enqueue(task("txt2img", json!({})), T).await.unwrap();
-    let first = q.reserve("w", &types(), 1, T + 90_000, T).await.unwrap();
+    let first = q.reserve("w", &caps(), 1, T + 90_000, T).await.unwrap();
     assert_eq!(first[0].attempt, 1);
     let back = q.release_worker("w", T + 1).await.unwrap();
     assert_eq!(back[0].state, TaskState::Queued);
     let second = q
-        .reserve("w", &types(), 1, T + 90_000, T + 2)
+        .reserve("w", &caps(), 1, T + 90_000, T + 2)
         .await
         .unwrap();
     assert_eq!(second[0].id, t.id);
@@ -484,7 +484,7 @@ pub async fn a_task_that_keeps_crashing_its_worker_is_dead_lettered(q: &dyn Queu
     assert!(dead.dead_lettered);
     assert_eq!(dead.error.unwrap().message, "worker restarted");
     assert!(
-        q.reserve("w", &types(), 1, T + 90_000, T + 4)
+        q.reserve("w", &caps(), 1, T + 90_000, T + 4)
             .await
             .unwrap()
             .is_empty(),
