@@ -316,12 +316,38 @@ impl OpenAiCompatible {
     }
 
     /// With `references = "upload"`, uploads the references and the mask of an edit to the
-    /// target, one after the other (each retried per `upload.client.retry`); otherwise, or
-    /// for a generation, does nothing. The records go to [`OpenAiCompatible::send`].
+    /// target, one after the other (each retried per `upload.client.retry`, all within the
+    /// task's deadline); otherwise, or for a generation, does nothing. The records go to
+    /// [`OpenAiCompatible::send`].
     pub async fn upload_references(&self, call: &Call) -> Result<Vec<UploadRecord>, ProviderError> {
         let Some(up) = &self.uploader else {
             return Ok(Vec::new());
         };
+        let Some(limit) = call.time_left else {
+            return self.upload_all(up, call).await;
+        };
+        match tokio::time::timeout(limit, self.upload_all(up, call)).await {
+            Ok(r) => r,
+            Err(_) => Err(ProviderError::Upload {
+                part: "the references".into(),
+                target: up.target_name().to_owned(),
+                status: None,
+                message: format!(
+                    "the task's deadline ({} ms) passed during the uploads",
+                    limit.as_millis()
+                ),
+                retryable: false,
+                attempts: Vec::new(),
+                uploads: Vec::new(),
+            }),
+        }
+    }
+
+    async fn upload_all(
+        &self,
+        up: &Uploader,
+        call: &Call,
+    ) -> Result<Vec<UploadRecord>, ProviderError> {
         let parts = call
             .references
             .iter()
@@ -815,6 +841,42 @@ mod tests {
                 .json_edit(fields, &call, &ups[..2])
                 .is_err()
         );
+    }
+
+    #[tokio::test]
+    async fn uploads_stop_at_the_task_deadline_without_calling_the_upstream() {
+        // An asset endpoint that accepts connections and never answers.
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let hold = tokio::spawn(async move {
+            let mut open = Vec::new();
+            while let Ok((s, _)) = l.accept().await {
+                open.push(s);
+            }
+        });
+        let cfg: ProviderConfig = serde_json::from_value(json!({
+            "base_url": "http://127.0.0.1:9/v1",
+            "references": "upload",
+            "upload": {"target": {"kind": "json_base64", "name": "slow",
+                                  "url": format!("http://127.0.0.1:{port}/a")}},
+        }))
+        .unwrap();
+        let up = OpenAiCompatible::new("p", cfg).unwrap();
+        let call = Call {
+            task_id: "t1".into(),
+            references: vec![Image::new(&b"AAA"[..], "image/png")],
+            time_left: Some(Duration::from_millis(200)),
+            ..Call::default()
+        };
+        let e = up.run(&call).await.unwrap_err();
+        assert_eq!(e.code(), "upstream_upload_failed");
+        assert!(e.upstream_untouched() && !e.is_retryable());
+        let text = e.to_string();
+        assert!(
+            text.contains("`slow`") && text.contains("deadline (200 ms)"),
+            "{text}"
+        );
+        hold.abort();
     }
 
     #[test]

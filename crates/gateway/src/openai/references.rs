@@ -542,6 +542,11 @@ impl Uploader {
         })
     }
 
+    /// The target's name.
+    pub(crate) fn target_name(&self) -> &str {
+        self.target.name()
+    }
+
     /// Uploads one image under a name that is the same on every attempt of the task, so
     /// a replay overwrites instead of adding a copy where the target names objects by it.
     pub(crate) async fn upload(
