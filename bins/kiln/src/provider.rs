@@ -1,13 +1,18 @@
 //! The provider runner: an in-process kiln worker whose handlers forward tasks of type
 //! `openai.<provider>` to upstream OpenAI-compatible image APIs. It speaks the real worker
 //! protocol, so the broker's durability, leases and attempt history apply unchanged;
-//! reference images come from, and results go to, the gateway's files API.
+//! reference images come from, and results go to, the gateway's files API. With
+//! `references = "upload"` the references are uploaded to the provider's kiln-upload target
+//! before the call, and every upload is recorded on the task like the upstream attempts.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use kiln_gateway::openai::{Call, Image, OpenAiCompatible, ProviderConfig, attempts_json, summary};
+use kiln_gateway::openai::{
+    Call, Image, OpenAiCompatible, ProviderConfig, ProviderError, UploadRecord, attempts_json,
+    summary,
+};
 use kiln_worker::{TaskContext, TaskError, Worker, WorkerConfig};
 use serde_json::{Value, json};
 
@@ -109,18 +114,6 @@ async fn run(
         Some(id) if edit => Some(fetch(&api, id).await?),
         _ => None,
     };
-    ctx.progress("upstream", 0, 2);
-    if mark(&sent_dir, &ctx.task_id).await? && !replay_safe {
-        return Err(TaskError {
-            code: "upstream_maybe_processed".into(),
-            message: format!(
-                "an earlier attempt of this task may have reached {}; it is not sent again \
-                 (configure idempotency_header if the upstream deduplicates)",
-                up.name()
-            ),
-            retryable: false,
-        });
-    }
     let mut call = Call::default();
     call.task_id = ctx.task_id.clone();
     call.fields = fields;
@@ -129,8 +122,31 @@ async fn run(
     call.time_left = ctx
         .deadline
         .map(|d| std::time::Duration::from_millis(d.saturating_sub(kiln_protocol::now_ms())));
-    let result = tokio::select! {
-        r = up.run(&call) => r,
+    let steps = async {
+        // Uploads first: a failed upload leaves no mark, since the upstream was not called.
+        ctx.progress("upload", 0, 3);
+        let uploads = match up.upload_references(&call).await {
+            Ok(u) => u,
+            Err(e) => return Ok((Err(e), Vec::new())),
+        };
+        ctx.progress("upstream", 1, 3);
+        if mark(&sent_dir, &ctx.task_id).await? && !replay_safe {
+            return Err(TaskError {
+                code: "upstream_maybe_processed".into(),
+                message: format!(
+                    "an earlier attempt of this task may have reached {}; it is not sent \
+                     again (configure idempotency_header if the upstream deduplicates){}",
+                    up.name(),
+                    uploads_summary(&uploads)
+                ),
+                retryable: false,
+            });
+        }
+        let recorded = uploads.clone();
+        Ok((up.send(&call, uploads).await, recorded))
+    };
+    let (result, uploaded) = tokio::select! {
+        r = steps => r?,
         _ = ctx.cancelled() => {
             // The upstream may have the call already; the mark stays so it is never resent.
             return Err(TaskError {
@@ -143,19 +159,23 @@ async fn run(
     let out = match result {
         Ok(out) => out,
         Err(e) => {
-            if e.is_retryable() {
+            if e.upstream_untouched() {
                 // Nothing reached the upstream: a later attempt may send it.
                 let _ = tokio::fs::remove_file(sent_dir.join(&ctx.task_id)).await;
             }
             tracing::warn!(message = "upstream call failed", provider = up.name(), task_id = %ctx.task_id, code = e.code(), error = %e);
+            let uploads = match &e {
+                ProviderError::Upload { uploads, .. } => uploads_summary(uploads),
+                _ => uploads_summary(&uploaded),
+            };
             return Err(TaskError {
                 code: e.code().into(),
-                message: format!("{e} [attempts: {}]", summary(e.attempts())),
+                message: format!("{e} [attempts: {}]{uploads}", summary(e.attempts())),
                 retryable: e.is_retryable(),
             });
         }
     };
-    ctx.progress("store", 1, 2);
+    ctx.progress("store", 2, 3);
     let mut files = Vec::with_capacity(out.images.len());
     for img in &out.images {
         files.push(api.upload(img.data.to_vec(), &img.content_type).await?);
@@ -165,6 +185,30 @@ async fn run(
         "files": files,
         "revised_prompts": out.revised_prompts,
         "usage": out.usage,
-        "upstream": {"provider": up.name(), "attempts": attempts_json(&out.attempts)},
+        "upstream": {
+            "provider": up.name(),
+            "attempts": attempts_json(&out.attempts),
+            "uploads": out.uploads,
+        },
     }))
+}
+
+/// The uploads that succeeded, for a task's error message.
+fn uploads_summary(uploads: &[UploadRecord]) -> String {
+    if uploads.is_empty() {
+        return String::new();
+    }
+    let parts: Vec<String> = uploads
+        .iter()
+        .map(|u| {
+            format!(
+                "{} to {} in {} ms [attempts: {}]",
+                u.part,
+                u.target,
+                u.total_ms,
+                summary(&u.attempts)
+            )
+        })
+        .collect();
+    format!(" [uploaded: {}]", parts.join("; "))
 }

@@ -205,9 +205,19 @@ impl Settings {
         }
     }
 
-    /// Reads the API key of each upstream provider from the variable its `api_key_env` names.
+    /// Reads the API key of each upstream provider from the variable its `api_key_env` names,
+    /// and the secrets its reference upload target names (`headers_env`, `query_env`, S3
+    /// credentials).
     fn resolve_secrets(&mut self) -> Result<(), String> {
+        let lookup = |name: &str| std::env::var(name).ok();
         for (name, p) in self.gateway.openai.providers.iter_mut() {
+            if let Some(t) = p.upload.target.as_mut() {
+                t.resolve_secrets(
+                    &format!("gateway.openai.providers.{name}.upload.target"),
+                    &lookup,
+                )
+                .map_err(|e| format!("invalid configuration: {e}"))?;
+            }
             if p.api_key_env.is_empty() {
                 continue;
             }
@@ -284,6 +294,57 @@ mod tests {
             redact_url("redis://127.0.0.1:6379"),
             "redis://127.0.0.1:6379"
         );
+    }
+
+    /// The reference-upload example of docs/CONFIG.md, with its variables renamed.
+    fn upload_example(api_key_var: &str, assets_var: &str) -> String {
+        let doc = include_str!("../../../docs/CONFIG.md");
+        let section = &doc[doc.find("### Reference uploads").unwrap()..];
+        let start = section.find("```toml\n").unwrap() + 8;
+        let end = start + section[start..].find("```").unwrap();
+        section[start..end]
+            .replace("ACME_API_KEY", api_key_var)
+            .replace("ACME_ASSETS_KEY", assets_var)
+    }
+
+    fn load_toml(toml: &str) -> Result<Settings, String> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kiln.toml");
+        std::fs::write(&path, toml).unwrap();
+        load(Some(&path))
+    }
+
+    #[test]
+    fn the_documented_reference_upload_example_loads() {
+        use kiln_gateway::openai::{ReferenceMode, TargetConfig};
+        let s = load_toml(&upload_example("PATH", "PATH")).unwrap();
+        let p = &s.gateway.openai.providers["acme"];
+        assert_eq!(p.references, ReferenceMode::Upload);
+        assert_eq!(p.upload.client.retry.max_retries, 3);
+        let Some(TargetConfig::JsonBase64(t)) = &p.upload.target else {
+            panic!("a json_base64 target: {:?}", p.upload.target)
+        };
+        assert_eq!(t.name, "acme-assets");
+        assert_eq!(
+            t.resolved_headers["x-api-key"].expose(),
+            std::env::var("PATH").unwrap()
+        );
+        // An unset variable stops the start, naming the key.
+        let e = load_toml(&upload_example("PATH", "KILN_TEST_SURELY_UNSET_4F1")).unwrap_err();
+        assert!(
+            e.contains("gateway.openai.providers.acme.upload.target.headers_env.x-api-key")
+                && e.contains("KILN_TEST_SURELY_UNSET_4F1"),
+            "{e}"
+        );
+        // `references = "upload"` needs a target, and a target needs that mode.
+        let no_target = upload_example("PATH", "PATH");
+        let cut = no_target
+            .find("[gateway.openai.providers.acme.upload.target]")
+            .unwrap();
+        let e = load_toml(&no_target[..cut]).unwrap_err();
+        assert!(e.contains("acme.upload.target is required"), "{e}");
+        let e = load_toml(&no_target.replace("references = \"upload\"", "")).unwrap_err();
+        assert!(e.contains("references is not \"upload\""), "{e}");
     }
 
     #[test]

@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use super::references::ReferenceUploadConfig;
+
 /// Settings of `/v1/images/*` and `/v1/models`. The binary fills it from `[gateway.openai]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -32,6 +34,40 @@ pub struct OpenAiConfig {
     /// Upstream providers by name, referenced by models with `runs_on = "provider"`.
     /// Default: none.
     pub providers: BTreeMap<String, ProviderConfig>,
+    /// How `image_url` references of JSON edits are downloaded. Default: see
+    /// [`ImageUrlConfig`].
+    pub image_urls: ImageUrlConfig,
+}
+
+/// `[gateway.openai.image_urls]`: downloads of the `image_url` references of JSON edits
+/// (`{"images": [{"image_url": "https://…"}]}`). `data:` URLs are always accepted.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ImageUrlConfig {
+    /// Download `http(s)` image URLs at all. Default: true.
+    pub enabled: bool,
+    /// URLs may point at loopback addresses. Default: false.
+    pub allow_loopback: bool,
+    /// URLs may point at private, link-local and other non-public addresses. Default:
+    /// false.
+    pub allow_private: bool,
+    /// Time limit of one download. Default: 30 s.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Largest image downloaded. Default: 20 MiB.
+    pub max_bytes: usize,
+}
+
+impl Default for ImageUrlConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            allow_loopback: false,
+            allow_private: false,
+            timeout: Duration::from_secs(30),
+            max_bytes: 20 << 20,
+        }
+    }
 }
 
 impl Default for OpenAiConfig {
@@ -47,6 +83,7 @@ impl Default for OpenAiConfig {
             max_n: 10,
             models,
             providers: BTreeMap::new(),
+            image_urls: ImageUrlConfig::default(),
         }
     }
 }
@@ -146,6 +183,10 @@ pub enum ReferenceMode {
     /// As `image[]` parts of a multipart POST to `{base_url}/images/edits`.
     #[default]
     Multipart,
+    /// Uploaded first to the kiln-upload target of `upload.target`, then named in a JSON
+    /// POST to `{base_url}/images/edits`: `images: [{"image_url": …}]` (or `file_id`,
+    /// per `upload.send_as`) and `mask: {…}`.
+    Upload,
 }
 
 /// An upstream OpenAI-compatible image API.
@@ -187,6 +228,9 @@ pub struct ProviderConfig {
     pub idempotency_header: String,
     /// How edit references are sent. Default: multipart.
     pub references: ReferenceMode,
+    /// With `references = "upload"`: the target and client of the uploads. Default: no
+    /// target.
+    pub upload: ReferenceUploadConfig,
     /// `response_format` asked of the upstream: `b64_json` or `url`. Default: `b64_json`.
     pub response_format: ResponseFormat,
     /// Retries of one upstream call after the first attempt (refused requests are replayed
@@ -221,6 +265,7 @@ impl Default for ProviderConfig {
             allow_private: false,
             idempotency_header: String::new(),
             references: ReferenceMode::Multipart,
+            upload: ReferenceUploadConfig::default(),
             response_format: ResponseFormat::B64Json,
             max_retries: 3,
             initial_backoff: Duration::from_secs(1),
@@ -291,6 +336,22 @@ impl OpenAiConfig {
             }
             if p.concurrency == 0 {
                 return Err(format!("{key}.concurrency must be at least 1"));
+            }
+            match (&p.references, &p.upload.target) {
+                (ReferenceMode::Upload, None) => {
+                    return Err(format!(
+                        "{key}.upload.target is required with references = \"upload\""
+                    ));
+                }
+                (ReferenceMode::Upload, Some(t)) => {
+                    t.build().map_err(|e| format!("{key}.upload.target: {e}"))?;
+                }
+                (_, Some(_)) => {
+                    return Err(format!(
+                        "{key}.upload is set but references is not \"upload\""
+                    ));
+                }
+                _ => {}
             }
         }
         Ok(())

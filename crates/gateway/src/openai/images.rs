@@ -2,6 +2,9 @@
 //! adapters over kiln tasks. Each call creates a durable task, waits on the broker's task
 //! events (no polling) up to the wait limit, and maps the task's output files to `data[]`;
 //! a task not done by then is answered with `202`, the task object and `Location`.
+//! Edits take multipart files or, as OpenAI's JSON form, references by `image_url` (an
+//! `http(s)` URL downloaded under the SSRF checks of `fetch.rs`, or a `data:` URL) or
+//! `file_id` (a kiln file).
 
 use std::time::Duration;
 
@@ -18,6 +21,7 @@ use tokio::sync::broadcast;
 
 use super::config::{ModelConfig, ProviderConfig, ResponseFormat, RunsOn};
 use super::error::OpenAiError;
+use super::fetch::{FetchPolicy, fetch_image};
 use crate::AppState;
 use crate::error::ApiJson;
 use crate::files::{file_url, store_image};
@@ -547,7 +551,150 @@ fn multipart_error(e: axum::extract::multipart::MultipartError) -> OpenAiError {
     }
 }
 
-/// `POST /v1/images/edits` (multipart: `image` or `image[]` up to 16 files, `mask`, fields).
+/// The references, mask and other fields of an edit.
+type EditParts = (Vec<Part>, Option<Part>, Map<String, Value>);
+
+/// One reference of a JSON edit: `{"image_url": …}` or `{"file_id": …}`.
+async fn json_reference(
+    state: &AppState,
+    param: &'static str,
+    v: &Value,
+) -> Result<Part, OpenAiError> {
+    let shape = || {
+        OpenAiError::invalid(
+            param,
+            format!("each `{param}` reference is an object with one of `image_url` or `file_id`"),
+        )
+    };
+    let obj = v.as_object().ok_or_else(shape)?;
+    let (url, id) = (obj.get("image_url"), obj.get("file_id"));
+    match (url.and_then(Value::as_str), id.and_then(Value::as_str)) {
+        (Some(url), None) if id.is_none() => image_url(state, param, url).await,
+        (None, Some(id)) if url.is_none() => {
+            let missing = || OpenAiError::invalid(param, format!("the file {id:?} does not exist"));
+            if !crate::store::valid_file_id(id) {
+                return Err(missing());
+            }
+            let (meta, data) = state
+                .files()
+                .read(id)
+                .await
+                .map_err(|e| OpenAiError::from(crate::files::storage_error(e)))?
+                .ok_or_else(missing)?;
+            Ok(Part {
+                content_type: sniff(&data, Some(&meta.content_type)),
+                data,
+            })
+        }
+        _ => Err(shape()),
+    }
+}
+
+/// The bytes of an `image_url`: a `data:` URL, or an `http(s)` URL downloaded under
+/// `gateway.openai.image_urls`.
+async fn image_url(state: &AppState, param: &'static str, url: &str) -> Result<Part, OpenAiError> {
+    let cfg = &state.config().openai.image_urls;
+    if let Some(rest) = url.strip_prefix("data:") {
+        let bad = || {
+            OpenAiError::invalid(
+                param,
+                "a data URL must be `data:image/<type>;base64,<data>`",
+            )
+        };
+        let (head, b64) = rest.split_once(',').ok_or_else(bad)?;
+        let mime = head.strip_suffix(";base64").ok_or_else(bad)?;
+        if b64.len() / 4 * 3 > cfg.max_bytes {
+            return Err(OpenAiError::invalid(
+                param,
+                format!("the data URL's image exceeds {} bytes", cfg.max_bytes),
+            ));
+        }
+        let data = base64::engine::general_purpose::STANDARD
+            .decode(b64.trim())
+            .map_err(|_| bad())?;
+        let data = Bytes::from(data);
+        return Ok(Part {
+            content_type: sniff(&data, Some(mime)),
+            data,
+        });
+    }
+    if !cfg.enabled {
+        return Err(OpenAiError::invalid(
+            param,
+            "image URLs are not downloaded here (gateway.openai.image_urls.enabled = false);              send a data URL, a file_id or multipart files",
+        ));
+    }
+    let policy = FetchPolicy {
+        allow_loopback: cfg.allow_loopback,
+        allow_private: cfg.allow_private,
+        timeout: cfg.timeout,
+        max_bytes: cfg.max_bytes,
+        auth: None,
+    };
+    let (data, ct) = fetch_image(url, &policy).await.map_err(|e| OpenAiError {
+        code: "image_url_unusable".into(),
+        ..OpenAiError::invalid(param, e.to_string())
+    })?;
+    Ok(Part {
+        content_type: sniff(&data, Some(&ct)),
+        data,
+    })
+}
+
+/// The parts of a JSON edit: `images` (1 to 16 references), `mask`, the other fields.
+async fn json_parts(state: &AppState, req: Request) -> Result<EditParts, OpenAiError> {
+    let body = Bytes::from_request(req, state).await.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            OpenAiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                "the request body exceeds the configured limit",
+            )
+        } else {
+            OpenAiError::new(StatusCode::BAD_REQUEST, "invalid_json", e.body_text())
+        }
+    })?;
+    let mut fields = match serde_json::from_slice::<Value>(&body) {
+        Ok(Value::Object(m)) => m,
+        Ok(_) => {
+            return Err(OpenAiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_json",
+                "the body must be a JSON object",
+            ));
+        }
+        Err(e) => {
+            return Err(OpenAiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_json",
+                format!("the body is not valid JSON: {e}"),
+            ));
+        }
+    };
+    let refs = match fields.remove("images") {
+        Some(Value::Array(a)) if (1..=MAX_IMAGES).contains(&a.len()) => a,
+        _ => {
+            return Err(OpenAiError::invalid(
+                "images",
+                format!(
+                    "`images` is required: an array of 1 to {MAX_IMAGES} objects with                      `image_url` or `file_id`"
+                ),
+            ));
+        }
+    };
+    let mut images = Vec::with_capacity(refs.len());
+    for r in &refs {
+        images.push(json_reference(state, "images", r).await?);
+    }
+    let mask = match fields.remove("mask") {
+        None | Some(Value::Null) => None,
+        Some(m) => Some(json_reference(state, "mask", &m).await?),
+    };
+    Ok((images, mask, fields))
+}
+
+/// `POST /v1/images/edits`: multipart (`image` or `image[]` up to 16 files, `mask`,
+/// fields), or JSON (`images: [{image_url | file_id}]`, `mask`, fields).
 pub(crate) async fn edits(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -558,15 +705,24 @@ pub(crate) async fn edits(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_ascii_lowercase();
-    if !ctype.starts_with("multipart/form-data") {
+    let request_id = idempotency_key(&headers)?;
+    let (images, mask, fields) = if ctype.starts_with("application/json") {
+        json_parts(&state, req).await?
+    } else if ctype.starts_with("multipart/form-data") {
+        multipart_parts(&state, req).await?
+    } else {
         return Err(OpenAiError::new(
             StatusCode::BAD_REQUEST,
             "invalid_content_type",
-            "edits take multipart/form-data with `image` (or `image[]`) files",
+            "edits take multipart/form-data with `image` (or `image[]`) files, or JSON with              `images: [{\"image_url\": …} | {\"file_id\": …}]`",
         ));
-    }
-    let request_id = idempotency_key(&headers)?;
-    let mut mp = Multipart::from_request(req, &state).await.map_err(|e| {
+    };
+    edit(&state, &headers, request_id, images, mask, fields).await
+}
+
+/// The parts of a multipart edit.
+async fn multipart_parts(state: &AppState, req: Request) -> Result<EditParts, OpenAiError> {
+    let mut mp = Multipart::from_request(req, state).await.map_err(|e| {
         OpenAiError::new(StatusCode::BAD_REQUEST, "invalid_multipart", e.body_text())
     })?;
     let mut images: Vec<Part> = Vec::new();
@@ -606,7 +762,19 @@ pub(crate) async fn edits(
             "`image` (or `image[]`) is required: one to 16 image files",
         ));
     }
-    let call = Call::parse(&state, &fields)?;
+    Ok((images, mask, fields))
+}
+
+/// Stores the (compressed) references and the mask, creates the task, waits, answers.
+async fn edit(
+    state: &AppState,
+    headers: &HeaderMap,
+    request_id: Option<String>,
+    images: Vec<Part>,
+    mask: Option<Part>,
+    fields: Map<String, Value>,
+) -> Result<Response, OpenAiError> {
+    let call = Call::parse(state, &fields)?;
     // The fingerprint identifies the call's content for idempotent repeats.
     let mut fp = Sha256::new();
     fp.update(serde_json::to_vec(&fields).unwrap_or_default());
@@ -636,7 +804,7 @@ pub(crate) async fn edits(
     let ids: Vec<String> = stored.into_iter().map(|m| m.id).collect();
     let mask_id = match mask {
         Some(p) => Some(
-            store_image(&state, p.data, &p.content_type, None, None)
+            store_image(state, p.data, &p.content_type, None, None)
                 .await?
                 .id,
         ),
@@ -646,5 +814,5 @@ pub(crate) async fn edits(
     if request_id.is_some() {
         input["fingerprint"] = fingerprint.into();
     }
-    run(&state, &headers, &call, task_type, input, request_id).await
+    run(state, headers, &call, task_type, input, request_id).await
 }

@@ -8,6 +8,7 @@ mod fetch;
 mod images;
 mod models;
 mod provider;
+mod references;
 
 use std::time::Duration;
 
@@ -15,11 +16,16 @@ use axum::Router;
 use axum::routing::{get, post};
 
 pub use config::{
-    ModelConfig, OpenAiConfig, ProviderConfig, ProviderKind, ReferenceMode, ResponseFormat, RunsOn,
+    ImageUrlConfig, ModelConfig, OpenAiConfig, ProviderConfig, ProviderKind, ReferenceMode,
+    ResponseFormat, RunsOn,
 };
 pub use fetch::FetchError;
 pub use provider::{
     Attempt, Call, Image, OpenAiCompatible, Output, ProviderError, attempts_json, summary,
+};
+pub use references::{
+    FallbackConfig, JsonBase64Config, MultipartConfig, PutConfig, ReferenceUploadConfig,
+    S3TargetConfig, Secret, SendAs, SkippedTarget, TargetConfig, UploadRecord,
 };
 
 use crate::AppState;

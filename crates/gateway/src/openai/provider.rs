@@ -1,8 +1,11 @@
 //! The client of an upstream OpenAI-compatible image API. Calls go through kiln-upload's
 //! pooled client under kiln-retry's policy: a call that may have reached the upstream is
 //! replayed only when an idempotency header is configured; 4xx answers are final (429
-//! waits for `Retry-After` within the deadline); every attempt is reported.
+//! waits for `Retry-After` within the deadline); every attempt is reported. With
+//! `references = "upload"` the references of an edit are uploaded to a kiln-upload target
+//! first and named by URL or id in a JSON edit call.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
@@ -13,8 +16,9 @@ use kiln_upload::{
 };
 use serde_json::{Map, Value, json};
 
-use super::config::{ProviderConfig, ResponseFormat};
+use super::config::{ProviderConfig, ReferenceMode, ResponseFormat};
 use super::fetch::{FetchError, FetchPolicy, fetch_image};
+use super::references::{SendAs, UploadFailure, UploadRecord, Uploader};
 
 /// An image sent to or received from the upstream.
 #[derive(Debug, Clone)]
@@ -82,6 +86,8 @@ pub struct Output {
     pub usage: Option<Value>,
     /// Every attempt of the call.
     pub attempts: Vec<Attempt>,
+    /// The references uploaded before the call (`references = "upload"`).
+    pub uploads: Vec<UploadRecord>,
 }
 
 /// Why a call failed.
@@ -125,6 +131,27 @@ pub enum ProviderError {
         /// Every attempt.
         attempts: Vec<Attempt>,
     },
+    /// A reference could not be uploaded to the target (`references = "upload"`); the
+    /// upstream was not called. The message carries kiln-upload's report: the status, a
+    /// body excerpt and why retrying stopped.
+    #[error("uploading {part} to the target `{target}` failed{}: {message}", status.map(|s| format!(" (HTTP {s})")).unwrap_or_default())]
+    Upload {
+        /// `image[0]`, … or `mask`.
+        part: String,
+        /// The target's name.
+        target: String,
+        /// The status the target answered last, if it answered.
+        status: Option<u16>,
+        /// kiln-upload's error.
+        message: String,
+        /// Whether a later attempt of the task may succeed (retries ran out on a
+        /// transient failure).
+        retryable: bool,
+        /// Every attempt of the failed upload.
+        attempts: Vec<Attempt>,
+        /// The uploads that succeeded before it.
+        uploads: Vec<UploadRecord>,
+    },
     /// The call could not be built (bad configuration or input).
     #[error("invalid upstream call: {0}")]
     Invalid(String),
@@ -141,6 +168,7 @@ impl ProviderError {
             ProviderError::RateLimited { .. } => "upstream_rate_limited",
             ProviderError::Failed { .. } => "upstream_failed",
             ProviderError::BadResult { .. } => "upstream_bad_result",
+            ProviderError::Upload { .. } => "upstream_upload_failed",
             ProviderError::Invalid(_) => "invalid_input",
         }
     }
@@ -152,8 +180,18 @@ impl ProviderError {
             ProviderError::Failed {
                 maybe_processed, ..
             } => !maybe_processed,
+            ProviderError::Upload { retryable, .. } => *retryable,
             _ => false,
         }
+    }
+
+    /// Whether the upstream itself was certainly not called (the call failed before it:
+    /// an upload, or a refused connection).
+    pub fn upstream_untouched(&self) -> bool {
+        matches!(
+            self,
+            ProviderError::Upload { .. } | ProviderError::Invalid(_)
+        ) || self.is_retryable()
     }
 
     /// Every attempt of the call.
@@ -162,7 +200,8 @@ impl ProviderError {
             ProviderError::Rejected { attempts, .. }
             | ProviderError::RateLimited { attempts, .. }
             | ProviderError::Failed { attempts, .. }
-            | ProviderError::BadResult { attempts, .. } => attempts,
+            | ProviderError::BadResult { attempts, .. }
+            | ProviderError::Upload { attempts, .. } => attempts,
             ProviderError::Invalid(_) => &[],
         }
     }
@@ -175,6 +214,8 @@ pub struct OpenAiCompatible {
     cfg: ProviderConfig,
     base: String,
     client: UploadClient,
+    /// With `references = "upload"`: the references' target.
+    uploader: Option<Arc<Uploader>>,
 }
 
 /// Fields of the task input that are kiln's, not the upstream's.
@@ -208,11 +249,18 @@ impl OpenAiCompatible {
         };
         let client =
             UploadClient::new(upload).map_err(|e| ProviderError::Invalid(e.to_string()))?;
+        let uploader = match cfg.references {
+            ReferenceMode::Upload => Some(Arc::new(
+                Uploader::new(&cfg.upload).map_err(ProviderError::Invalid)?,
+            )),
+            _ => None,
+        };
         Ok(Self {
             name: name.to_owned(),
             base: cfg.base_url.trim_end_matches('/').to_owned(),
             cfg,
             client,
+            uploader,
         })
     }
 
@@ -267,9 +315,137 @@ impl OpenAiCompatible {
         f
     }
 
-    /// Runs the call: `POST /images/generations` (JSON) without references, otherwise
-    /// `POST /images/edits` (multipart with `image[]` parts and the mask).
+    /// With `references = "upload"`, uploads the references and the mask of an edit to the
+    /// target, one after the other (each retried per `upload.client.retry`, all within the
+    /// task's deadline); otherwise, or for a generation, does nothing. The records go to
+    /// [`OpenAiCompatible::send`].
+    pub async fn upload_references(&self, call: &Call) -> Result<Vec<UploadRecord>, ProviderError> {
+        let Some(up) = &self.uploader else {
+            return Ok(Vec::new());
+        };
+        let Some(limit) = call.time_left else {
+            return self.upload_all(up, call).await;
+        };
+        match tokio::time::timeout(limit, self.upload_all(up, call)).await {
+            Ok(r) => r,
+            Err(_) => Err(ProviderError::Upload {
+                part: "the references".into(),
+                target: up.target_name().to_owned(),
+                status: None,
+                message: format!(
+                    "the task's deadline ({} ms) passed during the uploads",
+                    limit.as_millis()
+                ),
+                retryable: false,
+                attempts: Vec::new(),
+                uploads: Vec::new(),
+            }),
+        }
+    }
+
+    async fn upload_all(
+        &self,
+        up: &Uploader,
+        call: &Call,
+    ) -> Result<Vec<UploadRecord>, ProviderError> {
+        let parts = call
+            .references
+            .iter()
+            .enumerate()
+            .map(|(i, img)| (format!("image[{i}]"), i.to_string(), img))
+            .chain(
+                call.mask
+                    .iter()
+                    .map(|m| ("mask".to_owned(), "mask".to_owned(), m)),
+            );
+        let mut done = Vec::new();
+        for (part, stem, img) in parts {
+            match up.upload(&call.task_id, &part, &stem, img).await {
+                Ok(r) => {
+                    tracing::info!(message = "reference uploaded", provider = %self.name, task_id = %call.task_id, part = %r.part, target = %r.target, bytes = r.bytes, attempts = r.attempts.len(), total_ms = r.total_ms);
+                    done.push(r);
+                }
+                Err(UploadFailure {
+                    part,
+                    target,
+                    error,
+                }) => {
+                    return Err(ProviderError::Upload {
+                        status: error.status(),
+                        retryable: error.is_retryable(),
+                        attempts: log_attempts(error.attempts(), error.last_attempt_error()),
+                        message: error.to_string(),
+                        part,
+                        target,
+                        uploads: done,
+                    });
+                }
+            }
+        }
+        Ok(done)
+    }
+
+    /// Uploads the references when configured, then calls the upstream
+    /// ([`OpenAiCompatible::upload_references`] and [`OpenAiCompatible::send`]).
     pub async fn run(&self, call: &Call) -> Result<Output, ProviderError> {
+        let uploads = self.upload_references(call).await?;
+        self.send(call, uploads).await
+    }
+
+    /// The JSON body of an edit whose references were uploaded: OpenAI's JSON form of
+    /// `/images/edits`, `images: [{"image_url": …}]` (or `file_id`) and `mask: {…}`.
+    fn json_edit(
+        &self,
+        mut fields: Map<String, Value>,
+        call: &Call,
+        uploads: &[UploadRecord],
+    ) -> Result<Vec<u8>, ProviderError> {
+        let send_as = self
+            .uploader
+            .as_ref()
+            .map(|u| u.send_as)
+            .unwrap_or_default();
+        let named = |r: &UploadRecord| -> Result<Value, ProviderError> {
+            let (key, v) = match send_as {
+                SendAs::FileId => ("file_id", r.id.as_ref()),
+                _ => ("image_url", r.url.as_ref()),
+            };
+            let v = v.ok_or_else(|| {
+                ProviderError::Invalid(format!(
+                    "the target `{}` reported no {} for {} (upload.send_as = \"{key}\")",
+                    r.target,
+                    if key == "file_id" { "id" } else { "URL" },
+                    r.part
+                ))
+            })?;
+            Ok(json!({ key: v }))
+        };
+        let (mask, images): (Vec<&UploadRecord>, Vec<&UploadRecord>) =
+            uploads.iter().partition(|r| r.part == "mask");
+        if images.len() != call.references.len() || mask.len() != usize::from(call.mask.is_some()) {
+            return Err(ProviderError::Invalid(
+                "the uploads do not match the call's references".into(),
+            ));
+        }
+        let images = images
+            .into_iter()
+            .map(named)
+            .collect::<Result<Vec<_>, _>>()?;
+        fields.insert("images".into(), Value::Array(images));
+        if let Some(m) = mask.first() {
+            fields.insert("mask".into(), named(m)?);
+        }
+        serde_json::to_vec(&fields).map_err(|e| ProviderError::Invalid(e.to_string()))
+    }
+
+    /// Calls the upstream: `POST /images/generations` (JSON) without references; for an
+    /// edit `POST /images/edits`, multipart with `image[]` parts and the mask, or with
+    /// `references = "upload"` JSON naming the `uploads` by URL or id.
+    pub async fn send(
+        &self,
+        call: &Call,
+        uploads: Vec<UploadRecord>,
+    ) -> Result<Output, ProviderError> {
         let fields = self.fields(call);
         let req = if call.references.is_empty() {
             let body =
@@ -280,6 +456,9 @@ impl OpenAiCompatible {
                 "application/json",
                 &call.task_id,
             )?
+        } else if self.uploader.is_some() {
+            let body = self.json_edit(fields, call, &uploads)?;
+            self.request("/images/edits", body, "application/json", &call.task_id)?
         } else {
             let boundary = format!("kiln-{}", uuid::Uuid::new_v4().simple());
             let body = multipart(&boundary, &fields, &call.references, call.mask.as_ref());
@@ -308,7 +487,7 @@ impl OpenAiCompatible {
                 });
             }
         };
-        let attempts = log(&sent.attempts, None);
+        let attempts = log_attempts(&sent.attempts, None);
         let bad = |message: String, attempts: &[Attempt]| ProviderError::BadResult {
             message,
             attempts: attempts.to_vec(),
@@ -379,6 +558,7 @@ impl OpenAiCompatible {
             revised_prompts: revised,
             usage: json.get("usage").filter(|u| u.is_object()).cloned(),
             attempts,
+            uploads,
         })
     }
 
@@ -447,7 +627,12 @@ fn multipart(
     out
 }
 
-fn log(attempts: &[kiln_retry::AttemptLog], last: Option<&AttemptError>) -> Vec<Attempt> {
+/// kiln-retry's attempt log as recorded on the task; `last` supplies the status of the
+/// final failed attempt.
+pub(crate) fn log_attempts(
+    attempts: &[kiln_retry::AttemptLog],
+    last: Option<&AttemptError>,
+) -> Vec<Attempt> {
     let n = attempts.len();
     attempts
         .iter()
@@ -484,7 +669,7 @@ fn upstream_message(excerpt: &str) -> String {
 
 fn failure(e: &UploadError) -> ProviderError {
     let last = e.last_attempt_error();
-    let mut attempts = log(e.attempts(), last);
+    let mut attempts = log_attempts(e.attempts(), last);
     // Why retrying stopped, on the last attempt.
     if let (UploadError::Failed { error, .. }, Some(a)) = (e, attempts.last_mut()) {
         a.error = Some(format!(
@@ -578,6 +763,120 @@ mod tests {
             upstream_message("<html>forbidden</html>"),
             "<html>forbidden</html>"
         );
+    }
+
+    fn record(part: &str, url: Option<&str>, id: Option<&str>) -> UploadRecord {
+        UploadRecord {
+            part: part.into(),
+            target: "assets".into(),
+            bytes: 3,
+            url: url.map(str::to_owned),
+            id: id.map(str::to_owned),
+            total_ms: 1,
+            attempts: Vec::new(),
+            skipped: Vec::new(),
+        }
+    }
+
+    fn uploading(send_as: &str) -> OpenAiCompatible {
+        let cfg: ProviderConfig = serde_json::from_value(json!({
+            "base_url": "http://127.0.0.1:9/v1",
+            "references": "upload",
+            "upload": {"send_as": send_as,
+                       "target": {"kind": "json_base64", "url": "http://127.0.0.1:9/a"}},
+        }))
+        .unwrap();
+        OpenAiCompatible::new("p", cfg).unwrap()
+    }
+
+    #[test]
+    fn uploaded_references_are_named_in_a_json_edit() {
+        let call = Call {
+            references: vec![
+                Image::new(&b"AAA"[..], "image/png"),
+                Image::new(&b"BBB"[..], "image/png"),
+            ],
+            mask: Some(Image::new(&b"MMM"[..], "image/png")),
+            ..Call::default()
+        };
+        let mut fields = Map::new();
+        fields.insert("prompt".into(), "a cat".into());
+        fields.insert("n".into(), 2.into());
+        let ups = [
+            record("image[0]", Some("https://a/0.png"), Some("f0")),
+            record("image[1]", Some("https://a/1.png"), Some("f1")),
+            record("mask", Some("https://a/m.png"), Some("fm")),
+        ];
+        let body = uploading("image_url")
+            .json_edit(fields.clone(), &call, &ups)
+            .unwrap();
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            v,
+            json!({"prompt": "a cat", "n": 2,
+                   "images": [{"image_url": "https://a/0.png"}, {"image_url": "https://a/1.png"}],
+                   "mask": {"image_url": "https://a/m.png"}})
+        );
+        let body = uploading("file_id")
+            .json_edit(fields.clone(), &call, &ups)
+            .unwrap();
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["images"], json!([{"file_id": "f0"}, {"file_id": "f1"}]));
+        assert_eq!(v["mask"], json!({"file_id": "fm"}));
+        // A target that reports no URL cannot serve `image_url`; a missing upload is caught.
+        let no_url = [
+            record("image[0]", None, Some("f0")),
+            ups[1].clone(),
+            ups[2].clone(),
+        ];
+        let e = uploading("image_url")
+            .json_edit(fields.clone(), &call, &no_url)
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("reported no URL for image[0]"),
+            "{e}"
+        );
+        assert!(
+            uploading("image_url")
+                .json_edit(fields, &call, &ups[..2])
+                .is_err()
+        );
+    }
+
+    #[tokio::test]
+    async fn uploads_stop_at_the_task_deadline_without_calling_the_upstream() {
+        // An asset endpoint that accepts connections and never answers.
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let hold = tokio::spawn(async move {
+            let mut open = Vec::new();
+            while let Ok((s, _)) = l.accept().await {
+                open.push(s);
+            }
+        });
+        let cfg: ProviderConfig = serde_json::from_value(json!({
+            "base_url": "http://127.0.0.1:9/v1",
+            "references": "upload",
+            "upload": {"target": {"kind": "json_base64", "name": "slow",
+                                  "url": format!("http://127.0.0.1:{port}/a")}},
+        }))
+        .unwrap();
+        let up = OpenAiCompatible::new("p", cfg).unwrap();
+        let call = Call {
+            task_id: "t1".into(),
+            references: vec![Image::new(&b"AAA"[..], "image/png")],
+            time_left: Some(Duration::from_millis(200)),
+            ..Call::default()
+        };
+        let e = up.run(&call).await.unwrap_err();
+        assert_eq!(e.code(), "upstream_upload_failed");
+        assert!(e.upstream_untouched() && !e.is_retryable());
+        let text = e.to_string();
+        assert!(
+            text.contains("`slow`") && text.contains("deadline (200 ms)"),
+            "{text}"
+        );
+        hold.abort();
     }
 
     #[test]

@@ -85,6 +85,9 @@ pub struct UploadResult {
     pub bytes: u64,
     /// Attempts made (all requests of a multi-request upload counted).
     pub attempts: u32,
+    /// Every attempt of every request, in order (each request numbers its own attempts
+    /// from 1); the successful attempt of each request has no class.
+    pub attempt_log: Vec<kiln_retry::AttemptLog>,
     /// Whether the (last) request reused a pooled connection.
     pub reused_connection: bool,
     /// Timings of the (last) request; `total` spans the whole upload.
@@ -99,6 +102,7 @@ impl UploadResult {
             target: target.to_owned(),
             bytes,
             attempts: sent.attempts.len() as u32,
+            attempt_log: sent.attempts.clone(),
             reused_connection: sent.reused_connection,
             timings: sent.timings,
             ..Self::default()

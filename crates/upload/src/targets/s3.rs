@@ -11,6 +11,7 @@ use aws_sigv4::http_request::{
 use aws_sigv4::sign::v4;
 use bytes::Bytes;
 use http::{HeaderValue, Method, Uri, header};
+use kiln_retry::AttemptLog;
 use serde::Deserialize;
 
 use super::{BoxFuture, UploadFile, UploadResult, UploadTarget, content_error};
@@ -241,7 +242,7 @@ impl S3 {
         client: &UploadClient,
         url: &str,
         file: &UploadFile,
-    ) -> Result<(Sent, String, u32), UploadError> {
+    ) -> Result<(Sent, String, Vec<AttemptLog>), UploadError> {
         let total = file.payload.len();
         let part_size = self.cfg.part_size.max(total.div_ceil(MAX_PARTS));
         let mut create = self.request(Method::POST, &format!("{url}?uploads"), vec![])?;
@@ -249,7 +250,7 @@ impl S3 {
             create.headers.insert(header::CONTENT_TYPE, v);
         }
         let created = client.send(&self.name, create).await?;
-        let mut attempts = created.attempts.len() as u32;
+        let mut attempts = created.attempts.clone();
         let upload_id = xml_value(&created.body, "UploadId").ok_or_else(|| {
             content_error(
                 &self.name,
@@ -278,7 +279,7 @@ impl S3 {
                     req.progress = Some(Arc::new(move |sent, _| p(base + sent, total)));
                 }
                 let sent = client.send(&self.name, req).await?;
-                attempts += sent.attempts.len() as u32;
+                attempts.extend(sent.attempts.iter().cloned());
                 let etag = sent
                     .headers
                     .get(header::ETAG)
@@ -317,7 +318,7 @@ impl S3 {
                 HeaderValue::from_static("application/xml"),
             );
             let done = client.send(&self.name, complete).await?;
-            attempts += done.attempts.len() as u32;
+            attempts.extend(done.attempts.iter().cloned());
             // S3 can answer 200 with an <Error> document.
             if xml_value(&done.body, "Code").is_some() && find(&done.body, b"<Error").is_some() {
                 return Err(content_error(
@@ -367,11 +368,12 @@ impl UploadTarget for S3 {
                 (sent, attempts)
             } else {
                 let sent = self.put_object(client, &url, file).await?;
-                let n = sent.attempts.len() as u32;
-                (sent, n)
+                let log = sent.attempts.clone();
+                (sent, log)
             };
             let mut r = UploadResult::from_sent(&self.name, file.payload.len(), &sent);
-            r.attempts = attempts;
+            r.attempts = attempts.len() as u32;
+            r.attempt_log = attempts;
             r.timings.total = started.elapsed();
             r.id = Some(key.clone());
             r.etag = sent
