@@ -574,8 +574,10 @@ impl Broker {
         }
         // The queue's lease table decides what the worker keeps: with the same boot (gateway
         // restarted, or resume data lost) leases it still runs or holds a result for are
-        // kept; a new boot releases everything the old process held, and the lost attempts
-        // count (a task that crashes its worker every time ends dead-lettered).
+        // kept; a new boot keeps only the leases whose results survived in its outbox (they
+        // are sent right after the welcome) and releases the rest of what the old process
+        // held, and those lost attempts count (a task that crashes its worker every time
+        // ends dead-lettered).
         let restarted = match &previous {
             Some((boot, _, _)) => *boot != hello.boot_id,
             // No session here (this gateway restarted, the worker was on another instance, or
@@ -587,7 +589,22 @@ impl Broker {
         let mut keep = Vec::new();
         let mut inflight = HashSet::new();
         if restarted {
-            self.queue.release_worker(worker_id, now).await?;
+            self.queue
+                .release_worker(worker_id, &hello.outbox, now)
+                .await?;
+            // What the store still leases to this worker is what it kept of the outbox, and
+            // is tracked so that the arriving result frees its slot. Anything else was
+            // reserved meanwhile for the replaced session and goes back without counting.
+            for (lease, _) in self.queue.leases_of(worker_id).await? {
+                if hello.outbox.contains(&lease) {
+                    keep.push(lease.clone());
+                    inflight.insert(lease);
+                } else {
+                    self.queue
+                        .release(&lease, "worker no longer holds the lease", now)
+                        .await?;
+                }
+            }
         } else {
             for (lease, _) in self.queue.leases_of(worker_id).await? {
                 if claimed.contains(&lease) {

@@ -687,7 +687,12 @@ impl PostgresQueue {
         Ok(Some(after))
     }
 
-    async fn release_worker_(&self, worker_id: &str, now: u64) -> Result<Vec<Task>> {
+    async fn release_worker_(
+        &self,
+        worker_id: &str,
+        keep: &[String],
+        now: u64,
+    ) -> Result<Vec<Task>> {
         let mut c = self.pool.get().await?;
         let mut tx = self.begin(&mut c).await?;
         let held = tx
@@ -700,6 +705,9 @@ impl PostgresQueue {
             .await?;
         let mut out = Vec::with_capacity(held.len());
         for t in held {
+            if t.lease.as_ref().is_some_and(|l| keep.contains(l)) {
+                continue;
+            }
             out.push(tx.requeue(&t, "worker restarted", true, now).await?);
         }
         tx.commit().await?;
@@ -1015,8 +1023,13 @@ impl Queue for PostgresQueue {
         Box::pin(self.release_(lease, why, now))
     }
 
-    fn release_worker<'a>(&'a self, worker_id: &'a str, now: u64) -> QueueFuture<'a, Vec<Task>> {
-        Box::pin(self.release_worker_(worker_id, now))
+    fn release_worker<'a>(
+        &'a self,
+        worker_id: &'a str,
+        keep: &'a [String],
+        now: u64,
+    ) -> QueueFuture<'a, Vec<Task>> {
+        Box::pin(self.release_worker_(worker_id, keep, now))
     }
 
     fn sweep(&self, now: u64) -> QueueFuture<'_, Sweep> {

@@ -170,10 +170,19 @@ pub trait Queue: Send + Sync + std::fmt::Debug + 'static {
         now: u64,
     ) -> QueueFuture<'a, Option<Task>>;
 
-    /// Releases every lease of `worker_id` (its process restarted). Unlike [`Queue::release`]
-    /// the attempts count, as for a lapsed lease: a task whose attempts are spent fails
-    /// dead-lettered, and each attempt record ends with the error `worker restarted`.
-    fn release_worker<'a>(&'a self, worker_id: &'a str, now: u64) -> QueueFuture<'a, Vec<Task>>;
+    /// Releases the leases of `worker_id` (its process restarted), except those named in
+    /// `keep`: leases whose results the new process still holds in its outbox and is about
+    /// to send. A kept lease stays current and untouched (its result is accepted as usual);
+    /// a lease in `keep` that is not this worker's is ignored. Unlike [`Queue::release`]
+    /// the attempts of the released leases count, as for a lapsed lease: a task whose
+    /// attempts are spent fails dead-lettered, and each attempt record ends with the error
+    /// `worker restarted`. Returns the released tasks.
+    fn release_worker<'a>(
+        &'a self,
+        worker_id: &'a str,
+        keep: &'a [String],
+        now: u64,
+    ) -> QueueFuture<'a, Vec<Task>>;
 
     /// Requeues (or cancels / dead-letters) lapsed leases and expires passed deadlines.
     fn sweep(&self, now: u64) -> QueueFuture<'_, Sweep>;

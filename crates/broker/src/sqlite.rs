@@ -943,9 +943,10 @@ impl Db {
         Ok(after)
     }
 
-    /// Releases every lease of `worker_id` (its process restarted): the tasks are queued
-    /// again at once, and the lost attempts count (dead-lettered when none remain).
-    fn release_worker(&self, worker_id: &str, now: u64) -> Result<Vec<Task>> {
+    /// Releases the leases of `worker_id` not in `keep` (its process restarted): the tasks
+    /// are queued again at once, and the lost attempts count (dead-lettered when none
+    /// remain). Kept leases stay as they are.
+    fn release_worker(&self, worker_id: &str, keep: &[String], now: u64) -> Result<Vec<Task>> {
         let tx = begin(&self.conn)?;
         let sql = format!("SELECT {COLS} FROM tasks WHERE state = 'running' AND worker_id = ?1");
         let tasks: Vec<Task> = {
@@ -957,6 +958,9 @@ impl Db {
         };
         let mut out = Vec::new();
         for t in tasks {
+            if t.lease.as_ref().is_some_and(|l| keep.contains(l)) {
+                continue;
+            }
             out.push(self.requeue_locked(&tx, &t, "worker restarted", true, now)?);
         }
         tx.commit()?;
@@ -1273,9 +1277,14 @@ impl Queue for SqliteQueue {
         self.call(move |db| db.release(&l, &why, now))
     }
 
-    fn release_worker<'a>(&'a self, worker_id: &'a str, now: u64) -> QueueFuture<'a, Vec<Task>> {
-        let w = worker_id.to_owned();
-        self.call(move |db| db.release_worker(&w, now))
+    fn release_worker<'a>(
+        &'a self,
+        worker_id: &'a str,
+        keep: &'a [String],
+        now: u64,
+    ) -> QueueFuture<'a, Vec<Task>> {
+        let (w, keep) = (worker_id.to_owned(), keep.to_vec());
+        self.call(move |db| db.release_worker(&w, &keep, now))
     }
 
     fn sweep(&self, now: u64) -> QueueFuture<'_, Sweep> {

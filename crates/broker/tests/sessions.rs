@@ -1,5 +1,6 @@
 //! Worker sessions over channels: credits, fencing, resume without redelivery, restart
-//! with reassignment (the lost attempt counts), a gateway restart keeping what the worker
+//! with reassignment (the lost attempt counts; leases whose results survived in the outbox
+//! are kept), a gateway restart keeping what the worker
 //! runs or holds a result for, cancel replay, bad frames.
 
 #![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
@@ -279,6 +280,49 @@ async fn new_boot_releases_old_leases_at_once() {
     assert_eq!(attempts[0].error.as_deref(), Some("worker restarted"));
 }
 
+/// A worker process crashes after writing one result to its outbox but before the gateway
+/// acknowledged it, while another task was still running. The new process's hello lists the
+/// outbox lease: it is kept and its result accepted (the task ran once), and only the other
+/// lease is released, with its lost attempt counted.
+#[tokio::test]
+async fn new_boot_keeps_the_leases_in_its_outbox_and_releases_the_rest() {
+    let b = broker();
+    submit(&b, 2).await;
+    let (mut w, _) = TestWorker::connect(&b, "boot1", 2, None, vec![]).await;
+    let a = w.assign().await;
+    assert_eq!(a.tasks.len(), 2);
+    let (finished, lost) = (a.tasks[0].clone(), a.tasks[1].clone());
+    w.drop_connection().await;
+    let (mut w2, welcome) =
+        TestWorker::connect_with_outbox(&b, "boot2", 1, None, vec![], vec![finished.lease.clone()])
+            .await;
+    assert!(!welcome.resumed);
+    assert_eq!(welcome.keep, vec![finished.lease.clone()]);
+    assert!(welcome.drop.is_empty());
+    // The released task is queued again at once, its lost attempt counted.
+    let back = b.queue().get(&lost.task_id).await.unwrap().unwrap();
+    assert_eq!(back.state, TaskState::Queued);
+    assert_eq!(back.attempt, 1);
+    // The kept lease fills the only slot until its result arrives.
+    w2.result(&finished.lease, ResultStatus::Ok);
+    let Message::ResultAck(ack) = w2.recv().await else {
+        panic!()
+    };
+    assert!(ack.accepted, "{ack:?}");
+    let done = b.queue().get(&finished.task_id).await.unwrap().unwrap();
+    assert_eq!(done.state, TaskState::Succeeded);
+    assert_eq!(
+        b.queue().attempts(&finished.task_id).await.unwrap().len(),
+        1
+    );
+    let again = w2.assign().await;
+    assert_eq!(again.tasks[0].task_id, lost.task_id);
+    assert_eq!(again.tasks[0].attempt, 2, "the crashed attempt counted");
+    assert_ne!(again.tasks[0].lease, lost.lease);
+    let attempts = b.queue().attempts(&lost.task_id).await.unwrap();
+    assert_eq!(attempts[0].error.as_deref(), Some("worker restarted"));
+}
+
 /// A worker process that crashed connects to a gateway that has no session for it (the
 /// gateway restarted too, or the worker was on another instance): its hello, with no session
 /// to resume and nothing running, still marks a new process, so the lost attempt counts.
@@ -481,8 +525,10 @@ async fn workers_with_different_models_each_get_only_their_own_tasks() {
         models: vec![model.into()],
         labels: vec!["gpu=a100".into()],
     };
-    let (mut wa, _) = TestWorker::connect_as(&b, "wa", caps("sdxl"), "ba", 8, None, vec![], vec![]).await;
-    let (mut wb, _) = TestWorker::connect_as(&b, "wb", caps("flux"), "bb", 8, None, vec![], vec![]).await;
+    let (mut wa, _) =
+        TestWorker::connect_as(&b, "wa", caps("sdxl"), "ba", 8, None, vec![], vec![]).await;
+    let (mut wb, _) =
+        TestWorker::connect_as(&b, "wb", caps("flux"), "bb", 8, None, vec![], vec![]).await;
     assert!(b.can_serve("txt2img", Some("flux"), &["gpu=a100".into()]));
     assert!(!b.can_serve("txt2img", Some("flux"), &["gpu=h100".into()]));
     assert!(!b.can_serve("txt2img", Some("sd15"), &[]));

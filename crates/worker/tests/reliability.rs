@@ -2,7 +2,9 @@
 //! SIGKILL mid-task and restarted has the task again within 1 s of its hello and finishes it
 //! once (the killed attempt counts); a task that crashes its worker process every time is
 //! dead-lettered after its 3 attempts; a TCP connection cut for 2 s with the worker alive causes no redelivery, and a
-//! cancel sent meanwhile is replayed when the session resumes.
+//! cancel sent meanwhile is replayed when the session resumes; a worker process killed after
+//! its result reached the outbox but before the gateway had it resends the result from its
+//! next boot, and the task does not run again.
 //!
 //! The killed worker is a real child process: this test binary run again with
 //! `--ignored --exact child_worker` and the `KILN_TEST_CHILD_*` variables set.
@@ -82,6 +84,7 @@ fn child_worker() {
     };
     let rt = tokio::runtime::Runtime::new().unwrap();
     let poison_log = log.clone();
+    let gate_log = log.clone();
     let w = Worker::new(worker_config(url, Path::new(&dir)))
         .handler("poison", move |ctx: TaskContext| {
             let log = poison_log.clone();
@@ -94,6 +97,28 @@ fn child_worker() {
                 writeln!(f, "start {} {}", ctx.task_id, ctx.attempt).unwrap();
                 // Gone at once, as in a crash: no result, no release, no bye.
                 std::process::exit(134);
+            }
+        })
+        .handler("gated", move |ctx: TaskContext| {
+            // Finishes once the file `<log>.go` exists (the test decides when).
+            let log = gate_log.clone();
+            async move {
+                let line = |s: String| {
+                    let mut f = std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(&log)
+                        .unwrap();
+                    writeln!(f, "{s}").unwrap();
+                };
+                line(format!("start {} {}", ctx.task_id, ctx.attempt));
+                let gate = PathBuf::from(format!("{log}.go"));
+                let until = Instant::now() + Duration::from_secs(30);
+                while !gate.exists() && Instant::now() < until {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                line(format!("done {} {}", ctx.task_id, ctx.attempt));
+                Ok::<_, TaskError>(json!({"gated": true}))
             }
         })
         .handler("slow", move |ctx: TaskContext| {
@@ -127,6 +152,16 @@ fn spawn_child(url: &str, dir: &Path, log: &Path) -> Child {
         .stderr(Stdio::null())
         .spawn()
         .unwrap()
+}
+
+/// A child process killed (SIGKILL) when dropped, so that a failed test leaves none behind.
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 fn log_lines(log: &PathBuf, prefix: &str) -> usize {
@@ -195,13 +230,6 @@ async fn worker_sigkill_mid_task_is_reassigned_on_restart() {
 /// is not given it again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_task_that_crashes_its_worker_every_time_is_dead_lettered() {
-    struct Guard(Child);
-    impl Drop for Guard {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
     let dir = tempfile::tempdir().unwrap();
     let broker = Broker::open(&dir.path().join("queue.sqlite"), cfg()).unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -241,6 +269,99 @@ async fn a_task_that_crashes_its_worker_every_time_is_dead_lettered() {
     // Give the last worker time to be (wrongly) assigned the task again.
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(log_lines(&log, "start"), 3, "ran once per attempt, no more");
+}
+
+/// The entries waiting in a worker's on-disk outbox.
+fn outbox_entries(state_dir: &Path) -> usize {
+    std::fs::read_dir(state_dir.join("outbox"))
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// A worker process finishes a task while its connection is cut, so the result goes to its
+/// outbox and cannot be sent, and is then killed with SIGKILL. The next process (a new boot)
+/// names the lease in its hello's `outbox`: the gateway keeps the lease instead of releasing
+/// it, the resent result is accepted, and the task does not run again (one attempt).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_sigkilled_with_an_unsent_result_resends_it_on_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    // The lease outlives the crash and restart: only the new boot's hello decides its fate.
+    let cfg = BrokerConfig {
+        lease: Duration::from_secs(30),
+        ..cfg()
+    };
+    let broker = Broker::open(&dir.path().join("queue.sqlite"), cfg).unwrap();
+    let gw = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let gw_addr = gw.local_addr().unwrap();
+    let _server = serve(broker.clone(), gw);
+    let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let front_url = format!("ws://{}/", front.local_addr().unwrap());
+    let (cut_tx, cut_rx) = watch::channel(false);
+    proxy(front, gw_addr, cut_rx);
+    let (state_dir, log) = (dir.path().join("w"), dir.path().join("runs.log"));
+    let id = submit(&broker, "gated", json!({})).await;
+
+    // The first process reaches the gateway through the proxy, which is cut while it runs.
+    let mut first = Guard(spawn_child(&front_url, &state_dir, &log));
+    wait_for("the first start", 30, || log_lines(&log, "start") == 1).await;
+    let boot1 = broker.workers()[0].boot_id.clone();
+    cut_tx.send(true).unwrap();
+    let b = broker.clone();
+    wait_for("the broker to see the drop", 10, move || {
+        !b.workers()[0].connected
+    })
+    .await;
+    // The task finishes now: its result is written to the outbox and cannot be sent.
+    std::fs::write(format!("{}.go", log.display()), b"").unwrap();
+    wait_for("the result in the outbox", 10, || {
+        outbox_entries(&state_dir) == 1
+    })
+    .await;
+    first.0.kill().unwrap(); // SIGKILL
+    first.0.wait().unwrap();
+    assert_eq!(log_lines(&log, "done"), 1);
+    let t = broker.queue().get(&id).await.unwrap().unwrap();
+    assert_eq!(
+        t.state,
+        TaskState::Running,
+        "the gateway never had the result"
+    );
+    let lease = t.lease.unwrap();
+
+    // The next boot connects directly and resends the stored result.
+    let gw_url = format!("ws://{gw_addr}/");
+    let _second = Guard(spawn_child(&gw_url, &state_dir, &log));
+    let until = Instant::now() + Duration::from_secs(20);
+    while state(&broker, &id).await != TaskState::Succeeded {
+        assert!(Instant::now() < until, "the stored result was not accepted");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        broker
+            .workers()
+            .iter()
+            .any(|w| w.connected && w.boot_id != boot1),
+        "the result came from the new boot"
+    );
+    let done = broker.queue().get(&id).await.unwrap().unwrap();
+    assert_eq!(done.attempt, 1);
+    assert_eq!(done.output, Some(json!({"gated": true})));
+    let attempts = broker.queue().attempts(&id).await.unwrap();
+    assert_eq!(attempts.len(), 1, "the task ran once");
+    assert_eq!(attempts[0].lease, lease);
+    assert!(attempts[0].error.is_none());
+    // The acknowledged result leaves the outbox.
+    wait_for("the outbox to empty", 10, || {
+        outbox_entries(&state_dir) == 0
+    })
+    .await;
+    // Give the new boot time to be (wrongly) assigned the task again.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(log_lines(&log, "start"), 1, "not run again");
 }
 
 /// A TCP proxy whose connections can be cut (and new ones refused) while `cut` is true.

@@ -654,14 +654,17 @@ impl Queue for RedisQueue {
         })
     }
 
-    fn release_worker<'a>(&'a self, worker_id: &'a str, now: u64) -> QueueFuture<'a, Vec<Task>> {
+    fn release_worker<'a>(
+        &'a self,
+        worker_id: &'a str,
+        keep: &'a [String],
+        now: u64,
+    ) -> QueueFuture<'a, Vec<Task>> {
         Box::pin(async move {
-            let mut r = self
-                .run(
-                    "release_worker",
-                    vec![worker_id.to_owned(), now.to_string()],
-                )
-                .await?;
+            // The kept leases follow the worker and the time.
+            let mut args = vec![worker_id.to_owned(), now.to_string()];
+            args.extend(keep.iter().cloned());
+            let mut r = self.run("release_worker", args).await?;
             tasks_from(r.next().ok_or_else(|| corrupt("release_worker"))?)
         })
     }

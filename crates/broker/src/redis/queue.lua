@@ -417,15 +417,21 @@ elseif op == 'release' then
   return reply(snap(tid))
 
 elseif op == 'release_worker' then
+  -- A[3..]: leases the new process still holds results for; they stay leased.
+  local keep = {}
+  for i = 3, #A do keep[A[i]] = true end
   local out = {}
   for _, id in ipairs(redis.call('SMEMBERS', key('worker', A[1]))) do
     local t = load(id)
     if t and t.state == 'running' and t.worker_id == A[1] then
-      requeue(t, 'worker restarted', true, A[2])
-      out[#out + 1] = snap(id)
+      if not (t.lease and keep[t.lease]) then
+        requeue(t, 'worker restarted', true, A[2])
+        out[#out + 1] = snap(id)
+      end
+    else
+      redis.call('SREM', key('worker', A[1]), id)
     end
   end
-  redis.call('DEL', key('worker', A[1]))
   return reply(out)
 
 elseif op == 'sweep' then

@@ -1,6 +1,7 @@
 //! The queue store's contract, run against every backend: idempotent enqueue, priority
 //! order, leases, compare-and-set results, explicit failure with a retry time, dead-letters,
-//! release, worker restarts (they spend attempts), cancel, lapsed leases, deadlines, listing,
+//! release, worker restarts (they spend attempts, but keep the leases whose results the
+//! new process still holds), cancel, lapsed leases, deadlines, listing,
 //! counts, events, stage timings.
 //!
 //! Each function takes a fresh, empty queue whose default is 2 attempts with no retry
@@ -36,6 +37,7 @@ macro_rules! conformance_tests {
             dead_letter_ignores_remaining_attempts,
             renew_extends_only_the_workers_leases,
             release_worker_requeues_everything_it_held,
+            release_worker_keeps_the_leases_whose_results_survived,
             a_task_that_keeps_crashing_its_worker_is_dead_lettered,
             list_and_stats,
             concurrent_reserves_never_share_a_task,
@@ -445,7 +447,7 @@ pub async fn release_worker_requeues_everything_it_held(q: &dyn Queue) {
     }
     let got = q.reserve("w", &caps(), 3, T + 90_000, T).await.unwrap();
     assert_eq!(got.len(), 3);
-    let back = q.release_worker("w", T + 1).await.unwrap();
+    let back = q.release_worker("w", &[], T + 1).await.unwrap();
     assert_eq!(back.len(), 3);
     // Queued again at once; the lost attempt counts (it stays 1 until the next reserve).
     assert!(
@@ -463,21 +465,87 @@ pub async fn release_worker_requeues_everything_it_held(q: &dyn Queue) {
     );
 }
 
+/// A restarted worker whose outbox survived keeps those leases: the named ones stay current
+/// and their results are accepted; the others are released with the attempt counted. A
+/// lease of another worker, or an unknown one, in `keep` changes nothing.
+pub async fn release_worker_keeps_the_leases_whose_results_survived(q: &dyn Queue) {
+    for i in 0..3 {
+        q.enqueue(task("txt2img", json!(i)), T).await.unwrap();
+    }
+    let other = q.enqueue(task("txt2img", json!("v")), T).await.unwrap().0;
+    let got = q.reserve("w", &caps(), 3, T + 90_000, T).await.unwrap();
+    assert_eq!(got.len(), 3);
+    let theirs = q.reserve("v", &caps(), 1, T + 90_000, T).await.unwrap();
+    assert_eq!(theirs[0].id, other.id);
+    let kept = got[1].lease.clone().unwrap();
+    let their_lease = theirs[0].lease.clone().unwrap();
+    let keep = vec![
+        kept.clone(),
+        their_lease.clone(),
+        "lease_unknown".to_string(),
+    ];
+    let back = q.release_worker("w", &keep, T + 1).await.unwrap();
+    let mut released: Vec<&str> = back.iter().map(|t| t.id.as_str()).collect();
+    released.sort_unstable();
+    let mut expected = vec![got[0].id.as_str(), got[2].id.as_str()];
+    expected.sort_unstable();
+    assert_eq!(released, expected);
+    assert!(
+        back.iter()
+            .all(|t| t.state == TaskState::Queued && t.attempt == 1)
+    );
+    assert_eq!(
+        q.leases_of("w").await.unwrap(),
+        vec![(kept.clone(), got[1].id.clone())]
+    );
+    let still = q.get(&got[1].id).await.unwrap().unwrap();
+    assert_eq!(still.state, TaskState::Running);
+    assert_eq!(still.lease.as_deref(), Some(kept.as_str()));
+    assert_eq!(still.worker_id.as_deref(), Some("w"));
+    // The other worker's lease is untouched.
+    assert_eq!(
+        q.leases_of("v").await.unwrap(),
+        vec![(their_lease, other.id.clone())]
+    );
+    // The result the new process resends is accepted: the task ran once.
+    assert!(
+        q.complete(&kept, Completion::Ok(json!("done")), T + 2)
+            .await
+            .unwrap()
+            .accepted
+    );
+    let done = q.get(&got[1].id).await.unwrap().unwrap();
+    assert_eq!(done.state, TaskState::Succeeded);
+    assert_eq!(done.attempt, 1);
+    let attempts = q.attempts(&got[1].id).await.unwrap();
+    assert_eq!(attempts.len(), 1);
+    assert_eq!(attempts[0].error, None);
+    // The released ones ended their attempt as a restart.
+    let lost = q.attempts(&got[0].id).await.unwrap();
+    assert_eq!(lost.len(), 1);
+    assert_eq!(lost[0].error.as_deref(), Some("worker restarted"));
+    // Their old leases are stale.
+    let stale = got[0].lease.clone().unwrap();
+    assert!(
+        !q.complete(&stale, Completion::Ok(json!(0)), T + 3)
+            .await
+            .unwrap()
+            .accepted
+    );
+}
+
 /// A task that takes its worker process down every time: each restart spends an attempt,
 /// and once they are spent the task is dead-lettered instead of crashing workers forever.
 pub async fn a_task_that_keeps_crashing_its_worker_is_dead_lettered(q: &dyn Queue) {
     let (t, _) = q.enqueue(task("txt2img", json!({})), T).await.unwrap();
     let first = q.reserve("w", &caps(), 1, T + 90_000, T).await.unwrap();
     assert_eq!(first[0].attempt, 1);
-    let back = q.release_worker("w", T + 1).await.unwrap();
+    let back = q.release_worker("w", &[], T + 1).await.unwrap();
     assert_eq!(back[0].state, TaskState::Queued);
-    let second = q
-        .reserve("w", &caps(), 1, T + 90_000, T + 2)
-        .await
-        .unwrap();
+    let second = q.reserve("w", &caps(), 1, T + 90_000, T + 2).await.unwrap();
     assert_eq!(second[0].id, t.id);
     assert_eq!(second[0].attempt, 2, "the crashed attempt counted");
-    let back = q.release_worker("w", T + 3).await.unwrap();
+    let back = q.release_worker("w", &[], T + 3).await.unwrap();
     assert_eq!(back.len(), 1);
     let dead = q.get(&t.id).await.unwrap().unwrap();
     assert_eq!(dead.state, TaskState::Failed);
