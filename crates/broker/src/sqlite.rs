@@ -505,6 +505,10 @@ impl SqliteQueue {
         reader.pragma_update(None, "busy_timeout", 5000)?;
         reader.pragma_update(None, "query_only", true)?;
         reader.set_prepared_statement_cache_capacity(64);
+        reader.set_db_config(
+            rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG,
+            true,
+        )?;
         q.reader = Some(Exec::start(
             Db {
                 conn: reader,
@@ -547,6 +551,12 @@ impl SqliteQueue {
         conn.pragma_update(None, "busy_timeout", 5000)?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.set_prepared_statement_cache_capacity(128);
+        // The bundled SQLite has STAT4, which re-prepares a cached statement whenever a bound
+        // value changes in case the plan should change; the queue's plans never should.
+        conn.set_db_config(
+            rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG,
+            true,
+        )?;
         conn.execute_batch(SCHEMA)?;
         add_missing_columns(&conn)?;
         let db = Db {

@@ -481,8 +481,10 @@ async fn workers_with_different_models_each_get_only_their_own_tasks() {
         models: vec![model.into()],
         labels: vec!["gpu=a100".into()],
     };
-    let (mut wa, _) = TestWorker::connect_as(&b, "wa", caps("sdxl"), "ba", 8, None, vec![], vec![]).await;
-    let (mut wb, _) = TestWorker::connect_as(&b, "wb", caps("flux"), "bb", 8, None, vec![], vec![]).await;
+    let (mut wa, _) =
+        TestWorker::connect_as(&b, "wa", caps("sdxl"), "ba", 8, None, vec![], vec![]).await;
+    let (mut wb, _) =
+        TestWorker::connect_as(&b, "wb", caps("flux"), "bb", 8, None, vec![], vec![]).await;
     assert!(b.can_serve("txt2img", Some("flux"), &["gpu=a100".into()]));
     assert!(!b.can_serve("txt2img", Some("flux"), &["gpu=h100".into()]));
     assert!(!b.can_serve("txt2img", Some("sd15"), &[]));

@@ -471,10 +471,7 @@ pub async fn a_task_that_keeps_crashing_its_worker_is_dead_lettered(q: &dyn Queu
     assert_eq!(first[0].attempt, 1);
     let back = q.release_worker("w", T + 1).await.unwrap();
     assert_eq!(back[0].state, TaskState::Queued);
-    let second = q
-        .reserve("w", &caps(), 1, T + 90_000, T + 2)
-        .await
-        .unwrap();
+    let second = q.reserve("w", &caps(), 1, T + 90_000, T + 2).await.unwrap();
     assert_eq!(second[0].id, t.id);
     assert_eq!(second[0].attempt, 2, "the crashed attempt counted");
     let back = q.release_worker("w", T + 3).await.unwrap();
