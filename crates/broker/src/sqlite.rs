@@ -1338,6 +1338,20 @@ impl Queue for SqliteQueue {
         self.read(move |db| db.timings(&id))
     }
 
+    fn detail<'a>(&'a self, id: &'a str) -> QueueFuture<'a, Option<TaskDetail>> {
+        let id = id.to_owned();
+        self.read(move |db| {
+            // One read transaction, so the three parts agree with each other.
+            let tx = begin(&db.conn)?;
+            let Some(task) = get_task(&tx, &id)? else {
+                return Ok(None);
+            };
+            let d = TaskDetail::new(task, db.attempts(&id)?, db.timings(&id)?);
+            tx.commit()?;
+            Ok(Some(d))
+        })
+    }
+
     fn merge_timings<'a>(
         &'a self,
         id: &'a str,
