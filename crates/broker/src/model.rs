@@ -132,6 +132,29 @@ pub(crate) fn same_request(stored: &Task, t: &NewTask) -> bool {
         && stored.labels == t.labels
 }
 
+/// A task with its attempts and recorded stage timings (see [`crate::Queue::detail`]).
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct TaskDetail {
+    /// The task.
+    pub task: Task,
+    /// Its attempts, in order.
+    pub attempts: Vec<AttemptRecord>,
+    /// Its recorded stage timings ([`crate::Queue::timings`]).
+    pub timings: Option<Value>,
+}
+
+impl TaskDetail {
+    /// Puts the three parts together.
+    pub fn new(task: Task, attempts: Vec<AttemptRecord>, timings: Option<Value>) -> Self {
+        Self {
+            task,
+            attempts,
+            timings,
+        }
+    }
+}
+
 /// One attempt of a task.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AttemptRecord {

@@ -217,6 +217,20 @@ pub trait Queue: Send + Sync + std::fmt::Debug + 'static {
     /// worker's own stages under `worker`. `None` when nothing was recorded.
     fn timings<'a>(&'a self, id: &'a str) -> QueueFuture<'a, Option<Value>>;
 
+    /// The task `id` with its attempts and recorded timings, read together: one call where
+    /// the store can answer it at once (SQLite: one trip to its read connection), three
+    /// otherwise. `None` when there is no such task.
+    fn detail<'a>(&'a self, id: &'a str) -> QueueFuture<'a, Option<TaskDetail>> {
+        Box::pin(async move {
+            let Some(task) = self.get(id).await? else {
+                return Ok(None);
+            };
+            let attempts = self.attempts(id).await?;
+            let timings = self.timings(id).await?;
+            Ok(Some(TaskDetail::new(task, attempts, timings)))
+        })
+    }
+
     /// Sets the keys of `timings` (a JSON object) in the task's recorded timings, leaving
     /// the other keys as they are.
     fn merge_timings<'a>(

@@ -505,6 +505,10 @@ impl SqliteQueue {
         reader.pragma_update(None, "busy_timeout", 5000)?;
         reader.pragma_update(None, "query_only", true)?;
         reader.set_prepared_statement_cache_capacity(64);
+        reader.set_db_config(
+            rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG,
+            true,
+        )?;
         q.reader = Some(Exec::start(
             Db {
                 conn: reader,
@@ -547,6 +551,12 @@ impl SqliteQueue {
         conn.pragma_update(None, "busy_timeout", 5000)?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.set_prepared_statement_cache_capacity(128);
+        // The bundled SQLite has STAT4, which re-prepares a cached statement whenever a bound
+        // value changes in case the plan should change; the queue's plans never should.
+        conn.set_db_config(
+            rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG,
+            true,
+        )?;
         conn.execute_batch(SCHEMA)?;
         add_missing_columns(&conn)?;
         let db = Db {
@@ -1335,6 +1345,20 @@ impl Queue for SqliteQueue {
     fn timings<'a>(&'a self, id: &'a str) -> QueueFuture<'a, Option<Value>> {
         let id = id.to_owned();
         self.read(move |db| db.timings(&id))
+    }
+
+    fn detail<'a>(&'a self, id: &'a str) -> QueueFuture<'a, Option<TaskDetail>> {
+        let id = id.to_owned();
+        self.read(move |db| {
+            // One read transaction, so the three parts agree with each other.
+            let tx = begin(&db.conn)?;
+            let Some(task) = get_task(&tx, &id)? else {
+                return Ok(None);
+            };
+            let d = TaskDetail::new(task, db.attempts(&id)?, db.timings(&id)?);
+            tx.commit()?;
+            Ok(Some(d))
+        })
     }
 
     fn merge_timings<'a>(

@@ -13,7 +13,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Mutex, Weak};
 
-use kiln_broker::{AttemptRecord, Task, TaskEvent, now_ms};
+use kiln_broker::{AttemptRecord, Task, TaskDetail, TaskEvent, now_ms};
 use kiln_protocol::TaskState;
 use serde::Serialize;
 use serde_json::Value;
@@ -213,10 +213,10 @@ pub(crate) async fn follow(state: Weak<Inner>, mut events: broadcast::Receiver<T
                 );
                 let ids: Vec<String> = state.inner.spans.lock().keys().cloned().collect();
                 for id in ids {
-                    if let Ok(Some(t)) = state.broker().queue().get(&id).await
-                        && t.state.is_terminal()
+                    if let Ok(Some(d)) = state.broker().queue().detail(&id).await
+                        && d.task.state.is_terminal()
                     {
-                        ended(&state, t).await;
+                        ended(&state, d).await;
                     }
                 }
                 continue;
@@ -232,8 +232,8 @@ pub(crate) async fn follow(state: Weak<Inner>, mut events: broadcast::Receiver<T
                     tracing::info!(parent: &span, message = "task assigned", attempt, worker_id = ev.data["worker_id"].as_str().unwrap_or(""));
                 }
             }
-            "completed" => match state.broker().queue().get(&ev.task_id).await {
-                Ok(Some(t)) => ended(&state, t).await,
+            "completed" => match state.broker().queue().detail(&ev.task_id).await {
+                Ok(Some(d)) => ended(&state, d).await,
                 Ok(None) => {}
                 Err(e) => {
                     tracing::warn!(message = "ended task unreadable", task_id = %ev.task_id, error = %e)
@@ -244,8 +244,15 @@ pub(crate) async fn follow(state: Weak<Inner>, mut events: broadcast::Receiver<T
     }
 }
 
-/// Records the upload time of `t`'s output files, then closes its span with every stage.
-async fn ended(state: &AppState, t: Task) {
+/// Records the upload time of the task's output files, then closes its span with every
+/// stage.
+async fn ended(state: &AppState, d: TaskDetail) {
+    let TaskDetail {
+        task: t,
+        attempts,
+        timings: mut recorded,
+        ..
+    } = d;
     let outputs: Vec<String> = t
         .output
         .as_ref()
@@ -261,10 +268,14 @@ async fn ended(state: &AppState, t: Task) {
         .unwrap_or_default();
     if let Some(ms) = stage_sum(state, &outputs, |m| m.store_ms).await {
         record(state, &t.id, "upload_ms", ms).await;
+        // What was just stored, without reading it back.
+        match &mut recorded {
+            Some(Value::Object(m)) => {
+                m.insert("upload_ms".into(), Value::from(ms));
+            }
+            _ => recorded = Some(serde_json::json!({ "upload_ms": ms })),
+        }
     }
-    let q = state.broker().queue();
-    let attempts = q.attempts(&t.id).await.unwrap_or_default();
-    let recorded = q.timings(&t.id).await.ok().flatten();
     let timings = Timings::of(&t, &attempts, recorded.as_ref(), now_ms());
     let span = state.inner.spans.take(&t);
     span.record("attempt", t.attempt);

@@ -43,6 +43,7 @@ macro_rules! conformance_tests {
             concurrent_reserves_never_share_a_task,
             events_of_failed_calls_are_not_published,
             timings_merge_by_key_and_worker_stages_need_the_current_lease,
+            detail_agrees_with_get_attempts_and_timings,
             a_model_task_goes_only_to_workers_listing_the_model,
             labels_must_all_be_on_the_worker,
             unfit_tasks_stay_queued_and_are_not_starved,
@@ -695,6 +696,28 @@ pub async fn timings_merge_by_key_and_worker_stages_need_the_current_lease(q: &d
             json!({"compress_ms": 7, "upload_ms": 2, "worker": {"render_ms": 40, "upload_ms": 3}})
         )
     );
+}
+
+/// `detail` reads the same task, attempts and timings as the three separate calls.
+pub async fn detail_agrees_with_get_attempts_and_timings(q: &dyn Queue) {
+    assert_eq!(q.detail("task_nope").await.unwrap(), None);
+    let (t, _) = q.enqueue(task("txt2img", json!({"d": 1})), T).await.unwrap();
+    let queued = q.detail(&t.id).await.unwrap().unwrap();
+    assert_eq!(queued.task, q.get(&t.id).await.unwrap().unwrap());
+    assert!(queued.attempts.is_empty());
+    assert_eq!(queued.timings, None);
+    let lease = lease_one(q, "w", T + 90_000, T + 10).await;
+    let m = json!({"compress_ms": 4}).as_object().unwrap().clone();
+    q.merge_timings(&t.id, &m).await.unwrap();
+    q.complete(&lease, Completion::Ok(json!({"ok": true})), T + 20)
+        .await
+        .unwrap();
+    let done = q.detail(&t.id).await.unwrap().unwrap();
+    assert_eq!(done.task, q.get(&t.id).await.unwrap().unwrap());
+    assert_eq!(done.task.state, TaskState::Succeeded);
+    assert_eq!(done.attempts, q.attempts(&t.id).await.unwrap());
+    assert_eq!(done.attempts.len(), 1);
+    assert_eq!(done.timings, Some(json!({"compress_ms": 4})));
 }
 
 pub async fn a_model_task_goes_only_to_workers_listing_the_model(q: &dyn Queue) {
