@@ -4,7 +4,7 @@
 //!
 //! Run: `cargo run --release --example queue_bench -- --n 10000 --slots 2
 //! [--backend sqlite|postgres|redis] [--sqlite-executor thread|pool] [--postgres-url URL]
-//! [--rtt 500]` (PostgreSQL: a schema of its own in `dbname=test` on 127.0.0.1:5432, dropped
+//! [--rtt 500] [--submitters 1]` (PostgreSQL: a schema of its own in `dbname=test` on 127.0.0.1:5432, dropped
 //! at the end; Redis: 127.0.0.1:6379, or `KILN_BENCH_REDIS_URL`, under a key prefix of its
 //! own, deleted at the end).
 //! The last stdout line is `{"n":N,"tasks_per_s":F,"rtt_p50_ms":F,"rtt_p99_ms":F,"lost":N,"duplicates":N}`.
@@ -29,6 +29,7 @@ struct Args {
     rtt: usize,
     sqlite_executor: SqliteExecutor,
     postgres_url: String,
+    submitters: usize,
 }
 
 fn args() -> Result<Args, String> {
@@ -39,6 +40,7 @@ fn args() -> Result<Args, String> {
         rtt: 500,
         sqlite_executor: SqliteExecutor::Thread,
         postgres_url: "host=127.0.0.1 port=5432 user=postgres dbname=test".into(),
+        submitters: 1,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -49,6 +51,12 @@ fn args() -> Result<Args, String> {
             "--backend" => a.backend = v()?,
             "--rtt" => a.rtt = v()?.parse().map_err(|e| format!("--rtt: {e}"))?,
             "--postgres-url" => a.postgres_url = v()?,
+            "--submitters" => {
+                a.submitters = v()?
+                    .parse::<usize>()
+                    .map_err(|e| format!("--submitters: {e}"))?
+                    .max(1)
+            }
             "--sqlite-executor" => {
                 a.sqlite_executor = match v()?.as_str() {
                     "thread" => SqliteExecutor::Thread,
@@ -179,26 +187,47 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 
-    let submit = |i: usize| {
+    let submit = {
         let broker = broker.clone();
-        async move {
-            broker
-                .submit(NewTask {
-                    task_type: "noop".into(),
-                    input: json!({"i": i}),
-                    ..Default::default()
-                })
-                .await
-                .map(|(t, _)| t.id)
+        move |i: usize| {
+            let broker = broker.clone();
+            async move {
+                broker
+                    .submit(NewTask {
+                        task_type: "noop".into(),
+                        input: json!({"i": i}),
+                        ..Default::default()
+                    })
+                    .await
+                    .map(|(t, _)| t.id)
+            }
         }
     };
     // Throughput: submit everything, wait for every completion.
     eprintln!("submitting {} tasks", a.n);
     let start = Instant::now();
-    let mut ids = Vec::with_capacity(a.n);
-    for i in 0..a.n {
-        ids.push(submit(i).await?);
+    // One client submitting in sequence (the default, as the Celery figures were taken), or
+    // `--submitters` clients at once, each taking every k-th task.
+    let mut clients = tokio::task::JoinSet::new();
+    for c in 0..a.submitters {
+        let (submit, n, k) = (submit.clone(), a.n, a.submitters);
+        clients.spawn(async move {
+            let mut ids = Vec::new();
+            for i in (c..n).step_by(k) {
+                ids.push(submit(i).await?);
+            }
+            Ok::<_, kiln_broker::QueueError>(ids)
+        });
     }
+    let mut ids = Vec::with_capacity(a.n);
+    while let Some(r) = clients.join_next().await {
+        ids.extend(r??);
+    }
+    eprintln!(
+        "all submitted after {:.2} s ({} submitter(s))",
+        start.elapsed().as_secs_f64(),
+        a.submitters
+    );
     // Completions are counted from the store (the event feed would lag behind 10,000 bursts).
     let deadline = Instant::now() + Duration::from_secs(600);
     let mut last_print = 0;
