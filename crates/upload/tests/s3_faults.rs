@@ -200,12 +200,13 @@ async fn connection_reset_on_upload_part_is_replayed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn timed_out_part_is_retried() {
     let mut c = cfg();
-    c.attempt_timeout = Duration::from_secs(2);
+    // Far above what a 5 MiB part takes on 127.0.0.1, so only the held answer times out.
+    c.attempt_timeout = Duration::from_secs(5);
     let Some(e) = env(c).await else { return };
     e.proxy.fault(
         Method::PUT,
         &["partNumber=3", "uploadId"],
-        Fault::Hold(Duration::from_secs(4)),
+        Fault::Hold(Duration::from_secs(7)),
         1,
     );
     let log = upload_ok(&e, "slow.bin", [1, 1, 1, 2, 1, 0], &[1, 1, 1, 2, 1]).await;
@@ -262,12 +263,13 @@ async fn complete_answered_500_with_the_default_statuses_fails_and_aborts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn complete_processed_but_answer_lost_is_replayed() {
     let mut c = cfg();
-    c.attempt_timeout = Duration::from_secs(2);
+    // Far above what a 5 MiB part takes on 127.0.0.1, so only the held answer times out.
+    c.attempt_timeout = Duration::from_secs(5);
     let Some(e) = env(c).await else { return };
     e.proxy.fault(
         Method::POST,
         &["uploadId"],
-        Fault::Hold(Duration::from_secs(4)),
+        Fault::Hold(Duration::from_secs(7)),
         1,
     );
     upload_ok(&e, "lost.bin", [1, 1, 1, 1, 2, 0], &[1, 1, 1, 1, 2]).await;
