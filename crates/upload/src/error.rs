@@ -174,6 +174,23 @@ pub enum UploadError {
     /// The client or target configuration is invalid.
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// A request of an S3 multipart upload (a part, or CompleteMultipartUpload) failed for
+    /// good; no further parts were sent and the upload was aborted (AbortMultipartUpload)
+    /// unless `aborted` is false. `error` is the failed request's own error.
+    #[error("{target}: {step}{} failed ({}): {error}", part.map(|p| format!(" {p}")).unwrap_or_default(), if *aborted { "multipart upload aborted" } else { "abort of the multipart upload failed" })]
+    MultipartStep {
+        /// The target's name.
+        target: String,
+        /// The S3 operation: `UploadPart` or `CompleteMultipartUpload`.
+        step: &'static str,
+        /// The 1-based part number, for `UploadPart`.
+        part: Option<u32>,
+        /// Whether AbortMultipartUpload succeeded.
+        aborted: bool,
+        /// The failed request's error ([`UploadError::Failed`] or [`UploadError::Unexpected`]).
+        #[source]
+        error: Box<UploadError>,
+    },
     /// Every target of a fallback chain failed; one error per target, in order.
     #[error("all {} targets failed: {}", .0.len(), .0.iter().map(|(t, e)| format!("[{t}: {e}]")).collect::<Vec<_>>().join(" "))]
     AllTargetsFailed(Vec<(String, UploadError)>),
@@ -191,6 +208,7 @@ impl UploadError {
                     )
             }
             UploadError::AllTargetsFailed(v) => v.iter().any(|(_, e)| e.is_retryable()),
+            UploadError::MultipartStep { error, .. } => error.is_retryable(),
             UploadError::Unexpected { .. }
             | UploadError::TooLarge { .. }
             | UploadError::Body(_)
@@ -203,6 +221,7 @@ impl UploadError {
         match self {
             UploadError::Failed { error, .. } => error.last_error.as_ref(),
             UploadError::Unexpected { error, .. } => Some(error),
+            UploadError::MultipartStep { error, .. } => error.last_attempt_error(),
             _ => None,
         }
     }
@@ -216,14 +235,17 @@ impl UploadError {
     pub fn stop_reason(&self) -> Option<StopReason> {
         match self {
             UploadError::Failed { error, .. } => Some(error.reason),
+            UploadError::MultipartStep { error, .. } => error.stop_reason(),
             _ => None,
         }
     }
 
-    /// The attempt log, for [`UploadError::Failed`].
+    /// The attempt log, for [`UploadError::Failed`] (of the failed request, for
+    /// [`UploadError::MultipartStep`]).
     pub fn attempts(&self) -> &[AttemptLog] {
         match self {
             UploadError::Failed { error, .. } => &error.attempts,
+            UploadError::MultipartStep { error, .. } => error.attempts(),
             _ => &[],
         }
     }
@@ -232,6 +254,7 @@ impl UploadError {
     pub fn elapsed(&self) -> Option<Duration> {
         match self {
             UploadError::Failed { error, .. } => Some(error.elapsed),
+            UploadError::MultipartStep { error, .. } => error.elapsed(),
             _ => None,
         }
     }

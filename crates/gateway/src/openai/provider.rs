@@ -670,8 +670,13 @@ fn upstream_message(excerpt: &str) -> String {
 fn failure(e: &UploadError) -> ProviderError {
     let last = e.last_attempt_error();
     let mut attempts = log_attempts(e.attempts(), last);
+    // A failed request of a multi-request upload (an S3 part) is judged by its own error.
+    let request = match e {
+        UploadError::MultipartStep { error, .. } => error.as_ref(),
+        other => other,
+    };
     // Why retrying stopped, on the last attempt.
-    if let (UploadError::Failed { error, .. }, Some(a)) = (e, attempts.last_mut()) {
+    if let (UploadError::Failed { error, .. }, Some(a)) = (request, attempts.last_mut()) {
         a.error = Some(format!(
             "{}; stopped: {} ({})",
             a.error.as_deref().unwrap_or("failed"),
@@ -708,7 +713,7 @@ fn failure(e: &UploadError) -> ProviderError {
                 attempts,
             }
         }
-        _ => match e {
+        _ => match request {
             UploadError::Failed { .. } => ProviderError::Failed {
                 message: e.to_string(),
                 maybe_processed: maybe,

@@ -95,8 +95,13 @@ fn default_part() -> u64 {
 }
 
 /// Uploads to S3 with PutObject, or with multipart upload (each part retried on its own)
-/// when the body reaches `multipart_threshold`. Every request is idempotent (a replayed
-/// PUT overwrites with the same bytes).
+/// when the body reaches `multipart_threshold`. Every request is sent as idempotent (a
+/// replayed PUT overwrites with the same bytes; a replayed CreateMultipartUpload can leave an
+/// unused upload behind). A part or CompleteMultipartUpload that fails for good ends the
+/// upload: no further part is sent, the upload is aborted (AbortMultipartUpload) and the
+/// error is [`UploadError::MultipartStep`]. S3 answers 500 InternalError for faults it asks
+/// clients to retry; those are retried only when the client's `retry.retry_statuses` lists
+/// 500.
 #[derive(Debug, Clone)]
 pub struct S3 {
     cfg: S3Config,
@@ -263,22 +268,26 @@ impl S3 {
             )
         })?;
         let q_id = encode(&upload_id);
-        let result = async {
+        // Which request failed: the part number for UploadPart, `None` for the completion.
+        let result: Result<Sent, (Option<u32>, UploadError)> = async {
             let mut etags = Vec::new();
             let mut offset = 0u64;
             let mut number = 1u32;
             while offset < total {
                 let len = part_size.min(total - offset);
-                let mut req = self.request(
-                    Method::PUT,
-                    &format!("{url}?partNumber={number}&uploadId={q_id}"),
-                    vec![file.payload.slice(offset, len)],
-                )?;
+                let part = Some(number);
+                let mut req = self
+                    .request(
+                        Method::PUT,
+                        &format!("{url}?partNumber={number}&uploadId={q_id}"),
+                        vec![file.payload.slice(offset, len)],
+                    )
+                    .map_err(|e| (part, e))?;
                 if let Some(p) = file.progress.clone() {
                     let base = offset;
                     req.progress = Some(Arc::new(move |sent, _| p(base + sent, total)));
                 }
-                let sent = client.send(&self.name, req).await?;
+                let sent = client.send(&self.name, req).await.map_err(|e| (part, e))?;
                 attempts.extend(sent.attempts.iter().cloned());
                 let etag = sent
                     .headers
@@ -286,13 +295,16 @@ impl S3 {
                     .and_then(|v| v.to_str().ok())
                     .map(str::to_owned)
                     .ok_or_else(|| {
-                        content_error(
-                            &self.name,
-                            AttemptError::unexpected(
-                                sent.status,
-                                sent.content_type(),
-                                &sent.body,
-                                format!("no ETag for part {number}"),
+                        (
+                            part,
+                            content_error(
+                                &self.name,
+                                AttemptError::unexpected(
+                                    sent.status,
+                                    sent.content_type(),
+                                    &sent.body,
+                                    format!("no ETag for part {number}"),
+                                ),
                             ),
                         )
                     })?;
@@ -308,42 +320,68 @@ impl S3 {
                 ));
             }
             xml.push_str("</CompleteMultipartUpload>");
-            let mut complete = self.request(
-                Method::POST,
-                &format!("{url}?uploadId={q_id}"),
-                vec![Payload::Bytes(Bytes::from(xml))],
-            )?;
+            let mut complete = self
+                .request(
+                    Method::POST,
+                    &format!("{url}?uploadId={q_id}"),
+                    vec![Payload::Bytes(Bytes::from(xml))],
+                )
+                .map_err(|e| (None, e))?;
             complete.headers.insert(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("application/xml"),
             );
-            let done = client.send(&self.name, complete).await?;
+            let done = client
+                .send(&self.name, complete)
+                .await
+                .map_err(|e| (None, e))?;
             attempts.extend(done.attempts.iter().cloned());
             // S3 can answer 200 with an <Error> document.
             if xml_value(&done.body, "Code").is_some() && find(&done.body, b"<Error").is_some() {
-                return Err(content_error(
-                    &self.name,
-                    AttemptError::unexpected(
-                        done.status,
-                        done.content_type(),
-                        &done.body,
-                        "CompleteMultipartUpload returned an error document",
+                return Err((
+                    None,
+                    content_error(
+                        &self.name,
+                        AttemptError::unexpected(
+                            done.status,
+                            done.content_type(),
+                            &done.body,
+                            "CompleteMultipartUpload returned an error document",
+                        ),
                     ),
                 ));
             }
-            Ok::<_, UploadError>(done)
+            Ok(done)
         }
         .await;
         match result {
             Ok(done) => Ok((done, upload_id, attempts)),
-            Err(e) => {
-                if let Ok(req) =
-                    self.request(Method::DELETE, &format!("{url}?uploadId={q_id}"), vec![])
-                    && let Err(abort) = client.send(&self.name, req).await
-                {
-                    tracing::warn!(message = "abort of multipart upload failed", error = %abort);
-                }
-                Err(e)
+            Err((part, error)) => {
+                let aborted = match self.request(
+                    Method::DELETE,
+                    &format!("{url}?uploadId={q_id}"),
+                    vec![],
+                ) {
+                    Ok(req) => match client.send(&self.name, req).await {
+                        Ok(_) => true,
+                        Err(abort) => {
+                            tracing::warn!(message = "abort of multipart upload failed", error = %abort);
+                            false
+                        }
+                    },
+                    Err(_) => false,
+                };
+                Err(UploadError::MultipartStep {
+                    target: self.name.clone(),
+                    step: if part.is_some() {
+                        "UploadPart"
+                    } else {
+                        "CompleteMultipartUpload"
+                    },
+                    part,
+                    aborted,
+                    error: Box::new(error),
+                })
             }
         }
     }
