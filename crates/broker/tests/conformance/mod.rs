@@ -701,7 +701,10 @@ pub async fn timings_merge_by_key_and_worker_stages_need_the_current_lease(q: &d
 /// `detail` reads the same task, attempts and timings as the three separate calls.
 pub async fn detail_agrees_with_get_attempts_and_timings(q: &dyn Queue) {
     assert_eq!(q.detail("task_nope").await.unwrap(), None);
-    let (t, _) = q.enqueue(task("txt2img", json!({"d": 1})), T).await.unwrap();
+    let (t, _) = q
+        .enqueue(task("txt2img", json!({"d": 1})), T)
+        .await
+        .unwrap();
     let queued = q.detail(&t.id).await.unwrap().unwrap();
     assert_eq!(queued.task, q.get(&t.id).await.unwrap().unwrap());
     assert!(queued.attempts.is_empty());
