@@ -588,33 +588,26 @@ impl Broker {
         };
         let mut keep = Vec::new();
         let mut inflight = HashSet::new();
-        if restarted {
+        // A new boot holds only what its outbox names; the same boot also what it runs.
+        let held: HashSet<&String> = if restarted {
             self.queue
                 .release_worker(worker_id, &hello.outbox, now)
                 .await?;
-            // What the store still leases to this worker is what it kept of the outbox, and
-            // is tracked so that the arriving result frees its slot. Anything else was
-            // reserved meanwhile for the replaced session and goes back without counting.
-            for (lease, _) in self.queue.leases_of(worker_id).await? {
-                if hello.outbox.contains(&lease) {
-                    keep.push(lease.clone());
-                    inflight.insert(lease);
-                } else {
-                    self.queue
-                        .release(&lease, "worker no longer holds the lease", now)
-                        .await?;
-                }
-            }
+            hello.outbox.iter().collect()
         } else {
-            for (lease, _) in self.queue.leases_of(worker_id).await? {
-                if claimed.contains(&lease) {
-                    keep.push(lease.clone());
-                    inflight.insert(lease);
-                } else {
-                    self.queue
-                        .release(&lease, "worker no longer holds the lease", now)
-                        .await?;
-                }
+            claimed
+        };
+        // What the store still leases to this worker and it holds is kept, and tracked so
+        // that the arriving result frees its slot. Anything else (after a restart: reserved
+        // meanwhile for the replaced session) goes back without counting.
+        for (lease, _) in self.queue.leases_of(worker_id).await? {
+            if held.contains(&lease) {
+                keep.push(lease.clone());
+                inflight.insert(lease);
+            } else {
+                self.queue
+                    .release(&lease, "worker no longer holds the lease", now)
+                    .await?;
             }
         }
         self.queue.renew(worker_id, until).await?;
