@@ -492,23 +492,7 @@ pub(crate) async fn generations(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, OpenAiError> {
-    let fields: Map<String, Value> = match serde_json::from_slice::<Value>(&body) {
-        Ok(Value::Object(m)) => m,
-        Ok(_) => {
-            return Err(OpenAiError::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_json",
-                "the body must be a JSON object",
-            ));
-        }
-        Err(e) => {
-            return Err(OpenAiError::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_json",
-                format!("the body is not valid JSON: {e}"),
-            ));
-        }
-    };
+    let fields = json_object(&body)?;
     let request_id = idempotency_key(&headers)?;
     let call = Call::parse(&state, &fields)?;
     let (task_type, input) = call.task(None);
@@ -641,6 +625,16 @@ async fn image_url(state: &AppState, param: &'static str, url: &str) -> Result<P
     })
 }
 
+/// The request body as a JSON object; anything else is a 400 `invalid_json`.
+fn json_object(body: &[u8]) -> Result<Map<String, Value>, OpenAiError> {
+    let invalid = |m: String| OpenAiError::new(StatusCode::BAD_REQUEST, "invalid_json", m);
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(m)) => Ok(m),
+        Ok(_) => Err(invalid("the body must be a JSON object".into())),
+        Err(e) => Err(invalid(format!("the body is not valid JSON: {e}"))),
+    }
+}
+
 /// The parts of a JSON edit: `images` (1 to 16 references), `mask`, the other fields.
 async fn json_parts(state: &AppState, req: Request) -> Result<EditParts, OpenAiError> {
     let body = Bytes::from_request(req, state).await.map_err(|e| {
@@ -654,23 +648,7 @@ async fn json_parts(state: &AppState, req: Request) -> Result<EditParts, OpenAiE
             OpenAiError::new(StatusCode::BAD_REQUEST, "invalid_json", e.body_text())
         }
     })?;
-    let mut fields = match serde_json::from_slice::<Value>(&body) {
-        Ok(Value::Object(m)) => m,
-        Ok(_) => {
-            return Err(OpenAiError::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_json",
-                "the body must be a JSON object",
-            ));
-        }
-        Err(e) => {
-            return Err(OpenAiError::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_json",
-                format!("the body is not valid JSON: {e}"),
-            ));
-        }
-    };
+    let mut fields = json_object(&body)?;
     let refs = match fields.remove("images") {
         Some(Value::Array(a)) if (1..=MAX_IMAGES).contains(&a.len()) => a,
         _ => {
