@@ -19,33 +19,45 @@ async fn done(_test: &str) {}
 
 conformance_tests!(in_memory, done);
 
+/// A queue file of its own per test and executor, removed first and after.
+fn file_of(test: &str, executor: SqliteExecutor) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("kiln-conformance-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(format!("{test}-{executor:?}.sqlite"))
+}
+
+fn remove_file_of(test: &str, executor: SqliteExecutor) {
+    let path = file_of(test, executor);
+    for ext in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{ext}", path.display()));
+    }
+}
+
+fn open_file_of(test: &str, executor: SqliteExecutor) -> Option<Arc<dyn Queue>> {
+    remove_file_of(test, executor);
+    let opts = SqliteOptions {
+        queue: QueueOptions {
+            default_max_attempts: 2,
+            retry_base_ms: 0,
+        },
+        executor,
+        ..SqliteOptions::default()
+    };
+    Some(Arc::new(
+        SqliteQueue::open(&file_of(test, executor), opts).unwrap(),
+    ))
+}
+
 /// The same suite on a file with the blocking-pool executor.
 mod on_file_blocking_pool {
     use super::*;
 
     async fn on_file(test: &str) -> Option<Arc<dyn Queue>> {
-        let dir = std::env::temp_dir().join(format!("kiln-conformance-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join(format!("{test}.sqlite"));
-        for ext in ["", "-wal", "-shm"] {
-            let _ = std::fs::remove_file(format!("{}{ext}", path.display()));
-        }
-        let opts = SqliteOptions {
-            queue: QueueOptions {
-                default_max_attempts: 2,
-                retry_base_ms: 0,
-            },
-            executor: SqliteExecutor::BlockingPool,
-            ..SqliteOptions::default()
-        };
-        Some(Arc::new(SqliteQueue::open(&path, opts).unwrap()))
+        open_file_of(test, SqliteExecutor::BlockingPool)
     }
 
     async fn remove(test: &str) {
-        let dir = std::env::temp_dir().join(format!("kiln-conformance-{}", std::process::id()));
-        for ext in ["", "-wal", "-shm"] {
-            let _ = std::fs::remove_file(dir.join(format!("{test}.sqlite{ext}")));
-        }
+        remove_file_of(test, SqliteExecutor::BlockingPool)
     }
 
     use crate::conformance;
@@ -57,30 +69,12 @@ mod on_file_blocking_pool {
 mod on_file_writer_thread {
     use super::*;
 
-    fn path(test: &str) -> std::path::PathBuf {
-        let dir = std::env::temp_dir().join(format!("kiln-conformance-t-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        dir.join(format!("{test}.sqlite"))
-    }
-
     async fn on_file(test: &str) -> Option<Arc<dyn Queue>> {
-        let path = path(test);
-        remove(test).await;
-        let opts = SqliteOptions {
-            queue: QueueOptions {
-                default_max_attempts: 2,
-                retry_base_ms: 0,
-            },
-            ..SqliteOptions::default()
-        };
-        Some(Arc::new(SqliteQueue::open(&path, opts).unwrap()))
+        open_file_of(test, SqliteExecutor::Thread)
     }
 
     async fn remove(test: &str) {
-        let path = path(test);
-        for ext in ["", "-wal", "-shm"] {
-            let _ = std::fs::remove_file(format!("{}{ext}", path.display()));
-        }
+        remove_file_of(test, SqliteExecutor::Thread)
     }
 
     use crate::conformance;
