@@ -1,7 +1,7 @@
 //! Results waiting for `result_ack`, one JSON file per lease, written before they are sent.
 //! Durable across a crash of the worker process (not across a power loss: no fsync).
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -18,25 +18,23 @@ pub(crate) struct Entry {
 #[derive(Debug, Clone)]
 pub(crate) struct Outbox {
     dir: PathBuf,
-    /// Leases whose entry is written and not yet acknowledged (kept in memory so that
-    /// removal can happen in the background).
-    pending: Arc<Mutex<HashSet<String>>>,
+    /// The entries written and not yet acknowledged, by lease: the files are read once, at
+    /// open, and after that only written (and removed in the background).
+    pending: Arc<Mutex<HashMap<String, Entry>>>,
 }
 
 impl Outbox {
     pub(crate) async fn open(state_dir: &Path) -> std::io::Result<Self> {
         let dir = state_dir.join("outbox");
         tokio::fs::create_dir_all(&dir).await?;
-        let ob = Self {
+        let found = read_entries(&dir).await;
+        Ok(Self {
             dir,
-            pending: Arc::default(),
-        };
-        let found: HashSet<String> = ob.all().await.into_iter().map(|e| e.result.lease).collect();
-        *ob.lock() = found;
-        Ok(ob)
+            pending: Arc::new(Mutex::new(found)),
+        })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -62,7 +60,7 @@ impl Outbox {
         })
         .await
         .map_err(std::io::Error::other)??;
-        self.lock().insert(e.result.lease.clone());
+        self.lock().insert(e.result.lease.clone(), e.clone());
         Ok(())
     }
 
@@ -70,7 +68,7 @@ impl Outbox {
     /// the file system. A crash before it happens leaves an entry that is resent and
     /// answered with `accepted: false`, which is harmless.
     pub(crate) fn remove(&self, lease: &str) {
-        if !self.lock().remove(lease) {
+        if self.lock().remove(lease).is_none() {
             return;
         }
         let path = self.path(lease);
@@ -84,20 +82,26 @@ impl Outbox {
         self.lock().is_empty()
     }
 
-    pub(crate) async fn all(&self) -> Vec<Entry> {
-        let mut out = Vec::new();
-        let Ok(mut rd) = tokio::fs::read_dir(&self.dir).await else {
-            return out;
-        };
-        while let Ok(Some(e)) = rd.next_entry().await {
-            let p = e.path();
-            if p.extension().is_some_and(|x| x == "json")
-                && let Ok(bytes) = tokio::fs::read(&p).await
-                && let Ok(entry) = serde_json::from_slice::<Entry>(&bytes)
-            {
-                out.push(entry);
-            }
-        }
-        out
+    /// The entries waiting for their `result_ack`.
+    pub(crate) fn all(&self) -> Vec<Entry> {
+        self.lock().values().cloned().collect()
     }
+}
+
+/// The entries on disk, by lease; unreadable or torn files are skipped.
+async fn read_entries(dir: &Path) -> HashMap<String, Entry> {
+    let mut out = HashMap::new();
+    let Ok(mut rd) = tokio::fs::read_dir(dir).await else {
+        return out;
+    };
+    while let Ok(Some(e)) = rd.next_entry().await {
+        let p = e.path();
+        if p.extension().is_some_and(|x| x == "json")
+            && let Ok(bytes) = tokio::fs::read(&p).await
+            && let Ok(entry) = serde_json::from_slice::<Entry>(&bytes)
+        {
+            out.insert(entry.result.lease.clone(), entry);
+        }
+    }
+    out
 }

@@ -402,7 +402,7 @@ impl Conn<'_> {
         };
         let source = format!("worker:{}", self.worker_id);
         let inflight: Vec<String> = lock(self.state).running.keys().cloned().collect();
-        let pending = self.outbox.all().await;
+        let pending = self.outbox.all();
         let hello = Hello {
             worker_id: self.worker_id.to_owned(),
             boot_id: self.boot_id.to_owned(),
