@@ -597,6 +597,24 @@ impl SqliteQueue {
         T: Send + 'static,
         F: FnOnce(&Db) -> Result<T> + Send + 'static,
     {
+        self.run_on(&self.exec, f)
+    }
+
+    /// Runs the read-only `f` on the read connection (the write connection when there is
+    /// none).
+    fn read<T, F>(&self, f: F) -> QueueFuture<'static, T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Db) -> Result<T> + Send + 'static,
+    {
+        self.run_on(self.reader.as_ref().unwrap_or(&self.exec), f)
+    }
+
+    fn run_on<T, F>(&self, exec: &Exec, f: F) -> QueueFuture<'static, T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Db) -> Result<T> + Send + 'static,
+    {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let events = self.events.clone();
         let job: Job = Box::new(move |db: &Db| {
@@ -617,32 +635,7 @@ impl SqliteQueue {
                 let _ = tx.send(r);
             })
         });
-        let sent = self.exec.submit(job);
-        Box::pin(async move {
-            sent?;
-            rx.await
-                .map_err(|_| QueueError::Unavailable("the SQLite call was dropped".into()))?
-        })
-    }
-
-    /// Runs the read-only `f` on the read connection (the write connection when there is
-    /// none).
-    fn read<T, F>(&self, f: F) -> QueueFuture<'static, T>
-    where
-        T: Send + 'static,
-        F: FnOnce(&Db) -> Result<T> + Send + 'static,
-    {
-        let Some(reader) = &self.reader else {
-            return self.call(f);
-        };
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let job: Job = Box::new(move |db: &Db| {
-            let r = f(db);
-            Box::new(move |_| {
-                let _ = tx.send(r);
-            })
-        });
-        let sent = reader.submit(job);
+        let sent = exec.submit(job);
         Box::pin(async move {
             sent?;
             rx.await
