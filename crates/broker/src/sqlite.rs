@@ -423,19 +423,14 @@ fn write_loop(db: &Db, rx: &std::sync::mpsc::Receiver<Job>, w: &Writer) {
                 Err(_) => break,
             }
         }
-        if batch.len() == 1 {
-            for job in batch {
-                job(db)(None);
-            }
-            continue;
-        }
-        if db
-            .conn
-            .prepare_cached("BEGIN IMMEDIATE")
-            .and_then(|mut s| s.execute([]))
-            .is_err()
+        // One call alone, or a group that cannot begin: each call is its own transaction.
+        if batch.len() == 1
+            || db
+                .conn
+                .prepare_cached("BEGIN IMMEDIATE")
+                .and_then(|mut s| s.execute([]))
+                .is_err()
         {
-            // Each call then runs as a transaction of its own.
             for job in batch {
                 job(db)(None);
             }
