@@ -571,6 +571,27 @@ fn compressed_ids(files: &Path) -> std::collections::BTreeSet<String> {
 
 /// The references A compressed since `before` was taken (content, content type), read
 /// through its files API.
+/// Posts a multipart edit to `a`.
+async fn edit(a: &Server, fields: &[(&str, &str)], images: &[Vec<u8>]) -> support::Resp {
+    let (body, ct) = edit_body(fields, images);
+    call(
+        &a.base,
+        "POST",
+        "/v1/images/edits",
+        body,
+        &[("content-type", &ct)],
+    )
+    .await
+}
+
+/// The task behind an images call's answer.
+async fn task_of(a: &Server, r: &support::Resp) -> Value {
+    let task_id = r.headers["x-kiln-task-id"].to_str().unwrap();
+    call(&a.base, "GET", &format!("/v1/tasks/{task_id}"), "", &[])
+        .await
+        .json()
+}
+
 async fn new_references(
     a: &Server,
     files: &Path,
@@ -682,27 +703,19 @@ async fn upstream_edit_with_references_uploaded_first() {
     let files_a = dir.path().join("a").join("files");
     let before = compressed_ids(&files_a);
     let originals = [png(120, 90), png(60, 90)];
-    let (body, ct) = edit_body(
+    let r = edit(
+        &a,
         &[
             ("model", "assets"),
             ("prompt", "mirror"),
             ("response_format", "b64_json"),
         ],
         &originals,
-    );
-    let r = call(
-        &a.base,
-        "POST",
-        "/v1/images/edits",
-        body,
-        &[("content-type", &ct)],
     )
     .await;
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-    let task_id = r.headers["x-kiln-task-id"].to_str().unwrap().to_owned();
-    let t = call(&a.base, "GET", &format!("/v1/tasks/{task_id}"), "", &[])
-        .await
-        .json();
+    let t = task_of(&a, &r).await;
+    let task_id = t["id"].as_str().unwrap().to_owned();
     let refs = new_references(&a, &files_a, &before).await;
     assert_eq!(refs.len(), 2);
     // The endpoint stored exactly the compressed bytes (in order: the wide reference
@@ -774,13 +787,10 @@ async fn upstream_edit_with_references_uploaded_first() {
 
     // A target that refuses: not retried, the task fails naming the target, the status and
     // the body, and the upstream is never called.
-    let (body, ct) = edit_body(&[("model", "denied"), ("prompt", "mirror")], &[png(20, 20)]);
-    let r = call(
-        &a.base,
-        "POST",
-        "/v1/images/edits",
-        body,
-        &[("content-type", &ct)],
+    let r = edit(
+        &a,
+        &[("model", "denied"), ("prompt", "mirror")],
+        &[png(20, 20)],
     )
     .await;
     assert_eq!(r.status, 502, "{}", String::from_utf8_lossy(&r.body));
@@ -801,27 +811,19 @@ async fn upstream_edit_with_references_uploaded_first() {
         return;
     };
     let before = compressed_ids(&files_a);
-    let (body, ct) = edit_body(
+    let r = edit(
+        &a,
         &[
             ("model", "s3ref"),
             ("prompt", "mirror"),
             ("response_format", "b64_json"),
         ],
         &[png(100, 50)],
-    );
-    let r = call(
-        &a.base,
-        "POST",
-        "/v1/images/edits",
-        body,
-        &[("content-type", &ct)],
     )
     .await;
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-    let task_id = r.headers["x-kiln-task-id"].to_str().unwrap().to_owned();
-    let t = call(&a.base, "GET", &format!("/v1/tasks/{task_id}"), "", &[])
-        .await
-        .json();
+    let t = task_of(&a, &r).await;
+    let task_id = t["id"].as_str().unwrap().to_owned();
     let refs = new_references(&a, &files_a, &before).await;
     assert_eq!(refs.len(), 1);
     let up = &t["output"]["upstream"]["uploads"][0];
