@@ -71,6 +71,16 @@ async fn state(b: &Broker, id: &str) -> TaskState {
     b.queue().get(id).await.unwrap().unwrap().state
 }
 
+/// Appends one line to the child's execution log.
+fn log_line(log: &str, line: &str) {
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    writeln!(f, "{line}").unwrap();
+}
+
 /// Entry point of the worker child process (does nothing in a normal test run).
 #[test]
 #[ignore = "entry point of the worker child process of these tests"]
@@ -89,12 +99,7 @@ fn child_worker() {
         .handler("poison", move |ctx: TaskContext| {
             let log = poison_log.clone();
             async move {
-                let mut f = std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&log)
-                    .unwrap();
-                writeln!(f, "start {} {}", ctx.task_id, ctx.attempt).unwrap();
+                log_line(&log, &format!("start {} {}", ctx.task_id, ctx.attempt));
                 // Gone at once, as in a crash: no result, no release, no bye.
                 std::process::exit(134);
             }
@@ -103,14 +108,7 @@ fn child_worker() {
             // Finishes once the file `<log>.go` exists (the test decides when).
             let log = gate_log.clone();
             async move {
-                let line = |s: String| {
-                    let mut f = std::fs::OpenOptions::new()
-                        .create(true)
-                        .append(true)
-                        .open(&log)
-                        .unwrap();
-                    writeln!(f, "{s}").unwrap();
-                };
+                let line = |s: String| log_line(&log, &s);
                 line(format!("start {} {}", ctx.task_id, ctx.attempt));
                 let gate = PathBuf::from(format!("{log}.go"));
                 let until = Instant::now() + Duration::from_secs(30);
@@ -124,14 +122,7 @@ fn child_worker() {
         .handler("slow", move |ctx: TaskContext| {
             let log = log.clone();
             async move {
-                let line = |s: String| {
-                    let mut f = std::fs::OpenOptions::new()
-                        .create(true)
-                        .append(true)
-                        .open(&log)
-                        .unwrap();
-                    writeln!(f, "{s}").unwrap();
-                };
+                let line = |s: String| log_line(&log, &s);
                 line(format!("start {} {}", ctx.task_id, ctx.attempt));
                 tokio::time::sleep(Duration::from_millis(ctx.input["ms"].as_u64().unwrap_or(0)))
                     .await;
