@@ -316,10 +316,16 @@ async fn new_boot_keeps_the_leases_in_its_outbox_and_releases_the_rest() {
         1
     );
     let again = w2.assign().await;
-    assert_eq!(again.tasks[0].task_id, lost.task_id);
+    assert_rerun_after_crash(b.queue(), &again, &lost.task_id, &lost.lease).await;
+}
+
+/// `again` reassigns `task_id` as attempt 2 under a new lease, the first attempt ended by
+/// the crash.
+async fn assert_rerun_after_crash(q: &dyn Queue, again: &Assign, task_id: &str, lost: &str) {
+    assert_eq!(again.tasks[0].task_id, task_id);
     assert_eq!(again.tasks[0].attempt, 2, "the crashed attempt counted");
-    assert_ne!(again.tasks[0].lease, lost.lease);
-    let attempts = b.queue().attempts(&lost.task_id).await.unwrap();
+    assert_ne!(again.tasks[0].lease, lost);
+    let attempts = q.attempts(task_id).await.unwrap();
     assert_eq!(attempts[0].error.as_deref(), Some("worker restarted"));
 }
 
@@ -339,11 +345,7 @@ async fn new_process_on_a_gateway_without_its_session_spends_the_lost_attempt() 
     let (mut w2, welcome) = TestWorker::connect(&b2, "boot2", 1, None, vec![]).await;
     assert!(!welcome.resumed);
     let again = w2.assign().await;
-    assert_eq!(again.tasks[0].task_id, ids[0]);
-    assert_eq!(again.tasks[0].attempt, 2, "the crashed attempt counted");
-    assert_ne!(again.tasks[0].lease, a.tasks[0].lease);
-    let attempts = q.attempts(&ids[0]).await.unwrap();
-    assert_eq!(attempts[0].error.as_deref(), Some("worker restarted"));
+    assert_rerun_after_crash(&*q, &again, &ids[0], &a.tasks[0].lease).await;
 }
 
 /// The gateway process restarts (a new broker on the same store, no sessions) while the
