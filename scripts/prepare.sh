@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# Idempotently prepares what kiln's tests need on this machine: Debian packages (nginx-light for
-# the HTTP/2 fault tests, cmake + nasm for the vendored libjpeg-turbo), and the local Redis and
-# PostgreSQL servers the broker backends are tested against. Safe to run any number of times.
+# Idempotently prepares what kiln's tests need on this machine: the build tools
+# (scripts/build-deps.sh: cmake + nasm for the vendored libjpeg-turbo), Debian packages (nginx-light
+# for the HTTP/2 fault tests), and the local Redis and PostgreSQL servers the broker backends are
+# tested against. Safe to run any number of times.
 set -euo pipefail
 
+bash "$(dirname "$0")/build-deps.sh"
+
 need_pkgs=()
-for p in nginx-light cmake nasm; do
+for p in nginx-light; do
   dpkg -s "$p" >/dev/null 2>&1 || need_pkgs+=("$p")
 done
 if [ ${#need_pkgs[@]} -gt 0 ]; then
