@@ -66,7 +66,9 @@ pub(crate) async fn readyz(State(state): State<AppState>) -> Response {
 #[utoipa::path(get, path = "/metrics", tag = "health", responses((status = 200, content_type = "text/plain", description = "Prometheus text format")))]
 pub(crate) async fn metrics(State(state): State<AppState>) -> Response {
     let m = state.metrics();
-    if let Ok(stats) = state.broker().queue().stats().await {
+    let stats = state.broker().queue().stats().await.ok();
+    crate::overview::refresh_metrics(&state, stats.as_ref());
+    if let Some(stats) = stats {
         m.tasks.clear();
         for (st, tt, n) in &stats.by_state_type {
             m.tasks
