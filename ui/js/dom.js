@@ -93,10 +93,18 @@ export function confirmAction(text, yesLabel = 'Confirm') {
   });
 }
 
-export function debounce(fn, ms) {
-  let t;
-  return (...a) => {
-    clearTimeout(t);
-    t = setTimeout(() => fn(...a), ms);
+// Runs `fn` at most once per `ms`, after the first call of a burst and once more after the
+// last (unlike a debounce, a steady stream of calls cannot postpone it forever).
+export function throttle(fn, ms) {
+  let last = 0;
+  let timer = null;
+  return () => {
+    if (timer) return;
+    const wait = Math.max(0, last + ms - Date.now());
+    timer = setTimeout(() => {
+      timer = null;
+      last = Date.now();
+      fn();
+    }, wait);
   };
 }

@@ -1,7 +1,7 @@
 // Overview: workers, queue depth, throughput over the last hour, paused state, live feed.
 
 import { actionError, api } from './api.js';
-import { ago, badge, clear, confirmAction, debounce, h, toast } from './dom.js';
+import { ago, badge, clear, confirmAction, h, throttle, toast } from './dom.js';
 import { failureRate, throughputChart } from './chart.js';
 
 function workerState(w) {
@@ -115,7 +115,8 @@ export function render(main, { live }) {
   }
 
   function renderChart() {
-    clear(chartBox, throughputChart(tp));
+    const fr = failureRate(tp);
+    clear(chartBox, throughputChart(tp), fr.all ? '' : h('p', { class: 'empty' }, 'No task ended in the last hour.'));
   }
 
   const loadWorkers = async () => {
@@ -149,9 +150,9 @@ export function render(main, { live }) {
       if (alive && e.status && e.status !== 401) toast(`Cannot load: ${e.message}`);
     });
   };
-  const refreshWorkers = debounce(quiet(loadWorkers), 150);
-  const refreshQueue = debounce(quiet(loadQueue), 300);
-  const refreshTp = debounce(quiet(loadTp), 1000);
+  const refreshWorkers = throttle(quiet(loadWorkers), 250);
+  const refreshQueue = throttle(quiet(loadQueue), 1000);
+  const refreshTp = throttle(quiet(loadTp), 2000);
 
   pauseBtn.addEventListener('click', async () => {
     const resume = queue.paused;

@@ -2,7 +2,7 @@
 // waterfall, input and output media, raw JSON.
 
 import { actionError, api, fileUrl } from './api.js';
-import { badge, clear, confirmAction, debounce, fmtMs, fmtTime, h, toast } from './dom.js';
+import { badge, clear, confirmAction, fmtMs, fmtTime, h, throttle, toast } from './dom.js';
 import { openStream } from './sse.js';
 
 const FILE_ID = /^file_[0-9a-f]{32}$/;
@@ -159,7 +159,7 @@ export function render(main, { id }) {
     document.title = `${t.id} · kiln console`;
   }
 
-  const reload = debounce(async () => {
+  const reload = throttle(async () => {
     try {
       const t = await api(`/v1/tasks/${encodeURIComponent(id)}`);
       if (alive) show(t);
@@ -168,7 +168,7 @@ export function render(main, { id }) {
       if (e.status === 404) clear(head, h('h1', {}, 'No such task'), h('p', {}, id));
       else if (e.status !== 401) toast(`Cannot load the task: ${e.message}`);
     }
-  }, 100);
+  }, 250);
 
   const seen = new Set();
   const stream = openStream(`/v1/tasks/${encodeURIComponent(id)}/events`, {

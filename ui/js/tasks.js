@@ -2,7 +2,7 @@
 // paging; rows update live.
 
 import { api } from './api.js';
-import { badge, clear, debounce, fmtMs, fmtTime, h, toast } from './dom.js';
+import { badge, clear, fmtMs, fmtTime, h, throttle, toast } from './dom.js';
 
 const STATUSES = ['', 'queued', 'running', 'succeeded', 'failed', 'canceled', 'expired'];
 const FIELDS = ['status', 'task_type', 'model', 'worker', 'created_after', 'created_before'];
@@ -124,9 +124,14 @@ export function render(main, { params, live }) {
 
   // A task that changed: update its row, or add it on top when it is new and matches.
   const pending = new Set();
-  const flush = debounce(async () => {
+  const flush = throttle(async () => {
     const ids = [...pending];
     pending.clear();
+    if (ids.length > 10) {
+      // Busy: one request for the first page instead of one per task.
+      await load(true);
+      return;
+    }
     for (const id of ids) {
       try {
         const t = await api(`/v1/tasks/${id}`);
@@ -140,7 +145,7 @@ export function render(main, { params, live }) {
         // Gone or unreadable: leave the row as it is.
       }
     }
-  }, 200);
+  }, 500);
 
   const off = live.on((kind, data) => {
     if (kind === 'resync') {

@@ -281,8 +281,9 @@ fn selectors_are_parsed_with_their_matchers() {
         )]
     );
     assert_eq!(s[1].name, "kiln_queue_depth");
-    let r =
-        rule_exprs("  - expr: |\n      a_b > 0\n      unless c\n    for: 1m\n  - expr: up == 0\n");
+    let r = rule_exprs(
+        "  - alert: A\n    expr: |\n      a_b > 0\n      unless c\n    for: 1m\n  - alert: B\n    expr: up == 0\n",
+    );
     assert_eq!(
         r,
         vec!["a_b > 0\nunless c\n".to_owned(), "up == 0".to_owned()]

@@ -248,6 +248,15 @@ impl Metrics {
                 ("outcome", outcome.to_owned()),
             ]);
         }
+        for class in ATTEMPT_CLASSES.iter().filter(|c| **c != ATTEMPT_OK) {
+            let _ = self.upload_retries.get_or_create(&vec![
+                ("client", client.to_owned()),
+                ("class", (*class).to_owned()),
+            ]);
+            let _ = self
+                .retries
+                .get_or_create(&vec![("class", (*class).to_owned())]);
+        }
         for class in ATTEMPT_CLASSES {
             let _ = self.upload_attempts.get_or_create(&vec![
                 ("client", client.to_owned()),
