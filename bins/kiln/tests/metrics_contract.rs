@@ -2,6 +2,7 @@
 //! `kiln serve` (with its demo worker, after one task ran): the metric names and label
 //! values are parsed out of `deploy/grafana/kiln-dashboard.json` and
 //! `deploy/prometheus/alerts.yml` and looked up in `/metrics`.
+#![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
 
 mod support;
 
