@@ -13,4 +13,4 @@ if [ ! -d tests/ui/node_modules/playwright-core ]; then
   (cd tests/ui && npm ci --silent --no-audit --no-fund)
 fi
 cargo build -q -p kiln --locked
-KILN_BIN="${CARGO_TARGET_DIR:-target}/debug/kiln" node --test --test-concurrency=1 tests/ui/console.test.mjs
+CONSOLE_TEST_BIN="${CARGO_TARGET_DIR:-target}/debug/kiln" node --test --test-concurrency=1 tests/ui/console.test.mjs

@@ -17,7 +17,7 @@ import { fileURLToPath } from 'node:url';
 import { chromium } from 'playwright-core';
 
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
-const BIN = process.env.KILN_BIN || path.join(process.env.CARGO_TARGET_DIR || path.join(root, 'target'), 'debug/kiln');
+const BIN = process.env.CONSOLE_TEST_BIN || path.join(process.env.CARGO_TARGET_DIR || path.join(root, 'target'), 'debug/kiln');
 const SHOTS = path.join(root, 'target/ui-screenshots');
 const STEP = 20_000;
 mkdirSync(SHOTS, { recursive: true });

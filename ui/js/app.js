@@ -84,6 +84,7 @@ function loginPage(message) {
 function route() {
   cleanup?.();
   cleanup = null;
+  document.getElementById('toast').classList.remove('show');
   if (needsKey()) {
     stopFeed();
     loginPage();
