@@ -26,7 +26,7 @@ export function render(main, { params, live }) {
   const filters = Object.fromEntries(FIELDS.map((f) => [f, params.get(f) || '']));
   const inputs = {
     status: h('select', { id: 'f-status', name: 'status' }, STATUSES.map((s) => h('option', { value: s, selected: s === filters.status }, s || 'any'))),
-    task_type: h('input', { id: 'f-type', name: 'task_type', value: filters.task_type, placeholder: 'txt2img' }),
+    task_type: h('input', { id: 'f-type', name: 'task_type', value: filters.task_type, placeholder: 'e.g. txt2img' }),
     model: h('input', { id: 'f-model', name: 'model', value: filters.model }),
     worker: h('input', { id: 'f-worker', name: 'worker', value: filters.worker }),
     created_after: h('input', { id: 'f-after', name: 'created_after', type: 'datetime-local', value: toLocalInput(filters.created_after) }),
