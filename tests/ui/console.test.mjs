@@ -227,6 +227,23 @@ describe('console without API keys', () => {
     await page.screenshot({ path: path.join(SHOTS, 'task.png'), fullPage: true });
   });
 
+  test('an edit shows its input and output images inline', async () => {
+    const src = await apiCall(kiln.base, '/v1/tasks', { method: 'POST', body: { task_type: 'txt2img', input: { prompt: 'reference', width: 96, height: 64 } } });
+    const done = await waitFor(async () => {
+      const t = (await apiCall(kiln.base, `/v1/tasks/${src.json.id}`)).json;
+      return t.status === 'succeeded' && t;
+    }, 'the reference image');
+    const ref = done.output.files[0].id;
+    const t = await apiCall(kiln.base, '/v1/tasks', { method: 'POST', body: { task_type: 'img2img', input: { image: ref, prompt: 'mirror', width: 80, height: 40 } } });
+    assert.equal(t.status, 202, JSON.stringify(t.json));
+    await page.goto(`${kiln.base}/ui/#/tasks/${t.json.id}`);
+    await page.locator('#task-status .s-succeeded').waitFor();
+    const input = page.locator('#inputs img');
+    await waitFor(() => input.evaluate((e) => e.complete && e.naturalWidth === 96 && e.naturalHeight === 64), 'the input image at 96x64');
+    const output = page.locator('#outputs img');
+    await waitFor(() => output.evaluate((e) => e.complete && e.naturalWidth === 80 && e.naturalHeight === 40), 'the output image at 80x40');
+  });
+
   test('cancel from the console cancels the task', async () => {
     await apiCall(kiln.base, '/v1/admin/queue/pause', { method: 'POST' });
     const t = await apiCall(kiln.base, '/v1/tasks', { method: 'POST', body: { task_type: 'txt2img', input: { prompt: 'to be canceled' } } });

@@ -78,6 +78,9 @@ pub(crate) struct TaskView {
     id: String,
     request_id: Option<String>,
     task_type: String,
+    /// The input as submitted.
+    #[schema(value_type = Object)]
+    input: Value,
     /// queued | running | succeeded | failed | canceled | expired
     status: String,
     queue_position: Option<u64>,
@@ -148,6 +151,7 @@ pub(crate) async fn view(state: &AppState, t: Task) -> Result<TaskView, ApiError
     Ok(TaskView {
         request_id: t.request_id,
         task_type: t.task_type,
+        input: t.input,
         status: t.state.as_str().to_owned(),
         queue_position,
         progress,
