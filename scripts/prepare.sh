@@ -76,3 +76,23 @@ if ! "$KILN_VENV/bin/python" -c 'import openai, pytest' >/dev/null 2>&1; then
   echo "prepare: installing the openai SDK and pytest into $KILN_VENV"
   "$KILN_VENV/bin/pip" install -q --disable-pip-version-check "openai>=1.50,<4" "pytest>=8,<10"
 fi
+
+# --- operator console / Prometheus rules (scripts/ui-tests.sh) ---
+# Debian's chromium (headless browser tests), prometheus (ships promtool), and playwright-core
+# from npm into tests/ui/node_modules (versions pinned by tests/ui/package-lock.json).
+ui_pkgs=()
+command -v chromium >/dev/null 2>&1 || ui_pkgs+=(chromium)
+command -v promtool >/dev/null 2>&1 || ui_pkgs+=(prometheus)
+if [ ${#ui_pkgs[@]} -gt 0 ]; then
+  echo "prepare: installing ${ui_pkgs[*]}"
+  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${ui_pkgs[@]}" >/dev/null
+  # The package starts a Prometheus server on :9090; only promtool is wanted.
+  if command -v systemctl >/dev/null 2>&1; then $SUDO systemctl disable --now prometheus >/dev/null 2>&1 || true; fi
+fi
+KILN_UI_DIR="$(cd "$(dirname "$0")/.." && pwd)/tests/ui"
+if [ -f "$KILN_UI_DIR/package-lock.json" ] && [ ! -d "$KILN_UI_DIR/node_modules/playwright-core" ]; then
+  echo "prepare: installing playwright-core into $KILN_UI_DIR/node_modules"
+  (cd "$KILN_UI_DIR" && npm ci --silent --no-audit --no-fund)
+fi

@@ -9,3 +9,5 @@ cargo test --workspace --locked "$@"
 bash scripts/schemathesis.sh
 # The official OpenAI Python SDK as the client of the images API.
 bash scripts/sdk-tests.sh
+# The operator console in headless chromium, and the Prometheus alert rules (promtool).
+bash scripts/ui-tests.sh

@@ -37,6 +37,11 @@ pub struct GatewayConfig {
     /// Task types that are always accepted (served by workers that may be offline now).
     /// Default: empty.
     pub known_task_types: Vec<String>,
+    /// A worker whose session ended is reported offline on `GET /v1/events` only when it
+    /// has not come back within this time, so a reconnect blip is not an outage.
+    /// Default: 30 s.
+    #[serde(with = "humantime_serde")]
+    pub worker_offline_grace: Duration,
     /// Where uploaded and generated files are stored. Default: `./kiln-data/files`.
     pub files_dir: PathBuf,
     /// Base URL used in file URLs returned to clients; `None` means relative URLs
@@ -64,6 +69,7 @@ impl Default for GatewayConfig {
             sse_heartbeat: Duration::from_secs(15),
             queue_unknown_task_types: false,
             known_task_types: Vec::new(),
+            worker_offline_grace: Duration::from_secs(30),
             files_dir: PathBuf::from("kiln-data/files"),
             public_base_url: None,
             cors_origins: Vec::new(),

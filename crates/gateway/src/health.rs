@@ -66,8 +66,31 @@ pub(crate) async fn readyz(State(state): State<AppState>) -> Response {
 #[utoipa::path(get, path = "/metrics", tag = "health", responses((status = 200, content_type = "text/plain", description = "Prometheus text format")))]
 pub(crate) async fn metrics(State(state): State<AppState>) -> Response {
     let m = state.metrics();
-    if let Ok(stats) = state.broker().queue().stats().await {
+    let stats = state.broker().queue().stats().await.ok();
+    crate::overview::refresh_metrics(&state, stats.as_ref());
+    if let Some(stats) = stats {
         m.tasks.clear();
+        // Every state of every known type, so that a state with no task reads 0.
+        let mut types: Vec<&String> = stats.by_state_type.iter().map(|(_, t, _)| t).collect();
+        types.sort();
+        types.dedup();
+        for tt in types {
+            for st in [
+                TaskState::Queued,
+                TaskState::Running,
+                TaskState::Succeeded,
+                TaskState::Failed,
+                TaskState::Canceled,
+                TaskState::Expired,
+            ] {
+                m.tasks
+                    .get_or_create(&vec![
+                        ("state", st.as_str().to_owned()),
+                        ("task_type", tt.clone()),
+                    ])
+                    .set(0);
+            }
+        }
         for (st, tt, n) in &stats.by_state_type {
             m.tasks
                 .get_or_create(&vec![

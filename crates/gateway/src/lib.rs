@@ -29,14 +29,20 @@ mod events;
 mod files;
 mod health;
 mod images;
+mod listing;
+mod live;
 mod metrics;
 pub mod openai;
 mod openapi;
+mod overview;
 mod s3store;
 mod storage;
 mod store;
 mod tasks;
 mod timing;
+#[cfg(feature = "ui")]
+mod ui;
+mod upload_metrics;
 mod workers;
 
 use std::sync::Arc;
@@ -55,7 +61,7 @@ pub use auth::{BadHash, SecretSet, hash_secret};
 pub use config::GatewayConfig;
 pub use error::ApiError;
 pub use kiln_broker::BrokerConfig;
-pub use metrics::Metrics;
+pub use metrics::{HistogramFamily, Metrics};
 pub use s3store::S3Store;
 pub use storage::{ContentStream, FileStorage, StorageBackend, StorageConfig, StorageError};
 pub use store::{FileMeta, FileStore};
@@ -78,6 +84,7 @@ struct Inner {
     limiter: auth::RateLimiter,
     shutdown: watch::Sender<bool>,
     spans: timing::TaskSpans,
+    live: live::Hub,
 }
 
 /// Why the state could not be built.
@@ -131,8 +138,13 @@ impl AppState {
                 limiter,
                 shutdown,
                 spans: timing::TaskSpans::default(),
+                live: live::Hub::default(),
             }),
         };
+        tokio::spawn(live::run(
+            Arc::downgrade(&state.inner),
+            state.inner.broker.subscribe(),
+        ));
         tokio::spawn(timing::follow(Arc::downgrade(&state.inner), events));
         Ok(state)
     }
@@ -187,12 +199,15 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/workers/{id}/drain", post(workers::drain))
         .route("/v1/admin/queue/pause", post(workers::pause))
         .route("/v1/admin/queue/resume", post(workers::resume))
+        .route("/v1/queue", get(overview::queue))
+        .route("/v1/queue/throughput", get(overview::throughput))
         .layer(middleware::from_fn_with_state(timeout, time_limit));
     // Long-lived: SSE and the worker socket.
     let streams = Router::new()
         .route("/v1/tasks/{id}/events", get(events::stream))
-        .route("/v1/workers/connect", get(workers::connect));
-    let mut app = Router::new()
+        .route("/v1/workers/connect", get(workers::connect))
+        .route("/v1/events", get(overview::events));
+    let app = Router::new()
         .merge(api)
         .merge(streams)
         .merge(openai::routes(&state))
@@ -200,7 +215,11 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))
-        .route("/openapi.json", get(openapi::serve))
+        .route("/openapi.json", get(openapi::serve));
+    // The operator console (feature `ui`): its page and assets need no key, its data does.
+    #[cfg(feature = "ui")]
+    let app = app.merge(ui::routes());
+    let mut app = app
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(body_limit))

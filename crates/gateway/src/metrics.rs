@@ -11,6 +11,31 @@ use prometheus_client::registry::Registry;
 
 type Labels = Vec<(&'static str, String)>;
 
+/// A histogram family whose members share one set of buckets.
+pub type HistogramFamily = Family<Labels, Histogram, fn() -> Histogram>;
+
+fn wait_buckets() -> Histogram {
+    // 5 ms to about 3 h.
+    Histogram::new(exponential_buckets(0.005, 2.0, 22))
+}
+
+fn run_buckets() -> Histogram {
+    // 10 ms to about 6 h.
+    Histogram::new(exponential_buckets(0.01, 2.0, 22))
+}
+
+/// The `class` label of an upload attempt that succeeded.
+pub(crate) const ATTEMPT_OK: &str = "ok";
+/// Every `class` label value of `kiln_upload_attempts_total` (kiln-retry's class names).
+pub(crate) const ATTEMPT_CLASSES: &[&str] = &[
+    ATTEMPT_OK,
+    "not_sent",
+    "refused",
+    "maybe_processed",
+    "response",
+    "permanent",
+];
+
 /// The gateway's metric families.
 #[derive(Debug)]
 pub struct Metrics {
@@ -33,6 +58,30 @@ pub struct Metrics {
     pub bytes_uploaded: Counter,
     /// HTTP responses by status class.
     pub responses: Family<Labels, Counter>,
+    /// Known workers by `state`: `online`, `draining`, `offline` (set at scrape time).
+    pub workers: Family<Labels, Gauge>,
+    /// Online, not draining workers per `task_type` they serve (set at scrape time).
+    pub workers_serving: Family<Labels, Gauge>,
+    /// Slots of online workers by `state`: `used`, `total` (set at scrape time).
+    pub worker_slots: Family<Labels, Gauge>,
+    /// 1 while dispatch is paused.
+    pub queue_paused: Gauge,
+    /// Tasks that ended, by `task_type` and `status`.
+    pub completed: Family<Labels, Counter>,
+    /// Tasks dead-lettered (failed after their last allowed attempt), by `task_type`.
+    pub dead_lettered: Family<Labels, Counter>,
+    /// Seconds tasks waited in the queue, by `task_type` (observed when a task ends).
+    pub queue_wait: HistogramFamily,
+    /// Seconds tasks ran on workers (all attempts), by `task_type`.
+    pub task_run: HistogramFamily,
+    /// Uploads through kiln-upload clients by `client` and `outcome` (`ok`, `failed`).
+    pub uploads: Family<Labels, Counter>,
+    /// Upload attempts (HTTP requests) by `client` and `class` (`ok` or kiln-retry's class).
+    pub upload_attempts: Family<Labels, Counter>,
+    /// Upload retries by `client` and the `class` of the failure retried.
+    pub upload_retries: Family<Labels, Counter>,
+    /// Connections opened by upload clients, by `client` and `protocol` (`h1`, `h2`).
+    pub upload_connections: Family<Labels, Counter>,
 }
 
 impl Default for Metrics {
@@ -91,8 +140,90 @@ impl Metrics {
             "HTTP responses by status",
             responses.clone(),
         );
-        Self {
+        let workers = Family::<Labels, Gauge>::default();
+        r.register("workers", "Known workers by state", workers.clone());
+        let workers_serving = Family::<Labels, Gauge>::default();
+        r.register(
+            "workers_serving",
+            "Online, not draining workers per task type",
+            workers_serving.clone(),
+        );
+        let worker_slots = Family::<Labels, Gauge>::default();
+        r.register(
+            "worker_slots",
+            "Slots of online workers, used and total",
+            worker_slots.clone(),
+        );
+        let queue_paused = Gauge::default();
+        r.register(
+            "queue_paused",
+            "1 while dispatch is paused",
+            queue_paused.clone(),
+        );
+        let completed = Family::<Labels, Counter>::default();
+        r.register(
+            "tasks_completed",
+            "Tasks that ended, by type and status",
+            completed.clone(),
+        );
+        let dead_lettered = Family::<Labels, Counter>::default();
+        r.register(
+            "tasks_dead_lettered",
+            "Tasks failed after their last allowed attempt",
+            dead_lettered.clone(),
+        );
+        let queue_wait = HistogramFamily::new_with_constructor(wait_buckets as fn() -> Histogram);
+        r.register(
+            "queue_wait_seconds",
+            "Time tasks waited in the queue, by type",
+            queue_wait.clone(),
+        );
+        let task_run = HistogramFamily::new_with_constructor(run_buckets as fn() -> Histogram);
+        r.register(
+            "task_run_seconds",
+            "Time tasks ran on workers, by type",
+            task_run.clone(),
+        );
+        let uploads = Family::<Labels, Counter>::default();
+        r.register("uploads", "Uploads by client and outcome", uploads.clone());
+        let upload_attempts = Family::<Labels, Counter>::default();
+        r.register(
+            "upload_attempts",
+            "Upload HTTP requests by client and class",
+            upload_attempts.clone(),
+        );
+        let upload_retries = Family::<Labels, Counter>::default();
+        r.register(
+            "upload_retries",
+            "Upload retries by client and class",
+            upload_retries.clone(),
+        );
+        let upload_connections = Family::<Labels, Counter>::default();
+        r.register(
+            "upload_connections",
+            "Connections opened by upload clients",
+            upload_connections.clone(),
+        );
+        for state in ["online", "draining", "offline"] {
+            let _ = workers.get_or_create(&vec![("state", state.to_owned())]);
+        }
+        for state in ["used", "total"] {
+            let _ = worker_slots.get_or_create(&vec![("state", state.to_owned())]);
+        }
+        let m = Self {
             registry: Mutex::new(r),
+            workers,
+            workers_serving,
+            worker_slots,
+            queue_paused,
+            completed,
+            dead_lettered,
+            queue_wait,
+            task_run,
+            uploads,
+            upload_attempts,
+            upload_retries,
+            upload_connections,
             tasks,
             queue_depth,
             workers_online,
@@ -102,6 +233,67 @@ impl Metrics {
             retries,
             bytes_uploaded,
             responses,
+        };
+        // The file storage's S3 client; zero while files are kept in a directory.
+        m.register_upload_client("storage");
+        m
+    }
+
+    /// Creates the upload series of `client` at zero, so rates and alerts see them before
+    /// the first upload.
+    pub(crate) fn register_upload_client(&self, client: &str) {
+        for outcome in ["ok", "failed"] {
+            let _ = self.uploads.get_or_create(&vec![
+                ("client", client.to_owned()),
+                ("outcome", outcome.to_owned()),
+            ]);
+        }
+        for class in ATTEMPT_CLASSES.iter().filter(|c| **c != ATTEMPT_OK) {
+            let _ = self.upload_retries.get_or_create(&vec![
+                ("client", client.to_owned()),
+                ("class", (*class).to_owned()),
+            ]);
+            let _ = self
+                .retries
+                .get_or_create(&vec![("class", (*class).to_owned())]);
+        }
+        for class in ATTEMPT_CLASSES {
+            let _ = self.upload_attempts.get_or_create(&vec![
+                ("client", client.to_owned()),
+                ("class", (*class).to_owned()),
+            ]);
+        }
+    }
+
+    /// Records a task that ended: its status, whether it was dead-lettered, and how long it
+    /// waited and ran (ms, when known).
+    pub(crate) fn task_ended(
+        &self,
+        task_type: &str,
+        status: &str,
+        dead: bool,
+        queued_ms: Option<u64>,
+        run_ms: Option<u64>,
+    ) {
+        let tt = || vec![("task_type", task_type.to_owned())];
+        self.completed
+            .get_or_create(&vec![
+                ("task_type", task_type.to_owned()),
+                ("status", status.to_owned()),
+            ])
+            .inc();
+        if dead {
+            self.dead_lettered.get_or_create(&tt()).inc();
+        }
+        if let Some(ms) = queued_ms {
+            let s = ms as f64 / 1000.0;
+            self.queue_wait.get_or_create(&tt()).observe(s);
+            self.dispatch_latency.observe(s);
+        }
+        if let Some(ms) = run_ms {
+            let s = ms as f64 / 1000.0;
+            self.task_run.get_or_create(&tt()).observe(s);
+            self.run_time.observe(s);
         }
     }
 

@@ -24,6 +24,9 @@ use crate::error::ApiJson;
         crate::workers::drain,
         crate::workers::pause,
         crate::workers::resume,
+        crate::overview::events,
+        crate::overview::queue,
+        crate::overview::throughput,
         crate::health::healthz,
         crate::health::readyz,
         crate::health::metrics,
@@ -32,7 +35,9 @@ use crate::error::ApiJson;
         crate::tasks::CreateTask,
         crate::tasks::TaskView,
         crate::tasks::TaskPage,
-        crate::files::FileObject
+        crate::files::FileObject,
+        crate::overview::QueueView,
+        crate::overview::DepthRow
     ))
 )]
 struct ApiDoc;

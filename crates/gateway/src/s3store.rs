@@ -9,27 +9,12 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::StreamExt as _;
-use kiln_upload::{MetricEvent, MetricsHook, Payload, S3, UploadClient, UploadFile};
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
+use kiln_upload::{Payload, S3, UploadClient, UploadFile};
 use sha2::{Digest, Sha256};
 
 use crate::Metrics;
 use crate::storage::{ContentStream, StorageConfig, StorageError};
 use crate::store::{FileMeta, valid_file_id};
-
-/// Counts the S3 client's retries in the gateway's `kiln_retries_total{class}`.
-struct RetryMetrics(Family<Vec<(&'static str, String)>, Counter>);
-
-impl MetricsHook for RetryMetrics {
-    fn record(&self, event: MetricEvent) {
-        if let MetricEvent::Retry { class, .. } = event {
-            self.0
-                .get_or_create(&vec![("class", class.as_str().to_owned())])
-                .inc();
-        }
-    }
-}
 
 /// Name of the object `/readyz` writes and removes.
 const PROBE: &str = ".kiln-ready-probe";
@@ -63,7 +48,9 @@ impl S3Store {
         let target = S3::new(s3)
             .map_err(|e| StorageError::Config(e.to_string()))?
             .named("s3-files");
-        let hook = Arc::new(RetryMetrics(metrics.retries.clone()));
+        let hook = Arc::new(crate::upload_metrics::UploadMetrics::new(
+            metrics, "storage",
+        ));
         let client = UploadClient::with_metrics(cfg.client.clone(), hook)
             .map_err(|e| StorageError::Config(e.to_string()))?;
         if cfg.create_bucket {

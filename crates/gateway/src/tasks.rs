@@ -78,6 +78,9 @@ pub(crate) struct TaskView {
     id: String,
     request_id: Option<String>,
     task_type: String,
+    /// The input as submitted.
+    #[schema(value_type = Object)]
+    input: Value,
     /// queued | running | succeeded | failed | canceled | expired
     status: String,
     queue_position: Option<u64>,
@@ -148,6 +151,7 @@ pub(crate) async fn view(state: &AppState, t: Task) -> Result<TaskView, ApiError
     Ok(TaskView {
         request_id: t.request_id,
         task_type: t.task_type,
+        input: t.input,
         status: t.state.as_str().to_owned(),
         queue_position,
         progress,
@@ -362,6 +366,14 @@ pub(crate) struct ListParams {
     status: Option<String>,
     /// Only this task type.
     task_type: Option<String>,
+    /// Only tasks that name this model.
+    model: Option<String>,
+    /// Only tasks whose last attempt ran on this worker id.
+    worker: Option<String>,
+    /// Only tasks created at or after this time (RFC 3339, e.g. `2026-01-02T03:04:05Z`).
+    created_after: Option<String>,
+    /// Only tasks created before this time (RFC 3339).
+    created_before: Option<String>,
     /// Page size, 1 to 500 (default 50).
     limit: Option<usize>,
     /// `next_cursor` of the previous page.
@@ -372,10 +384,25 @@ pub(crate) struct ListParams {
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(crate) struct TaskPage {
     data: Vec<TaskView>,
+    /// Pass as `cursor` for the next page; `null` when the list has ended. With `model`,
+    /// `worker` or a time filter a page may hold fewer than `limit` tasks (at most 5000
+    /// are read per request) and still have a cursor.
     next_cursor: Option<String>,
 }
 
-/// List tasks, newest first.
+fn time_param(name: &str, v: Option<&str>) -> Result<Option<u64>, ApiError> {
+    v.map(|s| {
+        humantime::parse_rfc3339_weak(s.trim())
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| d.as_millis() as u64)
+            .ok_or_else(|| ApiError::invalid(format!("{name} must be an RFC 3339 time")))
+    })
+    .transpose()
+}
+
+/// List tasks, newest first, filtered by status, task type, model, worker and creation
+/// time, in pages joined by `next_cursor`.
 #[utoipa::path(get, path = "/v1/tasks", tag = "tasks", params(ListParams),
     responses((status = 200, body = TaskPage), (status = 422, description = "invalid filter")))]
 pub(crate) async fn list(
@@ -400,20 +427,22 @@ pub(crate) async fn list(
                 .map_err(|_| ApiError::invalid("cursor is not one this API returned"))?,
         ),
     };
-    let tasks = state
-        .broker()
-        .queue()
-        .list(&ListFilter {
-            state: st,
-            task_type: p.task_type,
-            limit,
-            before_seq,
-        })
+    let extra = crate::listing::Extra {
+        after_ms: time_param("created_after", p.created_after.as_deref())?,
+        before_ms: time_param("created_before", p.created_before.as_deref())?,
+        model: p.model,
+        worker: p.worker,
+    };
+    let base = ListFilter {
+        state: st,
+        task_type: p.task_type,
+        limit,
+        before_seq,
+    };
+    let (tasks, next) = crate::listing::page(state.broker().queue(), base, &extra)
         .await
         .map_err(queue_error)?;
-    let next_cursor = (tasks.len() == limit)
-        .then(|| tasks.last().map(|t| t.seq.to_string()))
-        .flatten();
+    let next_cursor = next.map(|s| s.to_string());
     let mut data = Vec::with_capacity(tasks.len());
     for t in tasks {
         data.push(view(&state, t).await?);

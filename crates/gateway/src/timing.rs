@@ -277,6 +277,13 @@ async fn ended(state: &AppState, d: TaskDetail) {
         }
     }
     let timings = Timings::of(&t, &attempts, recorded.as_ref(), now_ms());
+    state.metrics().task_ended(
+        &t.task_type,
+        t.state.as_str(),
+        t.dead_lettered,
+        timings.queued_ms,
+        timings.run_ms,
+    );
     let span = state.inner.spans.take(&t);
     span.record("attempt", t.attempt);
     span.record("status", t.state.as_str());

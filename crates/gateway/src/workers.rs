@@ -81,6 +81,7 @@ pub(crate) async fn drain(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     if state.broker().drain_worker(&id) {
+        state.inner.live.poke();
         Ok((
             StatusCode::ACCEPTED,
             ApiJson(json!({"worker_id": id, "draining": true})),
@@ -95,6 +96,7 @@ pub(crate) async fn drain(
 #[utoipa::path(post, path = "/v1/admin/queue/pause", tag = "admin", responses((status = 200, description = "paused")))]
 pub(crate) async fn pause(State(state): State<AppState>) -> ApiJson<Value> {
     state.broker().set_paused(true);
+    state.inner.live.poke();
     ApiJson(json!({"paused": true}))
 }
 
@@ -102,5 +104,6 @@ pub(crate) async fn pause(State(state): State<AppState>) -> ApiJson<Value> {
 #[utoipa::path(post, path = "/v1/admin/queue/resume", tag = "admin", responses((status = 200, description = "resumed")))]
 pub(crate) async fn resume(State(state): State<AppState>) -> ApiJson<Value> {
     state.broker().set_paused(false);
+    state.inner.live.poke();
     ApiJson(json!({"paused": false}))
 }
