@@ -73,3 +73,13 @@ if ! "$KILN_VENV/bin/python" -c 'import openai, pytest' >/dev/null 2>&1; then
   echo "prepare: installing the openai SDK and pytest into $KILN_VENV"
   "$KILN_VENV/bin/pip" install -q --disable-pip-version-check "openai>=1.50,<4" "pytest>=8,<10"
 fi
+
+# --- Python worker SDK (sdk/python): a venv with pytest and the SDK, installed as users do ---
+KILN_SDK_VENV="${KILN_SDK_VENV:-$HOME/.cache/kiln/venv-sdk}"
+if ! "$KILN_SDK_VENV/bin/python" -c 'import kiln_worker, websockets, pytest' >/dev/null 2>&1; then
+  echo "prepare: creating $KILN_SDK_VENV with pytest and ./sdk/python (kiln-worker)"
+  mkdir -p "$(dirname "$KILN_SDK_VENV")"
+  python3 -m venv "$KILN_SDK_VENV"
+  "$KILN_SDK_VENV/bin/pip" install -q --disable-pip-version-check "pytest>=8,<10" \
+    "$(cd "$(dirname "$0")/.." && pwd)/sdk/python"
+fi

@@ -9,3 +9,4 @@ cargo test --workspace --locked "$@"
 bash scripts/schemathesis.sh
 # The official OpenAI Python SDK as the client of the images API.
 bash scripts/sdk-tests.sh
+bash scripts/python-sdk-tests.sh
