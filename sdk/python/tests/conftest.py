@@ -151,12 +151,12 @@ class Server:
 class WorkerProc:
     """A worker process: tests/worker_app.py, or an example given as `script` with `args`."""
 
-    def __init__(self, server, state_dir, log_path, slots=1, script=None, args=None, grace_s=30.0):
+    def __init__(self, server, state_dir, log_path, slots=1, script=None, args=None, grace_s=30.0, url=None):
         self.state_dir = state_dir
         self.log_path = log_path
         self.out_path = f"{log_path}.out"
         if script is None:
-            cmd = [sys.executable, str(SDK / "tests" / "worker_app.py"), "--url", server.ws_url,
+            cmd = [sys.executable, str(SDK / "tests" / "worker_app.py"), "--url", url or server.ws_url,
                    "--state-dir", state_dir, "--log", log_path, "--slots", str(slots), "--grace-s", str(grace_s)]
         else:
             cmd = [sys.executable, str(script), *args]
@@ -240,3 +240,74 @@ def pytest_runtest_makereport(item, call):
     outcome = yield
     rep = outcome.get_result()
     setattr(item, "rep_" + rep.when, rep)
+
+
+class Proxy:
+    """A TCP forwarder on a free 127.0.0.1 port; `cut()` drops every open connection (a
+    network blip) and keeps accepting new ones."""
+
+    def __init__(self, port):
+        import threading
+
+        self.target = port
+        self.lsock = socket.socket()
+        self.lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.lsock.bind(("127.0.0.1", 0))
+        self.lsock.listen(16)
+        self.port = self.lsock.getsockname()[1]
+        self.ws_url = f"ws://127.0.0.1:{self.port}/v1/workers/connect"
+        self.conns = []
+        self.accepted = 0
+        self.lock = threading.Lock()
+        self.closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        import threading
+
+        while not self.closed:
+            try:
+                c, _ = self.lsock.accept()
+            except OSError:
+                return
+            try:
+                u = socket.create_connection(("127.0.0.1", self.target), timeout=5)
+            except OSError:
+                c.close()
+                continue
+            with self.lock:
+                self.conns += [c, u]
+                self.accepted += 1
+            for a, b in ((c, u), (u, c)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(a, b):
+        try:
+            while True:
+                d = a.recv(65536)
+                if not d:
+                    break
+                b.sendall(d)
+        except OSError:
+            pass
+        for s in (a, b):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def cut(self):
+        with self.lock:
+            conns, self.conns = self.conns, []
+        for s in conns:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+                s.close()
+            except OSError:
+                pass
+
+    def close(self):
+        self.closed = True
+        self.lsock.close()
+        self.cut()

@@ -177,3 +177,52 @@ def test_a_result_over_the_frame_limit_fails_the_task_with_result_too_large(env)
     ok = s.submit("t_sleep", {"sleep_s": 0.1})  # the connection survived: no oversized frame was sent
     s.wait_status(ok, ("succeeded",), 30)
     assert "Space limit exceeded" not in s.log() and w.proc.poll() is None
+
+
+def test_a_network_blip_resumes_the_session_without_redelivery(env):
+    from conftest import Proxy
+
+    s = env.server
+    proxy = Proxy(s.port)
+    try:
+        w = env.worker(url=proxy.ws_url)
+        tid = s.submit("t_sleep", {"sleep_s": 2})
+        wait_until(lambda: w.events("start", tid), 20, "the task to start")
+        proxy.cut()  # same process, same boot: it resumes and keeps its lease
+        wait_until(lambda: proxy.accepted >= 2, 10, "the worker to reconnect")
+        t = s.wait_status(tid, ("succeeded",), 30)
+        assert len(t["attempts"]) == 1 and t["output"] == {"task": tid, "attempt": 1}
+        assert starts(w, tid) == [(tid, 1)]
+        assert "resumed=True" in w.output()
+    finally:
+        proxy.close()
+
+
+def test_a_wrong_worker_token_stops_the_worker_and_the_right_one_works(tmp_path):
+    import subprocess
+
+    from conftest import kiln_bin
+
+    good = "worker-secret-token"
+    h = subprocess.run([kiln_bin(), "config", "hash-key", good], capture_output=True, text=True, check=True)
+    s = Server(str(tmp_path), {"KILN_GATEWAY__WORKER_TOKEN_HASHES": h.stdout.strip().splitlines()[-1]}).start()
+    try:
+        from conftest import WorkerProc
+
+        def sleepy(token, state):
+            args = ["--url", s.ws_url, "--state-dir", str(tmp_path / state), "--task-type", "sleepy",
+                    "--sleep-s", "0", "--token", token]
+            return WorkerProc(s, str(tmp_path / state), str(tmp_path / f"{state}.log"), script=SLEEPY, args=args)
+
+        bad = sleepy("wrong", "bad")
+        assert bad.proc.wait(timeout=20) != 0
+        assert "WorkerRefused" in bad.output() and "401" in bad.output()
+        ok = sleepy(good, "good")
+        try:
+            tid = s.submit("sleepy")
+            t = s.wait_status(tid, ("succeeded",), 30)  # the upload carried the token too
+            assert t["output"]["files"][0]["id"].startswith("file_")
+        finally:
+            ok.stop()
+    finally:
+        s.stop()

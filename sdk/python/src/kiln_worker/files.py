@@ -46,7 +46,7 @@ def http_base(ws_url: str) -> Tuple[str, str, int]:
     return scheme, u.hostname or "127.0.0.1", port
 
 
-def _open_body(data: UploadData) -> Tuple[Any, int, Callable[[], None], Callable[[], None]]:
+def _open_body(data: UploadData) -> Tuple[Any, int, Callable[[], Any], Callable[[], None]]:
     """(body, length, rewind, close) for bytes, a path or a seekable file object."""
     if isinstance(data, (bytes, bytearray, memoryview)):
         b = bytes(data)

@@ -131,7 +131,7 @@ def _decode(cls: Type[T], data: Any) -> T:
             kwargs[f.name] = _decode_value(hints[f.name], data[wire])
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise TypeError(f"{cls.__name__}: missing field {wire!r}")
-    return cls(**kwargs)  # type: ignore[call-arg]
+    return cls(**kwargs)
 
 
 # --- payloads -----------------------------------------------------------------------------
@@ -413,7 +413,7 @@ class Envelope:
             raise DecodeError("unknown_type", f"unknown message type {kind!r}")
         payload = raw.get("payload")
         try:
-            message = _decode(mcls, {} if payload is None else payload)
+            message: Any = _decode(mcls, {} if payload is None else payload)
             ts = _decode_value(int, raw.get("ts", 0)) or 0
             strs = {
                 k: _decode_value(Optional[str], raw.get(k))

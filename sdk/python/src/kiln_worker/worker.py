@@ -206,6 +206,11 @@ class Worker:
                 if self._stopping and (not self._running or self._grace_over()):
                     return
                 log.info("reconnecting code=%s reason=%s delay_ms=%d", code, reason, int(delay * 1000))
+                if self._stopping:  # the stop event is set already: sleep, within the grace
+                    assert self._drain_started is not None
+                    left = self.shutdown_grace_s - (time.monotonic() - self._drain_started)
+                    await asyncio.sleep(max(0.05, min(delay, left)))
+                    continue
                 try:
                     await asyncio.wait_for(self._stop_event.wait(), timeout=delay)
                 except asyncio.TimeoutError:
@@ -320,10 +325,11 @@ class Worker:
             "connected session=%s resumed=%s keep=%d drop=%d outbox=%d",
             welcome.session, welcome.resumed, len(welcome.keep), len(welcome.drop), len(pending),
         )
-        for e in pending:
-            r = self._size_checked(e.result)
-            if r is not e.result:  # the gateway's limit is lower than when it was stored
-                await asyncio.get_running_loop().run_in_executor(None, self._outbox.replace, Entry(e.task_id, e.attempt, r))
+        for entry in pending:
+            r = self._size_checked(entry.result)
+            if r is not entry.result:  # the gateway's limit is lower than when it was stored
+                fixed = Entry(entry.task_id, entry.attempt, r)
+                await asyncio.get_running_loop().run_in_executor(None, self._outbox.replace, fixed)
             await ws.send(self._frame(r))
         hb_ms = max(int(welcome.timers.heartbeat_ms), 50)
         jobs = [
