@@ -101,3 +101,24 @@ def test_a_200_mb_mp4_round_trips_byte_for_byte_with_bounded_memory(env):
     )
     assert server_peak - server_before < BOUND, (server_before, server_peak)
     assert worker_peak < BOUND, worker_peak
+
+
+def test_an_upload_over_files_max_bytes_is_refused_at_once_not_retried(tmp_path):
+    from conftest import Server
+
+    from kiln_worker import UploadError
+    from kiln_worker.files import upload
+
+    s = Server(str(tmp_path), {"KILN_FILES__MAX_BYTES": str(1 << 20)}).start()
+    try:
+        started = time.time()
+        try:
+            upload(s.ws_url, os.urandom(8 << 20), "video/mp4", deadline_s=60)
+            raise AssertionError("an 8 MiB upload over a 1 MiB limit was accepted")
+        except UploadError as e:
+            assert e.status == 413 and not e.retryable, (e.status, str(e))
+        assert time.time() - started < 10
+        f = upload(s.ws_url, b"\x00\x00\x00\x18ftypisom" + os.urandom(1000), "video/mp4")
+        assert f["bytes"] == 1012 and f["content_type"] == "video/mp4", f
+    finally:
+        s.stop()

@@ -102,7 +102,14 @@ def upload(
             conn = conn_cls(host, port, timeout=timeout_s, blocksize=_BLOCK)
             try:
                 rewind()
-                conn.request("POST", path, body=body, headers=headers)
+                try:
+                    conn.request("POST", path, body=body, headers=headers)
+                except OSError:
+                    # The gateway may have answered (413, 415) and closed while the body was
+                    # still going out: read that answer rather than retrying blindly.
+                    if conn.sock is None:
+                        raise
+                    conn.sock.settimeout(2)
                 resp = conn.getresponse()
                 status = resp.status
                 raw = resp.read()

@@ -20,6 +20,10 @@ VERSION = "1"
 SUBPROTOCOL = "kiln.v1"
 """The WebSocket subprotocol sent as ``Sec-WebSocket-Protocol``."""
 
+RESULT_CANCELED = "canceled"
+"""``result.status`` of a task stopped after a ``cancel`` (the task status's spelling; the
+gateway also accepts ``cancelled``)."""
+
 DEFAULT_MAX_FRAME_BYTES = 1 << 20
 """The largest frame a gateway accepts by default (``broker.max_frame_bytes``): 1 MiB."""
 
@@ -258,7 +262,7 @@ class Result:
     ``result_ack``."""
 
     lease: str
-    status: str  # "ok" | "error" | "cancelled"
+    status: str  # "ok" | "error" | "canceled" (gateways also accept "cancelled")
     output: Any = None
     error: Optional[TaskError] = None
     usage: Any = None

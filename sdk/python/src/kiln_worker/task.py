@@ -17,7 +17,7 @@ if TYPE_CHECKING:  # pragma: no cover
 class Cancelled(Exception):
     """Raised by :meth:`Task.check_cancelled` and :meth:`Task.sleep` once the gateway has
     cancelled the task (or the worker gave the lease up). Let it propagate: the SDK then
-    answers ``result {status: "cancelled"}``."""
+    answers ``result {status: "canceled"}``."""
 
 
 class Reject(Exception):

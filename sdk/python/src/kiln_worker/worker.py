@@ -413,8 +413,10 @@ class Worker:
         while True:
             if self._stopping and ((not self._running and len(self._outbox) == 0) or self._grace_over()):
                 for lease, t in list(self._running.items()):
+                    # Given back uncounted, as `release` does; a retryable reject also keeps
+                    # the gateway from offering it straight back to this stopping worker.
                     t._signal_cancel("worker shutting down", dropped=True)
-                    self._put(p.Release(lease=lease))
+                    self._put(p.RejectMsg(lease=lease, reason="worker shutting down", retryable=True))
                 self._running.clear()
                 if bye_at is None:
                     # A release can make the gateway assign again just before bye: linger a
@@ -500,7 +502,7 @@ class Worker:
                 error = p.TaskError(code="invalid_output", message=f"the handler's output is not JSON: {e}")
         timings = task._take_timings()
         if task.cancelled and error is None:
-            result = p.Result(lease=task.lease, status="cancelled", timings=timings)
+            result = p.Result(lease=task.lease, status=p.RESULT_CANCELED, timings=timings)
         elif error is not None:
             result = p.Result(lease=task.lease, status="error", error=error, timings=timings)
         else:
