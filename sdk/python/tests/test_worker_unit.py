@@ -71,3 +71,21 @@ def test_progress_is_rate_limited_and_the_latest_value_is_flushed(tmp_path):
     steps = [f["payload"]["step"] for f in sent if f["type"] == "progress"]
     assert steps[0] == 0 and steps[-1] == 49, steps
     assert len(steps) <= 4, steps
+
+
+def test_an_issued_worker_secret_is_stored_0600_and_loaded_by_the_next_process(tmp_path):
+    import os
+    import stat
+
+    w = worker(tmp_path)
+    w._open_state()
+    assert w._secret is None
+    w._store_secret("wks_" + "ab" * 32)
+    path = tmp_path / "worker_secret"
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    again = worker(tmp_path)
+    again._open_state()
+    assert again._secret == "wks_" + "ab" * 32 and again.worker_id == w.worker_id and again.boot_id != w.boot_id
+    hello = json.loads(again._frame(again._hello(again._outbox.all())))
+    assert hello["payload"]["worker_secret"] == again._secret and "resume" not in hello["payload"]
+    assert not p.should_reconnect(p.CLOSE_IDENTITY) and p.should_reconnect(p.CLOSE_TOO_BIG)

@@ -289,17 +289,7 @@ class Worker:
         # `inflight` here and goes through the queue after the welcome.
         self._queue = queue
         pending = self._outbox.all()
-        hello = p.Hello(
-            worker_id=self.worker_id,
-            boot_id=self.boot_id,
-            slots=self.slots,
-            capabilities=p.Capabilities(task_types=sorted(self._handlers), models=self.models, labels=self.labels),
-            resume=p.Resume(session=self._session[0], last_seq=self._session[1]) if self._session else None,
-            inflight=list(self._running),
-            outbox=[e.result.lease for e in pending],
-        )
-        hello.worker_secret = self._secret
-        await ws.send(self._frame(hello))
+        await ws.send(self._frame(self._hello(pending)))
         try:
             text = await asyncio.wait_for(ws.recv(), timeout=10)
             welcome = p.Envelope.decode(text).message
@@ -344,6 +334,18 @@ class Worker:
             for j in jobs:
                 j.cancel()
             await asyncio.gather(*jobs, return_exceptions=True)
+
+    def _hello(self, pending: List[Entry]) -> p.Hello:
+        return p.Hello(
+            worker_id=self.worker_id,
+            boot_id=self.boot_id,
+            slots=self.slots,
+            capabilities=p.Capabilities(task_types=sorted(self._handlers), models=self.models, labels=self.labels),
+            resume=p.Resume(session=self._session[0], last_seq=self._session[1]) if self._session else None,
+            inflight=list(self._running),
+            outbox=[e.result.lease for e in pending],
+            worker_secret=self._secret,
+        )
 
     async def _writer(self, ws: Any, queue: "asyncio.Queue[Optional[str]]") -> Optional[Tuple[int, str]]:
         while True:
