@@ -679,11 +679,19 @@ async fn files_in_s3_survive_a_restart() {
         (upload_id, output_id, out.body)
         // Dropping the server kills it.
     };
-    // Nothing went to the local files directory.
+    // Nothing went to the local files directory but the spool for streamed uploads, empty.
     let local = dir.path().join("files");
+    let entries: Vec<_> = std::fs::read_dir(&local)
+        .map(|d| d.map(|e| e.unwrap().file_name()).collect())
+        .unwrap_or_default();
     assert!(
-        !local.exists() || std::fs::read_dir(&local).unwrap().next().is_none(),
-        "files were written locally"
+        entries.iter().all(|e| e == ".incoming"),
+        "files were written locally: {entries:?}"
+    );
+    let spool = local.join(".incoming");
+    assert!(
+        !spool.exists() || std::fs::read_dir(&spool).unwrap().next().is_none(),
+        "the spool keeps files"
     );
     // A new server process serves both files from the bucket, byte for byte.
     let s = start(dir.path(), &env);
