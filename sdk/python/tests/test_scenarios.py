@@ -107,7 +107,9 @@ def test_cancel_reaches_a_running_handler_within_a_second(env):
         status, body = s.call("POST", f"/v1/tasks/{tid}/cancel")
         assert status in (200, 202), (status, body)
         seen = wait_until(lambda: w.events("cancel_seen", tid), 5, f"{kind} to see the cancel")
-        assert seen[0]["t"] - sent < 1.0, f"{kind}: cancel took {seen[0]['t'] - sent:.3f} s"
+        took = seen[0]["t"] - sent
+        print(f"\n{kind}: the cancel reached the running handler {took * 1000:.0f} ms after POST /cancel")
+        assert took < 1.0, f"{kind}: cancel took {took:.3f} s"
         t = s.wait_status(tid, ("canceled",), 10)
         assert t["output"] is None
 
