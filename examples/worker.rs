@@ -31,7 +31,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         for step in 1..=5 {
             if ctx.is_cancelled() {
                 return Err(TaskError {
-                    code: "cancelled".into(),
+                    code: "canceled".into(),
                     message: "canceled".into(),
                     retryable: false,
                 });

@@ -96,3 +96,13 @@ if [ -f "$KILN_UI_DIR/package-lock.json" ] && [ ! -d "$KILN_UI_DIR/node_modules/
   echo "prepare: installing playwright-core into $KILN_UI_DIR/node_modules"
   (cd "$KILN_UI_DIR" && npm ci --silent --no-audit --no-fund)
 fi
+
+# --- Python worker SDK (sdk/python): a venv with pytest and the SDK, installed as users do ---
+KILN_SDK_VENV="${KILN_SDK_VENV:-$HOME/.cache/kiln/venv-sdk}"
+if ! "$KILN_SDK_VENV/bin/python" -c 'import kiln_worker, websockets, pytest' >/dev/null 2>&1; then
+  echo "prepare: creating $KILN_SDK_VENV with pytest and ./sdk/python (kiln-worker)"
+  mkdir -p "$(dirname "$KILN_SDK_VENV")"
+  python3 -m venv "$KILN_SDK_VENV"
+  "$KILN_SDK_VENV/bin/pip" install -q --disable-pip-version-check "pytest>=8,<10" \
+    "$(cd "$(dirname "$0")/.." && pwd)/sdk/python"
+fi

@@ -11,3 +11,4 @@ bash scripts/schemathesis.sh
 bash scripts/sdk-tests.sh
 # The operator console in headless chromium, and the Prometheus alert rules (promtool).
 bash scripts/ui-tests.sh
+bash scripts/python-sdk-tests.sh

@@ -150,7 +150,7 @@ async fn run(
         _ = ctx.cancelled() => {
             // The upstream may have the call already; the mark stays so it is never resent.
             return Err(TaskError {
-                code: "cancelled".into(),
+                code: "canceled".into(),
                 message: format!("canceled while {} was working on it", up.name()),
                 retryable: false,
             });

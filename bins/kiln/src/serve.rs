@@ -51,6 +51,7 @@ pub(crate) async fn serve(s: Settings) -> anyhow::Result<()> {
     let mut gw = s.gateway.clone();
     gw.files_dir = s.files_dir();
     gw.storage = s.storage.clone();
+    gw.files = s.files.clone();
     let demo_token = format!("demo-{}", uuid::Uuid::new_v4().simple());
     if s.demo_worker.enabled {
         gw.known_task_types
@@ -452,7 +453,7 @@ async fn txt2img(api: FilesApi, ctx: TaskContext) -> Result<Value, TaskError> {
         .map_err(|e| transient(e.to_string()))??;
         if ctx.is_cancelled() {
             return Err(TaskError {
-                code: "cancelled".into(),
+                code: "canceled".into(),
                 message: "canceled".into(),
                 retryable: false,
             });

@@ -21,6 +21,7 @@ pub(crate) struct Settings {
     pub(crate) log: Log,
     pub(crate) gateway: kiln_gateway::GatewayConfig,
     pub(crate) storage: kiln_gateway::StorageConfig,
+    pub(crate) files: kiln_gateway::FilesConfig,
     pub(crate) broker: kiln_gateway::BrokerConfig,
     pub(crate) queue: Queue,
     pub(crate) demo_worker: DemoWorker,
@@ -114,6 +115,7 @@ pub(crate) fn load(path: Option<&Path>) -> Result<Settings, String> {
             .with_list_parse_key("gateway.worker_token_hashes")
             .with_list_parse_key("gateway.known_task_types")
             .with_list_parse_key("gateway.cors_origins")
+            .with_list_parse_key("files.allowed_types")
             .with_list_parse_key("storage.client.retry.retry_statuses"),
     );
     let cfg = b
@@ -155,6 +157,15 @@ impl Settings {
             );
         }
         self.validate_storage()?;
+        if self.gateway.files != kiln_gateway::FilesConfig::default() {
+            return Err(
+                "invalid configuration: gateway.files is not a key; put files API settings in [files]"
+                    .into(),
+            );
+        }
+        self.files
+            .validate()
+            .map_err(|e| format!("invalid configuration: {e}"))?;
         self.gateway
             .openai
             .validate()
@@ -352,5 +363,27 @@ mod tests {
         let s = load(None).unwrap();
         // The documented storage defaults are the library's defaults.
         assert_eq!(s.storage, kiln_gateway::StorageConfig::default());
+        assert_eq!(s.files, kiln_gateway::FilesConfig::default());
+        let g = kiln_gateway::GatewayConfig::default();
+        assert_eq!(s.gateway.remember_task_types, g.remember_task_types);
+        assert_eq!(
+            s.broker.reject_backoff,
+            kiln_gateway::BrokerConfig::default().reject_backoff
+        );
+    }
+
+    #[test]
+    fn bad_files_settings_are_refused() {
+        let e = load_toml("[files]\nallowed_types = [\"video\"]\n").unwrap_err();
+        assert!(
+            e.contains("files.allowed_types") && e.contains("\"video\""),
+            "{e}"
+        );
+        let e = load_toml("[files]\nmax_bytes = 0\n").unwrap_err();
+        assert!(e.contains("files.max_bytes"), "{e}");
+        let e = load_toml("[gateway.files]\nmax_bytes = 5\n").unwrap_err();
+        assert!(e.contains("[files]"), "{e}");
+        let s = load_toml("[files]\nallowed_types = [\"video/*\", \"application/zip\"]\n").unwrap();
+        assert!(s.files.allows("video/mp4") && !s.files.allows("text/plain"));
     }
 }

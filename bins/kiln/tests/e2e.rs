@@ -253,7 +253,14 @@ fn out_url(t: &Value) -> &str {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idempotency_cancel_and_errors() {
     let dir = tempfile::tempdir().unwrap();
-    let s = start(dir.path(), &[("KILN_GATEWAY__MAX_BODY_BYTES", "100000")]);
+    let s = start(
+        dir.path(),
+        &[
+            ("KILN_GATEWAY__MAX_BODY_BYTES", "100000"),
+            ("KILN_FILES__MAX_BYTES", "100000"),
+            ("KILN_FILES__ALLOWED_TYPES", "image/*"),
+        ],
+    );
     let body =
         json!({"task_type": "txt2img", "input": {"prompt": "same", "width": 64, "height": 64}});
     let a = post_json(
@@ -300,6 +307,25 @@ async fn idempotency_cancel_and_errors() {
     let cancel = call(&s.base, "POST", &format!("/v1/tasks/{id}/cancel"), "", &[]).await;
     assert_eq!(cancel.status, 202);
     assert_eq!(cancel.json()["status"], "canceled");
+    // One spelling in answers; the other accepted in filters.
+    for spelling in ["canceled", "cancelled"] {
+        let page = call(
+            &s.base,
+            "GET",
+            &format!("/v1/tasks?status={spelling}"),
+            "",
+            &[],
+        )
+        .await
+        .json();
+        let listed: Vec<&str> = page["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["id"].as_str().unwrap())
+            .collect();
+        assert!(listed.contains(&id), "{spelling}: {page}");
+    }
     assert_eq!(
         call(&s.base, "POST", &format!("/v1/tasks/{id}/cancel"), "", &[])
             .await
@@ -653,11 +679,19 @@ async fn files_in_s3_survive_a_restart() {
         (upload_id, output_id, out.body)
         // Dropping the server kills it.
     };
-    // Nothing went to the local files directory.
+    // Nothing went to the local files directory but the spool for streamed uploads, empty.
     let local = dir.path().join("files");
+    let entries: Vec<_> = std::fs::read_dir(&local)
+        .map(|d| d.map(|e| e.unwrap().file_name()).collect())
+        .unwrap_or_default();
     assert!(
-        !local.exists() || std::fs::read_dir(&local).unwrap().next().is_none(),
-        "files were written locally"
+        entries.iter().all(|e| e == ".incoming"),
+        "files were written locally: {entries:?}"
+    );
+    let spool = local.join(".incoming");
+    assert!(
+        !spool.exists() || std::fs::read_dir(&spool).unwrap().next().is_none(),
+        "the spool keeps files"
     );
     // A new server process serves both files from the bucket, byte for byte.
     let s = start(dir.path(), &env);

@@ -323,6 +323,18 @@ impl Broker {
             .any(|s| s.tx.is_some() && serves(&s.capabilities, task_type, model, labels))
     }
 
+    /// Whether some worker (connected to any instance sharing the store) said hello with
+    /// `task_type` in the last `window`.
+    pub async fn task_type_seen(
+        &self,
+        task_type: &str,
+        window: std::time::Duration,
+    ) -> Result<bool, QueueError> {
+        let since = now_ms().saturating_sub(window.as_millis() as u64);
+        let seen = self.queue.task_types_seen(since).await?;
+        Ok(seen.iter().any(|t| t == task_type))
+    }
+
     async fn sweep(&self) {
         let now = now_ms();
         match self.queue.sweep(now).await {
@@ -406,6 +418,14 @@ impl Broker {
             }
         };
         tracing::info!(message = "worker connected", worker_id = %worker_id, boot_id = %hello.boot_id, resumed = welcome.resumed, keep = welcome.keep.len(), drop = welcome.drop.len());
+        // Remembered so that its task types are accepted while it is offline.
+        if let Err(e) = self
+            .queue
+            .note_task_types(&hello.capabilities.task_types, now_ms())
+            .await
+        {
+            tracing::warn!(message = "task types of a worker not recorded", worker_id = %worker_id, error = %e);
+        }
         let frame = Envelope::new(Message::Welcome(welcome), now_ms())
             .from_source("gateway")
             .encode();
@@ -835,8 +855,10 @@ impl Broker {
             }
             Message::Reject(r) => {
                 let res = if r.retryable {
+                    // This worker is not offered the task again for the back-off.
+                    let until = now.saturating_add(self.cfg.reject_backoff.as_millis() as u64);
                     self.queue
-                        .release(&r.lease, &format!("rejected: {}", r.reason), now)
+                        .reject(&r.lease, &format!("rejected: {}", r.reason), until, now)
                         .await
                         .map(|_| ())
                 } else {

@@ -33,6 +33,10 @@ pub struct BrokerConfig {
     pub sweep_interval: Duration,
     /// Largest frame accepted from a worker, bytes. Default: 1 MiB.
     pub max_frame_bytes: usize,
+    /// After a retryable `reject`, the rejecting worker is not offered that task again for
+    /// this long (other workers may take it at once). Default: 30 s.
+    #[serde(with = "humantime_serde")]
+    pub reject_backoff: Duration,
     /// `synchronous=FULL` for SQLite (survives power loss, slower); NORMAL survives a
     /// process crash. Default: false.
     pub sync_full: bool,
@@ -59,6 +63,7 @@ impl Default for BrokerConfig {
             retry_base: Duration::from_secs(1),
             sweep_interval: Duration::from_secs(1),
             max_frame_bytes: kiln_protocol::DEFAULT_MAX_FRAME_BYTES,
+            reject_backoff: Duration::from_secs(30),
             sync_full: false,
         }
     }

@@ -114,6 +114,18 @@ CREATE TABLE IF NOT EXISTS {s}.timings (
     task_id TEXT PRIMARY KEY,
     data JSONB NOT NULL
 );
+-- Workers a task skips after their retryable reject, until `until`.
+CREATE TABLE IF NOT EXISTS {s}.avoid (
+    task_id TEXT NOT NULL,
+    worker_id TEXT NOT NULL,
+    until BIGINT NOT NULL,
+    PRIMARY KEY (task_id, worker_id)
+);
+-- Task types workers said hello with, and when last.
+CREATE TABLE IF NOT EXISTS {s}.task_types (
+    task_type TEXT PRIMARY KEY,
+    last_seen BIGINT NOT NULL
+);
 ";
 
 const COLS: &str = "id, request_id, task_type, state, priority, input, metadata, attempt, max_attempts, \
@@ -555,6 +567,8 @@ impl PostgresQueue {
                        SELECT id FROM {{s}}.tasks
                        WHERE state = 'queued' AND not_before <= $3 AND task_type = ANY($4)
                          AND (model IS NULL OR model = ANY($6)) AND labels <@ $7
+                         AND NOT EXISTS (SELECT 1 FROM {{s}}.avoid a WHERE a.task_id = {{s}}.tasks.id
+                           AND a.worker_id = $1 AND a.until > $3)
                        ORDER BY priority DESC, seq LIMIT $5
                        FOR UPDATE SKIP LOCKED)
                      RETURNING {COLS}"
@@ -685,6 +699,63 @@ impl PostgresQueue {
         let after = tx.requeue(&task, why, false, now).await?;
         tx.commit().await?;
         Ok(Some(after))
+    }
+
+    async fn reject_(
+        &self,
+        lease: &str,
+        why: &str,
+        avoid_until: u64,
+        now: u64,
+    ) -> Result<Option<Task>> {
+        let mut c = self.pool.get().await?;
+        let mut tx = self.begin(&mut c).await?;
+        let Some(task) = tx
+            .task(
+                &format!(
+                    "SELECT {COLS} FROM {{s}}.tasks WHERE lease = $1 AND state = 'running' FOR UPDATE"
+                ),
+                &[&lease],
+            )
+            .await?
+        else {
+            return Ok(None);
+        };
+        tx.exec("DELETE FROM {s}.avoid WHERE until <= $1", &[&i(now)])
+            .await?;
+        if let Some(w) = &task.worker_id {
+            tx.exec(
+                "INSERT INTO {s}.avoid (task_id, worker_id, until) VALUES ($1, $2, $3)
+                 ON CONFLICT (task_id, worker_id) DO UPDATE SET until = $3",
+                &[&task.id, w, &i(avoid_until)],
+            )
+            .await?;
+        }
+        let after = tx.requeue(&task, why, false, now).await?;
+        tx.commit().await?;
+        Ok(Some(after))
+    }
+
+    async fn note_task_types_(&self, task_types: &[String], now: u64) -> Result<()> {
+        let c = self.pool.get().await?;
+        let stmt = c
+            .prepare_cached(&self.sql(
+                "INSERT INTO {s}.task_types (task_type, last_seen) SELECT t, $2 FROM unnest($1::text[]) AS t
+                 ON CONFLICT (task_type) DO UPDATE SET last_seen = GREATEST({s}.task_types.last_seen, $2)",
+            ))
+            .await?;
+        c.execute(&stmt, &[&task_types, &i(now)]).await?;
+        Ok(())
+    }
+
+    async fn task_types_seen_(&self, since: u64) -> Result<Vec<String>> {
+        let rows = self
+            .read(
+                "SELECT task_type FROM {s}.task_types WHERE last_seen >= $1 ORDER BY task_type",
+                &[&i(since)],
+            )
+            .await?;
+        rows.iter().map(|r| Ok(r.try_get(0)?)).collect()
     }
 
     async fn release_worker_(
@@ -1021,6 +1092,24 @@ impl Queue for PostgresQueue {
         now: u64,
     ) -> QueueFuture<'a, Option<Task>> {
         Box::pin(self.release_(lease, why, now))
+    }
+
+    fn reject<'a>(
+        &'a self,
+        lease: &'a str,
+        why: &'a str,
+        avoid_until: u64,
+        now: u64,
+    ) -> QueueFuture<'a, Option<Task>> {
+        Box::pin(self.reject_(lease, why, avoid_until, now))
+    }
+
+    fn note_task_types<'a>(&'a self, task_types: &'a [String], now: u64) -> QueueFuture<'a, ()> {
+        Box::pin(self.note_task_types_(task_types, now))
+    }
+
+    fn task_types_seen(&self, since: u64) -> QueueFuture<'_, Vec<String>> {
+        Box::pin(self.task_types_seen_(since))
     }
 
     fn release_worker<'a>(

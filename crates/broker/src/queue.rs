@@ -170,6 +170,27 @@ pub trait Queue: Send + Sync + std::fmt::Debug + 'static {
         now: u64,
     ) -> QueueFuture<'a, Option<Task>>;
 
+    /// Gives a lease back after its worker rejected the task retryably: like
+    /// [`Queue::release`] (queued again at once, the attempt does not count), and
+    /// `reserve` does not lease the task to the worker that held the lease until
+    /// `avoid_until` (Unix ms); other workers may take it at once. `None` when the lease is
+    /// not current.
+    fn reject<'a>(
+        &'a self,
+        lease: &'a str,
+        why: &'a str,
+        avoid_until: u64,
+        now: u64,
+    ) -> QueueFuture<'a, Option<Task>>;
+
+    /// Records that a worker serving `task_types` said hello at `now`, so that tasks of
+    /// these types are accepted while no worker is connected (see
+    /// [`Queue::task_types_seen`]).
+    fn note_task_types<'a>(&'a self, task_types: &'a [String], now: u64) -> QueueFuture<'a, ()>;
+
+    /// The task types some worker served (said hello with) at or after `since`, sorted.
+    fn task_types_seen(&self, since: u64) -> QueueFuture<'_, Vec<String>>;
+
     /// Releases the leases of `worker_id` (its process restarted), except those named in
     /// `keep`: leases whose results the new process still holds in its outbox and is about
     /// to send. A kept lease stays current and untouched (its result is accepted as usual);

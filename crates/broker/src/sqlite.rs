@@ -74,6 +74,16 @@ CREATE TABLE IF NOT EXISTS timings (
     task_id TEXT PRIMARY KEY,
     data TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS avoid (
+    task_id TEXT NOT NULL,
+    worker_id TEXT NOT NULL,
+    until INTEGER NOT NULL,
+    PRIMARY KEY (task_id, worker_id)
+);
+CREATE TABLE IF NOT EXISTS task_types (
+    task_type TEXT PRIMARY KEY,
+    last_seen INTEGER NOT NULL
+);
 ";
 
 /// Columns added after the first release: `ALTER TABLE ADD COLUMN` on databases without them.
@@ -744,6 +754,8 @@ impl Db {
              AND (model IS NULL OR model IN (SELECT value FROM json_each(?)))
              AND (labels IS NULL OR NOT EXISTS (SELECT 1 FROM json_each(tasks.labels) AS need
                   WHERE need.value NOT IN (SELECT value FROM json_each(?))))
+             AND NOT EXISTS (SELECT 1 FROM avoid WHERE avoid.task_id = tasks.id
+                  AND avoid.worker_id = ? AND avoid.until > ?)
              ORDER BY priority DESC, seq LIMIT ?"
         );
         let ids: Vec<String> = {
@@ -752,6 +764,8 @@ impl Db {
             args.extend(task_types.iter().map(|t| t.clone().into()));
             args.push(json!(caps.models).to_string().into());
             args.push(json!(caps.labels).to_string().into());
+            args.push(worker_id.to_owned().into());
+            args.push((now as i64).into());
             args.push((n as i64).into());
             stmt.query_map(rusqlite::params_from_iter(args), |r| r.get(0))?
                 .collect::<rusqlite::Result<_>>()?
@@ -890,6 +904,37 @@ impl Db {
         let after = self.requeue_locked(&tx, &task, why, false, now)?;
         tx.commit()?;
         Ok(Some(after))
+    }
+
+    /// Releases a retryably rejected lease; its worker is not offered the task again
+    /// before `avoid_until`.
+    fn reject(&self, lease: &str, why: &str, avoid_until: u64, now: u64) -> Result<Option<Task>> {
+        let tx = begin(&self.conn)?;
+        let Some(task) = task_by_lease(&tx, lease)? else {
+            return Ok(None);
+        };
+        tx.exec("DELETE FROM avoid WHERE until <= ?1", params![now])?;
+        if let Some(w) = &task.worker_id {
+            tx.exec(
+                "INSERT OR REPLACE INTO avoid (task_id, worker_id, until) VALUES (?1, ?2, ?3)",
+                params![task.id, w, avoid_until],
+            )?;
+        }
+        let after = self.requeue_locked(&tx, &task, why, false, now)?;
+        tx.commit()?;
+        Ok(Some(after))
+    }
+
+    fn note_task_types(&self, task_types: &[String], now: u64) -> Result<()> {
+        let tx = begin(&self.conn)?;
+        for t in task_types {
+            tx.exec(
+                "INSERT INTO task_types (task_type, last_seen) VALUES (?1, ?2)
+                 ON CONFLICT (task_type) DO UPDATE SET last_seen = MAX(last_seen, ?2)",
+                params![t, now],
+            )?;
+        }
+        tx.commit()
     }
 
     /// Puts a running task back in the queue (or ends it: canceled when a cancel was
@@ -1273,6 +1318,34 @@ impl Queue for SqliteQueue {
     ) -> QueueFuture<'a, Option<Task>> {
         let (l, why) = (lease.to_owned(), why.to_owned());
         self.call(move |db| db.release(&l, &why, now))
+    }
+
+    fn reject<'a>(
+        &'a self,
+        lease: &'a str,
+        why: &'a str,
+        avoid_until: u64,
+        now: u64,
+    ) -> QueueFuture<'a, Option<Task>> {
+        let (l, why) = (lease.to_owned(), why.to_owned());
+        self.call(move |db| db.reject(&l, &why, avoid_until, now))
+    }
+
+    fn note_task_types<'a>(&'a self, task_types: &'a [String], now: u64) -> QueueFuture<'a, ()> {
+        let types = task_types.to_vec();
+        self.call(move |db| db.note_task_types(&types, now))
+    }
+
+    fn task_types_seen(&self, since: u64) -> QueueFuture<'_, Vec<String>> {
+        self.read(move |db| {
+            let mut stmt = db.conn.prepare_cached(
+                "SELECT task_type FROM task_types WHERE last_seen >= ?1 ORDER BY task_type",
+            )?;
+            let v = stmt
+                .query_map(params![since as i64], |r| r.get(0))?
+                .collect::<rusqlite::Result<Vec<String>>>()?;
+            Ok(v)
+        })
     }
 
     fn release_worker<'a>(

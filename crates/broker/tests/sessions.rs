@@ -1,7 +1,8 @@
 //! Worker sessions over channels: credits, fencing, resume without redelivery, restart
 //! with reassignment (the lost attempt counts; leases whose results survived in the outbox
 //! are kept), a gateway restart keeping what the worker
-//! runs or holds a result for, cancel replay, bad frames.
+//! runs or holds a result for, cancel replay, bad frames, a retryable reject that keeps the
+//! task from its worker for the back-off.
 
 #![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
 
@@ -561,4 +562,50 @@ async fn workers_with_different_models_each_get_only_their_own_tasks() {
     for w in [wa, wb] {
         w.drop_connection().await;
     }
+}
+
+fn reject(w: &mut TestWorker, lease: &str) {
+    w.send(Message::Reject(Reject {
+        lease: lease.into(),
+        reason: "out of memory".into(),
+        retryable: true,
+    }));
+}
+
+#[tokio::test]
+async fn a_retryable_reject_sends_the_task_elsewhere_then_back_after_the_back_off() {
+    let b = Broker::with_queue(
+        Arc::new(SqliteQueue::in_memory(3).unwrap()),
+        BrokerConfig {
+            reject_backoff: Duration::from_millis(800),
+            ..cfg()
+        },
+    );
+    let ids = submit(&b, 1).await;
+    let (mut w1, _) = TestWorker::connect(&b, "boot1", 1, None, vec![]).await;
+    let a = w1.assign().await;
+    w1.send(Message::Ack(Ack { seq: a.seq }));
+    reject(&mut w1, &a.tasks[0].lease);
+    // Not straight back to the worker that rejected it.
+    w1.nothing_for(400).await;
+    // Another worker that fits gets it at once.
+    let caps = Capabilities {
+        task_types: vec!["txt2img".into()],
+        ..Default::default()
+    };
+    let (mut w2, _) =
+        TestWorker::connect_as(&b, "w2", caps, "boot2", 1, None, vec![], vec![]).await;
+    let a2 = w2.assign().await;
+    assert_eq!(a2.tasks[0].task_id, ids[0]);
+    assert_eq!(a2.tasks[0].attempt, 1, "a retryable reject does not count");
+    // w2 rejects it too and leaves; once w1's back-off is over, w1 gets it again.
+    w2.send(Message::Ack(Ack { seq: a2.seq }));
+    reject(&mut w2, &a2.tasks[0].lease);
+    let again = tokio::time::timeout(Duration::from_secs(5), w1.assign())
+        .await
+        .expect("the task comes back to w1 after its back-off");
+    assert_eq!(again.tasks[0].task_id, ids[0]);
+    let attempts = b.queue().attempts(&ids[0]).await.unwrap();
+    assert_eq!(attempts.len(), 1, "{attempts:?}");
+    assert_eq!(attempts[0].worker_id, "w1");
 }

@@ -42,6 +42,11 @@ pub struct GatewayConfig {
     /// Default: 30 s.
     #[serde(with = "humantime_serde")]
     pub worker_offline_grace: Duration,
+    /// Tasks of a type some worker said hello with within this window are accepted while
+    /// no worker serving it is connected (they wait for it); 0 turns this off.
+    /// Default: 7 days.
+    #[serde(with = "humantime_serde")]
+    pub remember_task_types: Duration,
     /// Where uploaded and generated files are stored. Default: `./kiln-data/files`.
     pub files_dir: PathBuf,
     /// Base URL used in file URLs returned to clients; `None` means relative URLs
@@ -52,6 +57,8 @@ pub struct GatewayConfig {
     /// Where files are stored: the local `files_dir` or an S3-compatible bucket.
     /// Default: local.
     pub storage: crate::StorageConfig,
+    /// What `POST /v1/files` accepts: sizes, types, time. Default: see [`FilesConfig`].
+    pub files: FilesConfig,
     /// The OpenAI-compatible images API: models, providers, waits.
     /// Default: see [`crate::openai::OpenAiConfig`].
     pub openai: crate::openai::OpenAiConfig,
@@ -70,11 +77,91 @@ impl Default for GatewayConfig {
             queue_unknown_task_types: false,
             known_task_types: Vec::new(),
             worker_offline_grace: Duration::from_secs(30),
+            remember_task_types: Duration::from_secs(7 * 24 * 3600),
             files_dir: PathBuf::from("kiln-data/files"),
             public_base_url: None,
             cors_origins: Vec::new(),
             storage: crate::StorageConfig::default(),
+            files: FilesConfig::default(),
             openai: crate::openai::OpenAiConfig::default(),
         }
+    }
+}
+
+/// Settings of the files API (`POST /v1/files`, `GET /v1/files/{id}`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FilesConfig {
+    /// Largest file `POST /v1/files` accepts, bytes. Files other than JPEG, PNG, WebP and
+    /// GIF images stream to the storage and are never held in memory whole.
+    /// Default: 512 MiB.
+    pub max_bytes: u64,
+    /// Largest JPEG, PNG, WebP or GIF upload, bytes: images are checked (and compressed
+    /// when asked) in memory. Default: 32 MiB.
+    pub max_image_bytes: usize,
+    /// Content types accepted, matched against the type sniffed from the content:
+    /// `type/subtype`, `type/*` or `*/*`. Anything else gets 415. Default: `["*/*"]`.
+    pub allowed_types: Vec<String>,
+    /// Time limit of one upload, from the request to the stored file (instead of
+    /// `request_timeout`). Default: 10 min.
+    #[serde(with = "humantime_serde")]
+    pub upload_timeout: Duration,
+    /// Where uploads wait while they stream in (before they are renamed into
+    /// `files_dir` or sent to the bucket); files left there by a crash are removed at
+    /// start. `None`: `<files_dir>/.incoming`. Default: none.
+    pub spool_dir: Option<PathBuf>,
+}
+
+impl Default for FilesConfig {
+    fn default() -> Self {
+        Self {
+            max_bytes: 512 << 20,
+            max_image_bytes: 32 << 20,
+            allowed_types: vec!["*/*".to_owned()],
+            upload_timeout: Duration::from_secs(600),
+            spool_dir: None,
+        }
+    }
+}
+
+impl FilesConfig {
+    /// Checks the settings: sizes above zero, types of the form `type/subtype`,
+    /// `type/*` or `*/*`.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.max_bytes == 0 || self.max_image_bytes == 0 {
+            return Err("files.max_bytes and files.max_image_bytes must be above zero".into());
+        }
+        if self.allowed_types.is_empty() {
+            return Err("files.allowed_types is empty: nothing could be uploaded".into());
+        }
+        for t in &self.allowed_types {
+            let ok = match t.split_once('/') {
+                Some(("*", "*")) => true,
+                Some((a, b)) => {
+                    let name = |s: &str| {
+                        !s.is_empty()
+                            && s.bytes()
+                                .all(|c| c.is_ascii_alphanumeric() || b"!#$&-^_.+".contains(&c))
+                    };
+                    name(a) && (b == "*" || name(b))
+                }
+                None => false,
+            };
+            if !ok {
+                return Err(format!(
+                    "files.allowed_types: {t:?} is not `type/subtype`, `type/*` or `*/*`"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether `content_type` (lowercase, no parameters) is allowed.
+    pub fn allows(&self, content_type: &str) -> bool {
+        let top = content_type.split('/').next().unwrap_or("");
+        self.allowed_types.iter().any(|p| {
+            let p = p.to_ascii_lowercase();
+            p == "*/*" || p == content_type || p.strip_suffix("/*").is_some_and(|t| t == top)
+        })
     }
 }

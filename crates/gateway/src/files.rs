@@ -4,14 +4,19 @@ use axum::body::{Body, Bytes};
 use axum::extract::{FromRequest, Multipart, Path, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use bytes::BytesMut;
 use futures_util::StreamExt as _;
 use serde::{Deserialize, Serialize};
 
 use crate::AppState;
 use crate::error::{ApiError, ApiJson, ApiQuery};
+use crate::range::{self, Ranged};
+use crate::sniff::{SNIFF_BYTES, Sniffed, sniff};
+use crate::spool::Spool;
 use crate::store::FileMeta;
 
-/// Image types `POST /v1/files` accepts.
+/// Image types `POST /v1/files` checks (and compresses when asked); other types are
+/// stored as sent.
 pub(crate) const IMAGE_TYPES: &[&str] = &["image/jpeg", "image/png", "image/webp", "image/gif"];
 
 /// Optional compression of an uploaded image.
@@ -59,17 +64,18 @@ pub(crate) fn file_url(base: Option<&str>, id: &str) -> String {
     }
 }
 
-/// Upload a file: multipart with a `file` field, or a raw body with its Content-Type.
+/// Upload a file: the raw body with its Content-Type, or multipart with a `file` field.
+/// Either way the body streams to the storage; the type is sniffed from the content.
 #[utoipa::path(
     post, path = "/v1/files", tag = "files",
     params(UploadParams),
-    request_body(content_type = "multipart/form-data", description = "multipart with a `file` field, or the raw image with its Content-Type"),
+    request_body(content_type = "application/octet-stream", description = "the raw file with its Content-Type (any type within `files.max_bytes`), or multipart/form-data with a `file` field"),
     responses(
         (status = 201, body = FileObject),
         (status = 400, description = "malformed request"),
         (status = 413, description = "too large"),
-        (status = 415, description = "not an image type kiln accepts"),
-        (status = 422, description = "invalid parameter or undecodable image"),
+        (status = 415, description = "a content type `files.allowed_types` does not allow"),
+        (status = 422, description = "invalid parameter, empty file or undecodable image"),
     )
 )]
 pub(crate) async fn upload(
@@ -83,7 +89,19 @@ pub(crate) async fn upload(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_ascii_lowercase();
-    let (data, ctype) = if ctype.starts_with("multipart/form-data") {
+    let limit = state.config().files.max_bytes;
+    let declared_len = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let multipart = ctype.starts_with("multipart/form-data");
+    // A multipart body carries its boundaries and part headers beside the file.
+    let slack = if multipart { 64 << 10 } else { 0 };
+    if declared_len.is_some_and(|n| n > limit.saturating_add(slack)) {
+        return Err(too_large(limit));
+    }
+    let meta = if multipart {
         let mut mp = Multipart::from_request(req, &state)
             .await
             .map_err(|e| ApiError::malformed(e.body_text()))?;
@@ -91,24 +109,26 @@ pub(crate) async fn upload(
         while let Some(field) = mp
             .next_field()
             .await
-            .map_err(|e| multipart_error(e.status(), e.body_text()))?
+            .map_err(|e| multipart_error(e.status(), e.body_text(), limit))?
         {
             if field.name() == Some("file") {
                 let ct = field.content_type().unwrap_or("").to_ascii_lowercase();
-                let bytes = field
-                    .bytes()
-                    .await
-                    .map_err(|e| multipart_error(e.status(), e.body_text()))?;
-                found = Some((bytes, ct));
+                let body = Box::pin(
+                    field.map(|r| r.map_err(|e| multipart_error(e.status(), e.body_text(), limit))),
+                );
+                found = Some(receive(&state, body, &ct, &params).await?);
                 break;
             }
         }
         found.ok_or_else(|| ApiError::invalid("multipart body has no `file` field"))?
     } else {
-        let bytes = Bytes::from_request(req, &state).await?;
-        (bytes, ctype)
+        let body = Box::pin(
+            req.into_body()
+                .into_data_stream()
+                .map(|r| r.map_err(|e| ApiError::malformed(format!("the upload broke off: {e}")))),
+        );
+        receive(&state, body, &ctype, &params).await?
     };
-    let meta = store_image(&state, data, &ctype, params.max_bytes, params.max_dim).await?;
     let location = file_url(None, &meta.id);
     let obj = FileObject::new(meta, state.config().public_base_url.as_deref());
     let mut resp = (StatusCode::CREATED, ApiJson(obj)).into_response();
@@ -118,9 +138,129 @@ pub(crate) async fn upload(
     Ok(resp)
 }
 
-fn multipart_error(status: StatusCode, text: String) -> ApiError {
+fn too_large(limit: u64) -> ApiError {
+    ApiError::too_large(format!(
+        "the file is larger than the limit of {limit} bytes"
+    ))
+}
+
+/// Reads an upload's first bytes, decides its type, then either gathers an image in memory
+/// (checked and compressed like before) or streams anything else to the storage.
+async fn receive(
+    state: &AppState,
+    mut body: impl futures_util::Stream<Item = Result<Bytes, ApiError>> + Unpin,
+    declared: &str,
+    params: &UploadParams,
+) -> Result<FileMeta, ApiError> {
+    let cfg = &state.config().files;
+    let mut head = BytesMut::new();
+    let mut complete = false;
+    while head.len() < SNIFF_BYTES {
+        match body.next().await {
+            Some(chunk) => head.extend_from_slice(&chunk?),
+            None => {
+                complete = true;
+                break;
+            }
+        }
+    }
+    if head.len() as u64 > cfg.max_bytes {
+        return Err(too_large(cfg.max_bytes));
+    }
+    if head.is_empty() {
+        return Err(ApiError::invalid("the file is empty"));
+    }
+    let ct = content_type(declared, sniff(&head, complete))?;
+    if !cfg.allows(&ct) {
+        return Err(ApiError::unsupported_type(format!(
+            "content type {ct:?} (read from the content) is not accepted; allowed: {}",
+            cfg.allowed_types.join(", ")
+        )));
+    }
+    if IMAGE_TYPES.contains(&ct.as_str()) {
+        let limit = cfg
+            .max_image_bytes
+            .min(usize::try_from(cfg.max_bytes).unwrap_or(usize::MAX));
+        let too_big = || {
+            ApiError::too_large(format!(
+                "images are checked in memory and may be at most {limit} bytes"
+            ))
+        };
+        if head.len() > limit {
+            return Err(too_big());
+        }
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk?;
+            if head.len() + chunk.len() > limit {
+                return Err(too_big());
+            }
+            head.extend_from_slice(&chunk);
+        }
+        return store_image(state, head.freeze(), &ct, params.max_bytes, params.max_dim).await;
+    }
+    if params.max_bytes.is_some() || params.max_dim.is_some() {
+        return Err(ApiError::invalid(format!(
+            "max_bytes and max_dim apply to JPEG, PNG, WebP and GIF images; this file is {ct}"
+        )));
+    }
+    let mut spool = Spool::create(state.spool_dir())
+        .await
+        .map_err(|e| storage_error(e.into()))?;
+    spool
+        .write(&head)
+        .await
+        .map_err(|e| storage_error(e.into()))?;
+    drop(head);
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk?;
+        if spool.len() + chunk.len() as u64 > cfg.max_bytes {
+            return Err(too_large(cfg.max_bytes));
+        }
+        spool
+            .write(&chunk)
+            .await
+            .map_err(|e| storage_error(e.into()))?;
+    }
+    let spooled = spool.finish().await.map_err(|e| storage_error(e.into()))?;
+    let len = spooled.bytes;
+    let meta = state
+        .files()
+        .put_spooled(spooled, &ct)
+        .await
+        .map_err(storage_error)?;
+    state.metrics().bytes_uploaded.inc_by(len);
+    tracing::info!(message = "file stored", file_id = %meta.id, content_type = %ct, bytes = len, backend = state.files().backend().as_str(), store_ms = meta.store_ms);
+    Ok(meta)
+}
+
+/// The type recorded for an upload declared as `declared` whose first bytes sniffed as
+/// `sniffed`. The content wins when the sniffer recognises it; otherwise the declared type
+/// is kept, except that a declared image must be an image (422) and a declared text or
+/// JSON type must be text (else `application/octet-stream`).
+fn content_type(declared: &str, sniffed: Sniffed) -> Result<String, ApiError> {
+    let d = declared.split(';').next().unwrap_or("").trim();
+    let d = if d == "image/jpg" { "image/jpeg" } else { d };
+    let generic = d.is_empty()
+        || d == "application/octet-stream"
+        || d.starts_with("multipart/")
+        || !d.contains('/');
+    let textual = d.starts_with("text/") || d.ends_with("json") || d.ends_with("+xml");
+    match sniffed {
+        Sniffed::Known(t) => Ok(t.to_owned()),
+        _ if IMAGE_TYPES.contains(&d) => Err(ApiError::invalid(format!(
+            "not a valid {d} image: the content is not a JPEG, PNG, WebP or GIF image"
+        ))),
+        Sniffed::Json if generic => Ok("application/json".to_owned()),
+        Sniffed::Text if generic => Ok("text/plain".to_owned()),
+        Sniffed::Json | Sniffed::Text => Ok(d.to_owned()),
+        Sniffed::Binary if generic || textual => Ok("application/octet-stream".to_owned()),
+        Sniffed::Binary => Ok(d.to_owned()),
+    }
+}
+
+fn multipart_error(status: StatusCode, text: String, limit: u64) -> ApiError {
     if status == StatusCode::PAYLOAD_TOO_LARGE {
-        ApiError::too_large("file exceeds the configured body limit")
+        too_large(limit)
     } else {
         ApiError::malformed(format!("malformed multipart body: {text}"))
     }
@@ -173,43 +313,102 @@ pub(crate) fn storage_error(e: crate::StorageError) -> ApiError {
     }
 }
 
-/// Download a file.
+/// Download a file, or one byte range of it (`Range: bytes=a-b`, `a-`, `-n`).
 #[utoipa::path(
     get, path = "/v1/files/{id}", tag = "files",
     params(("id" = String, Path, description = "file id")),
-    responses((status = 200, description = "the file's bytes"), (status = 404, description = "unknown id"))
+    responses(
+        (status = 200, description = "the file's bytes"),
+        (status = 206, description = "the requested range, with Content-Range"),
+        (status = 404, description = "unknown id"),
+        (status = 416, description = "the range lies outside the file"),
+    )
 )]
 pub(crate) async fn download(
     State(state): State<AppState>,
     Path(id): Path<String>,
+    req_headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let Some((meta, content)) = state
+    let missing = || ApiError::not_found(format!("no file {id}"));
+    let meta = state
         .files()
-        .open_content(&id)
+        .meta(&id)
         .await
         .map_err(storage_error)?
-    else {
-        return Err(ApiError::not_found(format!("no file {id}")));
-    };
+        .ok_or_else(missing)?;
+    let etag = format!("\"{}\"", meta.sha256);
+    let header_str = |name: header::HeaderName| req_headers.get(name).and_then(|v| v.to_str().ok());
+    let ranged = range::parse(
+        header_str(header::RANGE),
+        header_str(header::IF_RANGE),
+        &etag,
+        meta.bytes,
+    );
     let mut headers = HeaderMap::new();
     if let Ok(v) = meta.content_type.parse() {
         headers.insert(header::CONTENT_TYPE, v);
     }
-    headers.insert(header::CONTENT_LENGTH, meta.bytes.into());
-    if let Ok(v) = format!("\"{}\"", meta.sha256).parse() {
+    if let Ok(v) = etag.parse() {
         headers.insert(header::ETAG, v);
+    }
+    headers.insert(
+        header::ACCEPT_RANGES,
+        header::HeaderValue::from_static("bytes"),
+    );
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        header::HeaderValue::from_static("nosniff"),
+    );
+    if active_content(&meta.content_type) {
+        // Uploaded HTML or SVG must not run scripts with the API's origin.
+        headers.insert(
+            header::CONTENT_SECURITY_POLICY,
+            header::HeaderValue::from_static("sandbox"),
+        );
     }
     if let Ok(v) = "private, max-age=31536000, immutable".parse() {
         headers.insert(header::CACHE_CONTROL, v);
     }
+    let (status, start, len) = match ranged {
+        Ranged::Full => (StatusCode::OK, 0, meta.bytes),
+        Ranged::Part { start, end } => {
+            if let Ok(v) = format!("bytes {start}-{end}/{}", meta.bytes).parse() {
+                headers.insert(header::CONTENT_RANGE, v);
+            }
+            (StatusCode::PARTIAL_CONTENT, start, end - start + 1)
+        }
+        Ranged::Unsatisfiable => {
+            let mut resp = ApiError::new(
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                "range_not_satisfiable",
+                format!("the range lies outside the file of {} bytes", meta.bytes),
+            )
+            .into_response();
+            if let Ok(v) = format!("bytes */{}", meta.bytes).parse() {
+                resp.headers_mut().insert(header::CONTENT_RANGE, v);
+            }
+            return Ok(resp);
+        }
+    };
+    headers.insert(header::CONTENT_LENGTH, len.into());
+    let content = state
+        .files()
+        .open_range(&meta, start, len)
+        .await
+        .map_err(storage_error)?
+        .ok_or_else(missing)?;
     let file_id = meta.id.clone();
     let content = content.inspect(move |r| {
         if let Err(e) = r {
             tracing::error!(message = "file download broke off", file_id = %file_id, error = %e);
         }
     });
-    let body = Body::from_stream(content);
-    Ok((headers, body).into_response())
+    Ok((status, headers, Body::from_stream(content)).into_response())
+}
+
+/// Types a browser would run scripts in.
+fn active_content(ct: &str) -> bool {
+    ct.contains("html") || ct.contains("xml") || ct.contains("javascript")
 }
 
 /// Delete a file.

@@ -35,7 +35,10 @@ mod metrics;
 pub mod openai;
 mod openapi;
 mod overview;
+mod range;
 mod s3store;
+mod sniff;
+mod spool;
 mod storage;
 mod store;
 mod tasks;
@@ -58,7 +61,7 @@ use kiln_broker::Broker;
 use tokio::sync::watch;
 
 pub use auth::{BadHash, SecretSet, hash_secret};
-pub use config::GatewayConfig;
+pub use config::{FilesConfig, GatewayConfig};
 pub use error::ApiError;
 pub use kiln_broker::BrokerConfig;
 pub use metrics::{HistogramFamily, Metrics};
@@ -77,6 +80,7 @@ struct Inner {
     config: GatewayConfig,
     broker: Arc<Broker>,
     files: FileStorage,
+    spool_dir: std::path::PathBuf,
     metrics: Metrics,
     images: images::ImagePrep,
     api_keys: SecretSet,
@@ -123,6 +127,12 @@ impl AppState {
         let worker_tokens = SecretSet::from_hashes(&tokens)?;
         let metrics = Metrics::new();
         let files = FileStorage::open(&config, &metrics).await?;
+        let spool_dir = config
+            .files
+            .spool_dir
+            .clone()
+            .unwrap_or_else(|| config.files_dir.join(".incoming"));
+        spool::prepare(&spool_dir).await?;
         let limiter = auth::RateLimiter::new(config.rate_limit_per_minute, config.rate_limit_burst);
         let (shutdown, _) = watch::channel(false);
         let events = broker.subscribe();
@@ -131,6 +141,7 @@ impl AppState {
                 config,
                 broker,
                 files,
+                spool_dir,
                 metrics,
                 images: images::ImagePrep::default(),
                 api_keys,
@@ -168,6 +179,10 @@ impl AppState {
     pub(crate) fn images(&self) -> &images::ImagePrep {
         &self.inner.images
     }
+    /// Where uploads wait while they stream in.
+    pub(crate) fn spool_dir(&self) -> &std::path::Path {
+        &self.inner.spool_dir
+    }
 
     /// Starts shutting down: readiness turns 503, SSE streams end, workers are drained.
     pub fn begin_shutdown(&self) {
@@ -193,7 +208,6 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/tasks", post(tasks::create).get(tasks::list))
         .route("/v1/tasks/{id}", get(tasks::get_one))
         .route("/v1/tasks/{id}/cancel", post(tasks::cancel))
-        .route("/v1/files", post(files::upload))
         .route("/v1/files/{id}", get(files::download).delete(files::delete))
         .route("/v1/workers", get(workers::list))
         .route("/v1/workers/{id}/drain", post(workers::drain))
@@ -202,6 +216,14 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/queue", get(overview::queue))
         .route("/v1/queue/throughput", get(overview::throughput))
         .layer(middleware::from_fn_with_state(timeout, time_limit));
+    // Uploads: any size up to `files.max_bytes`, streamed, under their own time limit.
+    let uploads = Router::new()
+        .route("/v1/files", post(files::upload))
+        .layer(axum::extract::DefaultBodyLimit::disable())
+        .layer(middleware::from_fn_with_state(
+            state.config().files.upload_timeout,
+            time_limit,
+        ));
     // Long-lived: SSE and the worker socket.
     let streams = Router::new()
         .route("/v1/tasks/{id}/events", get(events::stream))
@@ -209,6 +231,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/events", get(overview::events));
     let app = Router::new()
         .merge(api)
+        .merge(uploads)
         .merge(streams)
         .merge(openai::routes(&state))
         .layer(middleware::from_fn_with_state(state.clone(), auth_layer))

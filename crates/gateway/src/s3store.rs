@@ -101,6 +101,29 @@ impl S3Store {
         }
     }
 
+    /// Uploads a complete upload from its file (multipart above the threshold, every
+    /// part read from the file), then the metadata; the file is removed afterwards.
+    pub(crate) async fn put_spooled(
+        &self,
+        mut meta: FileMeta,
+        spooled: crate::spool::Spooled,
+    ) -> Result<FileMeta, StorageError> {
+        let started = Instant::now();
+        let payload = Payload::File {
+            path: spooled.path.path().to_owned(),
+            offset: 0,
+            len: spooled.bytes,
+        };
+        let content = UploadFile::new(payload, &meta.id, &meta.content_type);
+        self.client.upload(&self.target, &content).await?;
+        drop(spooled);
+        meta.store_ms = Some(started.elapsed().as_millis() as u64);
+        let json = serde_json::to_vec(&meta).map_err(|e| StorageError::Config(e.to_string()))?;
+        let sidecar = UploadFile::new(json, format!("{}.json", meta.id), "application/json");
+        self.client.upload(&self.target, &sidecar).await?;
+        Ok(meta)
+    }
+
     /// The metadata and the content as a stream. The first chunk is fetched before this
     /// returns, so a missing object is a `None` (404), not a broken response.
     pub(crate) async fn open_content(
@@ -110,8 +133,27 @@ impl S3Store {
         let Some(meta) = self.meta(id).await? else {
             return Ok(None);
         };
+        let bytes = meta.bytes;
+        Ok(self
+            .open_range(&meta, 0, bytes)
+            .await?
+            .map(|stream| (meta, stream)))
+    }
+
+    /// `len` bytes from `start` as a stream of ranged GETs of `download_chunk_bytes`. The
+    /// first chunk is fetched before this returns (a missing object is `None`); a read of
+    /// the whole object is checked against the stored SHA-256 at its end.
+    pub(crate) async fn open_range(
+        &self,
+        meta: &FileMeta,
+        start: u64,
+        len: u64,
+    ) -> Result<Option<ContentStream>, StorageError> {
+        let id = &meta.id;
+        let end = start.saturating_add(len).min(meta.bytes);
+        let whole = start == 0 && end == meta.bytes;
         let key = self.target.key_for(id);
-        let first = match self.chunk_at(&meta, &key, 0).await {
+        let first = match self.chunk_at(meta, &key, start, end).await {
             Ok(b) => b,
             Err(StorageError::S3(e)) if e.status() == Some(404) => {
                 tracing::warn!(message = "file metadata without content in the bucket", file_id = %id, bucket = %self.bucket);
@@ -121,15 +163,15 @@ impl S3Store {
         };
         let mut hasher = Sha256::new();
         hasher.update(&first);
-        let offset = first.len() as u64;
+        let offset = start + first.len() as u64;
         let this = self.clone();
         let m = meta.clone();
         let rest = futures_util::stream::try_unfold((offset, hasher), move |(offset, hasher)| {
             let (this, meta, key) = (this.clone(), m.clone(), key.clone());
             async move {
-                if offset >= meta.bytes {
+                if offset >= end {
                     let got = hex::encode(hasher.finalize());
-                    if got != meta.sha256 {
+                    if whole && got != meta.sha256 {
                         return Err(StorageError::Corrupt {
                             id: meta.id.clone(),
                             why: format!("content SHA-256 is {got}, metadata says {}", meta.sha256),
@@ -137,7 +179,7 @@ impl S3Store {
                     }
                     return Ok(None);
                 }
-                let chunk = this.chunk_at(&meta, &key, offset).await?;
+                let chunk = this.chunk_at(&meta, &key, offset, end).await?;
                 let mut hasher = hasher;
                 hasher.update(&chunk);
                 let next = offset + chunk.len() as u64;
@@ -148,7 +190,7 @@ impl S3Store {
             .chain(rest)
             .filter(|r| std::future::ready(!matches!(r, Ok(b) if b.is_empty())))
             .boxed();
-        Ok(Some((meta, stream)))
+        Ok(Some(stream))
     }
 
     /// The chunk at `offset`, checked to be exactly as long as asked.
@@ -157,8 +199,9 @@ impl S3Store {
         meta: &FileMeta,
         key: &str,
         offset: u64,
+        end: u64,
     ) -> Result<Bytes, StorageError> {
-        let len = self.chunk.min(meta.bytes.saturating_sub(offset));
+        let len = self.chunk.min(end.saturating_sub(offset));
         if len == 0 {
             return Ok(Bytes::new());
         }

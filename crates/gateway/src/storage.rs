@@ -157,6 +157,51 @@ impl FileStorage {
         }
     }
 
+    /// Stores a complete upload (see [`crate::spool`]) of type `content_type` under a new
+    /// id: renamed into the directory, or uploaded to the bucket from the file (multipart
+    /// above the threshold, parts read from the file) and then removed.
+    pub(crate) async fn put_spooled(
+        &self,
+        spooled: crate::spool::Spooled,
+        content_type: &str,
+    ) -> Result<FileMeta, StorageError> {
+        let meta = FileMeta {
+            id: format!("file_{}", uuid::Uuid::new_v4().simple()),
+            content_type: content_type.to_owned(),
+            bytes: spooled.bytes,
+            width: None,
+            height: None,
+            sha256: spooled.sha256.clone(),
+            created_at: kiln_protocol::now_ms(),
+            compress_ms: None,
+            store_ms: None,
+        };
+        match self {
+            FileStorage::Local(s) => Ok(s.put_spooled(meta, spooled).await?),
+            FileStorage::S3(s) => s.put_spooled(meta, spooled).await,
+        }
+    }
+
+    /// `len` bytes of the content of the file `meta` describes, from byte `start`
+    /// (`start + len` at most `meta.bytes`). `None` when the content is missing. A read of
+    /// the whole file from S3 is checked against the stored SHA-256.
+    pub(crate) async fn open_range(
+        &self,
+        meta: &FileMeta,
+        start: u64,
+        len: u64,
+    ) -> Result<Option<ContentStream>, StorageError> {
+        use tokio::io::AsyncReadExt as _;
+        match self {
+            FileStorage::Local(s) => Ok(s.open_at(&meta.id, start).await?.map(|f| {
+                tokio_util::io::ReaderStream::with_capacity(f.take(len), 64 << 10)
+                    .map(|r| r.map_err(StorageError::from))
+                    .boxed()
+            })),
+            FileStorage::S3(s) => s.open_range(meta, start, len).await,
+        }
+    }
+
     /// The metadata of `id`, if stored.
     pub async fn meta(&self, id: &str) -> Result<Option<FileMeta>, StorageError> {
         match self {

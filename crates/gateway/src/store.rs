@@ -107,6 +107,47 @@ impl FileStore {
         Ok(meta)
     }
 
+    /// Moves a complete upload (a synced file in a directory on the same file system) into
+    /// place under `meta.id`, then writes the sidecar.
+    pub(crate) async fn put_spooled(
+        &self,
+        mut meta: FileMeta,
+        spooled: crate::spool::Spooled,
+    ) -> std::io::Result<FileMeta> {
+        if !valid_file_id(&meta.id) {
+            return Err(std::io::Error::other(format!("bad file id {:?}", meta.id)));
+        }
+        let started = std::time::Instant::now();
+        tokio::fs::rename(spooled.path.path(), self.dir.join(&meta.id)).await?;
+        spooled.path.keep();
+        meta.store_ms = Some(started.elapsed().as_millis() as u64);
+        let json = serde_json::to_vec(&meta).map_err(std::io::Error::other)?;
+        write_atomic(&self.dir.join(format!("{}.json", meta.id)), &json).await?;
+        Ok(meta)
+    }
+
+    /// The content of `id` from byte `start` on, for streaming.
+    pub(crate) async fn open_at(
+        &self,
+        id: &str,
+        start: u64,
+    ) -> std::io::Result<Option<tokio::fs::File>> {
+        use tokio::io::AsyncSeekExt as _;
+        if !valid_file_id(id) {
+            return Ok(None);
+        }
+        match tokio::fs::File::open(self.dir.join(id)).await {
+            Ok(mut f) => {
+                if start > 0 {
+                    f.seek(std::io::SeekFrom::Start(start)).await?;
+                }
+                Ok(Some(f))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// The metadata of `id`, if stored.
     pub async fn meta(&self, id: &str) -> std::io::Result<Option<FileMeta>> {
         if !valid_file_id(id) {

@@ -244,24 +244,7 @@ pub(crate) async fn create(
             "labels: at most {MAX_LABELS}, each 1 to 128 visible ASCII characters"
         )));
     }
-    let cfg = state.config();
-    let known = cfg.queue_unknown_task_types
-        || cfg.known_task_types.iter().any(|t| t == tt)
-        || state
-            .broker()
-            .can_serve(tt, body.model.as_deref(), &body.labels);
-    if !known {
-        let routed = match (&body.model, body.labels.is_empty()) {
-            (None, true) => String::new(),
-            (Some(m), true) => format!(" with model {m:?}"),
-            (None, false) => format!(" with labels {:?}", body.labels),
-            (Some(m), false) => format!(" with model {m:?} and labels {:?}", body.labels),
-        };
-        return Err(ApiError::invalid(format!(
-            "no worker serves task type {tt:?}{routed} (connected workers serve: {})",
-            served_types(&state).join(", ")
-        )));
-    }
+    accepts_type(&state, tt, body.model.as_deref(), &body.labels).await?;
     if body.deadline_s == Some(0) {
         return Err(ApiError::invalid("deadline_s must be above zero"));
     }
@@ -300,14 +283,68 @@ pub(crate) async fn create(
     Ok(resp)
 }
 
-fn served_types(state: &AppState) -> Vec<String> {
+/// Whether a task of type `tt` may be queued: a connected worker fits it, or its type is
+/// declared (`known_task_types`), or some worker served it within `remember_task_types`,
+/// or `queue_unknown_task_types` is on. Otherwise 422 saying how to declare it.
+async fn accepts_type(
+    state: &AppState,
+    tt: &str,
+    model: Option<&str>,
+    labels: &[String],
+) -> Result<(), ApiError> {
+    let cfg = state.config();
+    if cfg.queue_unknown_task_types
+        || cfg.known_task_types.iter().any(|t| t == tt)
+        || state.broker().can_serve(tt, model, labels)
+    {
+        return Ok(());
+    }
+    let window = cfg.remember_task_types;
+    if !window.is_zero()
+        && state
+            .broker()
+            .task_type_seen(tt, window)
+            .await
+            .map_err(queue_error)?
+    {
+        return Ok(());
+    }
+    let connected = connected_types(state);
+    let served = if connected.is_empty() {
+        "no worker is connected".to_owned()
+    } else {
+        format!("connected workers serve: {}", connected.join(", "))
+    };
+    let routed = match (model, labels.is_empty()) {
+        (None, true) => String::new(),
+        (Some(m), true) => format!(" with model {m:?}"),
+        (None, false) => format!(" with labels {labels:?}"),
+        (Some(m), false) => format!(" with model {m:?} and labels {labels:?}"),
+    };
+    let remembered = if window.is_zero() {
+        String::new()
+    } else {
+        format!(
+            ", and no worker serving it connected in the last {}",
+            humantime::format_duration(window)
+        )
+    };
+    Err(ApiError::invalid(format!(
+        "unknown task type {tt:?}{routed}: it is not declared{remembered} ({served}). \
+         To queue such tasks while their workers are offline, declare the type: \
+         gateway.known_task_types = [{tt:?}] in the config file, or \
+         KILN_GATEWAY__KNOWN_TASK_TYPES={tt} in the environment"
+    )))
+}
+
+/// Task types of the workers connected to this instance.
+fn connected_types(state: &AppState) -> Vec<String> {
     let mut v: Vec<String> = state
         .broker()
         .workers()
         .into_iter()
         .filter(|w| w.connected)
         .flat_map(|w| w.capabilities.task_types)
-        .chain(state.config().known_task_types.iter().cloned())
         .collect();
     v.sort();
     v.dedup();

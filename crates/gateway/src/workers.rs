@@ -2,7 +2,7 @@
 
 use axum::extract::ws::{CloseFrame, Message as WsMessage, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use futures_util::{SinkExt, StreamExt};
 use kiln_broker::WorkerInfo;
@@ -13,9 +13,12 @@ use crate::error::{ApiError, ApiJson};
 
 /// Connect a worker (WebSocket, subprotocol `kiln.v1`; see docs/PROTOCOL.md).
 #[utoipa::path(get, path = "/v1/workers/connect", tag = "workers",
-    responses((status = 101, description = "switching to the kiln.v1 WebSocket protocol"), (status = 401, description = "bad worker token")))]
+    responses((status = 101, description = "switching to the kiln.v1 WebSocket protocol"),
+        (status = 400, description = "not a WebSocket upgrade, or `Sec-WebSocket-Protocol` does not offer kiln.v1"),
+        (status = 401, description = "bad worker token")))]
 pub(crate) async fn connect(
     State(state): State<AppState>,
+    headers: HeaderMap,
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Response {
     let ws = match ws {
@@ -25,6 +28,17 @@ pub(crate) async fn connect(
                 .into_response();
         }
     };
+    if !offers_subprotocol(&headers) {
+        return ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "subprotocol_required",
+            format!(
+                "the worker protocol needs `Sec-WebSocket-Protocol: {}` on the upgrade request",
+                kiln_protocol::SUBPROTOCOL
+            ),
+        )
+        .into_response();
+    }
     if state.shutting_down() {
         return ApiError::unavailable("the gateway is shutting down").into_response();
     }
@@ -33,6 +47,16 @@ pub(crate) async fn connect(
         .max_message_size(max)
         .max_frame_size(max)
         .on_upgrade(move |socket| run(state, socket))
+}
+
+/// Whether the upgrade request offers `kiln.v1` among its subprotocols.
+fn offers_subprotocol(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|p| p.trim() == kiln_protocol::SUBPROTOCOL)
 }
 
 async fn run(state: AppState, socket: WebSocket) {

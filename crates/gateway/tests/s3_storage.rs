@@ -51,8 +51,11 @@ fn storage(moto: &Moto, bucket: &str, create: bool) -> StorageConfig {
 async fn gateway(storage: StorageConfig) -> (AppState, axum::Router) {
     let queue = std::sync::Arc::new(SqliteQueue::in_memory(3).unwrap());
     let broker = Broker::with_queue(queue, BrokerConfig::default());
+    // Uploads other than images wait in a spool directory of their own while they stream.
+    let files_dir = tempfile::tempdir().unwrap().keep();
     let config = GatewayConfig {
         storage,
+        files_dir,
         max_body_bytes: 16 << 20,
         ..GatewayConfig::default()
     };
@@ -83,9 +86,23 @@ async fn call(
     ct: Option<&str>,
     body: Vec<u8>,
 ) -> Resp {
+    call_with(app, method, uri, ct, body, &[]).await
+}
+
+async fn call_with(
+    app: &mut axum::Router,
+    method: &str,
+    uri: &str,
+    ct: Option<&str>,
+    body: Vec<u8>,
+    headers: &[(&str, &str)],
+) -> Resp {
     let mut req = Request::builder().method(method).uri(uri);
     if let Some(ct) = ct {
         req = req.header("content-type", ct);
+    }
+    for (k, v) in headers {
+        req = req.header(*k, *v);
     }
     let resp = app.call(req.body(Body::from(body)).unwrap()).await.unwrap();
     let (parts, body) = resp.into_parts();
@@ -295,6 +312,83 @@ async fn multipart_put_and_damaged_objects() {
         .unwrap();
     let g = call(&mut app, "GET", &format!("/v1/files/{sid}"), None, vec![]).await;
     assert_eq!(g.status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_video_streams_into_the_bucket_from_a_file_and_back_in_ranges() {
+    let Some(moto) = Moto::start() else { return };
+    let (state, mut app) = gateway(storage(&moto, "kiln-video", true)).await;
+    // 12 MB of MP4-like bytes: above the 5 MiB multipart threshold, parts read from the
+    // spooled file.
+    let mut video = b"\0\0\0\x20ftypisom\0\0\x02\0isomiso2avc1mp41".to_vec();
+    let mut x = 0x2545_F491_4F6C_DD1Du64;
+    while video.len() < 12 << 20 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        video.extend_from_slice(&x.to_le_bytes());
+    }
+    let n = video.len();
+    let r = call(
+        &mut app,
+        "POST",
+        "/v1/files",
+        Some("application/octet-stream"),
+        video.clone(),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+    assert_eq!(r.json()["content_type"], "video/mp4");
+    let id = r.json()["id"].as_str().unwrap().to_owned();
+    // The object's last bytes, read from the bucket directly.
+    let (s3, client) = direct(&moto, "kiln-video");
+    let tail = s3
+        .get_object_range(&client, &format!("kiln/files/{id}"), n as u64 - 4096, 4096)
+        .await
+        .unwrap();
+    assert!(tail.as_ref() == &video[n - 4096..], "bucket object differs");
+    let spool = state.config().files_dir.join(".incoming");
+    assert!(
+        std::fs::read_dir(spool).unwrap().next().is_none(),
+        "spooled file left behind"
+    );
+
+    let g = call(&mut app, "GET", &format!("/v1/files/{id}"), None, vec![]).await;
+    assert_eq!(g.status, StatusCode::OK);
+    assert_eq!(g.headers["accept-ranges"], "bytes");
+    assert!(g.bytes() == video.as_slice(), "download differs");
+    // Ranges that cross the 64 KiB chunks of the ranged GETs, and the tail.
+    for (range, start, end) in [
+        ("bytes=100000-300000", 100_000, 300_000),
+        ("bytes=-10", n - 10, n - 1),
+        (&*format!("bytes={}-", n - 70_000), n - 70_000, n - 1),
+    ] {
+        let g = call_with(
+            &mut app,
+            "GET",
+            &format!("/v1/files/{id}"),
+            None,
+            vec![],
+            &[("range", range)],
+        )
+        .await;
+        assert_eq!(g.status, StatusCode::PARTIAL_CONTENT, "{range}");
+        assert_eq!(
+            g.headers["content-range"],
+            format!("bytes {start}-{end}/{n}").as_str()
+        );
+        assert!(g.bytes() == &video[start..=end], "{range}: wrong bytes");
+    }
+    let g = call_with(
+        &mut app,
+        "GET",
+        &format!("/v1/files/{id}"),
+        None,
+        vec![],
+        &[("range", &format!("bytes={n}-"))],
+    )
+    .await;
+    assert_eq!(g.status, StatusCode::RANGE_NOT_SATISFIABLE);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

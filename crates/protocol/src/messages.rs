@@ -169,7 +169,9 @@ pub enum ResultStatus {
     Ok,
     /// Failed.
     Error,
-    /// Stopped after a `cancel`.
+    /// Stopped after a `cancel`. Sent as `canceled` (the spelling of the task status);
+    /// `cancelled` is accepted too.
+    #[serde(rename = "canceled", alias = "cancelled")]
     Cancelled,
 }
 
@@ -222,7 +224,7 @@ pub struct ResultAck {
     pub reason: Option<String>,
 }
 
-/// `cancel` (gateway -> worker): stop this lease and answer `result{cancelled}`.
+/// `cancel` (gateway -> worker): stop this lease and answer `result{canceled}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Cancel {
     /// Per-session control sequence number.

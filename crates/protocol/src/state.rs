@@ -14,7 +14,8 @@ pub enum TaskState {
     Succeeded,
     /// Failed for good (including past its maximum attempts: dead-lettered).
     Failed,
-    /// Canceled by a client.
+    /// Canceled by a client. `cancelled` is accepted as input too.
+    #[serde(alias = "cancelled")]
     Canceled,
     /// Its deadline passed before it finished.
     Expired,
@@ -38,14 +39,14 @@ impl TaskState {
         }
     }
 
-    /// Parses the lowercase name.
+    /// Parses the lowercase name (`cancelled` is read as `canceled`).
     pub fn parse(s: &str) -> Option<Self> {
         Some(match s {
             "queued" => TaskState::Queued,
             "running" => TaskState::Running,
             "succeeded" => TaskState::Succeeded,
             "failed" => TaskState::Failed,
-            "canceled" => TaskState::Canceled,
+            "canceled" | "cancelled" => TaskState::Canceled,
             "expired" => TaskState::Expired,
             _ => return None,
         })

@@ -119,3 +119,28 @@ fn legacy_result_slot_fills_the_output() {
         other => panic!("{other:?}"),
     }
 }
+
+#[test]
+fn canceled_is_sent_and_both_spellings_are_read() {
+    let frame = |status: &str| {
+        format!(
+            r#"{{"type":"result","version":"1","ts":1,"payload":{{"lease":"l-1","status":"{status}"}}}}"#
+        )
+    };
+    for spelling in ["canceled", "cancelled"] {
+        let env = Envelope::decode(&frame(spelling), 1024).unwrap();
+        let Message::Result(r) = &env.message else {
+            panic!("{:?}", env.message)
+        };
+        assert_eq!(r.status, kiln_protocol::messages::ResultStatus::Cancelled);
+        assert!(
+            env.encode().contains(r#""status":"canceled""#),
+            "{}",
+            env.encode()
+        );
+    }
+    assert_eq!(
+        kiln_protocol::TaskState::parse("cancelled"),
+        Some(kiln_protocol::TaskState::Canceled)
+    );
+}

@@ -654,6 +654,44 @@ impl Queue for RedisQueue {
         })
     }
 
+    fn reject<'a>(
+        &'a self,
+        lease: &'a str,
+        why: &'a str,
+        avoid_until: u64,
+        now: u64,
+    ) -> QueueFuture<'a, Option<Task>> {
+        Box::pin(async move {
+            let args = vec![
+                lease.to_owned(),
+                why.to_owned(),
+                now.to_string(),
+                avoid_until.to_string(),
+            ];
+            let mut r = self.run("reject", args).await?;
+            match r.next() {
+                Some(v) => task_from(v),
+                None => Ok(None),
+            }
+        })
+    }
+
+    fn note_task_types<'a>(&'a self, task_types: &'a [String], now: u64) -> QueueFuture<'a, ()> {
+        Box::pin(async move {
+            let mut args = vec![now.to_string()];
+            args.extend(task_types.iter().cloned());
+            self.run("note_types", args).await.map(|_| ())
+        })
+    }
+
+    fn task_types_seen(&self, since: u64) -> QueueFuture<'_, Vec<String>> {
+        Box::pin(async move {
+            let mut r = self.run("types_seen", vec![since.to_string()]).await?;
+            let v = array(r.next().ok_or_else(|| corrupt("types_seen"))?)?;
+            Ok(v.iter().filter_map(text).collect())
+        })
+    }
+
     fn release_worker<'a>(
         &'a self,
         worker_id: &'a str,

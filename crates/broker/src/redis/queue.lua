@@ -128,6 +128,25 @@ local function drop_entry(t)
     unset(t, 'stream', 'entry')
   end
 end
+-- Parks a task just queued again while some worker it avoids still waits out its back-off
+-- (see `promote`); forgets the avoidances that are over.
+local function park_if_avoided(t, now)
+  local av = key('avoid', t.id)
+  local last = 0
+  local h = redis.call('HGETALL', av)
+  for i = 1, #h, 2 do
+    local u = tonumber(h[i + 1])
+    if u > tonumber(now) then
+      if u > last then last = u end
+    else
+      redis.call('HDEL', av, h[i])
+    end
+  end
+  if last > 0 then
+    drop_entry(t)
+    redis.call('ZADD', key('parked'), last, t.id)
+  end
+end
 local function off_worker(t)
   redis.call('ZREM', key('running'), t.id)
   if t.worker_id then redis.call('SREM', key('worker', t.worker_id), t.id) end
@@ -150,6 +169,8 @@ local function finish(t, now)
   unset(t, 'lease', 'lease_expires_at', 'not_before')
   redis.call('ZREM', key('deadlines'), t.id)
   redis.call('ZREM', key('delayed'), t.id)
+  redis.call('ZREM', key('parked'), t.id)
+  redis.call('DEL', key('avoid', t.id))
 end
 local function dead(t, now)
   redis.call('XADD', key('dead'), 'MAXLEN', '~', NOTIFY_MAX, '*', 'task', t.id, 'error',
@@ -172,6 +193,7 @@ local function requeue(t, why, counted, now)
     if not counted then set(t, 'attempt', tostring(tonumber(t.attempt) - 1)) end
     unset(t, 'lease', 'worker_id', 'lease_expires_at', 'not_before')
     push_ready(t)
+    park_if_avoided(t, now)
   end
   if t.state == 'queued' then
     event(t.id, 'status', status_data(t), now)
@@ -179,6 +201,10 @@ local function requeue(t, why, counted, now)
     terminal_event(t, now)
   end
 end
+-- A task a worker rejected retryably is `parked` (park_if_avoided): queued, with no stream
+-- entry, scored by the time its last avoidance ends; `avoid:{id}` maps each rejecting worker
+-- to its time. `reserve` offers parked tasks to the workers they do not avoid; once every
+-- avoidance is over the task goes back to its stream for everyone.
 local function promote(now)
   for _, id in ipairs(redis.call('ZRANGEBYSCORE', key('delayed'), '-inf', now)) do
     redis.call('ZREM', key('delayed'), id)
@@ -187,6 +213,12 @@ local function promote(now)
       unset(t, 'not_before')
       push_ready(t)
     end
+  end
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', key('parked'), '-inf', now)) do
+    redis.call('ZREM', key('parked'), id)
+    redis.call('DEL', key('avoid', id))
+    local t = load(id)
+    if t and t.state == 'queued' and not t.entry then push_ready(t) end
   end
 end
 local function reply(...)
@@ -264,22 +296,65 @@ elseif op == 'reserve' then
       end
     end
   end
+  -- Parked tasks this worker did not reject (or whose avoidance ended) and fits.
+  local types = {}
+  for i = 1, nt do types[A[5 + i]] = true end
+  for _, id in ipairs(redis.call('ZRANGE', key('parked'), 0, 99)) do
+    local t = load(id)
+    if t and t.state == 'queued' and not t.entry and types[t.task_type]
+      and fits({t.model or '', t.labels or ''}) then
+      local u = redis.call('HGET', key('avoid', id), w)
+      if not (u and tonumber(u) > tonumber(now)) then
+        cands[#cands + 1] = {tonumber(t.priority), tonumber(t.created_at), tonumber(t.seq), false, id}
+      end
+    end
+  end
   table.sort(cands, function(a, b)
     if a[1] ~= b[1] then return a[1] > b[1] end
     if a[2] ~= b[2] then return a[2] < b[2] end
     return a[3] < b[3]
   end)
-  local per, order = {}, {}
+  local per, order, direct = {}, {}, {}
   for i = 1, math.min(n, #cands) do
     local s = cands[i][4]
-    if not per[s] then
-      per[s] = 0
-      order[#order + 1] = s
+    if not s then
+      direct[#direct + 1] = cands[i][5]
+    else
+      if not per[s] then
+        per[s] = 0
+        order[#order + 1] = s
+      end
+      per[s] = per[s] + 1
     end
-    per[s] = per[s] + 1
   end
   local out = {}
   local li = 7 + nt + nm + nl
+  local function lease_to(t, tid)
+    li = li + 1
+    local lease = A[li]
+    state(t, 'running')
+    set(t, 'attempt', tostring(tonumber(t.attempt) + 1), 'lease', lease, 'worker_id', w,
+      'lease_expires_at', untl)
+    if not t.started_at then set(t, 'started_at', now) end
+    unset(t, 'progress')
+    redis.call('ZADD', key('running'), untl, tid)
+    redis.call('SADD', key('worker', w), tid)
+    redis.call('HSET', key('leases'), lease, tid)
+    local l = key('att', tid)
+    local k = tonumber(t.attempt)
+    local rec = cjson.encode({t.attempt, w, lease, now, '', ''})
+    if redis.call('LLEN', l) >= k then
+      redis.call('LSET', l, k - 1, rec)
+    else
+      redis.call('RPUSH', l, rec)
+    end
+    event(tid, 'status', status_data(t), now)
+    out[#out + 1] = snap(tid)
+  end
+  for _, tid in ipairs(direct) do
+    redis.call('ZREM', key('parked'), tid)
+    lease_to(load(tid), tid)
+  end
   for _, s in ipairs(order) do
     local r = redis.call('XREADGROUP', 'GROUP', G, w, 'COUNT', per[s], 'STREAMS', s, '>')
     if r then
@@ -288,26 +363,7 @@ elseif op == 'reserve' then
         local tid = e[2][2]
         local t = load(tid)
         if t and t.state == 'queued' and t.entry == e[1] then
-          li = li + 1
-          local lease = A[li]
-          state(t, 'running')
-          set(t, 'attempt', tostring(tonumber(t.attempt) + 1), 'lease', lease, 'worker_id', w,
-            'lease_expires_at', untl)
-          if not t.started_at then set(t, 'started_at', now) end
-          unset(t, 'progress')
-          redis.call('ZADD', key('running'), untl, tid)
-          redis.call('SADD', key('worker', w), tid)
-          redis.call('HSET', key('leases'), lease, tid)
-          local l = key('att', tid)
-          local k = tonumber(t.attempt)
-          local rec = cjson.encode({t.attempt, w, lease, now, '', ''})
-          if redis.call('LLEN', l) >= k then
-            redis.call('LSET', l, k - 1, rec)
-          else
-            redis.call('RPUSH', l, rec)
-          end
-          event(tid, 'status', status_data(t), now)
-          out[#out + 1] = snap(tid)
+          lease_to(t, tid)
         else
           redis.call('XACK', s, G, e[1])
           redis.call('XDEL', s, e[1])
@@ -415,6 +471,31 @@ elseif op == 'release' then
   if not t or t.lease ~= A[1] or t.state ~= 'running' then return reply(false) end
   requeue(t, A[2], false, A[3])
   return reply(snap(tid))
+
+elseif op == 'reject' then
+  -- Like release; then the task is parked: the rejecting worker skips it until A[4].
+  local tid = redis.call('HGET', key('leases'), A[1])
+  local t = tid and load(tid)
+  if not t or t.lease ~= A[1] or t.state ~= 'running' then return reply(false) end
+  if t.worker_id then redis.call('HSET', key('avoid', tid), t.worker_id, A[4]) end
+  requeue(t, A[2], false, A[3])
+  return reply(snap(tid))
+
+elseif op == 'note_types' then
+  for i = 2, #A do
+    local old = tonumber(redis.call('HGET', key('types'), A[i]) or '0')
+    if tonumber(A[1]) > old then redis.call('HSET', key('types'), A[i], A[1]) end
+  end
+  return reply(true)
+
+elseif op == 'types_seen' then
+  local out = {}
+  local h = redis.call('HGETALL', key('types'))
+  for i = 1, #h, 2 do
+    if tonumber(h[i + 1]) >= tonumber(A[1]) then out[#out + 1] = h[i] end
+  end
+  table.sort(out)
+  return reply(out)
 
 elseif op == 'release_worker' then
   -- A[3..]: leases the new process still holds results for; they stay leased.

@@ -1,8 +1,9 @@
 //! The queue store's contract, run against every backend: idempotent enqueue, priority
 //! order, leases, compare-and-set results, explicit failure with a retry time, dead-letters,
-//! release, worker restarts (they spend attempts, but keep the leases whose results the
+//! release, retryable rejects (the rejecting worker skips the task for a while), worker
+//! restarts (they spend attempts, but keep the leases whose results the
 //! new process still holds), cancel, lapsed leases, deadlines, listing,
-//! counts, events, stage timings.
+//! counts, events, stage timings, the task types workers said hello with.
 //!
 //! Each function takes a fresh, empty queue whose default is 2 attempts with no retry
 //! backoff. A backend's test file instantiates them all with `conformance_tests!`.
@@ -47,7 +48,10 @@ macro_rules! conformance_tests {
             a_model_task_goes_only_to_workers_listing_the_model,
             labels_must_all_be_on_the_worker,
             unfit_tasks_stay_queued_and_are_not_starved,
-            priority_then_age_among_the_tasks_a_worker_fits
+            priority_then_age_among_the_tasks_a_worker_fits,
+            a_rejected_task_skips_its_worker_for_the_back_off,
+            a_rejected_routed_task_skips_only_its_worker,
+            task_types_seen_are_remembered_by_time
         );
     };
     (@each $make:path, $done:path; $($name:ident),*) => {
@@ -945,4 +949,169 @@ pub async fn priority_then_age_among_the_tasks_a_worker_fits(q: &dyn Queue) {
             TaskState::Queued
         );
     }
+}
+
+pub async fn a_rejected_task_skips_its_worker_for_the_back_off(q: &dyn Queue) {
+    let (t, _) = q
+        .enqueue(task("txt2img", json!({"n": 1})), T)
+        .await
+        .unwrap();
+    let (later, _) = q
+        .enqueue(task("txt2img", json!({"n": 2})), T + 1)
+        .await
+        .unwrap();
+    let l = lease_one(q, "busy", T + 90_000, T + 2).await;
+    // Rejected retryably: queued again, the attempt not counted, `busy` skips it until
+    // T + 30_000.
+    let back = q
+        .reject(&l, "rejected: out of memory", T + 30_000, T + 3)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((back.state, back.attempt), (TaskState::Queued, 0));
+    let a = q.attempts(&t.id).await.unwrap();
+    assert_eq!(a[0].error.as_deref(), Some("rejected: out of memory"));
+    // A stale lease changes nothing.
+    assert!(
+        q.reject(&l, "again", T + 30_000, T + 4)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    // The rejecting worker gets the next task instead, then nothing while it waits.
+    let got = q
+        .reserve("busy", &caps(), 5, T + 90_000, T + 5)
+        .await
+        .unwrap();
+    assert_eq!(ids(&got), [later.id.as_str()]);
+    assert!(
+        q.reserve("busy", &caps(), 5, T + 90_000, T + 6)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // Another worker takes it at once, ahead of newer tasks.
+    let (newest, _) = q
+        .enqueue(task("txt2img", json!({"n": 3})), T + 7)
+        .await
+        .unwrap();
+    let got = q
+        .reserve("idle", &caps(), 1, T + 90_000, T + 8)
+        .await
+        .unwrap();
+    assert_eq!(ids(&got), [t.id.as_str()]);
+    assert_eq!(got[0].attempt, 1);
+    // Given back by that worker too, it goes back to `busy` once the back-off is over.
+    let l2 = got[0].lease.clone().unwrap();
+    q.release(&l2, "draining", T + 9).await.unwrap().unwrap();
+    let got = q
+        .reserve("busy", &caps(), 5, T + 90_000, T + 10)
+        .await
+        .unwrap();
+    assert_eq!(
+        ids(&got),
+        [newest.id.as_str()],
+        "still skipped within the back-off"
+    );
+    let got = q
+        .reserve("busy", &caps(), 5, T + 90_000, T + 30_001)
+        .await
+        .unwrap();
+    assert_eq!(ids(&got), [t.id.as_str()]);
+    // A rejected task that is canceled while skipped ends at once.
+    let (c, _) = q
+        .enqueue(task("img2img", json!({})), T + 40_000)
+        .await
+        .unwrap();
+    let l3 = lease_one(q, "busy", T + 130_000, T + 40_001).await;
+    q.reject(&l3, "busy", T + 70_000, T + 40_002)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(matches!(
+        q.cancel(&c.id, T + 40_003).await.unwrap(),
+        CancelOutcome::Canceled(_)
+    ));
+    assert!(
+        q.reserve("idle", &caps(), 5, T + 130_000, T + 40_004)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        q.reserve("busy", &caps(), 5, T + 130_000, T + 70_001)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+pub async fn a_rejected_routed_task_skips_only_its_worker(q: &dyn Queue) {
+    let (t, _) = q
+        .enqueue(routed(Some("sdxl"), &["gpu=a100"], json!({})), T)
+        .await
+        .unwrap();
+    let fits = worker(&["sdxl"], &["gpu=a100"]);
+    let got = q.reserve("a", &fits, 1, T + 90_000, T + 1).await.unwrap();
+    let l = got[0].lease.clone().unwrap();
+    q.reject(&l, "busy", T + 30_000, T + 2)
+        .await
+        .unwrap()
+        .unwrap();
+    // A worker that does not fit never gets it; the rejecting one not before the back-off.
+    assert!(
+        q.reserve("b", &caps(), 5, T + 90_000, T + 3)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        q.reserve("a", &fits, 5, T + 90_000, T + 4)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        q.get(&t.id).await.unwrap().unwrap().state,
+        TaskState::Queued
+    );
+    // Rejected by a second worker too: both skip it until their own times.
+    let got = q.reserve("c", &fits, 1, T + 90_000, T + 5).await.unwrap();
+    q.reject(got[0].lease.as_ref().unwrap(), "busy", T + 50_000, T + 6)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        q.reserve("c", &fits, 5, T + 90_000, T + 30_001)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let got = q
+        .reserve("a", &fits, 5, T + 90_000, T + 30_002)
+        .await
+        .unwrap();
+    assert_eq!(ids(&got), [t.id.as_str()]);
+    assert_eq!(got[0].attempt, 1);
+}
+
+pub async fn task_types_seen_are_remembered_by_time(q: &dyn Queue) {
+    assert!(q.task_types_seen(0).await.unwrap().is_empty());
+    q.note_task_types(&["txt2img".into(), "upscale".into()], T)
+        .await
+        .unwrap();
+    q.note_task_types(&["upscale".into(), "lip_sync".into()], T + 10)
+        .await
+        .unwrap();
+    // An older hello never moves a type's time back.
+    q.note_task_types(&["upscale".into()], T + 5).await.unwrap();
+    assert_eq!(
+        q.task_types_seen(T).await.unwrap(),
+        ["lip_sync", "txt2img", "upscale"]
+    );
+    assert_eq!(
+        q.task_types_seen(T + 1).await.unwrap(),
+        ["lip_sync", "upscale"]
+    );
+    assert!(q.task_types_seen(T + 11).await.unwrap().is_empty());
 }
