@@ -29,6 +29,7 @@ mod events;
 mod files;
 mod health;
 mod images;
+pub mod limits;
 mod metrics;
 pub mod openai;
 mod openapi;
