@@ -10,6 +10,10 @@
 //!    each dead-lettered as `assign_failed` after three failed assignments; a task canceled
 //!    while its assign is unacked (the worker process is stopped with SIGSTOP) is canceled
 //!    at once; and a normal task submitted in the middle of it completes within 2 s.
+//! 3. `every_field_a_client_controls_is_bounded`: with `gateway.max_task_input_bytes`
+//!    lowered, both submit paths (`POST /v1/tasks` and `/v1/images/generations`) answer 413
+//!    naming the limit, and metadata, labels, model, task type and request id over their
+//!    limits are refused with 413 or 422 before anything is stored.
 //! 2. `frames_over_the_limit_get_oversized_and_over_the_hard_limit_close_1009`: a raw
 //!    WebSocket worker sends a frame over `broker.max_frame_bytes` (answered `oversized`,
 //!    the session goes on) and one over `broker.frame_hard_limit_bytes` (closed with 1009).
@@ -328,4 +332,87 @@ async fn recv(ws: &mut Ws) -> Result<Envelope, Option<tungstenite::protocol::Clo
             None => return Err(None),
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_field_a_client_controls_is_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    // The demo worker serves txt2img (and the OpenAI model kiln-demo).
+    let s = start(
+        dir.path(),
+        &[("KILN_GATEWAY__MAX_TASK_INPUT_BYTES", "16384")],
+    );
+    let post = |body: Value| post_json(&s.base, "/v1/tasks", body, &[]);
+    let r = post(json!({"task_type": "txt2img", "input": {"prompt": "p".repeat(20_000)}})).await;
+    assert_eq!(r.status, 413);
+    assert_eq!(r.json()["error"]["code"], "payload_too_large");
+    assert!(
+        r.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("16384")
+    );
+    let r =
+        post(json!({"task_type": "txt2img", "input": {}, "metadata": {"m": "m".repeat(20_000)}}))
+            .await;
+    assert_eq!(r.status, 413, "{}", r.json());
+    assert!(
+        r.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("16384-byte")
+    );
+    let too_long: [(Value, &str); 4] = [
+        (
+            json!({"task_type": "t".repeat(65), "input": {}}),
+            "task_type",
+        ),
+        (
+            json!({"task_type": "txt2img", "input": {}, "request_id": "r".repeat(256)}),
+            "request_id",
+        ),
+        (
+            json!({"task_type": "txt2img", "input": {}, "model": "m".repeat(129)}),
+            "model",
+        ),
+        (
+            json!({"task_type": "txt2img", "input": {}, "labels": (0..17).map(|i| format!("l{i}")).collect::<Vec<_>>()}),
+            "labels",
+        ),
+    ];
+    for (body, field) in too_long {
+        let r = post(body).await;
+        assert_eq!(r.status, 422, "{field}: {}", r.json());
+        assert!(
+            r.json()["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains(field),
+            "{}",
+            r.json()
+        );
+    }
+    let r = post_json(
+        &s.base,
+        "/v1/images/generations",
+        json!({"prompt": "p".repeat(20_000), "size": "64x64"}),
+        &[("prefer", "respond-async")],
+    )
+    .await;
+    assert_eq!(r.status, 413, "{}", r.json());
+    assert_eq!(r.json()["error"]["code"], "payload_too_large");
+    let listed = call(&s.base, "GET", "/v1/tasks", "", &[]).await.json();
+    assert_eq!(
+        listed["data"].as_array().unwrap().len(),
+        0,
+        "nothing stored: {listed}"
+    );
+    // A task within the limits still runs.
+    let r = post(
+        json!({"task_type": "txt2img", "input": {"prompt": "a fox", "width": 64, "height": 64}}),
+    )
+    .await;
+    assert_eq!(r.status, 202, "{}", r.json());
+    let id = r.json()["id"].as_str().unwrap().to_owned();
+    assert_eq!(wait_terminal(&s.base, &id, 20).await["status"], "succeeded");
 }
