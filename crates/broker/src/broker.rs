@@ -601,52 +601,50 @@ impl Broker {
     ) -> Result<(Welcome, Vec<String>), QueueError> {
         let now = now_ms();
         let worker_id = &hello.worker_id;
-        {
-            let mut sessions = self.sessions();
-            let Some(s) = sessions
-                .get_mut(worker_id)
-                .filter(|s| s.session == *session)
-            else {
-                return Err(QueueError::Unavailable(
-                    "another hello for this worker arrived meanwhile".into(),
-                ));
-            };
-            for l in lost.iter().copied().chain(blamed) {
-                s.inflight.remove(l);
-            }
-            let last = hello.resume.as_ref().map(|r| r.last_seq).unwrap_or(0);
-            s.retained
-                .retain(|r| r.seq > last && Some(r.seq) != blamed_seq);
-            let replay: Vec<String> = s.retained.iter().map(|r| r.frame.clone()).collect();
-            let keep: Vec<String> = hello
-                .inflight
-                .iter()
-                .chain(&hello.outbox)
-                .filter(|l| s.inflight.contains(*l))
-                .cloned()
-                .collect();
-            let dropped: Vec<String> = hello
-                .inflight
-                .iter()
-                .filter(|l| !s.inflight.contains(*l))
-                .cloned()
-                .collect();
-            s.tx = Some(tx);
-            s.conn_id = conn_id;
-            s.slots = hello.slots;
-            s.capabilities = hello.capabilities.clone();
-            s.last_seen = now;
-            s.disconnected_at = None;
-            let welcome = Welcome {
-                session: s.session.clone(),
-                timers: self.timers(),
-                max_frame_bytes: Some(self.cfg.max_frame_bytes as u64),
-                resumed: true,
-                keep,
-                drop: dropped,
-            };
-            Ok((welcome, replay))
+        let mut sessions = self.sessions();
+        let Some(s) = sessions
+            .get_mut(worker_id)
+            .filter(|s| s.session == *session)
+        else {
+            return Err(QueueError::Unavailable(
+                "another hello for this worker arrived meanwhile".into(),
+            ));
+        };
+        for l in lost.iter().copied().chain(blamed) {
+            s.inflight.remove(l);
         }
+        let last = hello.resume.as_ref().map(|r| r.last_seq).unwrap_or(0);
+        s.retained
+            .retain(|r| r.seq > last && Some(r.seq) != blamed_seq);
+        let replay: Vec<String> = s.retained.iter().map(|r| r.frame.clone()).collect();
+        let keep: Vec<String> = hello
+            .inflight
+            .iter()
+            .chain(&hello.outbox)
+            .filter(|l| s.inflight.contains(*l))
+            .cloned()
+            .collect();
+        let dropped: Vec<String> = hello
+            .inflight
+            .iter()
+            .filter(|l| !s.inflight.contains(*l))
+            .cloned()
+            .collect();
+        s.tx = Some(tx);
+        s.conn_id = conn_id;
+        s.slots = hello.slots;
+        s.capabilities = hello.capabilities.clone();
+        s.last_seen = now;
+        s.disconnected_at = None;
+        let welcome = Welcome {
+            session: s.session.clone(),
+            timers: self.timers(),
+            max_frame_bytes: Some(self.cfg.max_frame_bytes as u64),
+            resumed: true,
+            keep,
+            drop: dropped,
+        };
+        Ok((welcome, replay))
     }
 
     /// The non-resume half of `register`: a new session, after a restart or a hello the
