@@ -130,6 +130,23 @@ pub(crate) fn load(path: Option<&Path>) -> Result<Settings, String> {
 }
 
 impl Settings {
+    /// The frame limits of the gateway and of kiln's worker SDK (which the demo worker and
+    /// the provider runner use) fit together: a task input at its limit fits an assign
+    /// frame, and the SDK accepts every frame the gateway may send.
+    fn validate_frame_limits(&self) -> Result<(), String> {
+        kiln_gateway::limits::check_frame_limits(&self.gateway, &self.broker)
+            .map_err(|e| format!("invalid configuration: {e}"))?;
+        let sdk = kiln_worker::WorkerConfig::default().max_frame_bytes;
+        if self.broker.max_frame_bytes > sdk {
+            return Err(format!(
+                "invalid configuration: broker.max_frame_bytes ({}) is over the {sdk}-byte frame \
+                 limit of kiln's worker SDK, so its workers could not read every assign",
+                self.broker.max_frame_bytes
+            ));
+        }
+        Ok(())
+    }
+
     fn validate(&self) -> Result<(), String> {
         let open = !self.server.listen.ip().is_loopback();
         if open && self.gateway.api_key_hashes.is_empty() {
@@ -166,6 +183,7 @@ impl Settings {
         self.files
             .validate()
             .map_err(|e| format!("invalid configuration: {e}"))?;
+        self.validate_frame_limits()?;
         self.gateway
             .openai
             .validate()
@@ -356,6 +374,34 @@ mod tests {
         assert!(e.contains("acme.upload.target is required"), "{e}");
         let e = load_toml(&no_target.replace("references = \"upload\"", "")).unwrap_err();
         assert!(e.contains("references is not \"upload\""), "{e}");
+    }
+
+    #[test]
+    fn frame_limits_that_do_not_fit_together_stop_the_start() {
+        let s = load(None).unwrap();
+        assert_eq!(s.gateway.max_task_input_bytes, 256 << 10);
+        assert_eq!(s.broker.max_frame_bytes, 1 << 20);
+        assert_eq!(s.broker.frame_hard_limit_bytes, 16 << 20);
+        assert_eq!(s.broker.max_assign_failures, 3);
+        let e = load_toml("[gateway]\nmax_task_input_bytes = 2000000\n").unwrap_err();
+        assert!(
+            e.contains("gateway.max_task_input_bytes (2000000) does not fit"),
+            "{e}"
+        );
+        let e = load_toml("[broker]\nmax_frame_bytes = 65536\n").unwrap_err();
+        assert!(e.contains("broker.max_frame_bytes (65536)"), "{e}");
+        let e = load_toml("[broker]\nframe_hard_limit_bytes = 1000\n").unwrap_err();
+        assert!(e.contains("broker.frame_hard_limit_bytes (1000)"), "{e}");
+        let e =
+            load_toml("[broker]\nmax_frame_bytes = 33554432\nframe_hard_limit_bytes = 67108864\n")
+                .unwrap_err();
+        assert!(e.contains("frame limit of kiln's worker SDK"), "{e}");
+        // Lowered together, they fit.
+        let s = load_toml(
+            "[gateway]\nmax_task_input_bytes = 32768\n[broker]\nmax_frame_bytes = 65536\n",
+        )
+        .unwrap();
+        assert_eq!(s.broker.max_frame_bytes, 65536);
     }
 
     #[test]

@@ -21,6 +21,9 @@ use crate::sqlite::{SqliteOptions, SqliteQueue};
 
 pub use kiln_protocol::now_ms;
 
+mod assign;
+use assign::Retained;
+
 /// How a session ended: the close frame the transport should send.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionEnd {
@@ -66,7 +69,8 @@ struct SessionState {
     capabilities: Capabilities,
     slots: u32,
     inflight: HashSet<String>,
-    retained: Vec<(u64, String)>,
+    /// Control frames sent and not yet acked, oldest first.
+    retained: Vec<Retained>,
     next_seq: u64,
     /// Credits taken by a `reserve` still running.
     reserving: usize,
@@ -91,10 +95,23 @@ impl SessionState {
     fn push_control(&mut self, build: impl FnOnce(u64) -> Message) {
         let seq = self.next_seq;
         self.next_seq += 1;
-        let frame = Envelope::new(build(seq), now_ms())
+        let message = build(seq);
+        let tasks = match &message {
+            Message::Assign(a) => a
+                .tasks
+                .iter()
+                .map(|t| (t.lease.clone(), t.task_id.clone()))
+                .collect(),
+            _ => Vec::new(),
+        };
+        let frame = Envelope::new(message, now_ms())
             .from_source("gateway")
             .encode();
-        self.retained.push((seq, frame.clone()));
+        self.retained.push(Retained {
+            seq,
+            frame: frame.clone(),
+            tasks,
+        });
         if let Some(tx) = &self.tx {
             let _ = tx.send(Outbound::Frame(frame));
         }
@@ -110,6 +127,9 @@ pub struct Broker {
     wake: watch::Sender<u64>,
     paused: AtomicBool,
     conn_ids: std::sync::atomic::AtomicU64,
+    /// Tasks whose last assignment failed on the transport (sent alone; an ack resets
+    /// their count in the store).
+    suspects: Mutex<HashSet<String>>,
 }
 
 impl std::fmt::Debug for Broker {
@@ -150,6 +170,7 @@ impl Broker {
             wake,
             paused: AtomicBool::new(false),
             conn_ids: std::sync::atomic::AtomicU64::new(1),
+            suspects: Mutex::new(HashSet::new()),
         });
         let weak = Arc::downgrade(&b);
         let every = b.cfg.sweep_interval;
@@ -233,9 +254,26 @@ impl Broker {
             worker_id, lease, ..
         }) = &out
         {
-            self.send_cancel(worker_id, lease, "canceled by client");
+            self.stop_lease(worker_id, lease).await;
         }
         out
+    }
+
+    /// Tells a worker to stop a lease whose task was canceled. A lease whose `assign` the
+    /// worker has not acked yet ends at once (the task is canceled, the assign is not
+    /// replayed); the `cancel` still goes out in case the worker got it meanwhile.
+    async fn stop_lease(&self, worker_id: &str, lease: &str) {
+        if self.withdraw_unacked(worker_id, lease) {
+            let why = "canceled before the worker acknowledged its assignment";
+            match self.queue.release(lease, why, now_ms()).await {
+                Ok(_) => self.publish(),
+                Err(e) => {
+                    tracing::warn!(message = "cancel of an unacked task not stored", error = %e)
+                }
+            }
+            self.wake_dispatch();
+        }
+        self.send_cancel(worker_id, lease, "canceled by client");
     }
 
     async fn forward_cancel(&self, task_id: &str) {
@@ -243,7 +281,7 @@ impl Broker {
             && let (Some(w), Some(l)) = (&t.worker_id, &t.lease)
             && t.state == kiln_protocol::TaskState::Running
         {
-            self.send_cancel(w, l, "canceled by client");
+            self.stop_lease(w, l).await;
         }
     }
 
@@ -457,6 +495,11 @@ impl Broker {
                                 break end;
                             }
                         }
+                        Err(e @ DecodeError::Oversized { .. }) => {
+                            // Read whole (under the transport's hard limit): answered, not
+                            // counted as a protocol violation.
+                            self.oversized_frame(&worker_id, &text, &e, &mut sink).await;
+                        }
                         Err(e) => {
                             if e.is_fatal() {
                                 break end(close::VERSION, e.to_string());
@@ -526,6 +569,7 @@ impl Broker {
                 (p.boot_id.clone(), p.session.clone(), p.inflight.clone())
             })
         };
+        let unreceived = self.unreceived(hello);
         let resumable = match (&previous, &hello.resume) {
             (Some((boot, session, _)), Some(r)) => *boot == hello.boot_id && *session == r.session,
             _ => false,
@@ -535,59 +579,107 @@ impl Broker {
         // again.
         let claimed: HashSet<&String> = hello.inflight.iter().chain(&hello.outbox).collect();
         if let (true, Some((_, session, inflight))) = (resumable, &previous) {
+            // The first control frame the worker did not receive is the one its connection
+            // failed on: when it is an assign, that assignment failed (counted; the task is
+            // queued again and the frame not replayed). Later ones are replayed.
+            let (blamed_seq, blamed, replayed) = unreceived.split(&claimed);
             // Leases the worker no longer has go back to the queue.
-            let lost: Vec<&String> = inflight.iter().filter(|l| !claimed.contains(l)).collect();
+            let lost: Vec<&String> = inflight
+                .iter()
+                .filter(|l| !claimed.contains(l) && !replayed.contains(*l) && !blamed.contains(*l))
+                .collect();
             for l in &lost {
                 self.queue
                     .release(l, "worker no longer holds the lease", now)
                     .await?;
             }
             self.queue.renew(worker_id, until).await?;
-            let mut sessions = self.sessions();
-            let Some(s) = sessions
-                .get_mut(worker_id)
-                .filter(|s| s.session == *session)
-            else {
-                return Err(QueueError::Unavailable(
-                    "another hello for this worker arrived meanwhile".into(),
-                ));
-            };
-            for l in lost {
-                s.inflight.remove(l);
-            }
-            let last = hello.resume.as_ref().map(|r| r.last_seq).unwrap_or(0);
-            s.retained.retain(|(seq, _)| *seq > last);
-            let replay: Vec<String> = s.retained.iter().map(|(_, f)| f.clone()).collect();
-            let keep: Vec<String> = hello
-                .inflight
-                .iter()
-                .chain(&hello.outbox)
-                .filter(|l| s.inflight.contains(*l))
-                .cloned()
-                .collect();
-            let dropped: Vec<String> = hello
-                .inflight
-                .iter()
-                .filter(|l| !s.inflight.contains(*l))
-                .cloned()
-                .collect();
-            s.tx = Some(tx);
-            s.conn_id = conn_id;
-            s.slots = hello.slots;
-            s.capabilities = hello.capabilities.clone();
-            s.last_seen = now;
-            s.disconnected_at = None;
-            let welcome = Welcome {
-                session: s.session.clone(),
-                timers: self.timers(),
-                resumed: true,
-                keep,
-                drop: dropped,
-            };
-            drop(sessions);
+            let resumed =
+                self.resume_session(hello, session, tx, conn_id, &lost, &blamed, blamed_seq);
             self.publish();
-            return Ok((welcome, replay));
+            if resumed.is_ok() {
+                self.assignments_failed(worker_id, blamed).await;
+            }
+            return resumed;
         }
+        self.register_fresh(hello, previous, claimed, tx, conn_id)
+            .await
+    }
+
+    /// The resume half of `register`: the session's state after a resuming `hello`, with the
+    /// welcome and the frames to replay.
+    #[allow(clippy::too_many_arguments)]
+    fn resume_session(
+        &self,
+        hello: &Hello,
+        session: &str,
+        tx: mpsc::UnboundedSender<Outbound>,
+        conn_id: u64,
+        lost: &[&String],
+        blamed: &[String],
+        blamed_seq: Option<u64>,
+    ) -> Result<(Welcome, Vec<String>), QueueError> {
+        let now = now_ms();
+        let worker_id = &hello.worker_id;
+        let mut sessions = self.sessions();
+        let Some(s) = sessions
+            .get_mut(worker_id)
+            .filter(|s| s.session == *session)
+        else {
+            return Err(QueueError::Unavailable(
+                "another hello for this worker arrived meanwhile".into(),
+            ));
+        };
+        for l in lost.iter().copied().chain(blamed) {
+            s.inflight.remove(l);
+        }
+        let last = hello.resume.as_ref().map(|r| r.last_seq).unwrap_or(0);
+        s.retained
+            .retain(|r| r.seq > last && Some(r.seq) != blamed_seq);
+        let replay: Vec<String> = s.retained.iter().map(|r| r.frame.clone()).collect();
+        let keep: Vec<String> = hello
+            .inflight
+            .iter()
+            .chain(&hello.outbox)
+            .filter(|l| s.inflight.contains(*l))
+            .cloned()
+            .collect();
+        let dropped: Vec<String> = hello
+            .inflight
+            .iter()
+            .filter(|l| !s.inflight.contains(*l))
+            .cloned()
+            .collect();
+        s.tx = Some(tx);
+        s.conn_id = conn_id;
+        s.slots = hello.slots;
+        s.capabilities = hello.capabilities.clone();
+        s.last_seen = now;
+        s.disconnected_at = None;
+        let welcome = Welcome {
+            session: s.session.clone(),
+            timers: self.timers(),
+            max_frame_bytes: Some(self.cfg.max_frame_bytes as u64),
+            resumed: true,
+            keep,
+            drop: dropped,
+        };
+        Ok((welcome, replay))
+    }
+
+    /// The non-resume half of `register`: a new session, after a restart or a hello the
+    /// gateway cannot resume.
+    async fn register_fresh(
+        &self,
+        hello: &Hello,
+        previous: Option<(String, String, HashSet<String>)>,
+        claimed: HashSet<&String>,
+        tx: mpsc::UnboundedSender<Outbound>,
+        conn_id: u64,
+    ) -> Result<(Welcome, Vec<String>), QueueError> {
+        let now = now_ms();
+        let until = now + self.cfg.lease.as_millis() as u64;
+        let worker_id = &hello.worker_id;
         // Not a resume: a dispatch still running for the old session hands its leases back.
         if let Some(p) = self.sessions().get_mut(worker_id) {
             p.replacing = true;
@@ -665,6 +757,7 @@ impl Broker {
             Welcome {
                 session,
                 timers: self.timers(),
+                max_frame_bytes: Some(self.cfg.max_frame_bytes as u64),
                 resumed: false,
                 keep,
                 drop: dropped,
@@ -708,6 +801,7 @@ impl Broker {
             .queue
             .reserve(worker_id, &caps, free, lease_until, now)
             .await;
+        let mut refused = Vec::new();
         let orphans = {
             let mut sessions = self.sessions();
             let mut current = sessions.get_mut(worker_id).filter(|s| s.session == session);
@@ -744,18 +838,14 @@ impl Broker {
                             })
                         })
                         .collect();
-                    s.push_control(|seq| {
-                        Message::Assign(Assign {
-                            seq,
-                            tasks: assignments,
-                        })
-                    });
+                    refused = self.push_assignments(s, assignments);
                     Vec::new()
                 }
                 // The session was replaced while the store answered: give the tasks back.
                 None => tasks.into_iter().filter_map(|t| t.lease).collect(),
             }
         };
+        self.assignments_failed(worker_id, refused).await;
         for lease in &orphans {
             if let Err(e) = self
                 .queue
@@ -788,9 +878,9 @@ impl Broker {
         .await;
         let reply = |m: Message| Envelope::new(m, now_ms()).from_source("gateway").encode();
         match env.message {
-            Message::Ack(Ack { seq }) => self.acked(worker_id, seq),
+            Message::Ack(Ack { seq }) => self.acked(worker_id, seq).await,
             Message::Heartbeat(hb) => {
-                self.acked(worker_id, hb.ack_seq);
+                self.acked(worker_id, hb.ack_seq).await;
                 if let Some(s) = self.sessions().get_mut(worker_id) {
                     s.gpu = hb.gpu;
                     s.last_renew = now;
@@ -894,6 +984,11 @@ impl Broker {
             Message::Bye(b) => return Some(end(1000, format!("bye: {}", b.reason))),
             Message::Error => {
                 tracing::warn!(message = "worker reported an error", worker_id = %worker_id, error = ?env.error, error_msg = ?env.error_msg);
+                if env.error.as_deref() == Some("oversized") {
+                    // The worker could not take the oldest unacked assign.
+                    let refused = self.take_refused(worker_id);
+                    self.assignments_failed(worker_id, refused).await;
+                }
             }
             other => {
                 let e = DecodeError::UnknownType(format!(
@@ -929,12 +1024,6 @@ impl Broker {
                 .await
         {
             tracing::warn!(message = "lease renewal failed", error = %e);
-        }
-    }
-
-    fn acked(&self, worker_id: &str, seq: u64) {
-        if let Some(s) = self.sessions().get_mut(worker_id) {
-            s.retained.retain(|(n, _)| *n > seq);
         }
     }
 

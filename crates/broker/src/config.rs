@@ -31,12 +31,23 @@ pub struct BrokerConfig {
     /// How often lapsed leases and deadlines are checked. Default: 1 s.
     #[serde(with = "humantime_serde")]
     pub sweep_interval: Duration,
-    /// Largest frame accepted from a worker, bytes. Default: 1 MiB.
+    /// Largest frame either way, bytes: a worker frame above it is answered with an
+    /// `oversized` error envelope (the session stays open), and the gateway never sends a
+    /// larger one (assign batches are split to fit; a task that cannot fit alone is an
+    /// assignment failure). Default: 1 MiB.
     pub max_frame_bytes: usize,
     /// After a retryable `reject`, the rejecting worker is not offered that task again for
     /// this long (other workers may take it at once). Default: 30 s.
     #[serde(with = "humantime_serde")]
     pub reject_backoff: Duration,
+    /// Frames above this are not read at all: the transport closes the connection with
+    /// 1009. At least `max_frame_bytes`. Default: 16 MiB.
+    pub frame_hard_limit_bytes: usize,
+    /// Assignments of one task that may fail on the transport in a row (frame refused by
+    /// the gateway or the worker, or the connection dropped before the worker acknowledged
+    /// it) before the task fails, dead-lettered, with error `assign_failed`. A failed
+    /// assignment does not count as an attempt. Default: 3.
+    pub max_assign_failures: u32,
     /// `synchronous=FULL` for SQLite (survives power loss, slower); NORMAL survives a
     /// process crash. Default: false.
     pub sync_full: bool,
@@ -64,6 +75,8 @@ impl Default for BrokerConfig {
             sweep_interval: Duration::from_secs(1),
             max_frame_bytes: kiln_protocol::DEFAULT_MAX_FRAME_BYTES,
             reject_backoff: Duration::from_secs(30),
+            frame_hard_limit_bytes: 16 << 20,
+            max_assign_failures: 3,
             sync_full: false,
         }
     }

@@ -60,5 +60,7 @@ pub use config::BrokerConfig;
 pub use model::*;
 #[cfg(feature = "postgres")]
 pub use postgres::{PostgresOptions, PostgresQueue};
-pub use queue::{Ending, Notification, Notifications, Queue, QueueFuture, QueueOptions, Sweep};
+pub use queue::{
+    ASSIGN_FAILED, Ending, Notification, Notifications, Queue, QueueFuture, QueueOptions, Sweep,
+};
 pub use sqlite::{SqliteExecutor, SqliteOptions, SqliteQueue};

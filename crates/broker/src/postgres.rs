@@ -87,6 +87,8 @@ CREATE TABLE IF NOT EXISTS {s}.tasks (
 -- Routing columns, added to tables made by earlier releases.
 ALTER TABLE {s}.tasks ADD COLUMN IF NOT EXISTS model TEXT;
 ALTER TABLE {s}.tasks ADD COLUMN IF NOT EXISTS labels TEXT[] NOT NULL DEFAULT '{}';
+-- Assignments of the current attempt that failed on the transport in a row.
+ALTER TABLE {s}.tasks ADD COLUMN IF NOT EXISTS assign_failures INTEGER NOT NULL DEFAULT 0;
 CREATE INDEX IF NOT EXISTS tasks_ready ON {s}.tasks (task_type, priority DESC, seq) WHERE state = 'queued';
 CREATE INDEX IF NOT EXISTS tasks_running ON {s}.tasks (lease_expires_at) WHERE state = 'running';
 CREATE INDEX IF NOT EXISTS tasks_worker ON {s}.tasks (worker_id) WHERE state = 'running';
@@ -1119,6 +1121,25 @@ impl Queue for PostgresQueue {
         now: u64,
     ) -> QueueFuture<'a, Vec<Task>> {
         Box::pin(self.release_worker_(worker_id, keep, now))
+    }
+
+    fn record_assignment<'a>(
+        &'a self,
+        lease: &'a str,
+        delivered: bool,
+    ) -> QueueFuture<'a, Option<u32>> {
+        Box::pin(async move {
+            let rows = self
+                .read(
+                    "UPDATE {s}.tasks SET assign_failures = CASE WHEN $2 THEN 0 ELSE assign_failures + 1 END
+                     WHERE lease = $1 AND state = 'running' RETURNING assign_failures",
+                    &[&lease, &delivered],
+                )
+                .await?;
+            rows.first()
+                .map(|r| Ok(r.try_get::<_, i32>(0)?.max(0) as u32))
+                .transpose()
+        })
     }
 
     fn sweep(&self, now: u64) -> QueueFuture<'_, Sweep> {

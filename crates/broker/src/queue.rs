@@ -41,6 +41,10 @@ pub struct Sweep {
     pub stop: Vec<(String, String)>,
 }
 
+/// The error code of a task dead-lettered because its assignment kept failing on the
+/// transport ([`Queue::assign_failed`]).
+pub const ASSIGN_FAILED: &str = "assign_failed";
+
 /// Store-wide settings every backend takes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QueueOptions {
@@ -190,6 +194,47 @@ pub trait Queue: Send + Sync + std::fmt::Debug + 'static {
 
     /// The task types some worker served (said hello with) at or after `since`, sorted.
     fn task_types_seen(&self, since: u64) -> QueueFuture<'_, Vec<String>>;
+    /// Records how the assignment of `lease` went: `delivered == false` counts one more
+    /// assignment that failed on the transport (the frame could not reach the worker),
+    /// `true` resets the count (an `assign` carrying the lease was acknowledged). Returns
+    /// the failures in a row after the call; `None` when `lease` is not the running
+    /// attempt's.
+    fn record_assignment<'a>(
+        &'a self,
+        lease: &'a str,
+        delivered: bool,
+    ) -> QueueFuture<'a, Option<u32>>;
+
+    /// The assignment of `lease` failed on the transport (see [`Queue::record_assignment`]).
+    /// Below `limit` failures in a row the task is queued again at once and the attempt
+    /// does not count (as [`Queue::release`]; a task whose cancel was requested ends
+    /// canceled); at `limit` it fails, dead-lettered, with error `assign_failed`. Returns
+    /// the task after the call; `None` when `lease` is not current.
+    fn assign_failed<'a>(
+        &'a self,
+        lease: &'a str,
+        limit: u32,
+        now: u64,
+    ) -> QueueFuture<'a, Option<Task>> {
+        Box::pin(async move {
+            let Some(n) = self.record_assignment(lease, false).await? else {
+                return Ok(None);
+            };
+            if n >= limit.max(1) {
+                let error = TaskError {
+                    code: ASSIGN_FAILED.into(),
+                    message: format!(
+                        "the assignment failed on the transport {n} times in a row (the frame \
+                         was refused, or the connection dropped before the worker acknowledged it)"
+                    ),
+                    retryable: false,
+                };
+                return Ok(self.dead_letter(lease, error, now).await?.task);
+            }
+            let why = format!("assignment failed on the transport ({n} of {limit})");
+            self.release(lease, &why, now).await
+        })
+    }
 
     /// Releases the leases of `worker_id` (its process restarted), except those named in
     /// `keep`: leases whose results the new process still holds in its outbox and is about

@@ -89,7 +89,13 @@ CREATE TABLE IF NOT EXISTS task_types (
 /// Columns added after the first release: `ALTER TABLE ADD COLUMN` on databases without them.
 /// `model`: the model a worker must list (NULL: any); `labels`: the labels a worker must
 /// have, a sorted JSON array of strings (NULL: none).
-const ADDED_COLUMNS: &[(&str, &str)] = &[("model", "TEXT"), ("labels", "TEXT")];
+/// `assign_failures`: assignments of the current attempt that failed on the transport in a
+/// row.
+const ADDED_COLUMNS: &[(&str, &str)] = &[
+    ("model", "TEXT"),
+    ("labels", "TEXT"),
+    ("assign_failures", "INTEGER NOT NULL DEFAULT 0"),
+];
 
 const COLS: &str = "id, request_id, task_type, state, priority, input, metadata, attempt, max_attempts, \
     lease, worker_id, lease_expires_at, deadline, cancel_requested, output, error, progress, \
@@ -799,6 +805,19 @@ impl Db {
         )?)
     }
 
+    /// Counts a failed assignment of a running lease, or resets the count.
+    fn record_assignment(&self, lease: &str, delivered: bool) -> Result<Option<u32>> {
+        Ok(self
+            .conn
+            .row(
+                "UPDATE tasks SET assign_failures = CASE WHEN ?2 THEN 0 ELSE assign_failures + 1 END
+                 WHERE lease = ?1 AND state = 'running' RETURNING assign_failures",
+                params![lease, delivered],
+                |r| r.get::<_, u32>(0),
+            )
+            .optional()?)
+    }
+
     /// The leases `worker_id` holds: `(lease, task_id)`.
     fn leases_of(&self, worker_id: &str) -> Result<Vec<(String, String)>> {
         let c = &self.conn;
@@ -1356,6 +1375,15 @@ impl Queue for SqliteQueue {
     ) -> QueueFuture<'a, Vec<Task>> {
         let (w, keep) = (worker_id.to_owned(), keep.to_vec());
         self.call(move |db| db.release_worker(&w, &keep, now))
+    }
+
+    fn record_assignment<'a>(
+        &'a self,
+        lease: &'a str,
+        delivered: bool,
+    ) -> QueueFuture<'a, Option<u32>> {
+        let l = lease.to_owned();
+        self.call(move |db| db.record_assignment(&l, delivered))
     }
 
     fn sweep(&self, now: u64) -> QueueFuture<'_, Sweep> {

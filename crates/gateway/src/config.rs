@@ -18,6 +18,11 @@ pub struct GatewayConfig {
     pub worker_token_hashes: Vec<String>,
     /// Largest request body in bytes (files included). Default: 32 MiB.
     pub max_body_bytes: usize,
+    /// Largest task input, bytes of its JSON (`POST /v1/tasks` and the OpenAI routes);
+    /// larger inputs get 413. Bulk data goes as files (`POST /v1/files`) named by id. Must
+    /// fit an assign frame: at most `broker.max_frame_bytes` minus
+    /// [`ASSIGN_OVERHEAD_BYTES`](crate::limits::ASSIGN_OVERHEAD_BYTES). Default: 256 KiB.
+    pub max_task_input_bytes: usize,
     /// Time limit of one ordinary request (SSE and the worker socket excluded).
     /// Default: 30 s.
     #[serde(with = "humantime_serde")]
@@ -70,6 +75,7 @@ impl Default for GatewayConfig {
             api_key_hashes: Vec::new(),
             worker_token_hashes: Vec::new(),
             max_body_bytes: 32 << 20,
+            max_task_input_bytes: 256 << 10,
             request_timeout: Duration::from_secs(30),
             rate_limit_per_minute: 600,
             rate_limit_burst: 60,

@@ -31,6 +31,7 @@ mod health;
 mod images;
 mod listing;
 mod live;
+pub mod limits;
 mod metrics;
 pub mod openai;
 mod openapi;

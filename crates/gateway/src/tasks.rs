@@ -199,6 +199,7 @@ fn queue_error(e: QueueError) -> ApiError {
     responses(
         (status = 202, body = TaskView, description = "accepted (or the existing task for this request_id)"),
         (status = 400, description = "malformed JSON"), (status = 409, description = "request_id reused with different content"),
+        (status = 413, description = "input or metadata over its size limit"),
         (status = 415, description = "not JSON"), (status = 422, description = "invalid field or unknown task type"),
     ))]
 pub(crate) async fn create(
@@ -244,6 +245,8 @@ pub(crate) async fn create(
             "labels: at most {MAX_LABELS}, each 1 to 128 visible ASCII characters"
         )));
     }
+    crate::limits::check_input(state.config(), &body.input)?;
+    crate::limits::check_metadata(body.metadata.as_ref())?;
     accepts_type(&state, tt, body.model.as_deref(), &body.labels).await?;
     if body.deadline_s == Some(0) {
         return Err(ApiError::invalid("deadline_s must be above zero"));

@@ -42,7 +42,9 @@ pub(crate) async fn connect(
     if state.shutting_down() {
         return ApiError::unavailable("the gateway is shutting down").into_response();
     }
-    let max = state.broker().config().max_frame_bytes;
+    // Frames up to the hard limit are read, so that one over `max_frame_bytes` is answered
+    // with an `oversized` error envelope; above it the connection closes with 1009.
+    let max = state.broker().config().frame_hard_limit_bytes;
     ws.protocols([kiln_protocol::SUBPROTOCOL])
         .max_message_size(max)
         .max_frame_size(max)
@@ -59,16 +61,34 @@ fn offers_subprotocol(headers: &HeaderMap) -> bool {
         .any(|p| p.trim() == kiln_protocol::SUBPROTOCOL)
 }
 
+/// Whether a read failed because a frame was over the WebSocket's size limit. axum hides
+/// the WebSocket library's error type, so this reads its text ("Space limit exceeded:
+/// Message too long: …").
+fn is_too_big(e: &axum::Error) -> bool {
+    let text = e.to_string();
+    text.contains("Message too long") || text.contains("Space limit exceeded")
+}
+
 async fn run(state: AppState, socket: WebSocket) {
     let (mut tx, rx) = socket.split();
-    let frames = rx.filter_map(|m| async move {
-        match m {
-            Ok(WsMessage::Text(t)) => Some(Ok::<String, axum::Error>(t.to_string())),
-            // Binary frames are a protocol violation; hand the session something that fails
-            // to decode so it answers with an error envelope.
-            Ok(WsMessage::Binary(_)) => Some(Ok("binary frame".to_owned())),
-            Ok(_) => None,
-            Err(e) => Some(Err(e)),
+    let too_big = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let seen = too_big.clone();
+    let frames = rx.filter_map(move |m| {
+        let seen = seen.clone();
+        async move {
+            match m {
+                Ok(WsMessage::Text(t)) => Some(Ok::<String, axum::Error>(t.to_string())),
+                // Binary frames are a protocol violation; hand the session something that
+                // fails to decode so it answers with an error envelope.
+                Ok(WsMessage::Binary(_)) => Some(Ok("binary frame".to_owned())),
+                Ok(_) => None,
+                Err(e) => {
+                    if is_too_big(&e) {
+                        seen.store(true, std::sync::atomic::Ordering::SeqCst);
+                    }
+                    Some(Err(e))
+                }
+            }
         }
     });
     let end = {
@@ -81,6 +101,16 @@ async fn run(state: AppState, socket: WebSocket) {
             .clone()
             .serve_session(Box::pin(frames), sink)
             .await
+    };
+    let end = if too_big.load(std::sync::atomic::Ordering::SeqCst) {
+        let limit = state.broker().config().frame_hard_limit_bytes;
+        tracing::warn!(message = "worker frame over the hard limit; closing", limit);
+        kiln_broker::SessionEnd {
+            code: kiln_protocol::close::TOO_BIG,
+            reason: format!("frame over the hard limit of {limit} bytes"),
+        }
+    } else {
+        end
     };
     let frame = CloseFrame {
         code: end.code,

@@ -13,6 +13,10 @@ pub const PROTOCOL: u16 = 4004;
 pub const SLOW_CONSUMER: u16 = 4008;
 /// Nothing received for `dead_after_ms`.
 pub const HEARTBEAT_TIMEOUT: u16 = 4009;
+/// A frame above the receiver's hard frame limit (RFC 6455 "message too big"): frames over
+/// the ordinary limit but under the hard one get an `oversized` error envelope instead.
+/// Reconnect with backoff and do not resend that frame.
+pub const TOO_BIG: u16 = 1009;
 /// The gateway is restarting: reconnect after the hinted delay.
 pub const RESTART: u16 = 1012;
 /// The gateway is overloaded: reconnect after the hinted delay.

@@ -224,7 +224,41 @@ impl DecodeError {
     }
 }
 
+/// What [`Envelope::peek`] reads of a frame too large to decode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peek {
+    /// The frame's `type`.
+    pub kind: String,
+    /// `payload.lease`, when there is one.
+    pub lease: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct RawPeek {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    payload: PeekPayload,
+}
+
+#[derive(Deserialize, Default)]
+struct PeekPayload {
+    #[serde(default)]
+    lease: Option<String>,
+}
+
 impl Envelope {
+    /// Reads only the `type` and `payload.lease` of a frame (one already received, over the
+    /// frame limit): other fields are skipped without being built, so the receiver can
+    /// answer an oversized `result` for its lease. `None` when the text is not an envelope.
+    pub fn peek(text: &str) -> Option<Peek> {
+        let raw: RawPeek = serde_json::from_str(text).ok()?;
+        Some(Peek {
+            kind: raw.kind,
+            lease: raw.payload.lease,
+        })
+    }
+
     /// A new envelope around `message`, stamped with `ts` (Unix ms).
     pub fn new(message: Message, ts: u64) -> Self {
         Self {

@@ -26,5 +26,7 @@ mod envelope;
 pub mod messages;
 mod state;
 
-pub use envelope::{DEFAULT_MAX_FRAME_BYTES, DecodeError, Envelope, Message, SUBPROTOCOL, VERSION};
+pub use envelope::{
+    DEFAULT_MAX_FRAME_BYTES, DecodeError, Envelope, Message, Peek, SUBPROTOCOL, VERSION,
+};
 pub use state::{TaskState, now_ms, trace_id};

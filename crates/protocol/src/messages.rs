@@ -85,6 +85,11 @@ pub struct Welcome {
     /// Leases the worker must stop (the gateway gave the task to someone else or it ended).
     #[serde(default)]
     pub drop: Vec<String>,
+    /// The largest frame the gateway accepts, bytes: a worker sends nothing larger (a
+    /// result that would be larger is replaced by a `result_too_large` error). Absent from
+    /// older gateways: assume [`DEFAULT_MAX_FRAME_BYTES`](crate::DEFAULT_MAX_FRAME_BYTES).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_frame_bytes: Option<u64>,
 }
 
 /// One task inside an `assign`.
@@ -185,6 +190,22 @@ pub struct TaskError {
     /// Whether another attempt may succeed.
     #[serde(default)]
     pub retryable: bool,
+}
+
+impl TaskError {
+    /// The failure a worker reports instead of a result whose frame would be `size` bytes,
+    /// over the `limit` the gateway accepts: code `result_too_large`, not retryable (the
+    /// same handler would produce the same output), pointing to the files API.
+    pub fn result_too_large(size: usize, limit: usize) -> Self {
+        Self {
+            code: "result_too_large".into(),
+            message: format!(
+                "the result frame is {size} bytes, over the {limit}-byte frame limit; upload large \
+                 outputs with the files API (POST /v1/files) and return {{\"files\":[{{\"id\":\"...\"}}]}}"
+            ),
+            retryable: false,
+        }
+    }
 }
 
 /// `result` (worker -> gateway): the outcome of a lease. Kept in the worker's outbox until

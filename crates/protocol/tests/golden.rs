@@ -144,3 +144,21 @@ fn canceled_is_sent_and_both_spellings_are_read() {
         Some(kiln_protocol::TaskState::Canceled)
     );
 }
+
+#[test]
+fn peek_reads_type_and_lease_of_a_frame_too_large_to_decode() {
+    let frame = format!(
+        r#"{{"type":"result","version":"1","payload":{{"lease":"l-7","status":"ok","output":{{"b64":"{}"}}}}}}"#,
+        "A".repeat(4096)
+    );
+    assert!(matches!(
+        kiln_protocol::Envelope::decode(&frame, 1024),
+        Err(kiln_protocol::DecodeError::Oversized { .. })
+    ));
+    let p = kiln_protocol::Envelope::peek(&frame).unwrap();
+    assert_eq!(
+        (p.kind.as_str(), p.lease.as_deref()),
+        ("result", Some("l-7"))
+    );
+    assert!(kiln_protocol::Envelope::peek("not json").is_none());
+}

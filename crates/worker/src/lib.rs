@@ -25,6 +25,7 @@
 //! # }
 //! ```
 
+mod limits;
 mod outbox;
 mod worker;
 

@@ -43,6 +43,16 @@ pub struct WorkerConfig {
     /// On shutdown or drain, wait this long for running tasks (and for the `result_ack` of
     /// finished ones) before releasing what still runs. Default: 30 s.
     pub shutdown_grace: Duration,
+    /// Largest frame accepted from the gateway, bytes. A larger one (up to four times this)
+    /// is read, refused with an `oversized` error envelope and the connection kept (the
+    /// gateway counts a failed assignment); beyond that the connection fails. At least the
+    /// gateway's `broker.max_frame_bytes`. Default: 16 MiB.
+    pub max_frame_bytes: usize,
+    /// Largest `result` frame sent, bytes; lowered to the gateway's
+    /// `welcome.max_frame_bytes`. A result over it is not sent: the task fails with
+    /// `result_too_large` (large outputs go through the files API). Default: 1 MiB (the
+    /// gateway's default frame limit).
+    pub max_result_bytes: usize,
 }
 
 impl Default for WorkerConfig {
@@ -69,6 +79,8 @@ impl Default for WorkerConfig {
             },
             reset_after: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(30),
+            max_frame_bytes: 16 << 20,
+            max_result_bytes: kiln_protocol::DEFAULT_MAX_FRAME_BYTES,
         }
     }
 }
@@ -185,6 +197,8 @@ struct Running {
 struct State {
     running: HashMap<String, Running>,
     finished: VecDeque<((String, u32), TaskResult)>,
+    /// The largest result frame the gateway takes (see [`WorkerConfig::max_result_bytes`]).
+    result_limit: usize,
 }
 
 /// Stops a running worker: it takes no new work, finishes or releases what it runs, says
@@ -273,7 +287,10 @@ impl Worker {
         let policy = RetryPolicy::new(self.cfg.reconnect.clone())
             .map_err(|e| WorkerError::Config(e.to_string()))?;
         let mut backoff = policy.start("gateway", true);
-        let state = Arc::new(Mutex::new(State::default()));
+        let state = Arc::new(Mutex::new(State {
+            result_limit: self.cfg.max_result_bytes,
+            ..State::default()
+        }));
         let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Message>();
         let mut session: Option<(String, u64)> = None;
         let mut stop = self.stop.subscribe();
@@ -387,7 +404,7 @@ impl Conn<'_> {
         }
         let mut ws = match tokio::time::timeout(
             Duration::from_secs(10),
-            tokio_tungstenite::connect_async_with_config(req, None, true),
+            tokio_tungstenite::connect_async_with_config(req, Some(ws_config(&self.w.cfg)), true),
         )
         .await
         {
@@ -446,8 +463,11 @@ impl Conn<'_> {
         if !welcome.resumed {
             *session = Some((welcome.session.clone(), 0));
         }
+        let result_limit =
+            crate::limits::result_limit(self.w.cfg.max_result_bytes, welcome.max_frame_bytes);
         {
             let mut s = lock(self.state);
+            s.result_limit = result_limit;
             for lease in &welcome.drop {
                 if let Some(r) = s.running.remove(lease) {
                     let _ = r.cancel.send(true);
@@ -455,7 +475,16 @@ impl Conn<'_> {
             }
         }
         tracing::info!(message = "connected", session = %welcome.session, resumed = welcome.resumed, keep = welcome.keep.len(), drop = welcome.drop.len());
-        for e in pending {
+        for mut e in pending {
+            // An entry too large for the gateway (written before it said its limit, or by an
+            // older version) is never resent as is: it becomes a `result_too_large` error.
+            let fitted = crate::limits::fit_result(e.result.clone(), &source, result_limit);
+            if fitted != e.result {
+                e.result = fitted;
+                if let Err(err) = self.outbox.put(&e).await {
+                    tracing::error!(message = "outbox write failed", error = %err);
+                }
+            }
             if ws
                 .send(frame(Message::Result(e.result), &source))
                 .await
@@ -512,10 +541,16 @@ impl Conn<'_> {
                         Some(Err(e)) => return closed(1006, e.to_string()),
                         None => return closed(1006, "connection closed".into()),
                     };
-                    let env = match Envelope::decode(text.as_str(), usize::MAX) {
+                    let env = match Envelope::decode(text.as_str(), self.w.cfg.max_frame_bytes) {
                         Ok(e) => e,
                         Err(e) => {
                             tracing::warn!(message = "bad frame from gateway", error = %e);
+                            // Every control message before it was acked on arrival, so the
+                            // gateway takes the refused frame for its oldest unacked assign.
+                            if matches!(e, kiln_protocol::DecodeError::Oversized { .. }) {
+                                let reply = Envelope::error_reply(&e, kiln_protocol::now_ms()).from_source(&source);
+                                let _ = ws.send(tungstenite::Message::Text(reply.encode().into())).await;
+                            }
                             continue;
                         }
                     };
@@ -631,6 +666,7 @@ impl Conn<'_> {
         let state = self.state.clone();
         let outbox = self.outbox.clone();
         let out = self.out_tx.clone();
+        let source = format!("worker:{}", self.worker_id);
         let span = tracing::info_span!("task", task_id = %ctx.task_id, task_type = %ctx.task_type, attempt = ctx.attempt);
         tokio::spawn(tracing::Instrument::instrument(
             async move {
@@ -683,6 +719,8 @@ impl Conn<'_> {
                     },
                 };
                 result.timings = timings;
+                let limit = lock(&state).result_limit;
+                let result = crate::limits::fit_result(result, &source, limit);
                 let entry = Entry {
                     task_id: task_id.clone(),
                     attempt,
@@ -707,6 +745,15 @@ impl Conn<'_> {
         ));
         None
     }
+}
+
+/// The WebSocket's read limits: frames up to four times `max_frame_bytes` are read (and
+/// refused when over it); larger ones fail the connection.
+fn ws_config(cfg: &WorkerConfig) -> tungstenite::protocol::WebSocketConfig {
+    let hard = Some(cfg.max_frame_bytes.saturating_mul(4));
+    tungstenite::protocol::WebSocketConfig::default()
+        .max_message_size(hard)
+        .max_frame_size(hard)
 }
 
 fn http_value(s: &str) -> tungstenite::http::HeaderValue {

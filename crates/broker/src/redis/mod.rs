@@ -692,6 +692,21 @@ impl Queue for RedisQueue {
         })
     }
 
+    fn record_assignment<'a>(
+        &'a self,
+        lease: &'a str,
+        delivered: bool,
+    ) -> QueueFuture<'a, Option<u32>> {
+        Box::pin(async move {
+            let failed = if delivered { "0" } else { "1" };
+            let mut r = self
+                .run("assignment", vec![lease.to_owned(), failed.to_owned()])
+                .await?;
+            let n = int(&r.next().ok_or_else(|| corrupt("assignment"))?)?;
+            Ok(u32::try_from(n).ok())
+        })
+    }
+
     fn release_worker<'a>(
         &'a self,
         worker_id: &'a str,

@@ -496,6 +496,17 @@ elseif op == 'types_seen' then
   end
   table.sort(out)
   return reply(out)
+elseif op == 'assignment' then
+  -- A[2] '1': one more assignment of the running lease A[1] failed on the transport; '0':
+  -- one was acknowledged (the count starts again). Replies the count, -1 if not current.
+  local tid = redis.call('HGET', key('leases'), A[1])
+  local t = tid and load(tid)
+  if not t or t.lease ~= A[1] or t.state ~= 'running' then return reply(-1) end
+  if A[2] == '1' then
+    return reply(redis.call('HINCRBY', key('task', tid), 'assign_failures', 1))
+  end
+  redis.call('HDEL', key('task', tid), 'assign_failures')
+  return reply(0)
 
 elseif op == 'release_worker' then
   -- A[3..]: leases the new process still holds results for; they stay leased.

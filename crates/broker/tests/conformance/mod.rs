@@ -3,7 +3,8 @@
 //! release, retryable rejects (the rejecting worker skips the task for a while), worker
 //! restarts (they spend attempts, but keep the leases whose results the
 //! new process still holds), cancel, lapsed leases, deadlines, listing,
-//! counts, events, stage timings, the task types workers said hello with.
+//! counts, events, stage timings, the task types workers said hello with, assignments that
+//! fail on the transport.
 //!
 //! Each function takes a fresh, empty queue whose default is 2 attempts with no retry
 //! backoff. A backend's test file instantiates them all with `conformance_tests!`.
@@ -51,7 +52,10 @@ macro_rules! conformance_tests {
             priority_then_age_among_the_tasks_a_worker_fits,
             a_rejected_task_skips_its_worker_for_the_back_off,
             a_rejected_routed_task_skips_only_its_worker,
-            task_types_seen_are_remembered_by_time
+            task_types_seen_are_remembered_by_time,
+            failed_assignments_requeue_then_dead_letter_as_assign_failed,
+            a_delivered_assignment_resets_the_failure_count,
+            cancel_of_an_undelivered_assignment_ends_the_task_at_once
         );
     };
     (@each $make:path, $done:path; $($name:ident),*) => {
@@ -1114,4 +1118,123 @@ pub async fn task_types_seen_are_remembered_by_time(q: &dyn Queue) {
         ["lip_sync", "upscale"]
     );
     assert!(q.task_types_seen(T + 11).await.unwrap().is_empty());
+}
+
+/// Leases the one queued `txt2img` task (the other type waits).
+async fn lease_txt2img(q: &dyn Queue, now: u64) -> String {
+    let only = Capabilities {
+        task_types: vec!["txt2img".into()],
+        ..Default::default()
+    };
+    let got = q.reserve("w", &only, 2, now + 90_000, now).await.unwrap();
+    assert_eq!(got.len(), 1);
+    got[0].lease.clone().unwrap()
+}
+
+pub async fn failed_assignments_requeue_then_dead_letter_as_assign_failed(q: &dyn Queue) {
+    let (poison, _) = q
+        .enqueue(task("txt2img", json!({"p": 1})), T)
+        .await
+        .unwrap();
+    let (other, _) = q
+        .enqueue(task("img2img", json!({"p": 2})), T + 1)
+        .await
+        .unwrap();
+    for n in 1..=2u64 {
+        let l = lease_txt2img(q, T + 10 * n).await;
+        let back = q
+            .assign_failed(&l, 3, T + 10 * n + 1)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(back.id, poison.id);
+        assert_eq!(
+            (back.state, back.attempt, back.dead_lettered),
+            (TaskState::Queued, 0, false),
+            "a failed assignment is not an attempt"
+        );
+        assert!(
+            q.assign_failed(&l, 3, T + 10 * n + 2)
+                .await
+                .unwrap()
+                .is_none(),
+            "an old lease counts nothing"
+        );
+    }
+    let l = lease_txt2img(q, T + 40).await;
+    let dead = q.assign_failed(&l, 3, T + 41).await.unwrap().unwrap();
+    assert_eq!(dead.id, poison.id);
+    assert_eq!((dead.state, dead.dead_lettered), (TaskState::Failed, true));
+    let err = dead.error.unwrap();
+    assert_eq!(err.code, ASSIGN_FAILED);
+    assert!(!err.retryable);
+    // The other task was never blamed: it is all that is left, on its first attempt.
+    let next = q
+        .reserve("w", &caps(), 2, T + 90_000, T + 50)
+        .await
+        .unwrap();
+    assert_eq!(ids(&next), vec![other.id.clone()]);
+    assert_eq!(next[0].attempt, 1);
+    let events = q.events_after(&poison.id, 0).await.unwrap();
+    assert_eq!(events.last().unwrap().kind, "completed");
+}
+
+pub async fn a_delivered_assignment_resets_the_failure_count(q: &dyn Queue) {
+    let (t, _) = q.enqueue(task("txt2img", json!({})), T).await.unwrap();
+    for n in 1..=2u64 {
+        let l = lease_one(q, "w", T + 90_000, T + 10 * n).await;
+        q.assign_failed(&l, 3, T + 10 * n + 1)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    let l = lease_one(q, "w", T + 90_000, T + 30).await;
+    assert_eq!(q.record_assignment(&l, true).await.unwrap(), Some(0));
+    // The worker got it, then gave it back: the count starts again.
+    q.release(&l, "draining", T + 31).await.unwrap().unwrap();
+    assert_eq!(q.record_assignment(&l, true).await.unwrap(), None);
+    for n in 4..=5u64 {
+        let l = lease_one(q, "w", T + 90_000, T + 10 * n).await;
+        let back = q
+            .assign_failed(&l, 3, T + 10 * n + 1)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            back.state,
+            TaskState::Queued,
+            "two failures in a row are not three"
+        );
+    }
+    let l = lease_one(q, "w", T + 90_000, T + 60).await;
+    let dead = q.assign_failed(&l, 3, T + 61).await.unwrap().unwrap();
+    assert_eq!((dead.id, dead.state), (t.id, TaskState::Failed));
+}
+
+pub async fn cancel_of_an_undelivered_assignment_ends_the_task_at_once(q: &dyn Queue) {
+    let (t, _) = q.enqueue(task("txt2img", json!({})), T).await.unwrap();
+    let l = lease_one(q, "w", T + 90_000, T).await;
+    assert!(matches!(
+        q.cancel(&t.id, T + 1).await.unwrap(),
+        CancelOutcome::SignalWorker { .. }
+    ));
+    // The broker knows the worker never acknowledged the assignment: it gives the lease
+    // back, and a task whose cancel was requested ends canceled instead of queued.
+    let after = q
+        .release(&l, "canceled before the worker acknowledged it", T + 2)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(after.state, TaskState::Canceled);
+    assert!(
+        q.reserve("w", &caps(), 1, T + 90_000, T + 3)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let done = q.complete(&l, Completion::Cancelled, T + 4).await.unwrap();
+    assert!(
+        !done.accepted,
+        "a late result of the withdrawn lease is refused"
+    );
 }

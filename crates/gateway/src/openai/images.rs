@@ -265,6 +265,7 @@ async fn submit(
     request_id: Option<String>,
     model: Option<String>,
 ) -> Result<Task, OpenAiError> {
+    crate::limits::check_input(state.config(), &input).map_err(OpenAiError::from)?;
     let fingerprint = input.get("fingerprint").cloned();
     let new = NewTask {
         task_type: task_type.clone(),
