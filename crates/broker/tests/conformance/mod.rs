@@ -47,7 +47,9 @@ macro_rules! conformance_tests {
             a_model_task_goes_only_to_workers_listing_the_model,
             labels_must_all_be_on_the_worker,
             unfit_tasks_stay_queued_and_are_not_starved,
-            priority_then_age_among_the_tasks_a_worker_fits
+            priority_then_age_among_the_tasks_a_worker_fits,
+            a_lease_is_acted_on_only_by_the_worker_holding_it,
+            worker_identities_are_set_once_and_can_be_forgotten
         );
     };
     (@each $make:path, $done:path; $($name:ident),*) => {
@@ -284,7 +286,11 @@ pub async fn release_does_not_count_the_attempt(q: &dyn Queue) {
         .lease
         .clone()
         .unwrap();
-    let back = q.release(&l, "draining", T + 1).await.unwrap().unwrap();
+    let back = q
+        .release(&l, None, "draining", T + 1)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!((back.state, back.attempt), (TaskState::Queued, 0));
     let again = q.reserve("w", &caps(), 1, T + 90_000, T + 2).await.unwrap();
     assert_eq!(again[0].attempt, 1);
@@ -339,7 +345,7 @@ pub async fn events_resume_after_an_id(q: &dyn Queue) {
         .lease
         .clone()
         .unwrap();
-    q.progress(&l, json!({"step": 1, "total": 2}), T + 1)
+    q.progress(&l, None, json!({"step": 1, "total": 2}), T + 1)
         .await
         .unwrap();
     q.complete(&l, Completion::Ok(json!({})), T + 2)
@@ -457,9 +463,14 @@ pub async fn release_worker_requeues_everything_it_held(q: &dyn Queue) {
     );
     assert!(q.leases_of("w").await.unwrap().is_empty());
     let stale = got[0].lease.clone().unwrap();
-    assert!(q.release(&stale, "again", T + 2).await.unwrap().is_none());
     assert!(
-        q.progress(&stale, json!({}), T + 2)
+        q.release(&stale, None, "again", T + 2)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        q.progress(&stale, None, json!({}), T + 2)
             .await
             .unwrap()
             .is_none()
@@ -674,9 +685,13 @@ pub async fn timings_merge_by_key_and_worker_stages_need_the_current_lease(q: &d
     let lease = lease_one(q, "w", T + 90_000, T + 10).await;
     let stages: std::collections::BTreeMap<String, u64> =
         [("render_ms".to_owned(), 40), ("upload_ms".to_owned(), 3)].into();
-    assert!(q.record_worker_timings(&lease, &stages).await.unwrap());
     assert!(
-        !q.record_worker_timings("lease_nope", &stages)
+        q.record_worker_timings(&lease, None, &stages)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !q.record_worker_timings("lease_nope", None, &stages)
             .await
             .unwrap(),
         "an unknown lease records nothing"
@@ -686,7 +701,7 @@ pub async fn timings_merge_by_key_and_worker_stages_need_the_current_lease(q: &d
         .unwrap();
     // The attempt is over: a late duplicate result cannot overwrite the stages.
     let late: std::collections::BTreeMap<String, u64> = [("render_ms".to_owned(), 1)].into();
-    assert!(!q.record_worker_timings(&lease, &late).await.unwrap());
+    assert!(!q.record_worker_timings(&lease, None, &late).await.unwrap());
     q.merge_timings(&t.id, &m(json!({"upload_ms": 2})))
         .await
         .unwrap();
@@ -882,7 +897,10 @@ pub async fn unfit_tasks_stay_queued_and_are_not_starved(q: &dyn Queue) {
     assert_eq!(ids(&got), vec![a.id.clone()]);
     // Given back (and after a lapsed lease), it is again only for workers that fit.
     let lease = got[0].lease.clone().unwrap();
-    q.release(&lease, "restart", T + 21).await.unwrap().unwrap();
+    q.release(&lease, None, "restart", T + 21)
+        .await
+        .unwrap()
+        .unwrap();
     assert!(
         q.reserve("w0", &other, 5, T + 90_000, T + 22)
             .await
@@ -945,4 +963,77 @@ pub async fn priority_then_age_among_the_tasks_a_worker_fits(q: &dyn Queue) {
             TaskState::Queued
         );
     }
+}
+
+pub async fn a_lease_is_acted_on_only_by_the_worker_holding_it(q: &dyn Queue) {
+    let (t, _) = q.enqueue(task("txt2img", json!({})), T).await.unwrap();
+    let lease = lease_one(q, "wa", T + 90_000, T).await;
+    // Worker B names A's lease: nothing it sends about it counts.
+    let stolen = q
+        .complete_as("wb", &lease, Completion::Ok(json!({"from": "b"})), T + 1)
+        .await
+        .unwrap();
+    assert!(!stolen.accepted);
+    assert_eq!(stolen.reason.as_deref(), Some(NOT_HOLDER));
+    let failed = q
+        .finish(&lease, Some("wb"), Ending::Dead(oom()), T + 1)
+        .await
+        .unwrap();
+    assert!(!failed.accepted);
+    assert_eq!(
+        q.progress(&lease, Some("wb"), json!({}), T + 1)
+            .await
+            .unwrap(),
+        None
+    );
+    let stages = std::collections::BTreeMap::from([("render_ms".to_owned(), 5u64)]);
+    assert!(
+        !q.record_worker_timings(&lease, Some("wb"), &stages)
+            .await
+            .unwrap()
+    );
+    assert!(
+        q.release(&lease, Some("wb"), "mine now", T + 1)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let still = q.get(&t.id).await.unwrap().unwrap();
+    assert_eq!(still.state, TaskState::Running);
+    assert_eq!(still.lease.as_deref(), Some(lease.as_str()));
+    assert_eq!(still.attempt, 1);
+    assert_eq!(still.progress, None);
+    // A's own frames still count, and A's result becomes the output.
+    assert!(
+        q.progress(&lease, Some("wa"), json!({"step": 1}), T + 2)
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert!(
+        q.record_worker_timings(&lease, Some("wa"), &stages)
+            .await
+            .unwrap()
+    );
+    let mine = q
+        .complete_as("wa", &lease, Completion::Ok(json!({"from": "a"})), T + 3)
+        .await
+        .unwrap();
+    assert!(mine.accepted, "{:?}", mine.reason);
+    let done = q.get(&t.id).await.unwrap().unwrap();
+    assert_eq!(done.state, TaskState::Succeeded);
+    assert_eq!(done.output, Some(json!({"from": "a"})));
+}
+
+pub async fn worker_identities_are_set_once_and_can_be_forgotten(q: &dyn Queue) {
+    assert_eq!(q.identity("wid").await.unwrap(), None);
+    assert!(q.set_identity("wid", "h1", T).await.unwrap());
+    assert!(!q.set_identity("wid", "h2", T + 1).await.unwrap());
+    assert_eq!(q.identity("wid").await.unwrap().as_deref(), Some("h1"));
+    assert_eq!(q.identity("other").await.unwrap(), None);
+    assert!(q.forget_identity("wid").await.unwrap());
+    assert!(!q.forget_identity("wid").await.unwrap());
+    assert_eq!(q.identity("wid").await.unwrap(), None);
+    assert!(q.set_identity("wid", "h3", T + 2).await.unwrap());
+    assert_eq!(q.identity("wid").await.unwrap().as_deref(), Some("h3"));
 }
