@@ -74,7 +74,7 @@ pub struct GatewayConfig {
 pub enum MetricsAccess {
     /// Anyone who can reach the port.
     Open,
-    /// An API key of any scope, or a metrics token; open when no API keys are configured.
+    /// An API key of any scope, or a metrics token; open when neither is configured.
     #[default]
     Key,
     /// A metrics token only (`metrics_token_hashes`).
