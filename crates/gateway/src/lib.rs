@@ -200,6 +200,10 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/files/{id}", get(files::download).delete(files::delete))
         .route("/v1/workers", get(workers::list))
         .route("/v1/workers/{id}/drain", post(workers::drain))
+        .route(
+            "/v1/workers/{id}/identity",
+            axum::routing::delete(workers::forget_identity),
+        )
         .route("/v1/admin/queue/pause", post(workers::pause))
         .route("/v1/admin/queue/resume", post(workers::resume))
         .layer(middleware::from_fn_with_state(timeout, time_limit));

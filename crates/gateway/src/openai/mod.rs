@@ -7,6 +7,7 @@ mod config;
 mod error;
 mod fetch;
 mod images;
+mod ip_ranges;
 mod models;
 mod provider;
 mod references;
