@@ -155,6 +155,13 @@ impl Settings {
                     .into(),
             );
         }
+        if self.server.idle_timeout <= self.gateway.sse_heartbeat {
+            return Err(format!(
+                "invalid configuration: server.idle_timeout ({:?}) must be above gateway.sse_heartbeat ({:?}), \
+                 or idle SSE streams are closed between heartbeats",
+                self.server.idle_timeout, self.gateway.sse_heartbeat
+            ));
+        }
         if self.gateway.metrics_access == kiln_gateway::MetricsAccess::Token
             && self.gateway.metrics_token_hashes.is_empty()
         {

@@ -58,6 +58,7 @@ async fn slow_header_connections_are_closed_and_healthz_still_answers() {
         &[
             ("KILN_SERVER__HEADER_READ_TIMEOUT", "1500ms"),
             ("KILN_SERVER__IDLE_TIMEOUT", "3s"),
+            ("KILN_GATEWAY__SSE_HEARTBEAT", "1s"),
             ("KILN_DEMO_WORKER__ENABLED", "false"),
         ],
     );
