@@ -2,6 +2,7 @@
 //! tools. Reads as a script: parse arguments, load settings, start logging, run.
 
 mod demo;
+mod listen;
 mod provider;
 mod settings;
 
@@ -63,8 +64,15 @@ enum ConfigCommand {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
-    /// Print the `sha256:` hash of an API key or worker token for the config file.
-    HashKey { key: String },
+    /// Print the config entry of an API key (with `--scope`: `<scope>:sha256:<hex>`) or of a
+    /// worker or metrics token (`sha256:<hex>`).
+    HashKey {
+        key: String,
+        /// The API key's scope: read, submit or admin (without it: admin, and the form
+        /// worker and metrics tokens take).
+        #[arg(long)]
+        scope: Option<kiln_gateway::Scope>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -149,8 +157,11 @@ fn config_command(cmd: ConfigCommand) -> ExitCode {
                 ExitCode::from(settings::EX_CONFIG as u8)
             }
         },
-        ConfigCommand::HashKey { key } => {
-            println!("{}", kiln_gateway::hash_secret(&key));
+        ConfigCommand::HashKey { key, scope } => {
+            match scope {
+                Some(scope) => println!("{}", kiln_gateway::hash_key(&key, scope)),
+                None => println!("{}", kiln_gateway::hash_secret(&key)),
+            }
             ExitCode::SUCCESS
         }
     }

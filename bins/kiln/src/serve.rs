@@ -86,8 +86,14 @@ pub(crate) async fn serve(s: Settings) -> anyhow::Result<()> {
     tracing::info!(message = "listening", %addr, queue = %s.queue_desc(), %files);
     println!("kiln listening on http://{addr}");
 
+    // The in-process workers connect over loopback, also when listening on all addresses.
+    let local = if addr.ip().is_unspecified() {
+        SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), addr.port())
+    } else {
+        addr
+    };
     let demo = if s.demo_worker.enabled {
-        let url = format!("ws://{addr}/v1/workers/connect");
+        let url = format!("ws://{local}/v1/workers/connect");
         let worker = demo_worker_builder(
             url,
             Some(demo_token.clone()),
@@ -110,7 +116,7 @@ pub(crate) async fn serve(s: Settings) -> anyhow::Result<()> {
         None
     } else {
         let worker = crate::provider::worker(
-            format!("ws://{addr}/v1/workers/connect"),
+            format!("ws://{local}/v1/workers/connect"),
             Some(demo_token.clone()),
             s.server.data_dir.join("provider-worker"),
             &s.gateway.openai.providers,
@@ -127,11 +133,11 @@ pub(crate) async fn serve(s: Settings) -> anyhow::Result<()> {
     let grace = s.server.shutdown_grace;
     let (stopped_tx, stopped_rx) = tokio::sync::watch::channel(false);
     let shutdown_state = state.clone();
-    let server = axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move {
+    let limits = crate::listen::Limits {
+        header_read_timeout: s.server.header_read_timeout,
+        idle_timeout: s.server.idle_timeout,
+    };
+    let server = crate::listen::serve(listener, app, limits, async move {
         shutdown_signal().await;
         tracing::info!(
             message = "shutting down: draining workers and streams",
@@ -142,7 +148,7 @@ pub(crate) async fn serve(s: Settings) -> anyhow::Result<()> {
     });
     let mut stopped = stopped_rx.clone();
     tokio::select! {
-        r = server => r.context("server failed")?,
+        () = server => {}
         _ = async {
             let _ = stopped.wait_for(|s| *s).await;
             tokio::time::sleep(grace).await;

@@ -68,6 +68,10 @@ pub(crate) struct Server {
     pub(crate) data_dir: PathBuf,
     #[serde(with = "humantime_serde")]
     pub(crate) shutdown_grace: Duration,
+    #[serde(with = "humantime_serde")]
+    pub(crate) header_read_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub(crate) idle_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -116,6 +120,8 @@ pub(crate) fn load(path: Option<&Path>) -> Result<Settings, String> {
             .with_list_parse_key("gateway.known_task_types")
             .with_list_parse_key("gateway.cors_origins")
             .with_list_parse_key("files.allowed_types")
+            .with_list_parse_key("gateway.allowed_hosts")
+            .with_list_parse_key("gateway.metrics_token_hashes")
             .with_list_parse_key("storage.client.retry.retry_statuses"),
     );
     let cfg = b
@@ -161,6 +167,47 @@ impl Settings {
                 "invalid configuration: server.listen is {} (not loopback) but gateway.worker_token_hashes is empty",
                 self.server.listen
             ));
+        }
+        if self.server.header_read_timeout.is_zero() || self.server.idle_timeout.is_zero() {
+            return Err(
+                "invalid configuration: server.header_read_timeout and server.idle_timeout must be above zero"
+                    .into(),
+            );
+        }
+        if self.server.idle_timeout <= self.gateway.sse_heartbeat {
+            return Err(format!(
+                "invalid configuration: server.idle_timeout ({:?}) must be above gateway.sse_heartbeat ({:?}), \
+                 or idle SSE streams are closed between heartbeats",
+                self.server.idle_timeout, self.gateway.sse_heartbeat
+            ));
+        }
+        if self.gateway.metrics_access == kiln_gateway::MetricsAccess::Token
+            && self.gateway.metrics_token_hashes.is_empty()
+        {
+            return Err(
+                "invalid configuration: gateway.metrics_access is \"token\" but gateway.metrics_token_hashes is empty"
+                    .into(),
+            );
+        }
+        for (key, list, scoped) in [
+            ("gateway.api_key_hashes", &self.gateway.api_key_hashes, true),
+            (
+                "gateway.worker_token_hashes",
+                &self.gateway.worker_token_hashes,
+                false,
+            ),
+            (
+                "gateway.metrics_token_hashes",
+                &self.gateway.metrics_token_hashes,
+                false,
+            ),
+        ] {
+            let parsed = if scoped {
+                kiln_gateway::SecretSet::from_scoped_hashes(list).map(drop)
+            } else {
+                kiln_gateway::SecretSet::from_hashes(list).map(drop)
+            };
+            parsed.map_err(|e| format!("invalid configuration: {key}: {e}"))?;
         }
         if self.queue.backend == QueueBackend::Redis && cfg!(not(feature = "redis")) {
             return Err(

@@ -270,6 +270,7 @@ async fn frames_over_the_limit_get_oversized_and_over_the_hard_limit_close_1009(
         resume: None,
         inflight: vec![],
         outbox: vec![],
+        worker_secret: None,
     })))
     .await
     .unwrap();

@@ -12,6 +12,7 @@ use kiln_protocol::messages::*;
 use kiln_protocol::{DecodeError, Envelope, Message, close};
 use serde::Serialize;
 use serde_json::json;
+use sha2::{Digest, Sha256};
 use tokio::sync::{broadcast, mpsc, watch};
 
 use crate::config::BrokerConfig;
@@ -265,7 +266,7 @@ impl Broker {
     async fn stop_lease(&self, worker_id: &str, lease: &str) {
         if self.withdraw_unacked(worker_id, lease) {
             let why = "canceled before the worker acknowledged its assignment";
-            match self.queue.release(lease, why, now_ms()).await {
+            match self.queue.release(lease, None, why, now_ms()).await {
                 Ok(_) => self.publish(),
                 Err(e) => {
                     tracing::warn!(message = "cancel of an unacked task not stored", error = %e)
@@ -443,10 +444,29 @@ impl Broker {
             Ok(_) => return end(1000, "closed before hello".into()),
             Err(_) => return end(close::PROTOCOL, "no hello within the hello timeout".into()),
         };
+        for (field, id) in [("worker_id", &hello.worker_id), ("boot_id", &hello.boot_id)] {
+            if let Err(why) = check_id(id) {
+                tracing::warn!(message = "hello refused", field, error = %why);
+                return end(close::PROTOCOL, format!("invalid {field}: {why}"));
+            }
+        }
         let worker_id = hello.worker_id.clone();
+        let issued = match self.prove_identity(&hello).await {
+            Ok(Ok(issued)) => issued,
+            Ok(Err(why)) => {
+                tracing::warn!(message = "hello refused: worker identity not proven", worker_id = %worker_id, boot_id = %hello.boot_id, reason = why);
+                return end(close::IDENTITY, why.into());
+            }
+            Err(e) => {
+                return end(
+                    close::TRY_LATER,
+                    close::reason_with_retry_after(&format!("queue store: {e}"), 1000),
+                );
+            }
+        };
         let (tx, mut rx) = mpsc::unbounded_channel::<Outbound>();
         let conn_id = self.conn_ids.fetch_add(1, Ordering::Relaxed);
-        let (welcome, replay) = match self.register(&hello, tx, conn_id).await {
+        let (mut welcome, replay) = match self.register(&hello, tx, conn_id).await {
             Ok(w) => w,
             Err(e) => {
                 return end(
@@ -455,6 +475,7 @@ impl Broker {
                 );
             }
         };
+        welcome.worker_secret = issued;
         tracing::info!(message = "worker connected", worker_id = %worker_id, boot_id = %hello.boot_id, resumed = welcome.resumed, keep = welcome.keep.len(), drop = welcome.drop.len());
         // Remembered so that its task types are accepted while it is offline.
         if let Err(e) = self
@@ -543,6 +564,61 @@ impl Broker {
         outcome
     }
 
+    /// Checks the hello's `worker_secret` against the one issued to its `worker_id`, before
+    /// anything about a connected session changes. `Ok(Ok(Some(secret)))`: first
+    /// registration, `secret` was issued now (sent in `welcome`); `Ok(Ok(None))`: proven (or
+    /// a presented secret adopted because none was stored); `Ok(Err(why))`: refused.
+    async fn prove_identity(
+        &self,
+        hello: &Hello,
+    ) -> Result<Result<Option<String>, &'static str>, QueueError> {
+        let id = &hello.worker_id;
+        let presented = hello.worker_secret.as_deref().filter(|s| !s.is_empty());
+        if presented.is_some_and(|s| s.len() > 256) {
+            return Ok(Err("worker_secret longer than 256 bytes"));
+        }
+        for _ in 0..2 {
+            if let Some(stored) = self.queue.identity(id).await? {
+                return Ok(match presented {
+                    Some(s) if same_digest(&sha256_hex(s), &stored) => Ok(None),
+                    Some(_) => Err("wrong worker_secret for this worker_id"),
+                    None => {
+                        Err("this worker_id is registered: the hello must carry its worker_secret")
+                    }
+                });
+            }
+            let (secret, issued) = match presented {
+                Some(s) => (s.to_owned(), None),
+                None => {
+                    let s = format!(
+                        "wks_{}{}",
+                        uuid::Uuid::new_v4().simple(),
+                        uuid::Uuid::new_v4().simple()
+                    );
+                    (s.clone(), Some(s))
+                }
+            };
+            if self
+                .queue
+                .set_identity(id, &sha256_hex(&secret), now_ms())
+                .await?
+            {
+                tracing::info!(message = "worker registered", worker_id = %id, issued = issued.is_some());
+                return Ok(Ok(issued));
+            }
+            // Another hello registered this id meanwhile: check against its secret.
+        }
+        Ok(Err("this worker_id was registered concurrently"))
+    }
+
+    /// Forgets the secret issued to `worker_id` (an operator's reset after a worker lost its
+    /// state dir): its next hello registers afresh. Returns whether one was stored.
+    pub async fn forget_identity(&self, worker_id: &str) -> Result<bool, QueueError> {
+        let forgot = self.queue.forget_identity(worker_id).await?;
+        tracing::warn!(message = "worker identity forgotten", worker_id = %worker_id, forgot);
+        Ok(forgot)
+    }
+
     /// Registers a hello: resume, restart or fresh session. Returns the welcome and the
     /// control frames to replay.
     async fn register(
@@ -559,6 +635,9 @@ impl Broker {
         let previous = {
             let mut sessions = self.sessions();
             sessions.get_mut(worker_id).map(|p| {
+                if p.tx.is_some() && p.boot_id != hello.boot_id {
+                    tracing::warn!(message = "worker session taken over", worker_id = %worker_id, old_boot_id = %p.boot_id, new_boot_id = %hello.boot_id, old_session = %p.session);
+                }
                 if let Some(old) = p.tx.take() {
                     let _ = old.send(Outbound::Close(SessionEnd {
                         code: close::REPLACED,
@@ -590,7 +669,7 @@ impl Broker {
                 .collect();
             for l in &lost {
                 self.queue
-                    .release(l, "worker no longer holds the lease", now)
+                    .release(l, None, "worker no longer holds the lease", now)
                     .await?;
             }
             self.queue.renew(worker_id, until).await?;
@@ -663,6 +742,7 @@ impl Broker {
             resumed: true,
             keep,
             drop: dropped,
+            worker_secret: None,
         };
         Ok((welcome, replay))
     }
@@ -718,7 +798,7 @@ impl Broker {
                 inflight.insert(lease);
             } else {
                 self.queue
-                    .release(&lease, "worker no longer holds the lease", now)
+                    .release(&lease, None, "worker no longer holds the lease", now)
                     .await?;
             }
         }
@@ -761,6 +841,7 @@ impl Broker {
                 resumed: false,
                 keep,
                 drop: dropped,
+                worker_secret: None,
             },
             Vec::new(),
         ))
@@ -849,7 +930,7 @@ impl Broker {
         for lease in &orphans {
             if let Err(e) = self
                 .queue
-                .release(lease, "the session ended before assignment", now)
+                .release(lease, None, "the session ended before assignment", now)
                 .await
             {
                 tracing::warn!(message = "release failed", error = %e);
@@ -898,14 +979,21 @@ impl Broker {
             Message::Progress(p) => {
                 let data = json!({"stage": p.stage, "step": p.step, "total": p.total, "eta_ms": p.eta_ms,
                     "percent": (p.total > 0).then(|| (p.step as f64 / p.total as f64 * 100.0).min(100.0))});
-                if let Err(e) = self.queue.progress(&p.lease, data, now).await {
+                if let Err(e) = self
+                    .queue
+                    .progress(&p.lease, Some(worker_id), data, now)
+                    .await
+                {
                     tracing::warn!(message = "progress not stored", error = %e);
                 }
                 self.publish();
             }
             Message::Result(r) => {
                 if let Some(t) = r.timings.as_ref().filter(|t| !t.is_empty())
-                    && let Err(e) = self.queue.record_worker_timings(&r.lease, t).await
+                    && let Err(e) = self
+                        .queue
+                        .record_worker_timings(&r.lease, Some(worker_id), t)
+                        .await
                 {
                     tracing::warn!(message = "worker timings not stored", error = %e);
                 }
@@ -923,7 +1011,7 @@ impl Broker {
                 // store commits both together.
                 self.free_lease(worker_id, &r.lease);
                 let (stored, ()) = tokio::join!(
-                    self.queue.complete(&r.lease, completion, now),
+                    self.queue.complete_as(worker_id, &r.lease, completion, now),
                     self.dispatch(worker_id)
                 );
                 let (accepted, reason) = match stored {
@@ -948,7 +1036,13 @@ impl Broker {
                     // This worker is not offered the task again for the back-off.
                     let until = now.saturating_add(self.cfg.reject_backoff.as_millis() as u64);
                     self.queue
-                        .reject(&r.lease, &format!("rejected: {}", r.reason), until, now)
+                        .reject(
+                            &r.lease,
+                            Some(worker_id),
+                            &format!("rejected: {}", r.reason),
+                            until,
+                            now,
+                        )
                         .await
                         .map(|_| ())
                 } else {
@@ -958,7 +1052,7 @@ impl Broker {
                         retryable: false,
                     };
                     self.queue
-                        .complete(&r.lease, Completion::Error(err), now)
+                        .complete_as(worker_id, &r.lease, Completion::Error(err), now)
                         .await
                         .map(|_| ())
                 };
@@ -972,7 +1066,7 @@ impl Broker {
             Message::Release(r) => {
                 if let Err(e) = self
                     .queue
-                    .release(&r.lease, "released by worker", now)
+                    .release(&r.lease, Some(worker_id), "released by worker", now)
                     .await
                 {
                     tracing::warn!(message = "release not stored", error = %e);
@@ -1044,6 +1138,19 @@ impl Broker {
             }
         }
     }
+}
+
+fn sha256_hex(s: &str) -> String {
+    hex::encode(Sha256::digest(s.as_bytes()))
+}
+
+/// Compares two digests in time independent of where they differ.
+fn same_digest(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
 }
 
 fn end(code: u16, reason: String) -> SessionEnd {

@@ -33,7 +33,7 @@
 //! tokio::spawn(broker.clone().serve_session(from_worker, to_worker));
 //! let hello = Hello { worker_id: "w1".into(), boot_id: "b1".into(), slots: 1,
 //!     capabilities: Capabilities { task_types: vec!["txt2img".into()], ..Default::default() },
-//!     resume: None, inflight: vec![], outbox: vec![] };
+//!     resume: None, inflight: vec![], outbox: vec![], worker_secret: None };
 //! to_gw.unbounded_send(Ok(Envelope::new(Message::Hello(hello), 0).encode())).unwrap();
 //! let welcome = Envelope::decode(&from_gw.next().await.unwrap(), 1 << 20).unwrap();
 //! assert!(matches!(welcome.message, Message::Welcome(_)));

@@ -183,6 +183,9 @@ pub enum Completion {
     Cancelled,
 }
 
+/// The reason a result for a lease held by another worker is refused with.
+pub const NOT_HOLDER: &str = "lease held by another worker";
+
 /// The answer to a result.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CompleteOutcome {
@@ -203,6 +206,11 @@ impl CompleteOutcome {
     /// The lease belonged to an earlier attempt of its task.
     pub(crate) fn stale_lease() -> Self {
         Self::refused("stale lease: the attempt is no longer current".into(), None)
+    }
+
+    /// The lease is current but another worker holds it.
+    pub fn not_holder() -> Self {
+        Self::refused(NOT_HOLDER.into(), None)
     }
 
     /// The lease is current but the task no longer runs.

@@ -128,6 +128,11 @@ CREATE TABLE IF NOT EXISTS {s}.task_types (
     task_type TEXT PRIMARY KEY,
     last_seen BIGINT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS {s}.workers (
+    worker_id TEXT PRIMARY KEY,
+    secret_sha256 TEXT NOT NULL,
+    created_at BIGINT NOT NULL
+);
 ";
 
 const COLS: &str = "id, request_id, task_type, state, priority, input, metadata, attempt, max_attempts, \
@@ -601,13 +606,20 @@ impl PostgresQueue {
         Ok(tasks)
     }
 
-    async fn progress_(&self, lease: &str, progress: Value, now: u64) -> Result<Option<String>> {
+    async fn progress_(
+        &self,
+        lease: &str,
+        holder: Option<&str>,
+        progress: Value,
+        now: u64,
+    ) -> Result<Option<String>> {
         let mut c = self.pool.get().await?;
         let mut tx = self.begin(&mut c).await?;
         let rows = tx
             .rows(
-                "UPDATE {s}.tasks SET progress = $2 WHERE lease = $1 AND state = 'running' RETURNING id",
-                &[&lease, &progress.to_string()],
+                "UPDATE {s}.tasks SET progress = $2 WHERE lease = $1 AND state = 'running'
+                 AND ($3::text IS NULL OR worker_id = $3) RETURNING id",
+                &[&lease, &progress.to_string(), &holder],
             )
             .await?;
         let id: Option<String> = rows.first().map(|r| r.try_get(0)).transpose()?;
@@ -618,7 +630,13 @@ impl PostgresQueue {
         Ok(id)
     }
 
-    async fn end_attempt(&self, lease: &str, ending: Ending, now: u64) -> Result<CompleteOutcome> {
+    async fn end_attempt(
+        &self,
+        lease: &str,
+        holder: Option<&str>,
+        ending: Ending,
+        now: u64,
+    ) -> Result<CompleteOutcome> {
         let mut c = self.pool.get().await?;
         let mut tx = self.begin(&mut c).await?;
         let current = tx
@@ -638,6 +656,9 @@ impl PostgresQueue {
                 CompleteOutcome::unknown_lease()
             });
         };
+        if holder.is_some_and(|w| task.worker_id.as_deref() != Some(w)) {
+            return Ok(CompleteOutcome::not_holder());
+        }
         if task.state != TaskState::Running {
             return Ok(CompleteOutcome::not_running(task));
         }
@@ -684,15 +705,22 @@ impl PostgresQueue {
         })
     }
 
-    async fn release_(&self, lease: &str, why: &str, now: u64) -> Result<Option<Task>> {
+    async fn release_(
+        &self,
+        lease: &str,
+        holder: Option<&str>,
+        why: &str,
+        now: u64,
+    ) -> Result<Option<Task>> {
         let mut c = self.pool.get().await?;
         let mut tx = self.begin(&mut c).await?;
         let Some(task) = tx
             .task(
                 &format!(
-                    "SELECT {COLS} FROM {{s}}.tasks WHERE lease = $1 AND state = 'running' FOR UPDATE"
+                    "SELECT {COLS} FROM {{s}}.tasks WHERE lease = $1 AND state = 'running'
+                     AND ($2::text IS NULL OR worker_id = $2) FOR UPDATE"
                 ),
-                &[&lease],
+                &[&lease, &holder],
             )
             .await?
         else {
@@ -706,6 +734,7 @@ impl PostgresQueue {
     async fn reject_(
         &self,
         lease: &str,
+        holder: Option<&str>,
         why: &str,
         avoid_until: u64,
         now: u64,
@@ -715,9 +744,10 @@ impl PostgresQueue {
         let Some(task) = tx
             .task(
                 &format!(
-                    "SELECT {COLS} FROM {{s}}.tasks WHERE lease = $1 AND state = 'running' FOR UPDATE"
+                    "SELECT {COLS} FROM {{s}}.tasks WHERE lease = $1 AND state = 'running'
+                     AND ($2::text IS NULL OR worker_id = $2) FOR UPDATE"
                 ),
-                &[&lease],
+                &[&lease, &holder],
             )
             .await?
         else {
@@ -1072,38 +1102,42 @@ impl Queue for PostgresQueue {
     fn progress<'a>(
         &'a self,
         lease: &'a str,
+        holder: Option<&'a str>,
         progress: Value,
         now: u64,
     ) -> QueueFuture<'a, Option<String>> {
-        Box::pin(self.progress_(lease, progress, now))
+        Box::pin(self.progress_(lease, holder, progress, now))
     }
 
     fn finish<'a>(
         &'a self,
         lease: &'a str,
+        holder: Option<&'a str>,
         ending: Ending,
         now: u64,
     ) -> QueueFuture<'a, CompleteOutcome> {
-        Box::pin(self.end_attempt(lease, ending, now))
+        Box::pin(self.end_attempt(lease, holder, ending, now))
     }
 
     fn release<'a>(
         &'a self,
         lease: &'a str,
+        holder: Option<&'a str>,
         why: &'a str,
         now: u64,
     ) -> QueueFuture<'a, Option<Task>> {
-        Box::pin(self.release_(lease, why, now))
+        Box::pin(self.release_(lease, holder, why, now))
     }
 
     fn reject<'a>(
         &'a self,
         lease: &'a str,
+        holder: Option<&'a str>,
         why: &'a str,
         avoid_until: u64,
         now: u64,
     ) -> QueueFuture<'a, Option<Task>> {
-        Box::pin(self.reject_(lease, why, avoid_until, now))
+        Box::pin(self.reject_(lease, holder, why, avoid_until, now))
     }
 
     fn note_task_types<'a>(&'a self, task_types: &'a [String], now: u64) -> QueueFuture<'a, ()> {
@@ -1273,6 +1307,7 @@ impl Queue for PostgresQueue {
     fn record_worker_timings<'a>(
         &'a self,
         lease: &'a str,
+        holder: Option<&'a str>,
         timings: &'a std::collections::BTreeMap<String, u64>,
     ) -> QueueFuture<'a, bool> {
         Box::pin(async move {
@@ -1281,9 +1316,52 @@ impl Queue for PostgresQueue {
                 .read(
                     "INSERT INTO {s}.timings (task_id, data)
                      SELECT id, ($2::text)::jsonb FROM {s}.tasks WHERE lease = $1 AND state = 'running'
+                       AND ($3::text IS NULL OR worker_id = $3)
                      ON CONFLICT (task_id) DO UPDATE SET data = {s}.timings.data || excluded.data
                      RETURNING task_id",
-                    &[&lease, &data],
+                    &[&lease, &data, &holder],
+                )
+                .await?;
+            Ok(!rows.is_empty())
+        })
+    }
+
+    fn identity<'a>(&'a self, worker_id: &'a str) -> QueueFuture<'a, Option<String>> {
+        Box::pin(async move {
+            let rows = self
+                .read(
+                    "SELECT secret_sha256 FROM {s}.workers WHERE worker_id = $1",
+                    &[&worker_id],
+                )
+                .await?;
+            Ok(rows.first().map(|r| r.try_get(0)).transpose()?)
+        })
+    }
+
+    fn set_identity<'a>(
+        &'a self,
+        worker_id: &'a str,
+        secret_sha256: &'a str,
+        now: u64,
+    ) -> QueueFuture<'a, bool> {
+        Box::pin(async move {
+            let rows = self
+                .read(
+                    "INSERT INTO {s}.workers (worker_id, secret_sha256, created_at) VALUES ($1, $2, $3)
+                     ON CONFLICT (worker_id) DO NOTHING RETURNING worker_id",
+                    &[&worker_id, &secret_sha256, &i(now)],
+                )
+                .await?;
+            Ok(!rows.is_empty())
+        })
+    }
+
+    fn forget_identity<'a>(&'a self, worker_id: &'a str) -> QueueFuture<'a, bool> {
+        Box::pin(async move {
+            let rows = self
+                .read(
+                    "DELETE FROM {s}.workers WHERE worker_id = $1 RETURNING worker_id",
+                    &[&worker_id],
                 )
                 .await?;
             Ok(!rows.is_empty())

@@ -87,8 +87,12 @@ impl QueueOptions {
 ///   each with a fresh lease id and `attempt + 1`. Tasks that do not fit stay queued, in
 ///   their place, for a worker that fits.
 /// - `complete`, `fail`, `dead_letter`, `release` and `progress` act only while the lease is
-///   the task's current lease and the task runs (compare-and-set); otherwise they change
-///   nothing and say why.
+///   the task's current lease and the task runs (compare-and-set), and, when a `holder` is
+///   given, only while that worker holds it (a worker's frames always name itself; `None`
+///   is for the broker's own and operators' calls); otherwise they change nothing and say
+///   why.
+/// - `set_identity` stores a worker's secret hash only when none is stored;
+///   `identity` reads it back; `forget_identity` removes it.
 /// - Every state change appends a [`TaskEvent`] readable with `events_after`.
 pub trait Queue: Send + Sync + std::fmt::Debug + 'static {
     /// Stores a task, or returns the task already stored under its `request_id` (with
@@ -113,19 +117,23 @@ pub trait Queue: Send + Sync + std::fmt::Debug + 'static {
     fn leases_of<'a>(&'a self, worker_id: &'a str) -> QueueFuture<'a, Vec<(String, String)>>;
 
     /// Records progress of a running lease. Returns the task id; `None` when the lease is
-    /// not current.
+    /// not current (or not `holder`'s).
     fn progress<'a>(
         &'a self,
         lease: &'a str,
+        holder: Option<&'a str>,
         progress: Value,
         now: u64,
     ) -> QueueFuture<'a, Option<String>>;
 
-    /// Ends the attempt holding `lease` as `ending` says (compare-and-set on the lease). The
-    /// one method behind [`Queue::complete`], [`Queue::fail`] and [`Queue::dead_letter`].
+    /// Ends the attempt holding `lease` as `ending` says (compare-and-set on the lease and,
+    /// when given, on the worker holding it: a lease of another worker is refused with
+    /// [`CompleteOutcome::not_holder`]). The one method behind [`Queue::complete`],
+    /// [`Queue::complete_as`], [`Queue::fail`] and [`Queue::dead_letter`].
     fn finish<'a>(
         &'a self,
         lease: &'a str,
+        holder: Option<&'a str>,
         ending: Ending,
         now: u64,
     ) -> QueueFuture<'a, CompleteOutcome>;
@@ -138,7 +146,19 @@ pub trait Queue: Send + Sync + std::fmt::Debug + 'static {
         completion: Completion,
         now: u64,
     ) -> QueueFuture<'a, CompleteOutcome> {
-        self.finish(lease, Ending::Done(completion), now)
+        self.finish(lease, None, Ending::Done(completion), now)
+    }
+
+    /// [`Queue::complete`] for a result sent by `worker_id`: refused unless that worker
+    /// holds the lease.
+    fn complete_as<'a>(
+        &'a self,
+        worker_id: &'a str,
+        lease: &'a str,
+        completion: Completion,
+        now: u64,
+    ) -> QueueFuture<'a, CompleteOutcome> {
+        self.finish(lease, Some(worker_id), Ending::Done(completion), now)
     }
 
     /// Ends the attempt holding `lease` with `error`. A retryable error with attempts left
@@ -151,7 +171,7 @@ pub trait Queue: Send + Sync + std::fmt::Debug + 'static {
         retry_at: u64,
         now: u64,
     ) -> QueueFuture<'a, CompleteOutcome> {
-        self.finish(lease, Ending::Fail { error, retry_at }, now)
+        self.finish(lease, None, Ending::Fail { error, retry_at }, now)
     }
 
     /// Fails the attempt holding `lease` for good and marks the task dead-lettered,
@@ -162,14 +182,15 @@ pub trait Queue: Send + Sync + std::fmt::Debug + 'static {
         error: TaskError,
         now: u64,
     ) -> QueueFuture<'a, CompleteOutcome> {
-        self.finish(lease, Ending::Dead(error), now)
+        self.finish(lease, None, Ending::Dead(error), now)
     }
 
     /// Gives a lease back: the task is queued again at once and the attempt does not count.
-    /// `None` when the lease is not current.
+    /// `None` when the lease is not current (or not `holder`'s).
     fn release<'a>(
         &'a self,
         lease: &'a str,
+        holder: Option<&'a str>,
         why: &'a str,
         now: u64,
     ) -> QueueFuture<'a, Option<Task>>;
@@ -178,10 +199,11 @@ pub trait Queue: Send + Sync + std::fmt::Debug + 'static {
     /// [`Queue::release`] (queued again at once, the attempt does not count), and
     /// `reserve` does not lease the task to the worker that held the lease until
     /// `avoid_until` (Unix ms); other workers may take it at once. `None` when the lease is
-    /// not current.
+    /// not current (or not `holder`'s).
     fn reject<'a>(
         &'a self,
         lease: &'a str,
+        holder: Option<&'a str>,
         why: &'a str,
         avoid_until: u64,
         now: u64,
@@ -232,7 +254,7 @@ pub trait Queue: Send + Sync + std::fmt::Debug + 'static {
                 return Ok(self.dead_letter(lease, error, now).await?.task);
             }
             let why = format!("assignment failed on the transport ({n} of {limit})");
-            self.release(lease, &why, now).await
+            self.release(lease, None, &why, now).await
         })
     }
 
@@ -307,12 +329,29 @@ pub trait Queue: Send + Sync + std::fmt::Debug + 'static {
 
     /// Records the stages a worker sent with the result of `lease` as the task's `worker`
     /// timings (replacing an earlier attempt's). False, and nothing stored, when `lease` is
-    /// not the running attempt's.
+    /// not the running attempt's (or not `holder`'s).
     fn record_worker_timings<'a>(
         &'a self,
         lease: &'a str,
+        holder: Option<&'a str>,
         timings: &'a std::collections::BTreeMap<String, u64>,
     ) -> QueueFuture<'a, bool>;
+
+    /// The SHA-256 (lowercase hex) of the secret issued to `worker_id`, if one was.
+    fn identity<'a>(&'a self, worker_id: &'a str) -> QueueFuture<'a, Option<String>>;
+
+    /// Stores `secret_sha256` as `worker_id`'s secret hash unless one is stored already.
+    /// Returns whether it was stored (false: another registration stored one first).
+    fn set_identity<'a>(
+        &'a self,
+        worker_id: &'a str,
+        secret_sha256: &'a str,
+        now: u64,
+    ) -> QueueFuture<'a, bool>;
+
+    /// Forgets `worker_id`'s secret, so that its next hello registers afresh. Returns
+    /// whether one was stored.
+    fn forget_identity<'a>(&'a self, worker_id: &'a str) -> QueueFuture<'a, bool>;
 
     /// Events written by this handle's calls since the last call, oldest first, committed
     /// only; the broker broadcasts them to local subscribers.

@@ -84,6 +84,11 @@ CREATE TABLE IF NOT EXISTS task_types (
     task_type TEXT PRIMARY KEY,
     last_seen INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS workers (
+    worker_id TEXT PRIMARY KEY,
+    secret_sha256 TEXT NOT NULL,
+    created_at INTEGER NOT NULL
+);
 ";
 
 /// Columns added after the first release: `ALTER TABLE ADD COLUMN` on databases without them.
@@ -278,6 +283,15 @@ fn task_by_lease(c: &Connection, lease: &str) -> Result<Option<Task>> {
         .optional()?
         .map(finish_task)
         .transpose()
+}
+
+/// The task running under lease `?1`, held by worker `?2` (any worker when NULL).
+const RUNNING_LEASE: &str = "SELECT id FROM tasks WHERE lease = ?1 AND state = 'running' \
+    AND (?2 IS NULL OR worker_id = ?2)";
+
+/// Whether `holder` (any worker when `None`) holds the lease `t` runs under.
+fn holds(t: &Task, holder: Option<&str>) -> bool {
+    holder.is_none_or(|w| t.worker_id.as_deref() == Some(w))
 }
 
 fn merge_timings_in(
@@ -829,15 +843,18 @@ impl Db {
             .collect::<rusqlite::Result<_>>()?)
     }
 
-    /// Records progress of a running lease. `None` when the lease is not current.
-    fn progress(&self, lease: &str, progress: Value, now: u64) -> Result<Option<String>> {
+    /// Records progress of a running lease. `None` when the lease is not current (or not
+    /// `holder`'s).
+    fn progress(
+        &self,
+        lease: &str,
+        holder: Option<&str>,
+        progress: Value,
+        now: u64,
+    ) -> Result<Option<String>> {
         let c = &self.conn;
         let id: Option<String> = c
-            .row(
-                "SELECT id FROM tasks WHERE lease = ?1 AND state = 'running'",
-                [lease],
-                |r| r.get(0),
-            )
+            .row(RUNNING_LEASE, params![lease, holder], |r| r.get(0))
             .optional()?;
         if let Some(id) = &id {
             c.exec(
@@ -851,7 +868,13 @@ impl Db {
 
     /// Compare-and-set on the lease: the ending counts only if `lease` is the task's current
     /// lease and the task is running.
-    fn end_attempt(&self, lease: &str, ending: Ending, now: u64) -> Result<CompleteOutcome> {
+    fn end_attempt(
+        &self,
+        lease: &str,
+        holder: Option<&str>,
+        ending: Ending,
+        now: u64,
+    ) -> Result<CompleteOutcome> {
         let tx = begin(&self.conn)?;
         let Some(task) = task_by_lease(&tx, lease)? else {
             let known = tx
@@ -868,6 +891,9 @@ impl Db {
                 CompleteOutcome::unknown_lease()
             });
         };
+        if !holds(&task, holder) {
+            return Ok(CompleteOutcome::not_holder());
+        }
         if task.state != TaskState::Running {
             return Ok(CompleteOutcome::not_running(task));
         }
@@ -915,9 +941,15 @@ impl Db {
 
     /// Gives a lease back: the task is queued again at once, and the attempt does not count
     /// (`release`, retryable `reject`, a worker restarting).
-    fn release(&self, lease: &str, why: &str, now: u64) -> Result<Option<Task>> {
+    fn release(
+        &self,
+        lease: &str,
+        holder: Option<&str>,
+        why: &str,
+        now: u64,
+    ) -> Result<Option<Task>> {
         let tx = begin(&self.conn)?;
-        let Some(task) = task_by_lease(&tx, lease)? else {
+        let Some(task) = task_by_lease(&tx, lease)?.filter(|t| holds(t, holder)) else {
             return Ok(None);
         };
         let after = self.requeue_locked(&tx, &task, why, false, now)?;
@@ -927,9 +959,16 @@ impl Db {
 
     /// Releases a retryably rejected lease; its worker is not offered the task again
     /// before `avoid_until`.
-    fn reject(&self, lease: &str, why: &str, avoid_until: u64, now: u64) -> Result<Option<Task>> {
+    fn reject(
+        &self,
+        lease: &str,
+        holder: Option<&str>,
+        why: &str,
+        avoid_until: u64,
+        now: u64,
+    ) -> Result<Option<Task>> {
         let tx = begin(&self.conn)?;
-        let Some(task) = task_by_lease(&tx, lease)? else {
+        let Some(task) = task_by_lease(&tx, lease)?.filter(|t| holds(t, holder)) else {
             return Ok(None);
         };
         tx.exec("DELETE FROM avoid WHERE until <= ?1", params![now])?;
@@ -1166,15 +1205,12 @@ impl Db {
     fn record_worker_timings(
         &self,
         lease: &str,
+        holder: Option<&str>,
         timings: &std::collections::BTreeMap<String, u64>,
     ) -> Result<bool> {
         let tx = begin(&self.conn)?;
         let id: Option<String> = tx
-            .row(
-                "SELECT id FROM tasks WHERE lease = ?1 AND state = 'running'",
-                [lease],
-                |r| r.get(0),
-            )
+            .row(RUNNING_LEASE, params![lease, holder], |r| r.get(0))
             .optional()?;
         let Some(id) = id else {
             return Ok(false);
@@ -1276,6 +1312,33 @@ impl Db {
             .collect()
     }
 
+    fn identity(&self, worker_id: &str) -> Result<Option<String>> {
+        Ok(self
+            .conn
+            .row(
+                "SELECT secret_sha256 FROM workers WHERE worker_id = ?1",
+                [worker_id],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
+    fn set_identity(&self, worker_id: &str, hash: &str, now: u64) -> Result<bool> {
+        let n = self.conn.exec(
+            "INSERT INTO workers (worker_id, secret_sha256, created_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT (worker_id) DO NOTHING",
+            params![worker_id, hash, now],
+        )?;
+        Ok(n == 1)
+    }
+
+    fn forget_identity(&self, worker_id: &str) -> Result<bool> {
+        let n = self
+            .conn
+            .exec("DELETE FROM workers WHERE worker_id = ?1", [worker_id])?;
+        Ok(n == 1)
+    }
+
     fn ping(&self) -> Result<()> {
         self.conn.row("SELECT 1", [], |r| r.get::<_, i64>(0))?;
         Ok(())
@@ -1312,42 +1375,46 @@ impl Queue for SqliteQueue {
     fn progress<'a>(
         &'a self,
         lease: &'a str,
+        holder: Option<&'a str>,
         progress: Value,
         now: u64,
     ) -> QueueFuture<'a, Option<String>> {
-        let l = lease.to_owned();
-        self.call(move |db| db.progress(&l, progress, now))
+        let (l, h) = (lease.to_owned(), holder.map(str::to_owned));
+        self.call(move |db| db.progress(&l, h.as_deref(), progress, now))
     }
 
     fn finish<'a>(
         &'a self,
         lease: &'a str,
+        holder: Option<&'a str>,
         ending: Ending,
         now: u64,
     ) -> QueueFuture<'a, CompleteOutcome> {
-        let l = lease.to_owned();
-        self.call(move |db| db.end_attempt(&l, ending, now))
+        let (l, h) = (lease.to_owned(), holder.map(str::to_owned));
+        self.call(move |db| db.end_attempt(&l, h.as_deref(), ending, now))
     }
 
     fn release<'a>(
         &'a self,
         lease: &'a str,
+        holder: Option<&'a str>,
         why: &'a str,
         now: u64,
     ) -> QueueFuture<'a, Option<Task>> {
-        let (l, why) = (lease.to_owned(), why.to_owned());
-        self.call(move |db| db.release(&l, &why, now))
+        let (l, h, why) = (lease.to_owned(), holder.map(str::to_owned), why.to_owned());
+        self.call(move |db| db.release(&l, h.as_deref(), &why, now))
     }
 
     fn reject<'a>(
         &'a self,
         lease: &'a str,
+        holder: Option<&'a str>,
         why: &'a str,
         avoid_until: u64,
         now: u64,
     ) -> QueueFuture<'a, Option<Task>> {
-        let (l, why) = (lease.to_owned(), why.to_owned());
-        self.call(move |db| db.reject(&l, &why, avoid_until, now))
+        let (l, h, why) = (lease.to_owned(), holder.map(str::to_owned), why.to_owned());
+        self.call(move |db| db.reject(&l, h.as_deref(), &why, avoid_until, now))
     }
 
     fn note_task_types<'a>(&'a self, task_types: &'a [String], now: u64) -> QueueFuture<'a, ()> {
@@ -1462,10 +1529,31 @@ impl Queue for SqliteQueue {
     fn record_worker_timings<'a>(
         &'a self,
         lease: &'a str,
+        holder: Option<&'a str>,
         timings: &'a std::collections::BTreeMap<String, u64>,
     ) -> QueueFuture<'a, bool> {
-        let (l, t) = (lease.to_owned(), timings.clone());
-        self.call(move |db| db.record_worker_timings(&l, &t))
+        let (l, h, t) = (lease.to_owned(), holder.map(str::to_owned), timings.clone());
+        self.call(move |db| db.record_worker_timings(&l, h.as_deref(), &t))
+    }
+
+    fn identity<'a>(&'a self, worker_id: &'a str) -> QueueFuture<'a, Option<String>> {
+        let w = worker_id.to_owned();
+        self.call(move |db| db.identity(&w))
+    }
+
+    fn set_identity<'a>(
+        &'a self,
+        worker_id: &'a str,
+        secret_sha256: &'a str,
+        now: u64,
+    ) -> QueueFuture<'a, bool> {
+        let (w, h) = (worker_id.to_owned(), secret_sha256.to_owned());
+        self.call(move |db| db.set_identity(&w, &h, now))
+    }
+
+    fn forget_identity<'a>(&'a self, worker_id: &'a str) -> QueueFuture<'a, bool> {
+        let w = worker_id.to_owned();
+        self.call(move |db| db.forget_identity(&w))
     }
 
     fn take_events(&self) -> Vec<TaskEvent> {

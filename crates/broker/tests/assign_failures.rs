@@ -39,6 +39,8 @@ impl TestWorker {
             resume,
             inflight: vec![],
             outbox: vec![],
+            // The same secret for every hello: the first registers (adopts) it.
+            worker_secret: Some("secret-of-w1".into()),
         }));
         let Message::Welcome(welcome) = w.recv().await.message else {
             panic!("no welcome")

@@ -72,6 +72,8 @@ impl TestWorker {
             resume,
             inflight,
             outbox,
+            // The same secret for every hello of this id: the first registers (adopts) it.
+            worker_secret: Some(format!("secret-of-{worker_id}")),
         }));
         let Message::Welcome(welcome) = w.recv().await else {
             panic!("no welcome")

@@ -5,7 +5,7 @@ use std::io::Cursor;
 use image::{DynamicImage, ImageDecoder, ImageReader};
 use turbojpeg::{Colorspace, Decompressor, Image, PixelFormat, ScalingFactor};
 
-use crate::{CompressError, DecodeLimits, Rgb, exif, webp_dec};
+use crate::{CompressError, DecodeLimits, Rgb, exif, png_meta, webp_dec};
 
 /// Pixels ready for resizing: 1 (gray) or 3 (RGB) interleaved channels, orientation not applied.
 pub(crate) struct Decoded {
@@ -24,7 +24,7 @@ pub(crate) fn is_jpeg(data: &[u8]) -> bool {
     data.starts_with(&[0xFF, 0xD8, 0xFF])
 }
 
-fn check_dims(w: u64, h: u64, limits: &DecodeLimits) -> Result<(), CompressError> {
+pub(crate) fn check_dims(w: u64, h: u64, limits: &DecodeLimits) -> Result<(), CompressError> {
     if w == 0 || h == 0 {
         return Err(CompressError::Corrupt("zero dimension".into()));
     }
@@ -92,7 +92,7 @@ fn decode_webp(
         channels: 3,
         full: (w, h),
         orientation: exif::webp_orientation(data),
-        icc: exif::webp_icc(data),
+        icc: exif::webp_icc(data, limits.max_metadata_bytes),
     })
 }
 
@@ -155,7 +155,11 @@ fn decode_jpeg(
         channels,
         full: (w as u32, h as u32),
         orientation: exif::jpeg_orientation(data),
-        icc: if cmyk { None } else { exif::jpeg_icc(data) },
+        icc: if cmyk {
+            None
+        } else {
+            exif::jpeg_icc(data, limits.max_metadata_bytes)
+        },
     })
 }
 
@@ -180,7 +184,7 @@ fn cmyk_to_rgb(src: &[u8], adobe_inverted: bool) -> Vec<u8> {
     out
 }
 
-fn img_err(e: image::ImageError) -> CompressError {
+pub(crate) fn img_err(e: image::ImageError) -> CompressError {
     match e {
         image::ImageError::Limits(l) => CompressError::LimitExceeded(l.to_string()),
         image::ImageError::Unsupported(u) => CompressError::Corrupt(u.to_string()),
@@ -188,11 +192,29 @@ fn img_err(e: image::ImageError) -> CompressError {
     }
 }
 
+/// The `image` crate's limits for `limits`.
+pub(crate) fn image_limits(limits: &DecodeLimits) -> image::Limits {
+    let mut lim = image::Limits::default();
+    lim.max_image_width = Some(limits.max_side);
+    lim.max_image_height = Some(limits.max_side);
+    lim.max_alloc = Some(limits.max_alloc);
+    lim
+}
+
 fn decode_other(
     data: &[u8],
     limits: &DecodeLimits,
     background: Rgb,
 ) -> Result<Decoded, CompressError> {
+    // A PNG's metadata is read here, bounded, and never reaches the decoder (whose only
+    // bound on an inflating iCCP chunk is the whole image's allocation limit).
+    let (png_data, png_icc) = if png_meta::is_png(data) {
+        let p = png_meta::prepare(data, limits)?;
+        (Some(p.data), Some(p.icc))
+    } else {
+        (None, None)
+    };
+    let data = png_data.as_deref().unwrap_or(data);
     let mut reader = ImageReader::new(Cursor::new(data))
         .with_guessed_format()
         .map_err(|e| CompressError::Corrupt(e.to_string()))?;
@@ -200,16 +222,19 @@ fn decode_other(
         Some(image::ImageFormat::Png | image::ImageFormat::WebP | image::ImageFormat::Gif) => {}
         _ => return Err(CompressError::UnsupportedFormat),
     }
-    let mut lim = image::Limits::default();
-    lim.max_image_width = Some(limits.max_side);
-    lim.max_image_height = Some(limits.max_side);
-    lim.max_alloc = Some(limits.max_alloc);
-    reader.limits(lim);
+    reader.limits(image_limits(limits));
     let mut dec = reader.into_decoder().map_err(img_err)?;
     let (w, h) = dec.dimensions();
     check_dims(w.into(), h.into(), limits)?;
     let orientation = dec.orientation().map(|o| o.to_exif()).unwrap_or(1);
-    let icc = dec.icc_profile().ok().flatten();
+    let icc = match png_icc {
+        Some(icc) => icc,
+        None => dec
+            .icc_profile()
+            .ok()
+            .flatten()
+            .filter(|p| p.len() <= limits.max_metadata_bytes),
+    };
     let img = DynamicImage::from_decoder(dec).map_err(img_err)?;
     let color = img.color();
     let gray = matches!(

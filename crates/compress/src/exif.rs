@@ -69,13 +69,14 @@ pub(crate) fn tiff_orientation(t: &[u8]) -> Option<u8> {
     })
 }
 
-/// The ICC profile of a JPEG (APP2 `ICC_PROFILE` chunks joined in order), if any.
-pub(crate) fn jpeg_icc(data: &[u8]) -> Option<Vec<u8>> {
+/// The ICC profile of a JPEG (APP2 `ICC_PROFILE` chunks joined in order), if any and at
+/// most `max` bytes.
+pub(crate) fn jpeg_icc(data: &[u8], max: usize) -> Option<Vec<u8>> {
     let mut chunks: Vec<(u8, &[u8])> = segments(data)
         .filter(|(m, p)| *m == 0xE2 && p.len() > 14 && p.starts_with(b"ICC_PROFILE\0"))
         .map(|(_, p)| (p[12], &p[14..]))
         .collect();
-    if chunks.is_empty() {
+    if chunks.is_empty() || chunks.iter().map(|c| c.1.len()).sum::<usize>() > max {
         return None;
     }
     chunks.sort_by_key(|c| c.0);
@@ -106,10 +107,11 @@ pub(crate) fn webp_orientation(data: &[u8]) -> u8 {
         .unwrap_or(1)
 }
 
-/// The ICC profile of a WebP (its `ICCP` chunk), if any.
-pub(crate) fn webp_icc(data: &[u8]) -> Option<Vec<u8>> {
+/// The ICC profile of a WebP (its `ICCP` chunk), if any and at most `max` bytes.
+pub(crate) fn webp_icc(data: &[u8], max: usize) -> Option<Vec<u8>> {
     webp_chunks(data)
         .find(|(c, _)| *c == b"ICCP")
+        .filter(|(_, p)| p.len() <= max)
         .map(|(_, p)| p.to_vec())
 }
 
@@ -210,7 +212,8 @@ mod tests {
         file.extend_from_slice(&(body.len() as u32).to_le_bytes());
         file.extend_from_slice(&body);
         assert_eq!(webp_orientation(&file), 8);
-        assert_eq!(webp_icc(&file).as_deref(), Some(&b"abc"[..]));
+        assert_eq!(webp_icc(&file, 1024).as_deref(), Some(&b"abc"[..]));
+        assert_eq!(webp_icc(&file, 2), None);
         assert_eq!(webp_orientation(&file[..file.len() - 3]), 1);
         assert_eq!(webp_orientation(b"RIFF\0\0\0\0WEBP"), 1);
     }
@@ -220,6 +223,7 @@ mod tests {
         let jpeg = [0xFF, 0xD8, 0xFF, 0xDA, 0, 2, 0xFF, 0xD9];
         let icc: Vec<u8> = (0..70_000u32).map(|i| i as u8).collect();
         let with = insert_icc(&jpeg, &icc);
-        assert_eq!(jpeg_icc(&with).as_deref(), Some(&icc[..]));
+        assert_eq!(jpeg_icc(&with, 1 << 20).as_deref(), Some(&icc[..]));
+        assert_eq!(jpeg_icc(&with, 69_999), None);
     }
 }

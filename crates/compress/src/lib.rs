@@ -39,7 +39,9 @@ mod error;
 mod exif;
 mod options;
 mod pipeline;
+mod png_meta;
 mod resize;
+mod verify;
 mod webp_dec;
 
 #[cfg(feature = "tokio")]
@@ -50,6 +52,7 @@ pub use compressor::{Compressor, CompressorConfig};
 pub use error::CompressError;
 pub use options::{CompressOptions, DecodeLimits, OutputFormat, Rgb};
 pub use pipeline::{Compressed, Timings, compress};
+pub use verify::{ImageInfo, InputFormat, verify};
 
 // Re-exported so callers (and the doc example) can build test images with the same version.
 #[doc(hidden)]

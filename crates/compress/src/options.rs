@@ -36,6 +36,11 @@ pub struct DecodeLimits {
     pub max_pixels: u64,
     /// Largest single allocation the PNG/WebP/GIF decoders may make. Default: 512 MiB.
     pub max_alloc: u64,
+    /// Largest metadata block kept, after decompression: the ICC profile of a JPEG, PNG or
+    /// WebP, a PNG's `eXIf`. A larger one is dropped (a PNG's `iCCP` is inflated no further
+    /// than this); PNG text chunks (`tEXt`, `zTXt`, `iTXt`) are never inflated.
+    /// Default: 1 MiB.
+    pub max_metadata_bytes: usize,
 }
 
 impl Default for DecodeLimits {
@@ -45,6 +50,7 @@ impl Default for DecodeLimits {
             max_side: 16_384,
             max_pixels: 64_000_000,
             max_alloc: 512 << 20,
+            max_metadata_bytes: 1 << 20,
         }
     }
 }

@@ -83,8 +83,11 @@ pub fn compress(input: &[u8], opts: &CompressOptions) -> Result<Compressed, Comp
     let (base, bw, bh) = resize::orient(px, tw, th, channels, dec.orientation);
     let mut resize_time = t1.elapsed();
 
-    let icc = match opts.format {
-        OutputFormat::Jpeg => dec.icc,
+    // The profile is re-inserted into every candidate, so one that leaves no room for the
+    // image is dropped at once (colours then read as sRGB), and one that still makes the
+    // lowest quality miss is dropped before the image is shrunk.
+    let mut icc = match opts.format {
+        OutputFormat::Jpeg => dec.icc.filter(|p| p.len() < opts.max_bytes / 2),
         OutputFormat::Webp => None,
     };
     let mut enc = Encoder::new(opts.format)?;
@@ -121,6 +124,15 @@ pub fn compress(input: &[u8], opts: &CompressOptions) -> Result<Compressed, Comp
         encode_time += t.elapsed();
         encodes += found.encodes;
         smallest = smallest.min(found.smallest);
+        if found.best.is_none() && icc.is_some() {
+            tracing::debug!(
+                icc_bytes = icc.as_ref().map_or(0, Vec::len),
+                "ICC profile dropped to fit"
+            );
+            icc = None;
+            prior.clear();
+            continue;
+        }
         if let Some((q, bytes)) = found.best {
             tracing::debug!(
                 width = w,

@@ -19,6 +19,7 @@ use crate::tasks::load;
 
 /// Where to resume.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct EventParams {
     /// Resume after this event id (the `Last-Event-ID` header wins).

@@ -21,6 +21,7 @@ pub(crate) const IMAGE_TYPES: &[&str] = &["image/jpeg", "image/png", "image/webp
 
 /// Optional compression of an uploaded image.
 #[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct UploadParams {
     /// Compress the image to fit this many bytes (JPEG out).

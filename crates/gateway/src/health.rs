@@ -1,13 +1,32 @@
 //! `/healthz`, `/readyz`, `/metrics`.
 
 use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use kiln_protocol::TaskState;
 use serde_json::json;
 
-use crate::AppState;
-use crate::error::ApiJson;
+use crate::error::{ApiError, ApiJson};
+use crate::{AppState, MetricsAccess};
+
+/// Whether the caller may read metrics and readiness details (`gateway.metrics_access`).
+fn may_read_metrics(state: &AppState, headers: &HeaderMap) -> bool {
+    let inner = &state.inner;
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(crate::auth::bearer);
+    let metrics_token = token.is_some_and(|t| inner.metrics_tokens.check(t).is_some());
+    match state.config().metrics_access {
+        MetricsAccess::Open => true,
+        MetricsAccess::Token => metrics_token,
+        MetricsAccess::Key => {
+            (inner.api_keys.is_empty() && inner.metrics_tokens.is_empty())
+                || metrics_token
+                || token.is_some_and(|t| inner.api_keys.check(t).is_some())
+        }
+    }
+}
 
 /// The process is alive.
 #[utoipa::path(get, path = "/healthz", tag = "health", responses((status = 200, description = "alive")))]
@@ -16,10 +35,11 @@ pub(crate) async fn healthz() -> ApiJson<serde_json::Value> {
 }
 
 /// Ready to serve: the queue store answers and the file storage (directory or bucket)
-/// accepts writes.
+/// accepts writes. The checks, storage and workers are shown only to callers that may read
+/// metrics (`gateway.metrics_access`); others get the status alone.
 #[utoipa::path(get, path = "/readyz", tag = "health",
     responses((status = 200, description = "ready"), (status = 503, description = "not ready")))]
-pub(crate) async fn readyz(State(state): State<AppState>) -> Response {
+pub(crate) async fn readyz(State(state): State<AppState>, headers: HeaderMap) -> Response {
     let queue = state.broker().queue().ping().await.is_ok();
     let probe = state.files().probe().await;
     let files = probe.is_ok();
@@ -39,12 +59,17 @@ pub(crate) async fn readyz(State(state): State<AppState>) -> Response {
     types.dedup();
     let shutting_down = state.shutting_down();
     let ready = queue && files && !shutting_down;
-    let body = json!({
-        "status": if ready { "ready" } else { "not_ready" },
-        "checks": {"queue_store": queue, "file_store": files, "shutting_down": shutting_down},
-        "storage": storage,
-        "workers": {"online": online, "task_types": types, "paused": state.broker().is_paused()},
-    });
+    let status_word = if ready { "ready" } else { "not_ready" };
+    let body = if may_read_metrics(&state, &headers) {
+        json!({
+            "status": status_word,
+            "checks": {"queue_store": queue, "file_store": files, "shutting_down": shutting_down},
+            "storage": storage,
+            "workers": {"online": online, "task_types": types, "paused": state.broker().is_paused()},
+        })
+    } else {
+        json!({"status": status_word})
+    };
     let status = if ready {
         StatusCode::OK
     } else {
@@ -62,9 +87,15 @@ pub(crate) async fn readyz(State(state): State<AppState>) -> Response {
     (status, ApiJson(body)).into_response()
 }
 
-/// Prometheus metrics.
-#[utoipa::path(get, path = "/metrics", tag = "health", responses((status = 200, content_type = "text/plain", description = "Prometheus text format")))]
-pub(crate) async fn metrics(State(state): State<AppState>) -> Response {
+/// Prometheus metrics (`gateway.metrics_access` says who may read them).
+#[utoipa::path(get, path = "/metrics", tag = "health", responses((status = 200, content_type = "text/plain", description = "Prometheus text format"), (status = 401, description = "no access")))]
+pub(crate) async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    if !may_read_metrics(&state, &headers) {
+        return ApiError::unauthorized(
+            "/metrics needs an API key or a metrics token in `Authorization: Bearer`",
+        )
+        .into_response();
+    }
     let m = state.metrics();
     let stats = state.broker().queue().stats().await.ok();
     crate::overview::refresh_metrics(&state, stats.as_ref());

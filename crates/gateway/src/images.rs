@@ -1,20 +1,19 @@
-//! Image checks and optional compression for uploads. Header checks run on the blocking
-//! pool behind a semaphore; compression goes through `kiln_compress::Compressor`, which also
-//! runs off the runtime and caches results by content and options.
+//! Image checks and optional compression for uploads. Every upload is decoded in full
+//! (`kiln_compress::verify`: truncated or corrupt streams are refused, metadata chunks are
+//! bounded) on the blocking pool behind a semaphore; compression goes through
+//! `kiln_compress::Compressor`, which also runs off the runtime and caches results by
+//! content and options.
 
-use std::io::Cursor;
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use image::{ImageFormat, ImageReader, Limits};
+use kiln_compress::{DecodeLimits, InputFormat};
 use tokio::sync::Semaphore;
 
 use crate::error::ApiError;
 
 /// Largest side accepted on upload.
 const MAX_SIDE: u32 = 16_384;
-/// Largest decoded buffer.
-const MAX_ALLOC: u64 = 512 << 20;
 
 /// An image ready to store: bytes, content type, dimensions, and the time spent
 /// re-encoding it (ms; `None` when stored as sent).
@@ -45,20 +44,22 @@ impl Default for ImagePrep {
     }
 }
 
-fn limits() -> Limits {
-    let mut l = Limits::default();
-    l.max_image_width = Some(MAX_SIDE);
-    l.max_image_height = Some(MAX_SIDE);
-    l.max_alloc = Some(MAX_ALLOC);
-    l
+/// Upload checks: the compressor's default limits (16384 px a side, 64 MP, 1 MiB of
+/// metadata per block); the body size is bounded before this.
+fn limits() -> DecodeLimits {
+    DecodeLimits {
+        max_input_bytes: usize::MAX,
+        max_side: MAX_SIDE,
+        ..DecodeLimits::default()
+    }
 }
 
-fn format_of(ct: &str) -> Option<ImageFormat> {
+fn format_of(ct: &str) -> Option<InputFormat> {
     Some(match ct {
-        "image/jpeg" => ImageFormat::Jpeg,
-        "image/png" => ImageFormat::Png,
-        "image/webp" => ImageFormat::WebP,
-        "image/gif" => ImageFormat::Gif,
+        "image/jpeg" => InputFormat::Jpeg,
+        "image/png" => InputFormat::Png,
+        "image/webp" => InputFormat::Webp,
+        "image/gif" => InputFormat::Gif,
         _ => return None,
     })
 }
@@ -119,10 +120,18 @@ impl ImagePrep {
     }
 }
 
-fn probe(data: &[u8], fmt: ImageFormat, ct: &str) -> Result<(u32, u32), ApiError> {
-    let mut reader = ImageReader::with_format(Cursor::new(data), fmt);
-    reader.limits(limits());
-    reader
-        .into_dimensions()
-        .map_err(|e| ApiError::invalid(format!("not a valid {ct} image: {e}")))
+/// Decodes all of `data` (nothing truncated or corrupt is stored) and checks that it is
+/// what `ct` says.
+fn probe(data: &[u8], fmt: InputFormat, ct: &str) -> Result<(u32, u32), ApiError> {
+    let info = kiln_compress::verify(data, &limits()).map_err(|e| {
+        tracing::info!(message = "upload refused", content_type = %ct, error = %e);
+        ApiError::invalid(format!("not a valid {ct} image: {e}"))
+    })?;
+    if info.format != fmt {
+        return Err(ApiError::invalid(format!(
+            "not a valid {ct} image: the data is {}",
+            info.format.mime()
+        )));
+    }
+    Ok((info.width, info.height))
 }

@@ -37,6 +37,7 @@ pub mod openai;
 mod openapi;
 mod overview;
 mod range;
+mod policy;
 mod s3store;
 mod sniff;
 mod spool;
@@ -61,8 +62,8 @@ use axum::routing::{get, post};
 use kiln_broker::Broker;
 use tokio::sync::watch;
 
-pub use auth::{BadHash, SecretSet, hash_secret};
-pub use config::{FilesConfig, GatewayConfig};
+pub use auth::{BadHash, Scope, SecretSet, hash_key, hash_secret};
+pub use config::{FilesConfig, GatewayConfig, MetricsAccess};
 pub use error::ApiError;
 pub use kiln_broker::BrokerConfig;
 pub use metrics::{HistogramFamily, Metrics};
@@ -86,7 +87,10 @@ struct Inner {
     images: images::ImagePrep,
     api_keys: SecretSet,
     worker_tokens: SecretSet,
+    in_process_tokens: SecretSet,
+    metrics_tokens: SecretSet,
     limiter: auth::RateLimiter,
+    worker_limiter: auth::RateLimiter,
     shutdown: watch::Sender<bool>,
     spans: timing::TaskSpans,
     live: live::Hub,
@@ -113,19 +117,23 @@ impl AppState {
         Self::with_extra_worker_tokens(config, broker, &[]).await
     }
 
-    /// Like [`AppState::new`], also accepting these worker token hashes (the binary adds
-    /// one for its in-process demo worker).
+    /// Like [`AppState::new`], also accepting these worker token hashes: the tokens of the
+    /// binary's in-process workers, which never leave the process. Unlike configured worker
+    /// tokens they may also delete files (the demo worker's `delete_asset`) and are not rate
+    /// limited.
     pub async fn with_extra_worker_tokens(
         config: GatewayConfig,
         broker: Arc<Broker>,
         extra: &[String],
     ) -> Result<Self, StartError> {
-        let api_keys = SecretSet::from_hashes(&config.api_key_hashes)?;
-        let mut tokens: Vec<String> = config.worker_token_hashes.clone();
-        if !tokens.is_empty() || !config.api_key_hashes.is_empty() {
-            tokens.extend(extra.iter().cloned());
-        }
-        let worker_tokens = SecretSet::from_hashes(&tokens)?;
+        let api_keys = SecretSet::from_scoped_hashes(&config.api_key_hashes)?;
+        let worker_tokens = SecretSet::from_hashes(&config.worker_token_hashes)?;
+        let in_process_tokens = if worker_tokens.is_empty() && api_keys.is_empty() {
+            SecretSet::default()
+        } else {
+            SecretSet::from_hashes(extra)?
+        };
+        let metrics_tokens = SecretSet::from_hashes(&config.metrics_token_hashes)?;
         let metrics = Metrics::new();
         let files = FileStorage::open(&config, &metrics).await?;
         let spool_dir = config
@@ -135,6 +143,10 @@ impl AppState {
             .unwrap_or_else(|| config.files_dir.join(".incoming"));
         spool::prepare(&spool_dir).await?;
         let limiter = auth::RateLimiter::new(config.rate_limit_per_minute, config.rate_limit_burst);
+        let worker_limiter = auth::RateLimiter::new(
+            config.worker_rate_limit_per_minute,
+            config.worker_rate_limit_burst,
+        );
         let (shutdown, _) = watch::channel(false);
         let events = broker.subscribe();
         let state = Self {
@@ -147,7 +159,10 @@ impl AppState {
                 images: images::ImagePrep::default(),
                 api_keys,
                 worker_tokens,
+                in_process_tokens,
+                metrics_tokens,
                 limiter,
+                worker_limiter,
                 shutdown,
                 spans: timing::TaskSpans::default(),
                 live: live::Hub::default(),
@@ -212,6 +227,10 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/files/{id}", get(files::download).delete(files::delete))
         .route("/v1/workers", get(workers::list))
         .route("/v1/workers/{id}/drain", post(workers::drain))
+        .route(
+            "/v1/workers/{id}/identity",
+            axum::routing::delete(workers::forget_identity),
+        )
         .route("/v1/admin/queue/pause", post(workers::pause))
         .route("/v1/admin/queue/resume", post(workers::resume))
         .route("/v1/queue", get(overview::queue))
@@ -235,7 +254,7 @@ pub fn router(state: AppState) -> Router {
         .merge(uploads)
         .merge(streams)
         .merge(openai::routes(&state))
-        .layer(middleware::from_fn_with_state(state.clone(), auth_layer))
+        .layer(middleware::from_fn_with_state(state.clone(), auth::layer))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))
@@ -247,6 +266,8 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(body_limit))
+        .layer(middleware::from_fn_with_state(state.clone(), policy::layer))
+        .layer(middleware::from_fn(policy::json_errors))
         .layer(middleware::from_fn_with_state(
             state.clone(),
             count_responses,
@@ -308,57 +329,4 @@ async fn count_responses(State(state): State<AppState>, req: Request, next: Next
         .get_or_create(&vec![("class", class)])
         .inc();
     resp
-}
-
-/// Who made a request.
-#[derive(Debug, Clone)]
-pub(crate) enum Caller {
-    Client(String),
-    Worker,
-    Anonymous,
-}
-
-async fn auth_layer(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
-    let path = req.uri().path().to_owned();
-    let token = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(auth::bearer)
-        .map(str::to_owned);
-    let inner = &state.inner;
-    let worker_route = path == "/v1/workers/connect";
-    let file_route = path.starts_with("/v1/files");
-    let caller = match &token {
-        Some(t) if inner.api_keys.check(t).is_some() && !worker_route => Caller::Client(t.clone()),
-        Some(t) if inner.worker_tokens.check(t).is_some() && (worker_route || file_route) => {
-            Caller::Worker
-        }
-        _ => {
-            let open = if worker_route {
-                inner.worker_tokens.is_empty()
-            } else {
-                inner.api_keys.is_empty()
-            };
-            if !open {
-                let what = if worker_route {
-                    "a worker token"
-                } else {
-                    "an API key"
-                };
-                return ApiError::unauthorized(format!(
-                    "this route needs {what} in `Authorization: Bearer`"
-                ))
-                .into_response();
-            }
-            Caller::Anonymous
-        }
-    };
-    if let Caller::Client(key) = &caller
-        && let Err(wait) = inner.limiter.check(key)
-    {
-        return ApiError::rate_limited(wait).into_response();
-    }
-    req.extensions_mut().insert(caller);
-    next.run(req).await
 }

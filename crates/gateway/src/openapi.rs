@@ -22,6 +22,7 @@ use crate::error::ApiJson;
         crate::workers::connect,
         crate::workers::list,
         crate::workers::drain,
+        crate::workers::forget_identity,
         crate::workers::pause,
         crate::workers::resume,
         crate::overview::events,

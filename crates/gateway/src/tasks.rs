@@ -400,6 +400,7 @@ pub(crate) async fn cancel(
 
 /// Filters for listing tasks.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct ListParams {
     /// Only this status.

@@ -146,6 +146,24 @@ pub(crate) async fn drain(
     }
 }
 
+/// Forget the secret issued to a worker id (after its state dir was lost): the next hello
+/// under that id registers afresh and gets a new secret. A connected worker keeps running.
+#[utoipa::path(delete, path = "/v1/workers/{id}/identity", tag = "workers",
+    params(("id" = String, Path, description = "worker id")),
+    responses((status = 200, description = "forgotten"), (status = 404, description = "no secret stored for this worker id")))]
+pub(crate) async fn forget_identity(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<ApiJson<Value>, ApiError> {
+    match state.broker().forget_identity(&id).await {
+        Ok(true) => Ok(ApiJson(json!({"worker_id": id, "identity": "forgotten"}))),
+        Ok(false) => Err(ApiError::not_found(format!(
+            "no identity stored for worker {id}"
+        ))),
+        Err(e) => Err(ApiError::internal(e)),
+    }
+}
+
 /// Stop dispatching tasks (submissions are still accepted).
 #[utoipa::path(post, path = "/v1/admin/queue/pause", tag = "admin", responses((status = 200, description = "paused")))]
 pub(crate) async fn pause(State(state): State<AppState>) -> ApiJson<Value> {

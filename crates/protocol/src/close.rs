@@ -9,6 +9,11 @@ pub const VERSION: u16 = 4002;
 pub const REPLACED: u16 = 4003;
 /// Repeated malformed, unknown or oversized frames, or a first frame that is not `hello`.
 pub const PROTOCOL: u16 = 4004;
+/// The `hello` did not prove the worker's identity: its `worker_id` has a secret (issued in
+/// an earlier `welcome`) and the hello carried none or another. The worker connected under
+/// that id is not disturbed. Do not reconnect: the worker lost its state dir, or another
+/// process claims its id.
+pub const IDENTITY: u16 = 4005;
 /// The worker did not read its frames fast enough (outbound queue full).
 pub const SLOW_CONSUMER: u16 = 4008;
 /// Nothing received for `dead_after_ms`.
@@ -24,7 +29,7 @@ pub const TRY_LATER: u16 = 1013;
 
 /// Whether a worker should reconnect after this close code (with backoff).
 pub fn should_reconnect(code: u16) -> bool {
-    !matches!(code, AUTH | VERSION)
+    !matches!(code, AUTH | VERSION | IDENTITY)
 }
 
 /// A close reason carrying a retry hint: `"<text>; retry_after_ms=<n>"`.
@@ -51,5 +56,6 @@ mod tests {
         assert_eq!(retry_after_ms("restarting"), None);
         assert!(should_reconnect(RESTART));
         assert!(!should_reconnect(AUTH));
+        assert!(!should_reconnect(IDENTITY));
     }
 }

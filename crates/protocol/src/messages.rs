@@ -47,6 +47,12 @@ pub struct Hello {
     /// Leases whose results wait in the worker's outbox for a `result_ack`.
     #[serde(default)]
     pub outbox: Vec<String>,
+    /// The secret the gateway issued to this `worker_id` in an earlier `welcome` (kept in
+    /// the worker's state dir). Absent only on a worker's first registration; a hello for a
+    /// `worker_id` that has a secret without the right one is closed with
+    /// [`close::IDENTITY`](crate::close::IDENTITY).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker_secret: Option<String>,
 }
 
 /// Timers the gateway applies to the session, in milliseconds.
@@ -90,6 +96,31 @@ pub struct Welcome {
     /// older gateways: assume [`DEFAULT_MAX_FRAME_BYTES`](crate::DEFAULT_MAX_FRAME_BYTES).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_frame_bytes: Option<u64>,
+    /// A secret issued now, on the first registration of this `worker_id`: the worker
+    /// stores it durably before going on and sends it in every later `hello`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker_secret: Option<String>,
+}
+
+/// Longest `worker_id` or `boot_id`, in bytes.
+pub const MAX_ID_LEN: usize = 128;
+
+/// Checks a `worker_id` or `boot_id`: 1 to [`MAX_ID_LEN`] characters from
+/// `A-Z a-z 0-9 . _ : @ -`. The error says what is wrong (not the whole value).
+pub fn check_id(id: &str) -> Result<(), String> {
+    if id.is_empty() {
+        return Err("empty".into());
+    }
+    if id.len() > MAX_ID_LEN {
+        return Err(format!("{} bytes (at most {MAX_ID_LEN})", id.len()));
+    }
+    match id
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '@' | '-')))
+    {
+        Some(c) => Err(format!("character {c:?} (allowed: A-Z a-z 0-9 . _ : @ -)")),
+        None => Ok(()),
+    }
 }
 
 /// One task inside an `assign`.

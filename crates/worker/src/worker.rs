@@ -25,7 +25,8 @@ pub struct WorkerConfig {
     pub url: String,
     /// Worker token, sent as `Authorization: Bearer`. Default: none.
     pub token: Option<String>,
-    /// Directory for the persisted worker id and the result outbox. Default: `kiln-worker`.
+    /// Directory for the persisted worker id, the worker secret the gateway issued (file
+    /// `worker_secret`, owner-only, fsync'd) and the result outbox. Default: `kiln-worker`.
     pub state_dir: PathBuf,
     /// Tasks run at once. Default: 1.
     pub slots: u32,
@@ -282,6 +283,7 @@ impl Worker {
         }
         tokio::fs::create_dir_all(&self.cfg.state_dir).await?;
         let worker_id = load_worker_id(&self.cfg.state_dir).await?;
+        let mut secret = load_secret(&self.cfg.state_dir).await?;
         let boot_id = format!("boot_{}", uuid::Uuid::new_v4().simple());
         let outbox = Outbox::open(&self.cfg.state_dir).await?;
         let policy = RetryPolicy::new(self.cfg.reconnect.clone())
@@ -308,7 +310,9 @@ impl Worker {
                 state: &state,
                 out_tx: &out_tx,
             };
-            let ended = conn.run(&mut session, &mut out_rx, &mut stop).await;
+            let ended = conn
+                .run(&mut session, &mut secret, &mut out_rx, &mut stop)
+                .await;
             let (code, reason) = match ended {
                 Ended::Done => return Ok(()),
                 Ended::Closed { code, reason } => (code, reason),
@@ -359,6 +363,42 @@ async fn load_worker_id(dir: &std::path::Path) -> std::io::Result<String> {
     }
 }
 
+/// File in the state dir holding the secret the gateway issued to this worker id.
+const SECRET_FILE: &str = "worker_secret";
+
+async fn load_secret(dir: &std::path::Path) -> std::io::Result<Option<String>> {
+    match tokio::fs::read_to_string(dir.join(SECRET_FILE)).await {
+        Ok(s) if !s.trim().is_empty() => Ok(Some(s.trim().to_owned())),
+        Ok(_) => Ok(None),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Writes the secret durably before the session goes on: a temporary file (owner-only),
+/// fsync'd, renamed over the old one, and the directory fsync'd, so that a crash or power
+/// loss right after leaves either no secret or the whole one, never a worker that the
+/// gateway knows by a secret it lost.
+async fn store_secret(dir: &std::path::Path, secret: &str) -> std::io::Result<()> {
+    let (dir, secret) = (dir.to_owned(), secret.to_owned());
+    tokio::task::spawn_blocking(move || {
+        use std::io::Write as _;
+        let tmp = dir.join(format!("{SECRET_FILE}.tmp"));
+        let mut opts = std::fs::OpenOptions::new();
+        opts.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+        let mut f = opts.open(&tmp)?;
+        f.write_all(secret.as_bytes())?;
+        f.sync_all()?;
+        drop(f);
+        std::fs::rename(&tmp, dir.join(SECRET_FILE))?;
+        std::fs::File::open(&dir)?.sync_all()
+    })
+    .await
+    .map_err(std::io::Error::other)?
+}
+
 enum Ended {
     Done,
     Closed { code: u16, reason: String },
@@ -386,6 +426,7 @@ impl Conn<'_> {
     async fn run(
         &self,
         session: &mut Option<(String, u64)>,
+        secret: &mut Option<String>,
         out_rx: &mut mpsc::UnboundedReceiver<Message>,
         stop: &mut watch::Receiver<bool>,
     ) -> Ended {
@@ -435,6 +476,7 @@ impl Conn<'_> {
             }),
             inflight,
             outbox: pending.iter().map(|e| e.result.lease.clone()).collect(),
+            worker_secret: secret.clone(),
         };
         if ws
             .send(frame(Message::Hello(hello), &source))
@@ -460,6 +502,17 @@ impl Conn<'_> {
             }
             _ => return closed(1006, "no welcome".into()),
         };
+        if let Some(issued) = &welcome.worker_secret {
+            // Kept before anything else happens in the session: a later hello must prove it.
+            if let Err(e) = store_secret(&self.w.cfg.state_dir, issued).await {
+                tracing::error!(message = "cannot store the worker secret", error = %e);
+                return closed(
+                    close::IDENTITY,
+                    format!("cannot store the worker secret: {e}"),
+                );
+            }
+            *secret = Some(issued.clone());
+        }
         if !welcome.resumed {
             *session = Some((welcome.session.clone(), 0));
         }

@@ -468,7 +468,13 @@ impl RedisQueue {
         Ok((task, true))
     }
 
-    async fn end_attempt(&self, lease: &str, ending: Ending, now: u64) -> Result<CompleteOutcome> {
+    async fn end_attempt(
+        &self,
+        lease: &str,
+        holder: Option<&str>,
+        ending: Ending,
+        now: u64,
+    ) -> Result<CompleteOutcome> {
         // Optimistic: decide from a read, let the script check that the read still holds.
         for _ in 0..16 {
             let task = match self.task_id_of_lease(lease).await? {
@@ -480,6 +486,9 @@ impl RedisQueue {
             };
             if task.lease.as_deref() != Some(lease) {
                 return Ok(CompleteOutcome::stale_lease());
+            }
+            if holder.is_some_and(|w| task.worker_id.as_deref() != Some(w)) {
+                return Ok(CompleteOutcome::not_holder());
             }
             if task.state != TaskState::Running {
                 return Ok(CompleteOutcome::not_running(task));
@@ -500,6 +509,7 @@ impl RedisQueue {
                     .map(|e| format!("{}: {}", e.code, e.message))
                     .unwrap_or_default(),
                 task.attempt.to_string(),
+                holder.unwrap_or_default().to_owned(),
             ];
             let mut r = self.run("finish", args).await?;
             match r.tag()?.as_str() {
@@ -512,6 +522,7 @@ impl RedisQueue {
                 }
                 "unknown" => return Ok(CompleteOutcome::unknown_lease()),
                 "stale" => return Ok(CompleteOutcome::stale_lease()),
+                "holder" => return Ok(CompleteOutcome::not_holder()),
                 "state" => {
                     return Ok(CompleteOutcome::not_running(need_task(r.next())?));
                 }
@@ -611,6 +622,7 @@ impl Queue for RedisQueue {
     fn progress<'a>(
         &'a self,
         lease: &'a str,
+        holder: Option<&'a str>,
         progress: Json,
         now: u64,
     ) -> QueueFuture<'a, Option<String>> {
@@ -618,7 +630,12 @@ impl Queue for RedisQueue {
             let mut r = self
                 .run(
                     "progress",
-                    vec![lease.to_owned(), progress.to_string(), now.to_string()],
+                    vec![
+                        lease.to_owned(),
+                        progress.to_string(),
+                        now.to_string(),
+                        holder.unwrap_or_default().to_owned(),
+                    ],
                 )
                 .await?;
             Ok(r.next().as_ref().and_then(text))
@@ -628,15 +645,17 @@ impl Queue for RedisQueue {
     fn finish<'a>(
         &'a self,
         lease: &'a str,
+        holder: Option<&'a str>,
         ending: Ending,
         now: u64,
     ) -> QueueFuture<'a, CompleteOutcome> {
-        Box::pin(self.end_attempt(lease, ending, now))
+        Box::pin(self.end_attempt(lease, holder, ending, now))
     }
 
     fn release<'a>(
         &'a self,
         lease: &'a str,
+        holder: Option<&'a str>,
         why: &'a str,
         now: u64,
     ) -> QueueFuture<'a, Option<Task>> {
@@ -644,7 +663,12 @@ impl Queue for RedisQueue {
             let mut r = self
                 .run(
                     "release",
-                    vec![lease.to_owned(), why.to_owned(), now.to_string()],
+                    vec![
+                        lease.to_owned(),
+                        why.to_owned(),
+                        now.to_string(),
+                        holder.unwrap_or_default().to_owned(),
+                    ],
                 )
                 .await?;
             match r.next() {
@@ -657,6 +681,7 @@ impl Queue for RedisQueue {
     fn reject<'a>(
         &'a self,
         lease: &'a str,
+        holder: Option<&'a str>,
         why: &'a str,
         avoid_until: u64,
         now: u64,
@@ -667,6 +692,7 @@ impl Queue for RedisQueue {
                 why.to_owned(),
                 now.to_string(),
                 avoid_until.to_string(),
+                holder.unwrap_or_default().to_owned(),
             ];
             let mut r = self.run("reject", args).await?;
             match r.next() {
@@ -907,14 +933,59 @@ impl Queue for RedisQueue {
     fn record_worker_timings<'a>(
         &'a self,
         lease: &'a str,
+        holder: Option<&'a str>,
         timings: &'a std::collections::BTreeMap<String, u64>,
     ) -> QueueFuture<'a, bool> {
         Box::pin(async move {
             let data = serde_json::json!(timings).to_string();
+            let holder = holder.unwrap_or_default().to_owned();
             let mut r = self
-                .run("worker_timings", vec![lease.to_owned(), data])
+                .run("worker_timings", vec![lease.to_owned(), data, holder])
                 .await?;
             Ok(int(&r.next().ok_or_else(|| corrupt("worker_timings"))?)? == 1)
+        })
+    }
+
+    fn identity<'a>(&'a self, worker_id: &'a str) -> QueueFuture<'a, Option<String>> {
+        Box::pin(async move {
+            let mut conn = self.conn.clone();
+            ::redis::cmd("HGET")
+                .arg(self.key(&["workers"]))
+                .arg(worker_id)
+                .query_async(&mut conn)
+                .await
+                .map_err(store)
+        })
+    }
+
+    fn set_identity<'a>(
+        &'a self,
+        worker_id: &'a str,
+        secret_sha256: &'a str,
+        _now: u64,
+    ) -> QueueFuture<'a, bool> {
+        Box::pin(async move {
+            let mut conn = self.conn.clone();
+            ::redis::cmd("HSETNX")
+                .arg(self.key(&["workers"]))
+                .arg(worker_id)
+                .arg(secret_sha256)
+                .query_async(&mut conn)
+                .await
+                .map_err(store)
+        })
+    }
+
+    fn forget_identity<'a>(&'a self, worker_id: &'a str) -> QueueFuture<'a, bool> {
+        Box::pin(async move {
+            let mut conn = self.conn.clone();
+            let n: i64 = ::redis::cmd("HDEL")
+                .arg(self.key(&["workers"]))
+                .arg(worker_id)
+                .query_async(&mut conn)
+                .await
+                .map_err(store)?;
+            Ok(n == 1)
         })
     }
 

@@ -413,9 +413,10 @@ elseif op == 'leases' then
   return reply(out)
 
 elseif op == 'progress' then
+  -- A[4]: the worker that must hold the lease ('' for any).
   local tid = redis.call('HGET', key('leases'), A[1])
   local t = tid and load(tid)
-  if t and t.state == 'running' and t.lease == A[1] then
+  if t and t.state == 'running' and t.lease == A[1] and (A[4] == '' or t.worker_id == A[4]) then
     set(t, 'progress', A[2])
     event(tid, 'progress', A[2], A[3])
     return reply(tid)
@@ -423,9 +424,10 @@ elseif op == 'progress' then
   return reply(false)
 
 elseif op == 'worker_timings' then
+  -- A[3]: the worker that must hold the lease ('' for any).
   local tid = redis.call('HGET', key('leases'), A[1])
   local t = tid and load(tid)
-  if t and t.state == 'running' and t.lease == A[1] then
+  if t and t.state == 'running' and t.lease == A[1] and (A[3] == '' or t.worker_id == A[3]) then
     redis.call('HSET', key('timings', tid), 'worker', A[2])
     return reply(1)
   end
@@ -439,6 +441,8 @@ elseif op == 'finish' then
   if not tid then return reply('unknown') end
   local t = load(tid)
   if not t or t.lease ~= lease then return reply('stale') end
+  -- A[11]: the worker that must hold the lease ('' for any).
+  if A[11] ~= '' and t.worker_id ~= A[11] then return reply('holder') end
   if t.state ~= 'running' then return reply('state', snap(tid)) end
   if t.cancel_requested ~= A[3] or t.attempt ~= A[10] then return reply('retry') end
   end_record(t, now, A[9] ~= '' and A[9] or nil)
@@ -466,17 +470,21 @@ elseif op == 'finish' then
   return reply('ok', snap(tid))
 
 elseif op == 'release' then
+  -- A[4]: the worker that must hold the lease ('' for any).
   local tid = redis.call('HGET', key('leases'), A[1])
   local t = tid and load(tid)
   if not t or t.lease ~= A[1] or t.state ~= 'running' then return reply(false) end
+  if A[4] ~= '' and t.worker_id ~= A[4] then return reply(false) end
   requeue(t, A[2], false, A[3])
   return reply(snap(tid))
 
 elseif op == 'reject' then
   -- Like release; then the task is parked: the rejecting worker skips it until A[4].
+  -- A[5]: the worker that must hold the lease ('' for any).
   local tid = redis.call('HGET', key('leases'), A[1])
   local t = tid and load(tid)
   if not t or t.lease ~= A[1] or t.state ~= 'running' then return reply(false) end
+  if A[5] ~= '' and t.worker_id ~= A[5] then return reply(false) end
   if t.worker_id then redis.call('HSET', key('avoid', tid), t.worker_id, A[4]) end
   requeue(t, A[2], false, A[3])
   return reply(snap(tid))

@@ -55,7 +55,9 @@ macro_rules! conformance_tests {
             task_types_seen_are_remembered_by_time,
             failed_assignments_requeue_then_dead_letter_as_assign_failed,
             a_delivered_assignment_resets_the_failure_count,
-            cancel_of_an_undelivered_assignment_ends_the_task_at_once
+            cancel_of_an_undelivered_assignment_ends_the_task_at_once,
+            a_lease_is_acted_on_only_by_the_worker_holding_it,
+            worker_identities_are_set_once_and_can_be_forgotten
         );
     };
     (@each $make:path, $done:path; $($name:ident),*) => {
@@ -292,7 +294,11 @@ pub async fn release_does_not_count_the_attempt(q: &dyn Queue) {
         .lease
         .clone()
         .unwrap();
-    let back = q.release(&l, "draining", T + 1).await.unwrap().unwrap();
+    let back = q
+        .release(&l, None, "draining", T + 1)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!((back.state, back.attempt), (TaskState::Queued, 0));
     let again = q.reserve("w", &caps(), 1, T + 90_000, T + 2).await.unwrap();
     assert_eq!(again[0].attempt, 1);
@@ -347,7 +353,7 @@ pub async fn events_resume_after_an_id(q: &dyn Queue) {
         .lease
         .clone()
         .unwrap();
-    q.progress(&l, json!({"step": 1, "total": 2}), T + 1)
+    q.progress(&l, None, json!({"step": 1, "total": 2}), T + 1)
         .await
         .unwrap();
     q.complete(&l, Completion::Ok(json!({})), T + 2)
@@ -465,9 +471,14 @@ pub async fn release_worker_requeues_everything_it_held(q: &dyn Queue) {
     );
     assert!(q.leases_of("w").await.unwrap().is_empty());
     let stale = got[0].lease.clone().unwrap();
-    assert!(q.release(&stale, "again", T + 2).await.unwrap().is_none());
     assert!(
-        q.progress(&stale, json!({}), T + 2)
+        q.release(&stale, None, "again", T + 2)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        q.progress(&stale, None, json!({}), T + 2)
             .await
             .unwrap()
             .is_none()
@@ -682,9 +693,13 @@ pub async fn timings_merge_by_key_and_worker_stages_need_the_current_lease(q: &d
     let lease = lease_one(q, "w", T + 90_000, T + 10).await;
     let stages: std::collections::BTreeMap<String, u64> =
         [("render_ms".to_owned(), 40), ("upload_ms".to_owned(), 3)].into();
-    assert!(q.record_worker_timings(&lease, &stages).await.unwrap());
     assert!(
-        !q.record_worker_timings("lease_nope", &stages)
+        q.record_worker_timings(&lease, None, &stages)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !q.record_worker_timings("lease_nope", None, &stages)
             .await
             .unwrap(),
         "an unknown lease records nothing"
@@ -694,7 +709,7 @@ pub async fn timings_merge_by_key_and_worker_stages_need_the_current_lease(q: &d
         .unwrap();
     // The attempt is over: a late duplicate result cannot overwrite the stages.
     let late: std::collections::BTreeMap<String, u64> = [("render_ms".to_owned(), 1)].into();
-    assert!(!q.record_worker_timings(&lease, &late).await.unwrap());
+    assert!(!q.record_worker_timings(&lease, None, &late).await.unwrap());
     q.merge_timings(&t.id, &m(json!({"upload_ms": 2})))
         .await
         .unwrap();
@@ -890,7 +905,10 @@ pub async fn unfit_tasks_stay_queued_and_are_not_starved(q: &dyn Queue) {
     assert_eq!(ids(&got), vec![a.id.clone()]);
     // Given back (and after a lapsed lease), it is again only for workers that fit.
     let lease = got[0].lease.clone().unwrap();
-    q.release(&lease, "restart", T + 21).await.unwrap().unwrap();
+    q.release(&lease, None, "restart", T + 21)
+        .await
+        .unwrap()
+        .unwrap();
     assert!(
         q.reserve("w0", &other, 5, T + 90_000, T + 22)
             .await
@@ -968,7 +986,7 @@ pub async fn a_rejected_task_skips_its_worker_for_the_back_off(q: &dyn Queue) {
     // Rejected retryably: queued again, the attempt not counted, `busy` skips it until
     // T + 30_000.
     let back = q
-        .reject(&l, "rejected: out of memory", T + 30_000, T + 3)
+        .reject(&l, None, "rejected: out of memory", T + 30_000, T + 3)
         .await
         .unwrap()
         .unwrap();
@@ -977,7 +995,7 @@ pub async fn a_rejected_task_skips_its_worker_for_the_back_off(q: &dyn Queue) {
     assert_eq!(a[0].error.as_deref(), Some("rejected: out of memory"));
     // A stale lease changes nothing.
     assert!(
-        q.reject(&l, "again", T + 30_000, T + 4)
+        q.reject(&l, None, "again", T + 30_000, T + 4)
             .await
             .unwrap()
             .is_none()
@@ -1007,7 +1025,7 @@ pub async fn a_rejected_task_skips_its_worker_for_the_back_off(q: &dyn Queue) {
     assert_eq!(got[0].attempt, 1);
     // Given back by that worker too, it goes back to `busy` once the back-off is over.
     let l2 = got[0].lease.clone().unwrap();
-    q.release(&l2, "draining", T + 9).await.unwrap().unwrap();
+    q.release(&l2, None, "draining", T + 9).await.unwrap().unwrap();
     let got = q
         .reserve("busy", &caps(), 5, T + 90_000, T + 10)
         .await
@@ -1028,7 +1046,7 @@ pub async fn a_rejected_task_skips_its_worker_for_the_back_off(q: &dyn Queue) {
         .await
         .unwrap();
     let l3 = lease_one(q, "busy", T + 130_000, T + 40_001).await;
-    q.reject(&l3, "busy", T + 70_000, T + 40_002)
+    q.reject(&l3, None, "busy", T + 70_000, T + 40_002)
         .await
         .unwrap()
         .unwrap();
@@ -1058,7 +1076,7 @@ pub async fn a_rejected_routed_task_skips_only_its_worker(q: &dyn Queue) {
     let fits = worker(&["sdxl"], &["gpu=a100"]);
     let got = q.reserve("a", &fits, 1, T + 90_000, T + 1).await.unwrap();
     let l = got[0].lease.clone().unwrap();
-    q.reject(&l, "busy", T + 30_000, T + 2)
+    q.reject(&l, None, "busy", T + 30_000, T + 2)
         .await
         .unwrap()
         .unwrap();
@@ -1081,7 +1099,7 @@ pub async fn a_rejected_routed_task_skips_only_its_worker(q: &dyn Queue) {
     );
     // Rejected by a second worker too: both skip it until their own times.
     let got = q.reserve("c", &fits, 1, T + 90_000, T + 5).await.unwrap();
-    q.reject(got[0].lease.as_ref().unwrap(), "busy", T + 50_000, T + 6)
+    q.reject(got[0].lease.as_ref().unwrap(), None, "busy", T + 50_000, T + 6)
         .await
         .unwrap()
         .unwrap();
@@ -1191,7 +1209,7 @@ pub async fn a_delivered_assignment_resets_the_failure_count(q: &dyn Queue) {
     let l = lease_one(q, "w", T + 90_000, T + 30).await;
     assert_eq!(q.record_assignment(&l, true).await.unwrap(), Some(0));
     // The worker got it, then gave it back: the count starts again.
-    q.release(&l, "draining", T + 31).await.unwrap().unwrap();
+    q.release(&l, None, "draining", T + 31).await.unwrap().unwrap();
     assert_eq!(q.record_assignment(&l, true).await.unwrap(), None);
     for n in 4..=5u64 {
         let l = lease_one(q, "w", T + 90_000, T + 10 * n).await;
@@ -1221,7 +1239,7 @@ pub async fn cancel_of_an_undelivered_assignment_ends_the_task_at_once(q: &dyn Q
     // The broker knows the worker never acknowledged the assignment: it gives the lease
     // back, and a task whose cancel was requested ends canceled instead of queued.
     let after = q
-        .release(&l, "canceled before the worker acknowledged it", T + 2)
+        .release(&l, None, "canceled before the worker acknowledged it", T + 2)
         .await
         .unwrap()
         .unwrap();
@@ -1237,4 +1255,77 @@ pub async fn cancel_of_an_undelivered_assignment_ends_the_task_at_once(q: &dyn Q
         !done.accepted,
         "a late result of the withdrawn lease is refused"
     );
+}
+
+pub async fn a_lease_is_acted_on_only_by_the_worker_holding_it(q: &dyn Queue) {
+    let (t, _) = q.enqueue(task("txt2img", json!({})), T).await.unwrap();
+    let lease = lease_one(q, "wa", T + 90_000, T).await;
+    // Worker B names A's lease: nothing it sends about it counts.
+    let stolen = q
+        .complete_as("wb", &lease, Completion::Ok(json!({"from": "b"})), T + 1)
+        .await
+        .unwrap();
+    assert!(!stolen.accepted);
+    assert_eq!(stolen.reason.as_deref(), Some(NOT_HOLDER));
+    let failed = q
+        .finish(&lease, Some("wb"), Ending::Dead(oom()), T + 1)
+        .await
+        .unwrap();
+    assert!(!failed.accepted);
+    assert_eq!(
+        q.progress(&lease, Some("wb"), json!({}), T + 1)
+            .await
+            .unwrap(),
+        None
+    );
+    let stages = std::collections::BTreeMap::from([("render_ms".to_owned(), 5u64)]);
+    assert!(
+        !q.record_worker_timings(&lease, Some("wb"), &stages)
+            .await
+            .unwrap()
+    );
+    assert!(
+        q.release(&lease, Some("wb"), "mine now", T + 1)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let still = q.get(&t.id).await.unwrap().unwrap();
+    assert_eq!(still.state, TaskState::Running);
+    assert_eq!(still.lease.as_deref(), Some(lease.as_str()));
+    assert_eq!(still.attempt, 1);
+    assert_eq!(still.progress, None);
+    // A's own frames still count, and A's result becomes the output.
+    assert!(
+        q.progress(&lease, Some("wa"), json!({"step": 1}), T + 2)
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert!(
+        q.record_worker_timings(&lease, Some("wa"), &stages)
+            .await
+            .unwrap()
+    );
+    let mine = q
+        .complete_as("wa", &lease, Completion::Ok(json!({"from": "a"})), T + 3)
+        .await
+        .unwrap();
+    assert!(mine.accepted, "{:?}", mine.reason);
+    let done = q.get(&t.id).await.unwrap().unwrap();
+    assert_eq!(done.state, TaskState::Succeeded);
+    assert_eq!(done.output, Some(json!({"from": "a"})));
+}
+
+pub async fn worker_identities_are_set_once_and_can_be_forgotten(q: &dyn Queue) {
+    assert_eq!(q.identity("wid").await.unwrap(), None);
+    assert!(q.set_identity("wid", "h1", T).await.unwrap());
+    assert!(!q.set_identity("wid", "h2", T + 1).await.unwrap());
+    assert_eq!(q.identity("wid").await.unwrap().as_deref(), Some("h1"));
+    assert_eq!(q.identity("other").await.unwrap(), None);
+    assert!(q.forget_identity("wid").await.unwrap());
+    assert!(!q.forget_identity("wid").await.unwrap());
+    assert_eq!(q.identity("wid").await.unwrap(), None);
+    assert!(q.set_identity("wid", "h3", T + 2).await.unwrap());
+    assert_eq!(q.identity("wid").await.unwrap().as_deref(), Some("h3"));
 }

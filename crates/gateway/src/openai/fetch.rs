@@ -4,7 +4,7 @@
 //! changes between check and connect cannot redirect it. One HTTP/1.1 request, no
 //! redirects, a time limit, a size limit and an image content type.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,6 +12,8 @@ use axum::body::Bytes;
 use axum::http::{Request, Uri, header};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
+
+use super::ip_ranges::{Kind, classify};
 
 /// What downloads may reach and how much they may take.
 #[derive(Debug, Clone)]
@@ -61,49 +63,17 @@ pub enum FetchError {
     Timeout(String),
 }
 
-/// Why `ip` may not be fetched under `p`, or `None` when it may.
+/// Why `ip` may not be fetched under `p`, or `None` when it may: every range that is not
+/// globally reachable (`ip_ranges`), loopback only with `allow_loopback`, the others only
+/// with `allow_private`, unspecified, broadcast and multicast never.
 pub(crate) fn refusal(ip: IpAddr, p: &FetchPolicy) -> Option<&'static str> {
-    let ip = match ip {
-        IpAddr::V6(v6) => v6
-            .to_ipv4_mapped()
-            .map(IpAddr::V4)
-            .unwrap_or(IpAddr::V6(v6)),
-        v4 => v4,
+    let (kind, name) = classify(ip)?;
+    let allowed = match kind {
+        Kind::Loopback => p.allow_loopback,
+        Kind::Private => p.allow_private,
+        Kind::Never => false,
     };
-    if ip.is_loopback() {
-        return (!p.allow_loopback).then_some("a loopback address");
-    }
-    if ip.is_unspecified() || ip.is_multicast() {
-        return Some("an unspecified or multicast address");
-    }
-    let private = match ip {
-        IpAddr::V4(v4) => v4_private(v4),
-        IpAddr::V6(v6) => v6_private(v6),
-    };
-    (private && !p.allow_private).then_some("a private, link-local or reserved address")
-}
-
-fn v4_private(ip: Ipv4Addr) -> bool {
-    let [a, b, ..] = ip.octets();
-    ip.is_private()
-        || ip.is_link_local()
-        || ip.is_broadcast()
-        || ip.is_documentation()
-        || a == 0
-        || (a == 100 && (64..128).contains(&b)) // CGNAT 100.64/10
-        || (a == 192 && b == 0 && ip.octets()[2] == 0) // IETF 192.0.0/24
-        || (a == 198 && (b == 18 || b == 19)) // benchmarking 198.18/15
-        || a >= 240 // reserved 240/4
-}
-
-fn v6_private(ip: Ipv6Addr) -> bool {
-    let s = ip.segments();
-    (s[0] & 0xfe00) == 0xfc00 // unique local fc00::/7
-        || (s[0] & 0xffc0) == 0xfe80 // link-local fe80::/10
-        || (s[0] & 0xffc0) == 0xfec0 // site-local fec0::/10
-        || (s[0] == 0x2001 && s[1] == 0x0db8) // documentation
-        || (s[0] == 0x0064 && s[1] == 0xff9b) // NAT64 64:ff9b::/96 can reach IPv4 ranges
-        || s[0] == 0x2002 // 6to4 embeds any IPv4 address
+    (!allowed).then_some(name)
 }
 
 fn tls_config() -> Result<Arc<rustls::ClientConfig>, String> {
@@ -128,7 +98,7 @@ async fn resolve(
 ) -> Result<Vec<SocketAddr>, FetchError> {
     let refused = |ip: IpAddr, why: &str| FetchError::Refused {
         url: url.to_owned(),
-        why: format!("{host} is {ip}, {why}"),
+        why: format!("{host} is {ip}, in {why}, which is not globally reachable"),
     };
     let literal = host.trim_start_matches('[').trim_end_matches(']');
     let addrs: Vec<SocketAddr> = match literal.parse::<IpAddr>() {
@@ -366,6 +336,13 @@ mod tests {
             "http://10.0.0.7/a.png",
             "http://[::1]:9/a.png",
             "http://localhost:9/a.png",
+            "http://[::127.0.0.1]:9/a.png",
+            "http://[::ffff:7f00:1]:9/a.png",
+            "http://[2001::7f00:1]:9/a.png",
+            "http://[64:ff9b:1::7f00:1]:9/a.png",
+            "http://[64:ff9b::7f00:1]:9/a.png",
+            "http://[2002:7f00:1::]:9/a.png",
+            "http://[100::1]:9/a.png",
         ] {
             let e = fetch_image(url, &strict()).await.unwrap_err();
             assert!(matches!(e, FetchError::Refused { .. }), "{url}: {e}");

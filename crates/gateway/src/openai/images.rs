@@ -19,6 +19,7 @@ use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 use tokio::sync::broadcast;
 
+use super::body::json_body;
 use super::config::{ModelConfig, ProviderConfig, ResponseFormat, RunsOn};
 use super::error::OpenAiError;
 use super::fetch::{FetchPolicy, fetch_image};
@@ -491,9 +492,9 @@ async fn run(
 pub(crate) async fn generations(
     State(state): State<AppState>,
     headers: HeaderMap,
-    body: Bytes,
+    req: Request,
 ) -> Result<Response, OpenAiError> {
-    let fields = json_object(&body)?;
+    let fields = json_object(&json_body(&state, req).await?)?;
     let request_id = idempotency_key(&headers)?;
     let call = Call::parse(&state, &fields)?;
     let (task_type, input) = call.task(None);
@@ -638,18 +639,7 @@ fn json_object(body: &[u8]) -> Result<Map<String, Value>, OpenAiError> {
 
 /// The parts of a JSON edit: `images` (1 to 16 references), `mask`, the other fields.
 async fn json_parts(state: &AppState, req: Request) -> Result<EditParts, OpenAiError> {
-    let body = Bytes::from_request(req, state).await.map_err(|e| {
-        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            OpenAiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "payload_too_large",
-                "the request body exceeds the configured limit",
-            )
-        } else {
-            OpenAiError::new(StatusCode::BAD_REQUEST, "invalid_json", e.body_text())
-        }
-    })?;
-    let mut fields = json_object(&body)?;
+    let mut fields = json_object(&json_body(state, req).await?)?;
     let refs = match fields.remove("images") {
         Some(Value::Array(a)) if (1..=MAX_IMAGES).contains(&a.len()) => a,
         _ => {

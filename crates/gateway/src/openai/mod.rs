@@ -2,10 +2,12 @@
 //! `/v1/models`) on top of kiln's durable tasks, and the upstream provider client that
 //! forwards work to another OpenAI-compatible image API.
 
+mod body;
 mod config;
 mod error;
 mod fetch;
 mod images;
+mod ip_ranges;
 mod models;
 mod provider;
 mod references;
@@ -19,6 +21,7 @@ pub use config::{
     ImageUrlConfig, ModelConfig, OpenAiConfig, ProviderConfig, ProviderKind, ReferenceMode,
     ResponseFormat, RunsOn,
 };
+pub(crate) use error::OpenAiError;
 pub use fetch::FetchError;
 pub use provider::{
     Attempt, Call, Image, OpenAiCompatible, Output, ProviderError, attempts_json, summary,

@@ -25,7 +25,7 @@ pub(crate) fn serve(broker: Arc<Broker>, listener: TcpListener) -> tokio::task::
                 let Ok(ws) = tokio_tungstenite::accept_hdr_async(tcp, cb).await else {
                     return;
                 };
-                let (tx, rx) = ws.split();
+                let (mut tx, rx) = ws.split();
                 let frames = Box::pin(rx.filter_map(|m| async move {
                     match m {
                         Ok(tungstenite::Message::Text(t)) => {
@@ -35,11 +35,19 @@ pub(crate) fn serve(broker: Arc<Broker>, listener: TcpListener) -> tokio::task::
                         Err(e) => Some(Err(e)),
                     }
                 }));
-                let mut sink = Box::pin(tx.with(|s: String| async move {
-                    Ok::<_, tungstenite::Error>(tungstenite::Message::Text(s.into()))
-                }));
-                let _end = broker.serve_session(frames, &mut sink).await;
-                let _ = sink.close().await;
+                let end = {
+                    let mut sink = Box::pin((&mut tx).with(|s: String| async move {
+                        Ok::<_, tungstenite::Error>(tungstenite::Message::Text(s.into()))
+                    }));
+                    broker.serve_session(frames, &mut sink).await
+                };
+                // The close code and reason, as the gateway sends them.
+                let frame = tungstenite::protocol::CloseFrame {
+                    code: end.code.into(),
+                    reason: end.reason.into(),
+                };
+                let _ = tx.send(tungstenite::Message::Close(Some(frame))).await;
+                let _ = tx.close().await;
             });
         }
     })
