@@ -14,8 +14,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use crate::body::SendBody;
-use crate::classify::classify_hyper;
+use crate::body::{BodyTracker, SendBody};
+use crate::classify::{SendState, classify_hyper};
 use crate::error::AttemptError;
 use crate::metrics::{MetricEvent, MetricsHook};
 
@@ -157,6 +157,9 @@ pub(crate) struct Lease {
     idle_before: Duration,
     key: Key,
     pool: Arc<Inner>,
+    /// What happened to the body, once a request was sent.
+    body: Option<Arc<BodyTracker>>,
+    body_len: u64,
 }
 
 impl Lease {
@@ -169,6 +172,8 @@ impl Lease {
         &mut self,
         req: http::Request<SendBody>,
     ) -> Result<http::Response<Incoming>, AttemptError> {
+        self.body = Some(req.body().tracker());
+        self.body_len = req.body().len();
         // `try_send_request` hands the request back when it was never written: such a
         // failure is `NotSent` whatever the error says.
         let result = match &mut self.tx {
@@ -182,22 +187,36 @@ impl Lease {
             },
             None => return Err(AttemptError::Invalid("lease already released".into())),
         };
-        result.map_err(|(e, not_written)| {
-            let mut err = self.transport_error(e, "send");
-            if not_written
-                && let AttemptError::Transport { class, .. } = &mut err
-                && *class != kiln_retry::Class::Refused
-            {
-                *class = kiln_retry::Class::NotSent;
-            }
-            err
-        })
+        result.map_err(|(e, handed_back)| self.classified_error(e, "send", handed_back))
     }
 
-    /// Turns a hyper error on this connection into an attempt error, and stops reuse of the
-    /// connection when the error was connection-wide.
+    /// Turns a hyper error met while reading the response body into an attempt error.
     pub(crate) fn transport_error(&self, e: hyper::Error, what: &'static str) -> AttemptError {
-        let c = classify_hyper(&e, what == "send");
+        self.classified_error(e, what, false)
+    }
+
+    /// Classifies a hyper error on this connection, and stops reuse of the connection when
+    /// the error was connection-wide.
+    fn classified_error(
+        &self,
+        e: hyper::Error,
+        what: &'static str,
+        handed_back: bool,
+    ) -> AttemptError {
+        let state = SendState {
+            before_response: what == "send",
+            handed_back,
+            body_polled: self
+                .body
+                .as_ref()
+                .map_or(0, |b| b.polled.load(Ordering::Relaxed)),
+            body_len: self.body_len,
+            body_failed: self
+                .body
+                .as_ref()
+                .is_some_and(|b| b.failed.load(Ordering::Relaxed)),
+        };
+        let c = classify_hyper(&e, state);
         if c.connection_broken {
             self.conn.mark_broken();
         }
@@ -211,6 +230,7 @@ impl Lease {
         }
         AttemptError::Transport {
             class: c.class,
+            kind: c.kind,
             h2_reason: c.h2_reason,
             what,
             source: e,
@@ -359,6 +379,8 @@ impl Pool {
             idle_before,
             key: key.clone(),
             pool: self.inner.clone(),
+            body: None,
+            body_len: 0,
         }
     }
 
@@ -493,6 +515,7 @@ impl Pool {
         let s = &self.inner.settings;
         let handshake_error = |source: hyper::Error| AttemptError::Transport {
             class: kiln_retry::Class::NotSent,
+            kind: "handshake",
             h2_reason: None,
             what: "handshake",
             source,
