@@ -39,6 +39,7 @@ mod config;
 mod error;
 mod metrics;
 mod pool;
+mod spare;
 mod targets;
 mod tls;
 

@@ -117,7 +117,12 @@ async fn rotation_before_keepalive_requests_avoids_goaway() {
     let results = many(&c, Arc::new(multipart(front, "/upload")), 40, 8, 50_000).await;
     assert!(results.iter().all(Result::is_ok));
     let s = counters.snapshot();
-    assert_eq!(s.connections, 8, "40 requests / 5 per connection: {s:?}");
+    // 40 requests / 5 per connection = 8; spares opened ahead of need add at most
+    // ceil(2 x 8 in flight / 5) = 4, and the first burst's own connect one more.
+    assert!(
+        (8..=13).contains(&s.connections),
+        "40 requests / 5 per connection: {s:?}"
+    );
     assert_eq!(s.retries, 0, "rotation must prevent every GOAWAY: {s:?}");
 }
 
