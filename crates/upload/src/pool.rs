@@ -371,7 +371,7 @@ impl Pool {
         if let Some(m) = &self.inner.metrics {
             m.record(MetricEvent::HandshakeWait);
         }
-        let _waiting = self.waiting(key);
+        let waiting = self.waiting(key);
         if !fresh && pooled {
             let maybe_h2 = self
                 .inner
@@ -390,10 +390,9 @@ impl Pool {
                 if let Some(gate) = gate {
                     let _held = gate.lock().await;
                     let deadline = Instant::now() + self.inner.settings.connect_timeout;
-                    loop {
+                    let lease = loop {
                         if let Some(l) = self.take_pooled(key) {
-                            self.prewarm(key);
-                            return Ok(l);
+                            break l;
                         }
                         // Connections already being opened for this host's demand are
                         // awaited rather than raced with one more.
@@ -401,16 +400,16 @@ impl Pool {
                         let notified = done.notified();
                         tokio::pin!(notified);
                         notified.as_mut().enable();
-                        self.prewarm(key);
                         if self.opening(key) == 0
                             || tokio::time::timeout_at(deadline, notified).await.is_err()
                         {
-                            break;
+                            break self.connect(key, true).await?;
                         }
-                    }
-                    let l = self.connect(key, true).await?;
+                    };
+                    // The request now holds a lease: it counts as in flight, not waiting.
+                    drop(waiting);
                     self.prewarm(key);
-                    return Ok(l);
+                    return Ok(lease);
                 }
             }
         }
@@ -457,7 +456,8 @@ impl Pool {
             });
             if let Some(e) = list.first() {
                 let n = e.conn.requests.fetch_add(1, Ordering::Relaxed) + 1;
-                let lease = self.lease(key, e.conn.clone(), Sender::H2(e.tx.clone()), true);
+                // A warm spare taking its first request has served none before.
+                let lease = self.lease(key, e.conn.clone(), Sender::H2(e.tx.clone()), n > 1);
                 if n >= max_requests {
                     let id = e.conn.id;
                     list.retain(|e| e.conn.id != id);
