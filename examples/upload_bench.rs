@@ -7,7 +7,9 @@
 //! ```
 //!
 //! Progress goes to stderr; the last stdout line is one JSON object:
-//! `{"ok":N,"failed":N,"p50_ms":F,"p99_ms":F,"connections":N,"retries":N,"elapsed_s":F}`.
+//! `{"ok":N,"failed":N,"p50_ms":F,"p99_ms":F,"connections":N,"retries":N,"elapsed_s":F,`
+//! `"handshake_waits":N,"spares":N,"resent":N}` (`handshake_waits`: uploads whose request
+//! waited for a connection to be established; `spares`: connections opened ahead of need).
 //! `crates/upload/bench/nginx-bench.sh` starts nginx on 127.0.0.1 and runs the standard set.
 
 use std::sync::Arc;
@@ -191,11 +193,14 @@ async fn main() {
     lat.sort_by(f64::total_cmp);
     let s = counters.snapshot();
     println!(
-        "{{\"ok\":{ok},\"failed\":{failed},\"p50_ms\":{:.2},\"p99_ms\":{:.2},\"connections\":{},\"retries\":{},\"elapsed_s\":{:.2}}}",
+        "{{\"ok\":{ok},\"failed\":{failed},\"p50_ms\":{:.2},\"p99_ms\":{:.2},\"connections\":{},\"retries\":{},\"elapsed_s\":{:.2},\"handshake_waits\":{},\"spares\":{},\"resent\":{}}}",
         percentile(&lat, 0.5),
         percentile(&lat, 0.99),
         s.connections,
         s.retries,
-        elapsed
+        elapsed,
+        s.handshake_waits,
+        s.spares,
+        s.resent
     );
 }

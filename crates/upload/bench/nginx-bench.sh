@@ -1,20 +1,38 @@
 #!/usr/bin/env bash
-# Runs the kiln-upload benchmark against nginx over TLS + HTTP/2 on 127.0.0.1:
-#   1. faulty nginx (keepalive_requests 5, keepalive_timeout 300ms), policy pooled
-#   2. no-fault nginx (defaults), policy pooled
-#   3. faulty nginx, policy fresh
-# nginx runs in the foreground with its own prefix, config and pid under a temp dir and is
-# stopped by pid on exit. Usage (from the workspace root):
-#   bash crates/upload/bench/nginx-bench.sh [REQUESTS] [CONCURRENCY] [SIZE]
+# Runs the kiln-upload benchmark against nginx over TLS + HTTP/2 on 127.0.0.1. By default
+# (MODE=rtt) every row goes through examples/latency_proxy at RTT_MS (20) in front of nginx:
+#   rtt_faulty_pooled   faulty nginx (keepalive_requests 5, keepalive_timeout 300ms), pooled
+#   rtt_nofault_pooled  no-fault nginx (defaults), pooled
+#   rtt_faulty_fresh    faulty nginx, a fresh connection per upload
+# MODE=loopback runs the earlier loopback rows (faulty_pooled, nofault_pooled, faulty_fresh,
+# faulty_pooled_rotate5) without the proxy; MODE=all runs both (PREREAD: see below). nginx and the proxies run in
+# the foreground with their own files under a temp dir and are stopped by pid (the proxies
+# first by closing their standard input, so that they print their counters).
+# Usage (from the workspace root):
+#   bash crates/upload/bench/nginx-bench.sh [REQUESTS] [CONCURRENCY] [SIZE] [RTT_MS]
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 REQ=${1:-10000}
 CONC=${2:-16}
 SIZE=${3:-200000}
+RTT_MS=${4:-20}
+MODE=${MODE:-rtt}
+# PREREAD=256k sets nginx's http2_body_preread_size (its initial HTTP/2 stream window, 64k by
+# default) for a supplementary run in which one 200 KB body fits the window.
+PREREAD=${PREREAD:-}
 NGINX=${NGINX:-/usr/sbin/nginx}
 dir=$(mktemp -d)
 pid=""
-cleanup() { if [ -n "$pid" ]; then kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; fi; rm -rf "$dir"; }
+ppids=""
+cleanup() {
+  exec 7>&- 2>/dev/null || true
+  for p in $ppids; do
+    for _ in $(seq 1 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+    kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true
+  done
+  if [ -n "$pid" ]; then kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; fi
+  rm -rf "$dir"
+}
 trap cleanup EXIT
 
 # A throwaway CA and a leaf for IP:127.0.0.1 (rustls rejects a CA used as a server cert).
@@ -40,6 +58,7 @@ http {
   client_body_temp_path $dir/body; proxy_temp_path $dir/proxy;
   fastcgi_temp_path $dir/fcgi; uwsgi_temp_path $dir/uwsgi; scgi_temp_path $dir/scgi;
   client_body_buffer_size 1m; client_max_body_size 64m;
+  ${PREREAD:+http2_body_preread_size $PREREAD;}
   ssl_certificate $dir/cert.pem; ssl_certificate_key $dir/key.pem;
   # The backend answers after nginx has read the whole upload body.
   server { listen 127.0.0.1:$BACK; keepalive_requests 1000000;
@@ -60,10 +79,38 @@ done
 echo "nginx pid $pid: faulty https://127.0.0.1:$FAULT, no-fault https://127.0.0.1:$CLEAN" >&2
 echo "--- nginx config ---" >&2; sed -n '/Faulty front/,/^}/p' "$dir/nginx.conf" >&2
 
-cargo build --release --example upload_bench >&2
+cargo build --release --example upload_bench --example latency_proxy >&2
 bench() { target/release/examples/upload_bench --ca "$dir/ca.pem" --method POST \
   --requests "$REQ" --concurrency "$CONC" --size "$SIZE" "$@" | tail -n1; }
-echo "faulty_pooled   $(bench --url "https://127.0.0.1:$FAULT/upload" --policy pooled)"
-echo "nofault_pooled  $(bench --url "https://127.0.0.1:$CLEAN/upload" --policy pooled)"
-echo "faulty_fresh    $(bench --url "https://127.0.0.1:$FAULT/upload" --policy fresh)"
-echo "faulty_pooled_rotate5 $(bench --url "https://127.0.0.1:$FAULT/upload" --policy pooled --max-requests-per-connection 5)"
+row() { local name=$1; shift; echo "load before $name: $(uptime)" >&2
+  echo "$name $(bench "$@")"; echo "load after $name: $(uptime)" >&2; }
+
+if [ "$MODE" = rtt ] || [ "$MODE" = all ]; then
+  PFAULT=$(port); PCLEAN=$(port)
+  mkfifo "$dir/proxy.in"
+  for pair in "$PFAULT:$FAULT" "$PCLEAN:$CLEAN"; do
+    target/release/examples/latency_proxy --listen "127.0.0.1:${pair%%:*}" \
+      --upstream "127.0.0.1:${pair##*:}" --rtt-ms "$RTT_MS" \
+      < "$dir/proxy.in" > "$dir/proxy-${pair%%:*}.json" &
+    ppids="$ppids $!"
+  done
+  exec 7> "$dir/proxy.in"   # the proxies run until this is closed
+  for p in $PFAULT $PCLEAN; do
+    for _ in $(seq 1 100); do (exec 3<>/dev/tcp/127.0.0.1/$p) 2>/dev/null && break; sleep 0.05; done
+  done
+  echo "latency proxies (rtt ${RTT_MS} ms): faulty via $PFAULT, no-fault via $PCLEAN" >&2
+  row rtt_faulty_pooled  --url "https://127.0.0.1:$PFAULT/upload" --policy pooled
+  row rtt_nofault_pooled --url "https://127.0.0.1:$PCLEAN/upload" --policy pooled
+  row rtt_faulty_fresh   --url "https://127.0.0.1:$PFAULT/upload" --policy fresh
+  exec 7>&-
+  for p in $ppids; do wait "$p" 2>/dev/null || true; done
+  ppids=""
+  echo "proxy_faulty  $(cat "$dir/proxy-$PFAULT.json")"
+  echo "proxy_nofault $(cat "$dir/proxy-$PCLEAN.json")"
+fi
+if [ "$MODE" = loopback ] || [ "$MODE" = all ]; then
+  row faulty_pooled   --url "https://127.0.0.1:$FAULT/upload" --policy pooled
+  row nofault_pooled  --url "https://127.0.0.1:$CLEAN/upload" --policy pooled
+  row faulty_fresh    --url "https://127.0.0.1:$FAULT/upload" --policy fresh
+  row faulty_pooled_rotate5 --url "https://127.0.0.1:$FAULT/upload" --policy pooled --max-requests-per-connection 5
+fi

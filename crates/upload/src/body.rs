@@ -5,6 +5,7 @@ use std::io::SeekFrom;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
@@ -152,6 +153,7 @@ impl BodySpec {
         Ok(SendBody {
             segs: open,
             sent: 0,
+            tracker: Arc::default(),
             total: self.len(),
             progress,
         })
@@ -163,17 +165,39 @@ enum Seg {
     File { file: tokio::fs::File, left: u64 },
 }
 
+/// What happened to one attempt's body once hyper took it.
+#[derive(Debug, Default)]
+pub(crate) struct BodyTracker {
+    /// Bytes handed to hyper: zero means nothing of the body can have reached the server.
+    pub(crate) polled: AtomicU64,
+    /// Reading the body failed (hyper then resets the stream or closes the connection).
+    pub(crate) failed: AtomicBool,
+}
+
 /// The body of one attempt.
 pub(crate) struct SendBody {
     segs: Vec<Seg>, // reversed: the next segment is last
     sent: u64,
+    /// What happened to the body, readable after it was handed to hyper.
+    tracker: Arc<BodyTracker>,
     total: u64,
     progress: Option<Progress>,
 }
 
 impl SendBody {
+    /// What happens to this body, readable after it was moved into a request.
+    pub(crate) fn tracker(&self) -> Arc<BodyTracker> {
+        self.tracker.clone()
+    }
+
+    /// Body length in bytes.
+    pub(crate) fn len(&self) -> u64 {
+        self.total
+    }
+
     fn advance(&mut self, n: usize) {
         self.sent += n as u64;
+        self.tracker.polled.store(self.sent, Ordering::Relaxed);
         if let Some(p) = &self.progress {
             p(self.sent, self.total);
         }
@@ -213,10 +237,14 @@ impl http_body::Body for SendBody {
                     let mut rb = ReadBuf::new(&mut buf);
                     match Pin::new(file).poll_read(cx, &mut rb) {
                         Poll::Pending => return Poll::Pending,
-                        Poll::Ready(Err(e)) => return Poll::Ready(Some(Err(e))),
+                        Poll::Ready(Err(e)) => {
+                            this.tracker.failed.store(true, Ordering::Relaxed);
+                            return Poll::Ready(Some(Err(e)));
+                        }
                         Poll::Ready(Ok(())) => {
                             let n = rb.filled().len();
                             if n == 0 {
+                                this.tracker.failed.store(true, Ordering::Relaxed);
                                 return Poll::Ready(Some(Err(std::io::Error::new(
                                     std::io::ErrorKind::UnexpectedEof,
                                     "file shrank during upload",

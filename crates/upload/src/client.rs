@@ -345,16 +345,23 @@ impl UploadClient {
             }
             match lease.send(http::Request::from_parts(parts, body)).await {
                 Ok(res) => break (lease, res, h2),
-                // A pooled connection that ended before the request was written (hyper-util
-                // does the same): nothing reached the server, so use a new connection at once.
+                // The connection ended before the request was written (a pooled connection
+                // that was already gone, as hyper-util resends too, or an HTTP/2 stream still
+                // waiting for a concurrency slot when the server's GOAWAY arrived): nothing
+                // reached the server, so use a new connection at once, once per attempt.
                 Err(AttemptError::Transport {
                     class: Class::NotSent,
+                    kind,
                     ..
-                }) if lease.reused && !stale_retry => {
+                }) if !stale_retry && kind != "handshake" => {
                     tracing::debug!(
                         conn = lease.conn.id,
-                        "pooled connection gone before the request was written"
+                        kind,
+                        "connection ended before the request was written; resending"
                     );
+                    if let Some(m) = &self.inner.metrics {
+                        m.record(MetricEvent::Resent { kind });
+                    }
                     stale_retry = true;
                 }
                 Err(e) => return Err(e),
@@ -373,6 +380,22 @@ impl UploadClient {
                 }
                 buf.extend_from_slice(&data);
             }
+        }
+        // hyper ends an HTTP/2 body quietly at RST_STREAM(NO_ERROR), which RFC 9113 allows
+        // only after a complete response: a shorter body than announced is a failure.
+        if let Some(expected) = head
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            && (buf.len() as u64) < expected
+            && head.status != http::StatusCode::NO_CONTENT
+            && req.method != Method::HEAD
+        {
+            return Err(AttemptError::Truncated {
+                expected,
+                got: buf.len() as u64,
+            });
         }
         let reused = lease.reused;
         let (connect, tls) = if reused {

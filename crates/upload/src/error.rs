@@ -31,10 +31,14 @@ pub enum AttemptError {
         source: std::io::Error,
     },
     /// The HTTP exchange failed after the connection was made.
-    #[error("{what} ({class}{}): {source}", h2_reason.map(|r| format!(", h2 {r}")).unwrap_or_default())]
+    #[error("{what} ({class}, {kind}{}): {source}", h2_reason.map(|r| format!(", h2 {r}")).unwrap_or_default())]
     Transport {
         /// What is known about the server having processed the request.
         class: Class,
+        /// The stable name of the hyper/h2 error kind (`h2_goaway`, `h2_reset`,
+        /// `dispatch_gone`, `canceled`, `incomplete_message`, ...; the table in the crate
+        /// docs lists them all).
+        kind: &'static str,
         /// The HTTP/2 error code, when the failure was an HTTP/2 reset or GOAWAY.
         h2_reason: Option<&'static str>,
         /// A short description (`send`, `response body`).
@@ -70,6 +74,16 @@ pub enum AttemptError {
         /// The first bytes of the body, lossily decoded.
         excerpt: String,
     },
+    /// The response ended before the length its `Content-Length` announced (an HTTP/2
+    /// stream reset with NO_ERROR in the middle of the body, which hyper reports as a clean
+    /// end). The request may have been processed.
+    #[error("response truncated: {got} of {expected} bytes")]
+    Truncated {
+        /// The announced length.
+        expected: u64,
+        /// The bytes received.
+        got: u64,
+    },
     /// The response body was longer than `max_response_bytes`.
     #[error("response body longer than {limit} bytes")]
     ResponseTooLarge {
@@ -90,6 +104,7 @@ impl AttemptError {
         match self {
             AttemptError::Connect { .. } => Failure::new(Class::NotSent),
             AttemptError::Transport { class, .. } => Failure::new(*class),
+            AttemptError::Truncated { .. } => Failure::new(Class::MaybeProcessed),
             AttemptError::Status {
                 status, headers, ..
             } => Failure::response(*status, headers),

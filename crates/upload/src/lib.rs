@@ -4,9 +4,15 @@
 //! Every attempt's outcome is classified for [kiln_retry]: a remote GOAWAY NO_ERROR or
 //! REFUSED_STREAM means the server never processed the request, so it is replayed at once
 //! on a fresh connection for any method; other resets, EOFs and timeouts are replayed only
-//! for idempotent requests; TLS failures never. Bodies are replayable (bytes, or file
-//! ranges reopened per attempt). Connections are pooled, rotated after
-//! `max_requests_per_connection` and dropped after `pool_idle_timeout`.
+//! for idempotent requests; TLS failures and our own body failing never. A request whose
+//! connection ended before it was written (hyper handed it back, or still held it when the
+//! connection task ended) is resent at once on a new connection. Each transport error
+//! carries a stable `kind` name ([`AttemptError::Transport`]). Bodies are replayable (bytes,
+//! or file ranges reopened per attempt). Connections are pooled, rotated after
+//! `max_requests_per_connection` (or the limit learned from a server's GOAWAY) and dropped
+//! after `pool_idle_timeout`; for a busy HTTP/2 host the next connection is opened in the
+//! background before it is needed, and requests that still had to wait for a handshake are
+//! counted ([`CounterSnapshot::handshake_waits`]).
 //!
 //! Targets implement [`UploadTarget`]: [`Multipart`] form POST, [`PresignedPut`], [`S3`]
 //! (SigV4, multipart above a threshold), [`JsonBase64`], and [`Fallback`] chains.
@@ -39,6 +45,7 @@ mod config;
 mod error;
 mod metrics;
 mod pool;
+mod spare;
 mod targets;
 mod tls;
 

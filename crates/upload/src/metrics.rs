@@ -27,6 +27,17 @@ pub enum MetricEvent {
         /// Whether it is a transparent (immediate, fresh-connection) retry.
         transparent: bool,
     },
+    /// A request waited for a connection to be established (TCP + TLS + HTTP handshake) on
+    /// its own path: no pooled connection had room for it.
+    HandshakeWait,
+    /// A warm spare connection was opened in the background, before a request needed it.
+    SpareOpened,
+    /// A request was resent at once on a new connection because its connection ended
+    /// before the request was written.
+    Resent {
+        /// The error kind that showed it (`canceled`, `closed`, `dispatch_gone`, ...).
+        kind: &'static str,
+    },
     /// An upload ended.
     Upload {
         /// Whether it succeeded.
@@ -51,6 +62,9 @@ pub struct UploadCounters {
     transparent_retries: AtomicU64,
     uploads_ok: AtomicU64,
     uploads_failed: AtomicU64,
+    handshake_waits: AtomicU64,
+    spares: AtomicU64,
+    resent: AtomicU64,
 }
 
 /// A copy of [`UploadCounters`] at one moment.
@@ -73,6 +87,12 @@ pub struct CounterSnapshot {
     pub uploads_ok: u64,
     /// Uploads that failed.
     pub uploads_failed: u64,
+    /// Requests that waited for a connection to be established.
+    pub handshake_waits: u64,
+    /// Connections opened in the background as warm spares (also counted in `connections`).
+    pub spares: u64,
+    /// Requests resent at once because their connection ended before they were written.
+    pub resent: u64,
 }
 
 impl UploadCounters {
@@ -88,6 +108,9 @@ impl UploadCounters {
             transparent_retries: l(&self.transparent_retries),
             uploads_ok: l(&self.uploads_ok),
             uploads_failed: l(&self.uploads_failed),
+            handshake_waits: l(&self.handshake_waits),
+            spares: l(&self.spares),
+            resent: l(&self.resent),
         }
     }
 }
@@ -114,6 +137,9 @@ impl MetricsHook for UploadCounters {
                     inc(&self.transparent_retries);
                 }
             }
+            MetricEvent::HandshakeWait => inc(&self.handshake_waits),
+            MetricEvent::SpareOpened => inc(&self.spares),
+            MetricEvent::Resent { .. } => inc(&self.resent),
             MetricEvent::Upload { ok: true } => inc(&self.uploads_ok),
             MetricEvent::Upload { ok: false } => inc(&self.uploads_failed),
         }

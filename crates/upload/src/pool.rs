@@ -14,8 +14,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use crate::body::SendBody;
-use crate::classify::classify_hyper;
+use crate::body::{BodyTracker, SendBody};
+use crate::classify::{SendState, classify_hyper};
 use crate::error::AttemptError;
 use crate::metrics::{MetricEvent, MetricsHook};
 
@@ -73,8 +73,8 @@ pub(crate) struct PoolSettings {
 pub(crate) struct Conn {
     pub(crate) id: u64,
     pub(crate) h2: bool,
-    requests: AtomicU64,
-    inflight: AtomicU64,
+    pub(crate) requests: AtomicU64,
+    pub(crate) inflight: AtomicU64,
     /// Responses read to their end on this connection.
     served: AtomicU64,
     /// The server refused a stream with GOAWAY NO_ERROR while the connection was busy: it
@@ -93,7 +93,7 @@ impl Conn {
         }
     }
 
-    fn idle_for(&self) -> Duration {
+    pub(crate) fn idle_for(&self) -> Duration {
         self.last_used
             .lock()
             .map(|t| t.elapsed())
@@ -105,19 +105,19 @@ impl Conn {
         self.broken.store(true, Ordering::Relaxed);
     }
 
-    fn usable(&self) -> bool {
+    pub(crate) fn usable(&self) -> bool {
         !self.broken.load(Ordering::Relaxed)
     }
 }
 
-enum Sender {
+pub(crate) enum Sender {
     H1(http1::SendRequest<SendBody>),
     H2(http2::SendRequest<SendBody>),
 }
 
-struct H2Entry {
-    conn: Arc<Conn>,
-    tx: http2::SendRequest<SendBody>,
+pub(crate) struct H2Entry {
+    pub(crate) conn: Arc<Conn>,
+    pub(crate) tx: http2::SendRequest<SendBody>,
 }
 
 struct H1Idle {
@@ -125,26 +125,41 @@ struct H1Idle {
     tx: http1::SendRequest<SendBody>,
 }
 
-struct Inner {
+pub(crate) struct Inner {
     tls: Arc<rustls::ClientConfig>,
-    settings: PoolSettings,
-    h2: Mutex<HashMap<Key, Vec<H2Entry>>>,
+    pub(crate) settings: PoolSettings,
+    pub(crate) h2: Mutex<HashMap<Key, Vec<H2Entry>>>,
     h1: Mutex<HashMap<Key, Vec<H1Idle>>>,
     /// Whether a host was last seen speaking HTTP/2 (connects to such hosts are serialised
     /// so that concurrent requests share one connection instead of racing to open many).
-    known_h2: Mutex<HashMap<Key, bool>>,
+    pub(crate) known_h2: Mutex<HashMap<Key, bool>>,
     gates: Mutex<HashMap<Key, Arc<tokio::sync::Mutex<()>>>>,
     /// Requests per connection a host was seen to allow before its GOAWAY; the pool then
     /// rotates connections at that count instead of meeting the GOAWAY again.
     learned_max: Mutex<HashMap<Key, u64>>,
+    /// Requests in flight and background connects per host (`spare.rs`).
+    pub(crate) loads: Mutex<HashMap<Key, HostLoad>>,
+    /// Woken when a background connect ends (`spare.rs`).
+    pub(crate) spare_done: Mutex<HashMap<Key, Arc<tokio::sync::Notify>>>,
     next_id: AtomicU64,
-    metrics: Option<Arc<dyn MetricsHook>>,
+    pub(crate) metrics: Option<Arc<dyn MetricsHook>>,
+}
+
+/// What a host asks of the pool right now.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct HostLoad {
+    /// Requests holding a lease.
+    pub(crate) inflight: u64,
+    /// Requests waiting for a connection.
+    pub(crate) waiting: u64,
+    /// Connections being opened in the background.
+    pub(crate) opening: u64,
 }
 
 /// The connection pool. Cheap to clone.
 #[derive(Clone)]
 pub(crate) struct Pool {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
 }
 
 /// A connection lent to one request.
@@ -157,6 +172,9 @@ pub(crate) struct Lease {
     idle_before: Duration,
     key: Key,
     pool: Arc<Inner>,
+    /// What happened to the body, once a request was sent.
+    body: Option<Arc<BodyTracker>>,
+    body_len: u64,
 }
 
 impl Lease {
@@ -169,6 +187,8 @@ impl Lease {
         &mut self,
         req: http::Request<SendBody>,
     ) -> Result<http::Response<Incoming>, AttemptError> {
+        self.body = Some(req.body().tracker());
+        self.body_len = req.body().len();
         // `try_send_request` hands the request back when it was never written: such a
         // failure is `NotSent` whatever the error says.
         let result = match &mut self.tx {
@@ -182,22 +202,36 @@ impl Lease {
             },
             None => return Err(AttemptError::Invalid("lease already released".into())),
         };
-        result.map_err(|(e, not_written)| {
-            let mut err = self.transport_error(e, "send");
-            if not_written
-                && let AttemptError::Transport { class, .. } = &mut err
-                && *class != kiln_retry::Class::Refused
-            {
-                *class = kiln_retry::Class::NotSent;
-            }
-            err
-        })
+        result.map_err(|(e, handed_back)| self.classified_error(e, "send", handed_back))
     }
 
-    /// Turns a hyper error on this connection into an attempt error, and stops reuse of the
-    /// connection when the error was connection-wide.
+    /// Turns a hyper error met while reading the response body into an attempt error.
     pub(crate) fn transport_error(&self, e: hyper::Error, what: &'static str) -> AttemptError {
-        let c = classify_hyper(&e, what == "send");
+        self.classified_error(e, what, false)
+    }
+
+    /// Classifies a hyper error on this connection, and stops reuse of the connection when
+    /// the error was connection-wide.
+    fn classified_error(
+        &self,
+        e: hyper::Error,
+        what: &'static str,
+        handed_back: bool,
+    ) -> AttemptError {
+        let state = SendState {
+            before_response: what == "send",
+            handed_back,
+            body_polled: self
+                .body
+                .as_ref()
+                .map_or(0, |b| b.polled.load(Ordering::Relaxed)),
+            body_len: self.body_len,
+            body_failed: self
+                .body
+                .as_ref()
+                .is_some_and(|b| b.failed.load(Ordering::Relaxed)),
+        };
+        let c = classify_hyper(&e, state);
         if c.connection_broken {
             self.conn.mark_broken();
         }
@@ -211,6 +245,7 @@ impl Lease {
         }
         AttemptError::Transport {
             class: c.class,
+            kind: c.kind,
             h2_reason: c.h2_reason,
             what,
             source: e,
@@ -248,6 +283,11 @@ impl Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
+        if let Ok(mut loads) = self.pool.loads.lock()
+            && let Some(l) = loads.get_mut(&self.key)
+        {
+            l.inflight = l.inflight.saturating_sub(1);
+        }
         let left = self.conn.inflight.fetch_sub(1, Ordering::Relaxed) - 1;
         self.conn.touch();
         if left == 0 && self.conn.limit_goaway.load(Ordering::Relaxed) {
@@ -272,7 +312,7 @@ impl Drop for Lease {
 impl Inner {
     /// Requests per connection: the configured maximum, or less if the host was seen to
     /// allow fewer.
-    fn max_requests(&self, key: &Key) -> u64 {
+    pub(crate) fn max_requests(&self, key: &Key) -> u64 {
         let learned = self
             .learned_max
             .lock()
@@ -298,6 +338,8 @@ impl Pool {
                 known_h2: Mutex::new(HashMap::new()),
                 gates: Mutex::new(HashMap::new()),
                 learned_max: Mutex::new(HashMap::new()),
+                loads: Mutex::new(HashMap::new()),
+                spare_done: Mutex::new(HashMap::new()),
                 next_id: AtomicU64::new(0),
                 metrics,
             }),
@@ -313,10 +355,24 @@ impl Pool {
     /// `fresh` forces a new connection (transparent retries, the fresh-per-request policy).
     pub(crate) async fn checkout(&self, key: &Key, fresh: bool) -> Result<Lease, AttemptError> {
         let pooled = self.inner.settings.pooled;
-        if !fresh && pooled {
-            if let Some(l) = self.take_pooled(key) {
+        if pooled {
+            let taken = if fresh {
+                // A warm spare is a fresh connection: a replay need not wait for a handshake.
+                self.take_spare(key)
+            } else {
+                self.take_pooled(key)
+            };
+            if let Some(l) = taken {
+                self.prewarm(key);
                 return Ok(l);
             }
+        }
+        // From here on the request waits for a TCP + TLS + HTTP handshake.
+        if let Some(m) = &self.inner.metrics {
+            m.record(MetricEvent::HandshakeWait);
+        }
+        let waiting = self.waiting(key);
+        if !fresh && pooled {
             let maybe_h2 = self
                 .inner
                 .known_h2
@@ -333,10 +389,27 @@ impl Pool {
                     .ok();
                 if let Some(gate) = gate {
                     let _held = gate.lock().await;
-                    if let Some(l) = self.take_pooled(key) {
-                        return Ok(l);
-                    }
-                    return self.connect(key, true).await;
+                    let deadline = Instant::now() + self.inner.settings.connect_timeout;
+                    let lease = loop {
+                        if let Some(l) = self.take_pooled(key) {
+                            break l;
+                        }
+                        // Connections already being opened for this host's demand are
+                        // awaited rather than raced with one more.
+                        let done = self.spare_done(key);
+                        let notified = done.notified();
+                        tokio::pin!(notified);
+                        notified.as_mut().enable();
+                        if self.opening(key) == 0
+                            || tokio::time::timeout_at(deadline, notified).await.is_err()
+                        {
+                            break self.connect(key, true).await?;
+                        }
+                    };
+                    // The request now holds a lease: it counts as in flight, not waiting.
+                    drop(waiting);
+                    self.prewarm(key);
+                    return Ok(lease);
                 }
             }
         }
@@ -345,13 +418,16 @@ impl Pool {
         self.connect(key, pooled).await
     }
 
-    fn lease(&self, key: &Key, conn: Arc<Conn>, tx: Sender, reused: bool) -> Lease {
+    pub(crate) fn lease(&self, key: &Key, conn: Arc<Conn>, tx: Sender, reused: bool) -> Lease {
         let idle_before = if conn.inflight.fetch_add(1, Ordering::Relaxed) == 0 {
             conn.idle_for()
         } else {
             Duration::ZERO
         };
         conn.touch();
+        if let Ok(mut loads) = self.inner.loads.lock() {
+            loads.entry(key.clone()).or_default().inflight += 1;
+        }
         Lease {
             conn,
             tx: Some(tx),
@@ -359,6 +435,8 @@ impl Pool {
             idle_before,
             key: key.clone(),
             pool: self.inner.clone(),
+            body: None,
+            body_len: 0,
         }
     }
 
@@ -378,7 +456,8 @@ impl Pool {
             });
             if let Some(e) = list.first() {
                 let n = e.conn.requests.fetch_add(1, Ordering::Relaxed) + 1;
-                let lease = self.lease(key, e.conn.clone(), Sender::H2(e.tx.clone()), true);
+                // A warm spare taking its first request has served none before.
+                let lease = self.lease(key, e.conn.clone(), Sender::H2(e.tx.clone()), n > 1);
                 if n >= max_requests {
                     let id = e.conn.id;
                     list.retain(|e| e.conn.id != id);
@@ -405,6 +484,22 @@ impl Pool {
     }
 
     async fn connect(&self, key: &Key, share: bool) -> Result<Lease, AttemptError> {
+        let (conn, tx) = self.establish(key).await?;
+        conn.requests.store(1, Ordering::Relaxed);
+        if let (Sender::H2(h2tx), true) = (&tx, share)
+            && self.inner.settings.max_requests > 1
+            && let Ok(mut map) = self.inner.h2.lock()
+        {
+            map.entry(key.clone()).or_default().push(H2Entry {
+                conn: conn.clone(),
+                tx: h2tx.clone(),
+            });
+        }
+        Ok(self.lease(key, conn, tx, false))
+    }
+
+    /// Opens a connection: TCP, TLS, HTTP handshake. It has served no request yet.
+    pub(crate) async fn establish(&self, key: &Key) -> Result<(Arc<Conn>, Sender), AttemptError> {
         let s = &self.inner.settings;
         let addr = key.addr();
         let started = Instant::now();
@@ -465,7 +560,7 @@ impl Pool {
         let conn = Arc::new(Conn {
             id,
             h2,
-            requests: AtomicU64::new(1),
+            requests: AtomicU64::new(0),
             inflight: AtomicU64::new(0),
             served: AtomicU64::new(0),
             limit_goaway: AtomicBool::new(false),
@@ -474,16 +569,7 @@ impl Pool {
             connect_time,
             tls_time,
         });
-        if let (Sender::H2(h2tx), true) = (&tx, share)
-            && s.max_requests > 1
-            && let Ok(mut map) = self.inner.h2.lock()
-        {
-            map.entry(key.clone()).or_default().push(H2Entry {
-                conn: conn.clone(),
-                tx: h2tx.clone(),
-            });
-        }
-        Ok(self.lease(key, conn, tx, false))
+        Ok((conn, tx))
     }
 
     async fn handshake<I>(&self, io: I, h2: bool) -> Result<Sender, AttemptError>
@@ -493,6 +579,7 @@ impl Pool {
         let s = &self.inner.settings;
         let handshake_error = |source: hyper::Error| AttemptError::Transport {
             class: kiln_retry::Class::NotSent,
+            kind: "handshake",
             h2_reason: None,
             what: "handshake",
             source,

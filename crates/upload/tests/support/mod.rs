@@ -3,6 +3,8 @@
 // Test-only helpers: a failed setup step should panic loudly.
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
 
+pub mod latency_proxy;
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
