@@ -1025,7 +1025,10 @@ pub async fn a_rejected_task_skips_its_worker_for_the_back_off(q: &dyn Queue) {
     assert_eq!(got[0].attempt, 1);
     // Given back by that worker too, it goes back to `busy` once the back-off is over.
     let l2 = got[0].lease.clone().unwrap();
-    q.release(&l2, None, "draining", T + 9).await.unwrap().unwrap();
+    q.release(&l2, None, "draining", T + 9)
+        .await
+        .unwrap()
+        .unwrap();
     let got = q
         .reserve("busy", &caps(), 5, T + 90_000, T + 10)
         .await
@@ -1099,10 +1102,16 @@ pub async fn a_rejected_routed_task_skips_only_its_worker(q: &dyn Queue) {
     );
     // Rejected by a second worker too: both skip it until their own times.
     let got = q.reserve("c", &fits, 1, T + 90_000, T + 5).await.unwrap();
-    q.reject(got[0].lease.as_ref().unwrap(), None, "busy", T + 50_000, T + 6)
-        .await
-        .unwrap()
-        .unwrap();
+    q.reject(
+        got[0].lease.as_ref().unwrap(),
+        None,
+        "busy",
+        T + 50_000,
+        T + 6,
+    )
+    .await
+    .unwrap()
+    .unwrap();
     assert!(
         q.reserve("c", &fits, 5, T + 90_000, T + 30_001)
             .await
@@ -1209,7 +1218,10 @@ pub async fn a_delivered_assignment_resets_the_failure_count(q: &dyn Queue) {
     let l = lease_one(q, "w", T + 90_000, T + 30).await;
     assert_eq!(q.record_assignment(&l, true).await.unwrap(), Some(0));
     // The worker got it, then gave it back: the count starts again.
-    q.release(&l, None, "draining", T + 31).await.unwrap().unwrap();
+    q.release(&l, None, "draining", T + 31)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(q.record_assignment(&l, true).await.unwrap(), None);
     for n in 4..=5u64 {
         let l = lease_one(q, "w", T + 90_000, T + 10 * n).await;
@@ -1239,7 +1251,12 @@ pub async fn cancel_of_an_undelivered_assignment_ends_the_task_at_once(q: &dyn Q
     // The broker knows the worker never acknowledged the assignment: it gives the lease
     // back, and a task whose cancel was requested ends canceled instead of queued.
     let after = q
-        .release(&l, None, "canceled before the worker acknowledged it", T + 2)
+        .release(
+            &l,
+            None,
+            "canceled before the worker acknowledged it",
+            T + 2,
+        )
         .await
         .unwrap()
         .unwrap();
