@@ -705,11 +705,14 @@ impl PostgresQueue {
         })
     }
 
-    async fn release_(
+    /// Gives a lease back: queued again at once, the attempt not counted (`release`, and a
+    /// retryable `reject`, whose worker then skips the task until `avoid_until`).
+    async fn give_back_(
         &self,
         lease: &str,
         holder: Option<&str>,
         why: &str,
+        avoid_until: Option<u64>,
         now: u64,
     ) -> Result<Option<Task>> {
         let mut c = self.pool.get().await?;
@@ -726,42 +729,17 @@ impl PostgresQueue {
         else {
             return Ok(None);
         };
-        let after = tx.requeue(&task, why, false, now).await?;
-        tx.commit().await?;
-        Ok(Some(after))
-    }
-
-    async fn reject_(
-        &self,
-        lease: &str,
-        holder: Option<&str>,
-        why: &str,
-        avoid_until: u64,
-        now: u64,
-    ) -> Result<Option<Task>> {
-        let mut c = self.pool.get().await?;
-        let mut tx = self.begin(&mut c).await?;
-        let Some(task) = tx
-            .task(
-                &format!(
-                    "SELECT {COLS} FROM {{s}}.tasks WHERE lease = $1 AND state = 'running'
-                     AND ($2::text IS NULL OR worker_id = $2) FOR UPDATE"
-                ),
-                &[&lease, &holder],
-            )
-            .await?
-        else {
-            return Ok(None);
-        };
-        tx.exec("DELETE FROM {s}.avoid WHERE until <= $1", &[&i(now)])
-            .await?;
-        if let Some(w) = &task.worker_id {
-            tx.exec(
-                "INSERT INTO {s}.avoid (task_id, worker_id, until) VALUES ($1, $2, $3)
-                 ON CONFLICT (task_id, worker_id) DO UPDATE SET until = $3",
-                &[&task.id, w, &i(avoid_until)],
-            )
-            .await?;
+        if let Some(until) = avoid_until {
+            tx.exec("DELETE FROM {s}.avoid WHERE until <= $1", &[&i(now)])
+                .await?;
+            if let Some(w) = &task.worker_id {
+                tx.exec(
+                    "INSERT INTO {s}.avoid (task_id, worker_id, until) VALUES ($1, $2, $3)
+                     ON CONFLICT (task_id, worker_id) DO UPDATE SET until = $3",
+                    &[&task.id, w, &i(until)],
+                )
+                .await?;
+            }
         }
         let after = tx.requeue(&task, why, false, now).await?;
         tx.commit().await?;
@@ -1126,7 +1104,7 @@ impl Queue for PostgresQueue {
         why: &'a str,
         now: u64,
     ) -> QueueFuture<'a, Option<Task>> {
-        Box::pin(self.release_(lease, holder, why, now))
+        Box::pin(self.give_back_(lease, holder, why, None, now))
     }
 
     fn reject<'a>(
@@ -1137,7 +1115,7 @@ impl Queue for PostgresQueue {
         avoid_until: u64,
         now: u64,
     ) -> QueueFuture<'a, Option<Task>> {
-        Box::pin(self.reject_(lease, holder, why, avoid_until, now))
+        Box::pin(self.give_back_(lease, holder, why, Some(avoid_until), now))
     }
 
     fn note_task_types<'a>(&'a self, task_types: &'a [String], now: u64) -> QueueFuture<'a, ()> {

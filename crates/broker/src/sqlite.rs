@@ -940,43 +940,28 @@ impl Db {
     }
 
     /// Gives a lease back: the task is queued again at once, and the attempt does not count
-    /// (`release`, retryable `reject`, a worker restarting).
-    fn release(
+    /// (`release`, retryable `reject`, a worker restarting). With `avoid_until` (a retryable
+    /// reject), the lease's worker is not offered the task again before then.
+    fn give_back(
         &self,
         lease: &str,
         holder: Option<&str>,
         why: &str,
+        avoid_until: Option<u64>,
         now: u64,
     ) -> Result<Option<Task>> {
         let tx = begin(&self.conn)?;
         let Some(task) = task_by_lease(&tx, lease)?.filter(|t| holds(t, holder)) else {
             return Ok(None);
         };
-        let after = self.requeue_locked(&tx, &task, why, false, now)?;
-        tx.commit()?;
-        Ok(Some(after))
-    }
-
-    /// Releases a retryably rejected lease; its worker is not offered the task again
-    /// before `avoid_until`.
-    fn reject(
-        &self,
-        lease: &str,
-        holder: Option<&str>,
-        why: &str,
-        avoid_until: u64,
-        now: u64,
-    ) -> Result<Option<Task>> {
-        let tx = begin(&self.conn)?;
-        let Some(task) = task_by_lease(&tx, lease)?.filter(|t| holds(t, holder)) else {
-            return Ok(None);
-        };
-        tx.exec("DELETE FROM avoid WHERE until <= ?1", params![now])?;
-        if let Some(w) = &task.worker_id {
-            tx.exec(
-                "INSERT OR REPLACE INTO avoid (task_id, worker_id, until) VALUES (?1, ?2, ?3)",
-                params![task.id, w, avoid_until],
-            )?;
+        if let Some(until) = avoid_until {
+            tx.exec("DELETE FROM avoid WHERE until <= ?1", params![now])?;
+            if let Some(w) = &task.worker_id {
+                tx.exec(
+                    "INSERT OR REPLACE INTO avoid (task_id, worker_id, until) VALUES (?1, ?2, ?3)",
+                    params![task.id, w, until],
+                )?;
+            }
         }
         let after = self.requeue_locked(&tx, &task, why, false, now)?;
         tx.commit()?;
@@ -1402,7 +1387,7 @@ impl Queue for SqliteQueue {
         now: u64,
     ) -> QueueFuture<'a, Option<Task>> {
         let (l, h, why) = (lease.to_owned(), holder.map(str::to_owned), why.to_owned());
-        self.call(move |db| db.release(&l, h.as_deref(), &why, now))
+        self.call(move |db| db.give_back(&l, h.as_deref(), &why, None, now))
     }
 
     fn reject<'a>(
@@ -1414,7 +1399,7 @@ impl Queue for SqliteQueue {
         now: u64,
     ) -> QueueFuture<'a, Option<Task>> {
         let (l, h, why) = (lease.to_owned(), holder.map(str::to_owned), why.to_owned());
-        self.call(move |db| db.reject(&l, h.as_deref(), &why, avoid_until, now))
+        self.call(move |db| db.give_back(&l, h.as_deref(), &why, Some(avoid_until), now))
     }
 
     fn note_task_types<'a>(&'a self, task_types: &'a [String], now: u64) -> QueueFuture<'a, ()> {
