@@ -21,6 +21,7 @@ use crate::live::LiveEvent;
 
 /// Where to resume the live feed.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct LiveParams {
     /// Resume after this event id (the `Last-Event-ID` header wins).
