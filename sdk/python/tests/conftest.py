@@ -149,15 +149,18 @@ class Server:
 
 
 class WorkerProc:
-    """A worker process: tests/worker_app.py, or an example given as `script` with `args`."""
+    """A worker process: tests/worker_app.py (`extra_args` appended to its command line), or
+    an example given as `script` with `args`."""
 
-    def __init__(self, server, state_dir, log_path, slots=1, script=None, args=None, grace_s=30.0, url=None):
+    def __init__(self, server, state_dir, log_path, slots=1, script=None, args=None, grace_s=30.0, url=None,
+                 extra_args=()):
         self.state_dir = state_dir
         self.log_path = log_path
         self.out_path = f"{log_path}.out"
         if script is None:
             cmd = [sys.executable, str(SDK / "tests" / "worker_app.py"), "--url", url or server.ws_url,
-                   "--state-dir", state_dir, "--log", log_path, "--slots", str(slots), "--grace-s", str(grace_s)]
+                   "--state-dir", state_dir, "--log", log_path, "--slots", str(slots), "--grace-s", str(grace_s),
+                   *extra_args]
         else:
             cmd = [sys.executable, str(script), *args]
         env = dict(os.environ, PYTHONPATH=str(SDK / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))

@@ -18,6 +18,7 @@ def main() -> None:
     ap.add_argument("--log", required=True)
     ap.add_argument("--slots", type=int, default=1)
     ap.add_argument("--grace-s", type=float, default=30.0)
+    ap.add_argument("--max-incoming-frame-bytes", type=int, default=16 << 20)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     lock = threading.Lock()
@@ -35,6 +36,7 @@ def main() -> None:
         shutdown_grace_s=args.grace_s,
         reconnect_base_s=0.2,
         reconnect_cap_s=1.0,
+        max_incoming_frame_bytes=args.max_incoming_frame_bytes,
     )
     w.gpu_stats(lambda: {"util": 12.5, "mem_used_mb": 100, "mem_total_mb": 1000})
 
