@@ -107,8 +107,15 @@ async fn truncated_and_broken_images_are_not_stored() {
         *b = 0xFF;
     }
     assert_refused(&gw.upload("image/webp", broken).await, "broken VP8L");
-    // The declared type must be what the bytes are.
-    assert_refused(&gw.upload("image/webp", png).await, "a PNG called WebP");
+    // The recorded type is what the bytes are (docs/PROTOCOL.md, section 7): a PNG called
+    // WebP is checked and stored as the PNG it is; bytes that are no image are refused.
+    let (status, body) = gw.upload("image/webp", png).await;
+    assert_eq!(status, 201, "a PNG called WebP: {body}");
+    assert_eq!(body["content_type"], "image/png", "{body}");
+    let r = gw
+        .upload("image/webp", b"plain text, not an image at all".to_vec())
+        .await;
+    assert_eq!(r.0, 422, "text called WebP: {}", r.1);
 }
 
 fn crc32(data: &[u8]) -> u32 {
