@@ -33,7 +33,7 @@ use kiln_protocol::messages::{Capabilities, Heartbeat, Hello};
 use kiln_protocol::{Envelope, Message};
 use kiln_worker::{TaskContext, TaskError, Worker, WorkerConfig};
 use serde_json::{Value, json};
-use support::{call, post_json, start};
+use support::{call, post_json, start, task, wait_terminal};
 use tokio_tungstenite::tungstenite;
 
 const ENV: &[(&str, &str)] = &[
@@ -129,24 +129,6 @@ async fn submit(base: &str, input: Value) -> String {
     .await;
     assert_eq!(r.status, 202, "{:?}", String::from_utf8_lossy(&r.body));
     r.json()["id"].as_str().unwrap().to_owned()
-}
-
-async fn task(base: &str, id: &str) -> Value {
-    call(base, "GET", &format!("/v1/tasks/{id}"), "", &[])
-        .await
-        .json()
-}
-
-async fn wait_terminal(base: &str, id: &str, secs: u64) -> Value {
-    let until = Instant::now() + Duration::from_secs(secs);
-    loop {
-        let t = task(base, id).await;
-        if !matches!(t["status"].as_str(), Some("queued" | "running")) {
-            return t;
-        }
-        assert!(Instant::now() < until, "task {id} did not end: {t}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 async fn wait_connected(base: &str) {

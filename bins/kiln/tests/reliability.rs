@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use kiln_worker::{TaskContext, TaskError, Worker, WorkerConfig};
 use serde_json::{Value, json};
-use support::{PG_URL, Server, call, pg_schema, post_json, start};
+use support::{PG_URL, Server, call, pg_schema, post_json, start, task, wait_terminal};
 
 /// The scaled timers of the server under test.
 const TIMERS: &[(&str, &str)] = &[
@@ -148,25 +148,6 @@ async fn submit(base: &str, ms: u64) -> String {
     .await;
     assert_eq!(r.status, 202, "{:?}", String::from_utf8_lossy(&r.body));
     r.json()["id"].as_str().unwrap().to_owned()
-}
-
-async fn task(base: &str, id: &str) -> Value {
-    call(base, "GET", &format!("/v1/tasks/{id}"), "", &[])
-        .await
-        .json()
-}
-
-/// Waits until the task is terminal and returns it.
-async fn wait_terminal(base: &str, id: &str, secs: u64) -> Value {
-    let until = Instant::now() + Duration::from_secs(secs);
-    loop {
-        let t = task(base, id).await;
-        if !matches!(t["status"].as_str(), Some("queued" | "running")) {
-            return t;
-        }
-        assert!(Instant::now() < until, "task {id} did not end: {t}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// Checks that the task succeeded once, on the worker's side and in its attempts.

@@ -118,12 +118,30 @@ pub async fn post_json(base: &str, path: &str, v: Value, headers: &[(&str, &str)
     call(base, "POST", path, v.to_string(), &h).await
 }
 
+/// The task object of `id`.
+pub async fn task(base: &str, id: &str) -> Value {
+    call(base, "GET", &format!("/v1/tasks/{id}"), "", &[])
+        .await
+        .json()
+}
+
+/// Waits until the task is terminal (neither queued nor running) and returns it.
+pub async fn wait_terminal(base: &str, id: &str, secs: u64) -> Value {
+    let until = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let t = task(base, id).await;
+        if !matches!(t["status"].as_str(), Some("queued" | "running")) {
+            return t;
+        }
+        assert!(Instant::now() < until, "task {id} did not end: {t}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 pub async fn wait_status(base: &str, id: &str, want: &str, secs: u64) -> Value {
     let until = Instant::now() + Duration::from_secs(secs);
     loop {
-        let t = call(base, "GET", &format!("/v1/tasks/{id}"), "", &[])
-            .await
-            .json();
+        let t = task(base, id).await;
         if t["status"] == want {
             return t;
         }
