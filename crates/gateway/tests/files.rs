@@ -3,6 +3,8 @@
 //! before; plus the task-type check with no worker connected and the worker subprotocol.
 #![allow(clippy::unwrap_used)]
 
+mod support;
+
 use std::time::Duration;
 
 use axum::body::Body;
@@ -12,6 +14,7 @@ use kiln_broker::{Broker, BrokerConfig, SqliteQueue};
 use kiln_gateway::{AppState, FilesConfig, GatewayConfig, router};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
+use support::noise_png;
 use tower_service::Service as _;
 
 struct Gw {
@@ -104,26 +107,6 @@ const MP4: &[u8] = b"\0\0\0\x20ftypisom\0\0\x02\0isomiso2avc1mp41";
 
 fn png(w: u32, h: u32) -> Vec<u8> {
     let img = image::RgbImage::from_fn(w, h, |x, y| image::Rgb([x as u8, y as u8, 99]));
-    let mut out = std::io::Cursor::new(Vec::new());
-    image::DynamicImage::ImageRgb8(img)
-        .write_to(&mut out, image::ImageFormat::Png)
-        .unwrap();
-    out.into_inner()
-}
-
-/// A PNG of noise (incompressible), about `3 * w * h` bytes.
-fn noise_png(w: u32, h: u32) -> Vec<u8> {
-    let mut x = 2_654_435_761u32;
-    let img = image::RgbImage::from_fn(w, h, |_, _| {
-        let mut px = [0u8; 3];
-        for c in &mut px {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            *c = x as u8;
-        }
-        image::Rgb(px)
-    });
     let mut out = std::io::Cursor::new(Vec::new());
     image::DynamicImage::ImageRgb8(img)
         .write_to(&mut out, image::ImageFormat::Png)
@@ -391,7 +374,7 @@ async fn the_allow_list_and_the_size_limits() {
         "a refused upload leaves nothing behind"
     );
     // Images are held in memory: their own, smaller limit.
-    let big_png = noise_png(150, 150);
+    let big_png = noise_png(150, 150, 1);
     assert!(big_png.len() > 50_000 && big_png.len() < 200_000);
     let r = upload(&mut gw.app, "", Some("image/png"), big_png).await;
     assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE, "{:?}", r.body);

@@ -5,6 +5,7 @@
 
 #[path = "../../upload/tests/support/moto.rs"]
 mod moto;
+mod support;
 
 use std::time::Duration;
 
@@ -16,6 +17,7 @@ use kiln_gateway::{AppState, GatewayConfig, StorageBackend, StorageConfig, route
 use kiln_upload::{S3, S3Config, UploadClient, UploadConfig, UploadFile};
 use moto::Moto;
 use serde_json::Value;
+use support::noise_png;
 use tower_service::Service as _;
 
 fn s3_config(moto: &Moto, bucket: &str) -> S3Config {
@@ -115,26 +117,6 @@ async fn call_with(
             .map(|b| b.to_bytes())
             .map_err(|e| e.to_string()),
     }
-}
-
-/// A PNG of noise (incompressible), about `3 * w * h` bytes.
-fn noise_png(w: u32, h: u32, seed: u32) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(2_654_435_761).max(1);
-    let img = image::RgbImage::from_fn(w, h, |_, _| {
-        let mut px = [0u8; 3];
-        for c in &mut px {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            *c = x as u8;
-        }
-        image::Rgb(px)
-    });
-    let mut out = std::io::Cursor::new(Vec::new());
-    image::DynamicImage::ImageRgb8(img)
-        .write_to(&mut out, image::ImageFormat::Png)
-        .unwrap();
-    out.into_inner()
 }
 
 fn direct(moto: &Moto, bucket: &str) -> (S3, UploadClient) {
