@@ -21,6 +21,9 @@ pub(crate) struct Outbox {
     /// The entries written and not yet acknowledged, by lease: the files are read once, at
     /// open, and after that only written (and removed in the background).
     pending: Arc<Mutex<HashMap<String, Entry>>>,
+    /// File removals still running in the background (finished ones are reaped as new ones
+    /// start), so that a worker that stops can wait for them: see [`Outbox::settle`].
+    removals: Arc<Mutex<tokio::task::JoinSet<()>>>,
 }
 
 impl Outbox {
@@ -31,6 +34,7 @@ impl Outbox {
         Ok(Self {
             dir,
             pending: Arc::new(Mutex::new(found)),
+            removals: Arc::default(),
         })
     }
 
@@ -72,9 +76,19 @@ impl Outbox {
             return;
         }
         let path = self.path(lease);
-        tokio::task::spawn_blocking(move || {
+        let mut removals = self.removals.lock().unwrap_or_else(|p| p.into_inner());
+        while removals.try_join_next().is_some() {}
+        removals.spawn_blocking(move || {
             let _ = std::fs::remove_file(path);
         });
+    }
+
+    /// Waits for the background removals started so far, so that an acknowledged result
+    /// leaves no file behind when the worker stops.
+    pub(crate) async fn settle(&self) {
+        let mut removals =
+            std::mem::take(&mut *self.removals.lock().unwrap_or_else(|p| p.into_inner()));
+        while removals.join_next().await.is_some() {}
     }
 
     /// Whether no result waits for its `result_ack`.

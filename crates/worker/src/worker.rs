@@ -299,6 +299,7 @@ impl Worker {
         tracing::info!(message = "worker starting", worker_id = %worker_id, boot_id = %boot_id, url = %self.cfg.url);
         loop {
             if *stop.borrow() && lock(&state).running.is_empty() {
+                outbox.settle().await;
                 return Ok(());
             }
             let started = Instant::now();
@@ -314,7 +315,10 @@ impl Worker {
                 .run(&mut session, &mut secret, &mut out_rx, &mut stop)
                 .await;
             let (code, reason) = match ended {
-                Ended::Done => return Ok(()),
+                Ended::Done => {
+                    outbox.settle().await;
+                    return Ok(());
+                }
                 Ended::Closed { code, reason } => (code, reason),
             };
             if !close::should_reconnect(code) {
