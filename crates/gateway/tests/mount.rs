@@ -9,22 +9,10 @@ use axum::Router;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use http_body_util::BodyExt as _;
-use kiln_broker::{Broker, BrokerConfig, SqliteQueue};
-use kiln_gateway::{AppState, GatewayConfig, api_router, ops_router, router};
+use kiln_gateway::{AppState, api_router, ops_router, router};
 use serde_json::{Value, json};
+use support::state;
 use tower_service::Service as _;
-
-async fn state(dir: &tempfile::TempDir, tweak: impl FnOnce(&mut GatewayConfig)) -> AppState {
-    let queue = std::sync::Arc::new(SqliteQueue::in_memory(3).unwrap());
-    let broker = Broker::with_queue(queue, BrokerConfig::default());
-    let mut config = GatewayConfig {
-        files_dir: dir.path().join("files"),
-        queue_unknown_task_types: true,
-        ..GatewayConfig::default()
-    };
-    tweak(&mut config);
-    AppState::new(config, broker).await.unwrap()
-}
 
 struct Resp {
     status: StatusCode,
@@ -64,6 +52,14 @@ fn task_body() -> Vec<u8> {
         .into_bytes()
 }
 
+/// Submits a task at `uri`: its id and the `Location` answered.
+async fn submit(app: &mut Router, uri: &str) -> (String, String) {
+    let r = call(app, "POST", uri, "application/json", task_body()).await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{:?}", r.body);
+    let id = r.json()["id"].as_str().unwrap().to_owned();
+    (id, r.location.unwrap())
+}
+
 /// The host's routes and fallback, kiln's API under `/kiln`, its ops routes under `/ops`.
 fn host(state: &AppState) -> Router {
     Router::new()
@@ -79,17 +75,7 @@ async fn a_task_submitted_under_a_prefix_links_back_under_it() {
     let state = state(&dir, |_| {}).await;
     let mut app = host(&state);
 
-    let r = call(
-        &mut app,
-        "POST",
-        "/kiln/v1/tasks",
-        "application/json",
-        task_body(),
-    )
-    .await;
-    assert_eq!(r.status, StatusCode::ACCEPTED, "{:?}", r.body);
-    let id = r.json()["id"].as_str().unwrap().to_owned();
-    let location = r.location.clone().unwrap();
+    let (id, location) = submit(&mut app, "/kiln/v1/tasks").await;
     assert_eq!(location, format!("/kiln/v1/tasks/{id}"));
     // The Location answers, through the host.
     let r = call(&mut app, "GET", &location, "application/json", vec![]).await;
@@ -153,35 +139,15 @@ async fn the_external_base_comes_before_the_prefix() {
     })
     .await;
     let mut app = host(&state);
-    let r = call(
-        &mut app,
-        "POST",
-        "/kiln/v1/tasks",
-        "application/json",
-        task_body(),
-    )
-    .await;
-    assert_eq!(r.status, StatusCode::ACCEPTED);
-    let id = r.json()["id"].as_str().unwrap().to_owned();
+    let (id, location) = submit(&mut app, "/kiln/v1/tasks").await;
     assert_eq!(
-        r.location.unwrap(),
+        location,
         format!("https://example.com/api/kiln/v1/tasks/{id}")
     );
     // Served at the root, the same state links without a prefix.
     let mut root = router(state.clone());
-    let r = call(
-        &mut root,
-        "POST",
-        "/v1/tasks",
-        "application/json",
-        task_body(),
-    )
-    .await;
-    let id = r.json()["id"].as_str().unwrap().to_owned();
-    assert_eq!(
-        r.location.unwrap(),
-        format!("https://example.com/api/v1/tasks/{id}")
-    );
+    let (id, location) = submit(&mut root, "/v1/tasks").await;
+    assert_eq!(location, format!("https://example.com/api/v1/tasks/{id}"));
     // router() answers unknown paths itself, with kiln's JSON 404.
     let r = call(&mut root, "GET", "/nope", "", vec![]).await;
     assert_eq!(r.status, StatusCode::NOT_FOUND);
@@ -196,17 +162,8 @@ async fn api_and_ops_routers_merge_into_a_host_with_a_fallback() {
         .fallback(|| async { (StatusCode::IM_A_TEAPOT, "host fallback") })
         .merge(api_router(state.clone()))
         .merge(ops_router(state.clone()));
-    let r = call(
-        &mut app,
-        "POST",
-        "/v1/tasks",
-        "application/json",
-        task_body(),
-    )
-    .await;
-    assert_eq!(r.status, StatusCode::ACCEPTED);
-    let id = r.json()["id"].as_str().unwrap().to_owned();
-    assert_eq!(r.location.unwrap(), format!("/v1/tasks/{id}"));
+    let (id, location) = submit(&mut app, "/v1/tasks").await;
+    assert_eq!(location, format!("/v1/tasks/{id}"));
     let r = call(&mut app, "GET", "/readyz", "", vec![]).await;
     assert_eq!(r.status, StatusCode::OK);
     let r = call(&mut app, "GET", "/nope", "", vec![]).await;
@@ -221,15 +178,7 @@ async fn metrics_join_the_hosts_registry() {
     state.metrics().register_into(&mut registry);
     let mut app = host(&state);
     for _ in 0..3 {
-        let r = call(
-            &mut app,
-            "POST",
-            "/kiln/v1/tasks",
-            "application/json",
-            task_body(),
-        )
-        .await;
-        assert_eq!(r.status, StatusCode::ACCEPTED);
+        submit(&mut app, "/kiln/v1/tasks").await;
     }
     state.refresh_metrics().await;
     let mut text = String::new();

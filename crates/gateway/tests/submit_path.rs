@@ -14,9 +14,8 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use http_body_util::BodyExt as _;
-use kiln_broker::{Broker, BrokerConfig, SqliteQueue};
 use kiln_gateway::openai::ModelConfig;
-use kiln_gateway::{AppState, GatewayConfig, router};
+use kiln_gateway::router;
 use serde_json::{Value, json};
 use tower_service::Service as _;
 use tracing::field::{Field, Visit};
@@ -144,22 +143,15 @@ async fn openai_tasks_get_the_span_and_timings_of_the_tasks_api() {
     let _guard =
         tracing::subscriber::set_default(tracing_subscriber::registry().with(capture.clone()));
     let dir = tempfile::tempdir().unwrap();
-    let queue = Arc::new(SqliteQueue::in_memory(3).unwrap());
-    let broker = Broker::with_queue(queue, BrokerConfig::default());
-    let mut config = GatewayConfig {
-        files_dir: dir.path().join("files"),
-        queue_unknown_task_types: true,
-        ..GatewayConfig::default()
-    };
-    // References of this model's edits are compressed to 20 kB.
-    config.openai.models.insert(
-        "m".into(),
-        ModelConfig {
+    let state = support::state(&dir, |c| {
+        // References of this model's edits are compressed to 20 kB.
+        let m = ModelConfig {
             max_reference_bytes: 20_000,
             ..ModelConfig::default()
-        },
-    );
-    let state = AppState::new(config, broker).await.unwrap();
+        };
+        c.openai.models.insert("m".into(), m);
+    })
+    .await;
     let mut app = router(state.clone());
     let png = support::noise_png(160, 160, 7);
     assert!(png.len() > 60_000);
