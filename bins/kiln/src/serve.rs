@@ -59,9 +59,11 @@ pub(crate) async fn serve(s: Settings) -> anyhow::Result<()> {
     }
     let openai_types = gw.openai.task_types();
     gw.known_task_types.extend(openai_types);
+    // The in-process workers' token never leaves the process.
+    gw.in_process_worker_token_hashes
+        .push(hash_secret(&demo_token));
     let no_keys = gw.api_key_hashes.is_empty();
-    let state =
-        AppState::with_extra_worker_tokens(gw, broker.clone(), &[hash_secret(&demo_token)]).await?;
+    let state = AppState::new(gw, broker.clone()).await?;
     let app = kiln_gateway::router(state.clone());
     let listener = tokio::net::TcpListener::bind(s.server.listen)
         .await

@@ -361,6 +361,19 @@ mod tests {
     }
 
     #[test]
+    fn the_demo_model_is_the_binarys_default_not_the_librarys() {
+        let s = load(None).unwrap();
+        assert_eq!(s.gateway.openai.default_model, "kiln-demo");
+        assert!(s.gateway.openai.models.contains_key("kiln-demo"));
+        assert!(s.demo_worker.models.contains(&"kiln-demo".to_owned()));
+        let lib = kiln_gateway::openai::OpenAiConfig::default();
+        assert!(lib.models.is_empty() && lib.default_model.is_empty());
+        // The in-process worker tokens are set in code only.
+        let e = load_toml("[gateway]\nin_process_worker_token_hashes = []\n").unwrap_err();
+        assert!(e.contains("in_process_worker_token_hashes"), "{e}");
+    }
+
+    #[test]
     fn redis_url_password_is_not_logged() {
         assert_eq!(
             redact_url("redis://user:secret@10.0.0.1:6379/0"),

@@ -17,6 +17,13 @@ pub struct GatewayConfig {
     /// Worker tokens as `sha256:<hex>` hashes, checked before the WebSocket upgrade.
     /// Empty means workers need no token (loopback only). Default: empty.
     pub worker_token_hashes: Vec<String>,
+    /// Tokens of workers that run inside the embedding program and never leave it, as
+    /// `sha256:<hex>` hashes (see [`hash_secret`](crate::hash_secret)). Unlike
+    /// `worker_token_hashes` they may also delete files and are not rate limited; they are
+    /// checked only when API keys or worker tokens are configured (otherwise workers need no
+    /// token). Set by the program in code, never read from a config file. Default: empty.
+    #[serde(skip)]
+    pub in_process_worker_token_hashes: Vec<String>,
     /// Largest request body in bytes (files included). Default: 32 MiB.
     pub max_body_bytes: usize,
     /// Largest task input, bytes of its JSON (`POST /v1/tasks` and the OpenAI routes);
@@ -69,8 +76,12 @@ pub struct GatewayConfig {
     pub remember_task_types: Duration,
     /// Where uploaded and generated files are stored. Default: `./kiln-data/files`.
     pub files_dir: PathBuf,
-    /// Base URL used in file URLs returned to clients; `None` means relative URLs
-    /// (`/v1/files/{id}`). Default: none.
+    /// The external base of every link the API returns (`Location` headers, file URLs in
+    /// task outputs and file objects, OpenAI `data[].url`): scheme, host and any path a
+    /// reverse proxy puts in front, e.g. `https://kiln.example.com` or
+    /// `https://example.com/api`. The prefix the router is nested under in a host app
+    /// (`Router::nest("/kiln", …)`) follows it, then `/v1/…`. `None` means relative links
+    /// (`/v1/files/{id}`, or `/kiln/v1/files/{id}` when nested). Default: none.
     pub public_base_url: Option<String>,
     /// Send CORS headers allowing these origins. Default: empty (CORS off).
     pub cors_origins: Vec<String>,
@@ -79,8 +90,9 @@ pub struct GatewayConfig {
     pub storage: crate::StorageConfig,
     /// What `POST /v1/files` accepts: sizes, types, time. Default: see [`FilesConfig`].
     pub files: FilesConfig,
-    /// The OpenAI-compatible images API: models, providers, waits.
+    /// The OpenAI-compatible images API (feature `openai`): models, providers, waits.
     /// Default: see [`crate::openai::OpenAiConfig`].
+    #[cfg(feature = "openai")]
     pub openai: crate::openai::OpenAiConfig,
 }
 
@@ -103,6 +115,7 @@ impl Default for GatewayConfig {
         Self {
             api_key_hashes: Vec::new(),
             worker_token_hashes: Vec::new(),
+            in_process_worker_token_hashes: Vec::new(),
             max_body_bytes: 32 << 20,
             max_task_input_bytes: 256 << 10,
             request_timeout: Duration::from_secs(30),
@@ -123,6 +136,7 @@ impl Default for GatewayConfig {
             cors_origins: Vec::new(),
             storage: crate::StorageConfig::default(),
             files: FilesConfig::default(),
+            #[cfg(feature = "openai")]
             openai: crate::openai::OpenAiConfig::default(),
         }
     }

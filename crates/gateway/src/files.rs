@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::AppState;
 use crate::error::{ApiError, ApiJson, ApiQuery};
+use crate::links::Links;
 use crate::range::{self, Ranged};
 use crate::sniff::{SNIFF_BYTES, Sniffed, sniff};
 use crate::spool::Spool;
@@ -44,9 +45,9 @@ pub(crate) struct FileObject {
 }
 
 impl FileObject {
-    pub(crate) fn new(meta: FileMeta, base: Option<&str>) -> Self {
+    pub(crate) fn new(meta: FileMeta, links: &Links) -> Self {
         Self {
-            url: file_url(base, &meta.id),
+            url: links.file(&meta.id),
             id: meta.id,
             content_type: meta.content_type,
             bytes: meta.bytes,
@@ -55,13 +56,6 @@ impl FileObject {
             sha256: meta.sha256,
             created_at: meta.created_at,
         }
-    }
-}
-
-pub(crate) fn file_url(base: Option<&str>, id: &str) -> String {
-    match base {
-        Some(b) => format!("{}/v1/files/{id}", b.trim_end_matches('/')),
-        None => format!("/v1/files/{id}"),
     }
 }
 
@@ -81,6 +75,7 @@ pub(crate) fn file_url(base: Option<&str>, id: &str) -> String {
 )]
 pub(crate) async fn upload(
     State(state): State<AppState>,
+    links: Links,
     ApiQuery(params): ApiQuery<UploadParams>,
     req: Request,
 ) -> Result<Response, ApiError> {
@@ -130,8 +125,8 @@ pub(crate) async fn upload(
         );
         receive(&state, body, &ctype, &params).await?
     };
-    let location = file_url(None, &meta.id);
-    let obj = FileObject::new(meta, state.config().public_base_url.as_deref());
+    let location = links.file(&meta.id);
+    let obj = FileObject::new(meta, &links);
     let mut resp = (StatusCode::CREATED, ApiJson(obj)).into_response();
     if let Ok(v) = header::HeaderValue::from_str(&location) {
         resp.headers_mut().insert(header::LOCATION, v);

@@ -96,9 +96,22 @@ pub(crate) async fn metrics(State(state): State<AppState>, headers: HeaderMap) -
         )
         .into_response();
     }
+    refresh(&state).await;
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.metrics().render(),
+    )
+        .into_response()
+}
+
+/// Sets the gauges read at scrape time: tasks by state and type, queue depth, workers.
+pub(crate) async fn refresh(state: &AppState) {
     let m = state.metrics();
     let stats = state.broker().queue().stats().await.ok();
-    crate::overview::refresh_metrics(&state, stats.as_ref());
+    crate::overview::refresh_metrics(state, stats.as_ref());
     if let Some(stats) = stats {
         m.tasks.clear();
         // Every state of every known type, so that a state with no task reads 0.
@@ -140,12 +153,4 @@ pub(crate) async fn metrics(State(state): State<AppState>, headers: HeaderMap) -
             .filter(|w| w.connected)
             .count() as i64,
     );
-    (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        m.render(),
-    )
-        .into_response()
 }

@@ -6,9 +6,14 @@
 //! connect to `GET /v1/workers/connect` over the `kiln.v1` WebSocket protocol, and every
 //! error is JSON: `{"error":{"code","message","retryable"}}`.
 //!
+//! [`router`] is the whole service (API, ops routes, a JSON 404 for anything else). A host
+//! app mounts [`api_router`] (and [`ops_router`] if it wants `/healthz`, `/readyz`,
+//! `/metrics`, `/openapi.json`), which set no fallback, so `merge` and `nest` never panic;
+//! links the API returns keep the nest prefix (and `public_base_url` before it).
+//!
 //! ```
 //! use kiln_broker::{Broker, BrokerConfig, SqliteQueue};
-//! use kiln_gateway::{AppState, GatewayConfig, router};
+//! use kiln_gateway::{AppState, GatewayConfig, api_router};
 //!
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() {
@@ -17,10 +22,21 @@
 //! let broker = Broker::with_queue(queue, BrokerConfig::default());
 //! let config = GatewayConfig { files_dir: dir.path().join("files"), ..GatewayConfig::default() };
 //! let state = AppState::new(config, broker).await.unwrap();
-//! let app: axum::Router = router(state);
+//! // The host's own routes and fallback, kiln's API under /kiln.
+//! let app: axum::Router = axum::Router::new()
+//!     .route("/", axum::routing::get(|| async { "host" }))
+//!     .nest("/kiln", api_router(state.clone()))
+//!     .fallback(|| async { "host 404" });
+//! // Or the whole service on its own: kiln_gateway::router(state).
 //! # let _ = app;
 //! # }
 //! ```
+//!
+//! Features (all on by default): `openai` (the OpenAI images API and its upstream client),
+//! `s3` (file storage in an S3-compatible bucket, through kiln-upload), `compress`
+//! (compression of uploaded images through kiln-compress; without it images are still
+//! decoded in full to be checked, and a compression request gets 422), `openapi`
+//! (`/openapi.json`), `ui` (the operator console at `/ui/`).
 
 mod auth;
 mod config;
@@ -30,23 +46,29 @@ mod files;
 mod health;
 mod images;
 pub mod limits;
+mod links;
 mod listing;
 mod live;
 mod metrics;
+#[cfg(feature = "openai")]
 pub mod openai;
+#[cfg(feature = "openapi")]
 mod openapi;
 mod overview;
 mod policy;
 mod range;
+#[cfg(feature = "s3")]
 mod s3store;
 mod sniff;
 mod spool;
 mod storage;
 mod store;
+mod submit;
 mod tasks;
 mod timing;
 #[cfg(feature = "ui")]
 mod ui;
+#[cfg(feature = "s3")]
 mod upload_metrics;
 mod workers;
 
@@ -67,6 +89,7 @@ pub use config::{FilesConfig, GatewayConfig, MetricsAccess};
 pub use error::ApiError;
 pub use kiln_broker::BrokerConfig;
 pub use metrics::{HistogramFamily, Metrics};
+#[cfg(feature = "s3")]
 pub use s3store::S3Store;
 pub use storage::{ContentStream, FileStorage, StorageBackend, StorageConfig, StorageError};
 pub use store::{FileMeta, FileStore};
@@ -114,24 +137,12 @@ pub enum StartError {
 impl AppState {
     /// Builds the state: opens the file store, parses key hashes.
     pub async fn new(config: GatewayConfig, broker: Arc<Broker>) -> Result<Self, StartError> {
-        Self::with_extra_worker_tokens(config, broker, &[]).await
-    }
-
-    /// Like [`AppState::new`], also accepting these worker token hashes: the tokens of the
-    /// binary's in-process workers, which never leave the process. Unlike configured worker
-    /// tokens they may also delete files (the demo worker's `delete_asset`) and are not rate
-    /// limited.
-    pub async fn with_extra_worker_tokens(
-        config: GatewayConfig,
-        broker: Arc<Broker>,
-        extra: &[String],
-    ) -> Result<Self, StartError> {
         let api_keys = SecretSet::from_scoped_hashes(&config.api_key_hashes)?;
         let worker_tokens = SecretSet::from_hashes(&config.worker_token_hashes)?;
         let in_process_tokens = if worker_tokens.is_empty() && api_keys.is_empty() {
             SecretSet::default()
         } else {
-            SecretSet::from_hashes(extra)?
+            SecretSet::from_hashes(&config.in_process_worker_token_hashes)?
         };
         let metrics_tokens = SecretSet::from_hashes(&config.metrics_token_hashes)?;
         let metrics = Metrics::new();
@@ -188,9 +199,16 @@ impl AppState {
     pub fn files(&self) -> &FileStorage {
         &self.inner.files
     }
-    /// The metrics.
+    /// The metrics. A host app registers them in its own registry with
+    /// [`Metrics::register_into`] and calls [`AppState::refresh_metrics`] before each scrape.
     pub fn metrics(&self) -> &Metrics {
         &self.inner.metrics
+    }
+
+    /// Sets the gauges that are read at scrape time (tasks by state and type, queue depth,
+    /// workers, slots, the pause flag); `GET /metrics` does this itself.
+    pub async fn refresh_metrics(&self) {
+        health::refresh(self).await;
     }
     pub(crate) fn images(&self) -> &images::ImagePrep {
         &self.inner.images
@@ -215,10 +233,30 @@ impl AppState {
     }
 }
 
-/// The whole API.
+/// The whole service: [`api_router`], [`ops_router`] and a JSON 404 for every other path.
+/// A host app that has routes (or a fallback) of its own mounts the two routers instead.
 pub fn router(state: AppState) -> Router {
+    let routes = api_routes(&state).merge(ops_routes()).fallback(not_found);
+    finish(&state, routes)
+}
+
+/// The API (`/v1/…`, and the operator console with feature `ui`) without a fallback, to
+/// `merge` into or `nest` under a host router. Links the API returns carry the nest prefix
+/// after `public_base_url`.
+pub fn api_router(state: AppState) -> Router {
+    finish(&state, api_routes(&state))
+}
+
+/// The operations routes without a fallback: `/healthz`, `/readyz`, `/metrics` and (feature
+/// `openapi`) `/openapi.json`. A host app that has its own probes and metrics endpoint
+/// leaves them out and registers [`Metrics`] in its own registry.
+pub fn ops_router(state: AppState) -> Router {
+    finish(&state, ops_routes())
+}
+
+/// The API routes, each under its time limit, behind the key check.
+fn api_routes(state: &AppState) -> Router<AppState> {
     let timeout = state.config().request_timeout;
-    let body_limit = state.config().max_body_bytes;
     // Ordinary requests: a time limit.
     let api = Router::new()
         .route("/v1/tasks", post(tasks::create).get(tasks::list))
@@ -249,21 +287,33 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/tasks/{id}/events", get(events::stream))
         .route("/v1/workers/connect", get(workers::connect))
         .route("/v1/events", get(overview::events));
-    let app = Router::new()
-        .merge(api)
-        .merge(uploads)
-        .merge(streams)
-        .merge(openai::routes(&state))
-        .layer(middleware::from_fn_with_state(state.clone(), auth::layer))
-        .route("/healthz", get(health::healthz))
-        .route("/readyz", get(health::readyz))
-        .route("/metrics", get(health::metrics))
-        .route("/openapi.json", get(openapi::serve));
+    let app = Router::new().merge(api).merge(uploads).merge(streams);
+    #[cfg(feature = "openai")]
+    let app = app.merge(openai::routes(state));
+    let app = app.layer(middleware::from_fn_with_state(state.clone(), auth::layer));
     // The operator console (feature `ui`): its page and assets need no key, its data does.
     #[cfg(feature = "ui")]
     let app = app.merge(ui::routes());
-    let mut app = app
-        .fallback(not_found)
+    app
+}
+
+/// `/healthz`, `/readyz`, `/metrics`, `/openapi.json`: no key check of their own (the
+/// handlers decide who reads what).
+fn ops_routes() -> Router<AppState> {
+    let ops = Router::new()
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .route("/metrics", get(health::metrics));
+    #[cfg(feature = "openapi")]
+    let ops = ops.route("/openapi.json", get(openapi::serve));
+    ops
+}
+
+/// The rules every route of the gateway keeps: JSON 405s, the body limit, `policy.rs`, JSON
+/// errors, the response count and CORS.
+fn finish(state: &AppState, routes: Router<AppState>) -> Router {
+    let body_limit = state.config().max_body_bytes;
+    let mut app = routes
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(body_limit))
         .layer(middleware::from_fn_with_state(state.clone(), policy::layer))
@@ -286,7 +336,7 @@ pub fn router(state: AppState) -> Router {
                 .allow_methods([axum::http::Method::GET, axum::http::Method::POST]),
         );
     }
-    app.with_state(state)
+    app.with_state(state.clone())
 }
 
 async fn not_found() -> ApiError {

@@ -91,152 +91,153 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    /// Registers every family.
+    /// Creates every family, registered in the gateway's own registry (prefix `kiln`,
+    /// rendered by [`Metrics::render`] on `GET /metrics`).
     pub fn new() -> Self {
-        let mut r = Registry::with_prefix("kiln");
-        let tasks = Family::<Labels, Gauge>::default();
-        r.register("tasks", "Tasks by state and type", tasks.clone());
-        let queue_depth = Gauge::default();
-        r.register(
-            "queue_depth",
-            "Tasks waiting to be dispatched",
-            queue_depth.clone(),
-        );
-        let workers_online = Gauge::default();
-        r.register(
-            "workers_online",
-            "Connected workers",
-            workers_online.clone(),
-        );
-        let dispatch_latency = Histogram::new(exponential_buckets(0.001, 2.0, 20));
-        r.register(
-            "dispatch_latency_seconds",
-            "Time from submission to assignment",
-            dispatch_latency.clone(),
-        );
-        let run_time = Histogram::new(exponential_buckets(0.01, 2.0, 20));
-        r.register(
-            "run_time_seconds",
-            "Time from assignment to result",
-            run_time.clone(),
-        );
-        let submitted = Family::<Labels, Counter>::default();
-        r.register("tasks_submitted", "Tasks submitted", submitted.clone());
-        let retries = Family::<Labels, Counter>::default();
-        r.register(
-            "retries",
-            "Retries of outbound calls by class",
-            retries.clone(),
-        );
-        let bytes_uploaded = Counter::default();
-        r.register(
-            "bytes_uploaded",
-            "Bytes accepted by POST /v1/files",
-            bytes_uploaded.clone(),
-        );
-        let responses = Family::<Labels, Counter>::default();
-        r.register(
-            "http_responses",
-            "HTTP responses by status",
-            responses.clone(),
-        );
         let workers = Family::<Labels, Gauge>::default();
-        r.register("workers", "Known workers by state", workers.clone());
-        let workers_serving = Family::<Labels, Gauge>::default();
-        r.register(
-            "workers_serving",
-            "Online, not draining workers per task type",
-            workers_serving.clone(),
-        );
-        let worker_slots = Family::<Labels, Gauge>::default();
-        r.register(
-            "worker_slots",
-            "Slots of online workers, used and total",
-            worker_slots.clone(),
-        );
-        let queue_paused = Gauge::default();
-        r.register(
-            "queue_paused",
-            "1 while dispatch is paused",
-            queue_paused.clone(),
-        );
-        let completed = Family::<Labels, Counter>::default();
-        r.register(
-            "tasks_completed",
-            "Tasks that ended, by type and status",
-            completed.clone(),
-        );
-        let dead_lettered = Family::<Labels, Counter>::default();
-        r.register(
-            "tasks_dead_lettered",
-            "Tasks failed after their last allowed attempt",
-            dead_lettered.clone(),
-        );
-        let queue_wait = HistogramFamily::new_with_constructor(wait_buckets as fn() -> Histogram);
-        r.register(
-            "queue_wait_seconds",
-            "Time tasks waited in the queue, by type",
-            queue_wait.clone(),
-        );
-        let task_run = HistogramFamily::new_with_constructor(run_buckets as fn() -> Histogram);
-        r.register(
-            "task_run_seconds",
-            "Time tasks ran on workers, by type",
-            task_run.clone(),
-        );
-        let uploads = Family::<Labels, Counter>::default();
-        r.register("uploads", "Uploads by client and outcome", uploads.clone());
-        let upload_attempts = Family::<Labels, Counter>::default();
-        r.register(
-            "upload_attempts",
-            "Upload HTTP requests by client and class",
-            upload_attempts.clone(),
-        );
-        let upload_retries = Family::<Labels, Counter>::default();
-        r.register(
-            "upload_retries",
-            "Upload retries by client and class",
-            upload_retries.clone(),
-        );
-        let upload_connections = Family::<Labels, Counter>::default();
-        r.register(
-            "upload_connections",
-            "Connections opened by upload clients",
-            upload_connections.clone(),
-        );
         for state in ["online", "draining", "offline"] {
             let _ = workers.get_or_create(&vec![("state", state.to_owned())]);
         }
+        let worker_slots = Family::<Labels, Gauge>::default();
         for state in ["used", "total"] {
             let _ = worker_slots.get_or_create(&vec![("state", state.to_owned())]);
         }
         let m = Self {
-            registry: Mutex::new(r),
+            registry: Mutex::new(Registry::with_prefix("kiln")),
             workers,
-            workers_serving,
+            workers_serving: Family::default(),
             worker_slots,
-            queue_paused,
-            completed,
-            dead_lettered,
-            queue_wait,
-            task_run,
-            uploads,
-            upload_attempts,
-            upload_retries,
-            upload_connections,
-            tasks,
-            queue_depth,
-            workers_online,
-            dispatch_latency,
-            run_time,
-            submitted,
-            retries,
-            bytes_uploaded,
-            responses,
+            queue_paused: Gauge::default(),
+            completed: Family::default(),
+            dead_lettered: Family::default(),
+            queue_wait: HistogramFamily::new_with_constructor(wait_buckets as fn() -> Histogram),
+            task_run: HistogramFamily::new_with_constructor(run_buckets as fn() -> Histogram),
+            uploads: Family::default(),
+            upload_attempts: Family::default(),
+            upload_retries: Family::default(),
+            upload_connections: Family::default(),
+            tasks: Family::default(),
+            queue_depth: Gauge::default(),
+            workers_online: Gauge::default(),
+            dispatch_latency: Histogram::new(exponential_buckets(0.001, 2.0, 20)),
+            run_time: Histogram::new(exponential_buckets(0.01, 2.0, 20)),
+            submitted: Family::default(),
+            retries: Family::default(),
+            bytes_uploaded: Counter::default(),
+            responses: Family::default(),
         };
+        {
+            let mut r = m.registry.lock().unwrap_or_else(|p| p.into_inner());
+            m.register_families(&mut r);
+        }
         // The file storage's S3 client; zero while files are kept in a directory.
         m.register_upload_client("storage");
         m
+    }
+
+    /// Registers every family also in `registry` (a host app's), under the prefix `kiln`,
+    /// so one scrape of the host's endpoint carries kiln's series (`kiln_tasks_submitted_total`,
+    /// …). The series are shared with the gateway's own registry: both read the same
+    /// counters. The gauges set at scrape time (tasks by state, workers, queue depth) are
+    /// current after [`AppState::refresh_metrics`](crate::AppState::refresh_metrics).
+    pub fn register_into(&self, registry: &mut Registry) {
+        self.register_families(registry.sub_registry_with_prefix("kiln"));
+    }
+
+    fn register_families(&self, r: &mut Registry) {
+        r.register("tasks", "Tasks by state and type", self.tasks.clone());
+        r.register(
+            "queue_depth",
+            "Tasks waiting to be dispatched",
+            self.queue_depth.clone(),
+        );
+        r.register(
+            "workers_online",
+            "Connected workers",
+            self.workers_online.clone(),
+        );
+        r.register(
+            "dispatch_latency_seconds",
+            "Time from submission to assignment",
+            self.dispatch_latency.clone(),
+        );
+        r.register(
+            "run_time_seconds",
+            "Time from assignment to result",
+            self.run_time.clone(),
+        );
+        r.register("tasks_submitted", "Tasks submitted", self.submitted.clone());
+        r.register(
+            "retries",
+            "Retries of outbound calls by class",
+            self.retries.clone(),
+        );
+        r.register(
+            "bytes_uploaded",
+            "Bytes accepted by POST /v1/files",
+            self.bytes_uploaded.clone(),
+        );
+        r.register(
+            "http_responses",
+            "HTTP responses by status",
+            self.responses.clone(),
+        );
+        r.register("workers", "Known workers by state", self.workers.clone());
+        r.register(
+            "workers_serving",
+            "Online, not draining workers per task type",
+            self.workers_serving.clone(),
+        );
+        r.register(
+            "worker_slots",
+            "Slots of online workers, used and total",
+            self.worker_slots.clone(),
+        );
+        r.register(
+            "queue_paused",
+            "1 while dispatch is paused",
+            self.queue_paused.clone(),
+        );
+        r.register(
+            "tasks_completed",
+            "Tasks that ended, by type and status",
+            self.completed.clone(),
+        );
+        r.register(
+            "tasks_dead_lettered",
+            "Tasks failed after their last allowed attempt",
+            self.dead_lettered.clone(),
+        );
+        r.register(
+            "queue_wait_seconds",
+            "Time tasks waited in the queue, by type",
+            self.queue_wait.clone(),
+        );
+        r.register(
+            "task_run_seconds",
+            "Time tasks ran on workers, by type",
+            self.task_run.clone(),
+        );
+        r.register(
+            "uploads",
+            "Uploads by client and outcome",
+            self.uploads.clone(),
+        );
+        r.register(
+            "upload_attempts",
+            "Upload HTTP requests by client and class",
+            self.upload_attempts.clone(),
+        );
+        r.register(
+            "upload_retries",
+            "Upload retries by client and class",
+            self.upload_retries.clone(),
+        );
+        r.register(
+            "upload_connections",
+            "Connections opened by upload clients",
+            self.upload_connections.clone(),
+        );
     }
 
     /// Creates the upload series of `client` at zero, so rates and alerts see them before
@@ -297,7 +298,7 @@ impl Metrics {
         }
     }
 
-    /// The text exposition.
+    /// The text exposition of the gateway's own registry.
     pub fn render(&self) -> String {
         let mut out = String::new();
         let reg = self.registry.lock().unwrap_or_else(|p| p.into_inner());

@@ -11,7 +11,6 @@ use axum::response::{IntoResponse, Response};
 
 use crate::AppState;
 use crate::error::ApiError;
-use crate::openai::OpenAiError;
 
 /// Content types a browser sends cross-site without a preflight.
 const FORM_TYPES: &[&str] = &[
@@ -162,7 +161,7 @@ pub(crate) async fn json_errors(req: Request, next: Next) -> Response {
     };
     let code = code_for(status);
     let mut out = if openai {
-        OpenAiError::new(status, code, message).into_response()
+        openai_error(status, code, message)
     } else {
         ApiError::new(status, code, message).into_response()
     };
@@ -172,6 +171,16 @@ pub(crate) async fn json_errors(req: Request, next: Next) -> Response {
         }
     }
     out
+}
+
+#[cfg(feature = "openai")]
+fn openai_error(status: StatusCode, code: &'static str, message: String) -> Response {
+    crate::openai::OpenAiError::new(status, code, message).into_response()
+}
+
+#[cfg(not(feature = "openai"))]
+fn openai_error(status: StatusCode, code: &'static str, message: String) -> Response {
+    ApiError::new(status, code, message).into_response()
 }
 
 fn is_json(headers: &HeaderMap) -> bool {

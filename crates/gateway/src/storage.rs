@@ -1,5 +1,5 @@
 //! Where files live: a local directory ([`FileStore`]) by default, or an S3-compatible
-//! bucket ([`S3Store`], through kiln-upload's S3 target) when configured. Both keep the
+//! bucket (`S3Store`, feature `s3`, through kiln-upload's S3 target) when configured. Both keep the
 //! content and a JSON sidecar with its [`FileMeta`]; the content is written first and the
 //! sidecar last, so a file is visible only when complete, and a restarted server serves
 //! every file stored before.
@@ -11,6 +11,7 @@ use futures_util::StreamExt as _;
 use futures_util::stream::BoxStream;
 use serde::Deserialize;
 
+#[cfg(feature = "s3")]
 use crate::s3store::S3Store;
 use crate::store::{FileMeta, FileStore};
 use crate::{GatewayConfig, Metrics};
@@ -23,7 +24,7 @@ pub enum StorageBackend {
     /// A local directory (`GatewayConfig::files_dir`). The default.
     #[default]
     Local,
-    /// An S3-compatible bucket (`StorageConfig::s3`).
+    /// An S3-compatible bucket (`StorageConfig::s3`; feature `s3`).
     S3,
 }
 
@@ -45,7 +46,9 @@ pub struct StorageConfig {
     pub backend: StorageBackend,
     /// The bucket, required for backend `s3`: endpoint, bucket, region, credentials,
     /// `path_style`, `key_prefix` (objects are `<key_prefix><file id>` plus
-    /// `<key_prefix><file id>.json`), multipart threshold and part size. Default: none.
+    /// `<key_prefix><file id>.json`), multipart threshold and part size (feature `s3`).
+    /// Default: none.
+    #[cfg(feature = "s3")]
     pub s3: Option<kiln_upload::S3Config>,
     /// Create the bucket at start when it is missing (for MinIO or test servers).
     /// Default: false.
@@ -57,7 +60,8 @@ pub struct StorageConfig {
     #[serde(with = "humantime_serde")]
     pub probe_timeout: Duration,
     /// The HTTP client that talks to S3: timeouts, retries, pool (kiln-upload's
-    /// `UploadConfig`). Default: kiln-upload's defaults.
+    /// `UploadConfig`; feature `s3`). Default: kiln-upload's defaults.
+    #[cfg(feature = "s3")]
     pub client: kiln_upload::UploadConfig,
 }
 
@@ -65,10 +69,12 @@ impl Default for StorageConfig {
     fn default() -> Self {
         Self {
             backend: StorageBackend::Local,
+            #[cfg(feature = "s3")]
             s3: None,
             create_bucket: false,
             download_chunk_bytes: 4 << 20,
             probe_timeout: Duration::from_secs(5),
+            #[cfg(feature = "s3")]
             client: kiln_upload::UploadConfig::default(),
         }
     }
@@ -82,6 +88,7 @@ pub enum StorageError {
     #[error("file storage: {0}")]
     Io(#[from] std::io::Error),
     /// The S3 store failed (after kiln-upload's retries).
+    #[cfg(feature = "s3")]
     #[error("S3 file storage: {0}")]
     S3(#[from] kiln_upload::UploadError),
     /// A stored file does not match its metadata.
@@ -102,6 +109,7 @@ impl StorageError {
     pub fn is_retryable(&self) -> bool {
         match self {
             StorageError::Io(_) => true,
+            #[cfg(feature = "s3")]
             StorageError::S3(e) => e.is_retryable(),
             StorageError::Corrupt { .. } | StorageError::Config(_) => false,
         }
@@ -118,6 +126,7 @@ pub enum FileStorage {
     /// A local directory.
     Local(FileStore),
     /// An S3-compatible bucket.
+    #[cfg(feature = "s3")]
     S3(Box<S3Store>),
 }
 
@@ -127,9 +136,17 @@ impl FileStorage {
     pub async fn open(config: &GatewayConfig, metrics: &Metrics) -> Result<Self, StorageError> {
         match config.storage.backend {
             StorageBackend::Local => Ok(Self::Local(FileStore::open(&config.files_dir).await?)),
+            #[cfg(feature = "s3")]
             StorageBackend::S3 => Ok(Self::S3(Box::new(
                 S3Store::open(&config.storage, metrics).await?,
             ))),
+            #[cfg(not(feature = "s3"))]
+            StorageBackend::S3 => {
+                let _ = metrics;
+                Err(StorageError::Config(
+                    "storage backend \"s3\" needs kiln-gateway's `s3` feature".into(),
+                ))
+            }
         }
     }
 
@@ -137,6 +154,7 @@ impl FileStorage {
     pub fn backend(&self) -> StorageBackend {
         match self {
             FileStorage::Local(_) => StorageBackend::Local,
+            #[cfg(feature = "s3")]
             FileStorage::S3(_) => StorageBackend::S3,
         }
     }
@@ -153,6 +171,7 @@ impl FileStorage {
         let meta = FileMeta::describe(&data, content_type, dims, compress_ms);
         match self {
             FileStorage::Local(s) => Ok(s.put_meta(meta, &data).await?),
+            #[cfg(feature = "s3")]
             FileStorage::S3(s) => s.put(meta, data).await,
         }
     }
@@ -178,6 +197,7 @@ impl FileStorage {
         };
         match self {
             FileStorage::Local(s) => Ok(s.put_spooled(meta, spooled).await?),
+            #[cfg(feature = "s3")]
             FileStorage::S3(s) => s.put_spooled(meta, spooled).await,
         }
     }
@@ -198,6 +218,7 @@ impl FileStorage {
                     .map(|r| r.map_err(StorageError::from))
                     .boxed()
             })),
+            #[cfg(feature = "s3")]
             FileStorage::S3(s) => s.open_range(meta, start, len).await,
         }
     }
@@ -206,6 +227,7 @@ impl FileStorage {
     pub async fn meta(&self, id: &str) -> Result<Option<FileMeta>, StorageError> {
         match self {
             FileStorage::Local(s) => Ok(s.meta(id).await?),
+            #[cfg(feature = "s3")]
             FileStorage::S3(s) => s.meta(id).await,
         }
     }
@@ -222,6 +244,7 @@ impl FileStorage {
                     .boxed();
                 (m, stream)
             })),
+            #[cfg(feature = "s3")]
             FileStorage::S3(s) => s.open_content(id).await,
         }
     }
@@ -242,6 +265,7 @@ impl FileStorage {
     pub async fn delete(&self, id: &str) -> Result<bool, StorageError> {
         match self {
             FileStorage::Local(s) => Ok(s.delete(id).await?),
+            #[cfg(feature = "s3")]
             FileStorage::S3(s) => s.delete(id).await,
         }
     }
@@ -257,6 +281,7 @@ impl FileStorage {
                     Err(format!("{} does not accept writes", s.dir().display()))
                 }
             }
+            #[cfg(feature = "s3")]
             FileStorage::S3(s) => s.probe().await,
         }
     }

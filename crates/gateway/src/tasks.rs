@@ -1,7 +1,7 @@
 //! `/v1/tasks`: create, get, list, cancel.
 
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use kiln_broker::{CancelOutcome, ListFilter, NewTask, QueueError, Task, now_ms};
 use kiln_protocol::TaskState;
@@ -10,7 +10,8 @@ use serde_json::{Value, json};
 
 use crate::AppState;
 use crate::error::{ApiError, ApiJson, ApiQuery};
-use crate::files::file_url;
+use crate::links::Links;
+use crate::submit::{Repeat, Submission};
 use crate::timing::Timings;
 
 /// A task to create.
@@ -112,21 +113,21 @@ pub(crate) fn rfc3339(ms: u64) -> String {
 }
 
 /// Adds a `url` to every `output.files[]` entry that names a stored file.
-fn with_file_urls(mut output: Value, base: Option<&str>) -> Value {
+fn with_file_urls(mut output: Value, links: &Links) -> Value {
     if let Some(files) = output.get_mut("files").and_then(Value::as_array_mut) {
         for f in files {
             if let Some(id) = f.get("id").and_then(Value::as_str).map(str::to_owned)
                 && let Some(obj) = f.as_object_mut()
             {
                 obj.entry("url")
-                    .or_insert_with(|| Value::from(file_url(base, &id)));
+                    .or_insert_with(|| Value::from(links.file(&id)));
             }
         }
     }
     output
 }
 
-pub(crate) async fn view(state: &AppState, t: Task) -> Result<TaskView, ApiError> {
+pub(crate) async fn view(state: &AppState, links: &Links, t: Task) -> Result<TaskView, ApiError> {
     let q = state.broker().queue();
     let attempts = q.attempts(&t.id).await.map_err(ApiError::internal)?;
     let queue_position = q.queue_position(&t).await.map_err(ApiError::internal)?;
@@ -147,7 +148,6 @@ pub(crate) async fn view(state: &AppState, t: Task) -> Result<TaskView, ApiError
         q.timings(&t.id).await.map_err(ApiError::internal)?.as_ref(),
         now_ms(),
     );
-    let base = state.config().public_base_url.as_deref();
     Ok(TaskView {
         request_id: t.request_id,
         task_type: t.task_type,
@@ -168,7 +168,7 @@ pub(crate) async fn view(state: &AppState, t: Task) -> Result<TaskView, ApiError
         created_at: rfc3339(t.created_at),
         started_at: t.started_at.map(rfc3339),
         completed_at: t.completed_at.map(rfc3339),
-        output: t.output.map(|o| with_file_urls(o, base)),
+        output: t.output.map(|o| with_file_urls(o, links)),
         error: t.error.map(|e| json!(e)),
         timings,
         priority: t.priority,
@@ -205,6 +205,7 @@ fn queue_error(e: QueueError) -> ApiError {
 pub(crate) async fn create(
     State(state): State<AppState>,
     headers: HeaderMap,
+    links: Links,
     ApiJson(body): ApiJson<CreateTask>,
 ) -> Result<Response, ApiError> {
     let key = headers
@@ -245,7 +246,6 @@ pub(crate) async fn create(
             "labels: at most {MAX_LABELS}, each 1 to 128 visible ASCII characters"
         )));
     }
-    crate::limits::check_input(state.config(), &body.input)?;
     crate::limits::check_metadata(body.metadata.as_ref())?;
     accepts_type(&state, tt, body.model.as_deref(), &body.labels).await?;
     if body.deadline_s == Some(0) {
@@ -254,36 +254,26 @@ pub(crate) async fn create(
     let deadline = body
         .deadline_s
         .map(|s| now_ms().saturating_add(s.saturating_mul(1000)));
-    let (task, created) = state
-        .broker()
-        .submit(NewTask {
-            task_type: tt.to_owned(),
-            input: body.input,
-            request_id,
-            priority: body.priority,
-            deadline,
-            metadata: body.metadata,
-            max_attempts: None,
-            model: body.model,
-            labels: body.labels,
-        })
-        .await
-        .map_err(queue_error)?;
-    if created {
-        state
-            .metrics()
-            .submitted
-            .get_or_create(&vec![("task_type", task.task_type.clone())])
-            .inc();
-        crate::timing::accepted(&state, &task);
-    }
-    let location = format!("/v1/tasks/{}", task.id);
-    let v = view(&state, task).await?;
-    let mut resp = (StatusCode::ACCEPTED, ApiJson(v)).into_response();
-    if let Ok(l) = location.parse() {
-        resp.headers_mut().insert(header::LOCATION, l);
-    }
-    Ok(resp)
+    let task = crate::submit::submit(
+        &state,
+        Submission {
+            task: NewTask {
+                task_type: tt.to_owned(),
+                input: body.input,
+                request_id,
+                priority: body.priority,
+                deadline,
+                metadata: body.metadata,
+                max_attempts: None,
+                model: body.model,
+                labels: body.labels,
+            },
+            api: "tasks",
+            repeat: Repeat::Exact,
+        },
+    )
+    .await?;
+    crate::submit::accepted(&state, &links, task).await
 }
 
 /// Whether a task of type `tt` may be queued: a connected worker fits it, or its type is
@@ -370,10 +360,11 @@ pub(crate) async fn load(state: &AppState, id: &str) -> Result<Task, ApiError> {
     responses((status = 200, body = TaskView), (status = 404, description = "unknown id")))]
 pub(crate) async fn get_one(
     State(state): State<AppState>,
+    links: Links,
     Path(id): Path<String>,
 ) -> Result<ApiJson<TaskView>, ApiError> {
     let t = load(&state, &id).await?;
-    Ok(ApiJson(view(&state, t).await?))
+    Ok(ApiJson(view(&state, &links, t).await?))
 }
 
 /// Cancel a task: queued tasks end at once; running ones are told to stop.
@@ -382,6 +373,7 @@ pub(crate) async fn get_one(
     responses((status = 202, body = TaskView), (status = 404, description = "unknown id"), (status = 409, description = "already finished")))]
 pub(crate) async fn cancel(
     State(state): State<AppState>,
+    links: Links,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let t = match state.broker().cancel(&id).await.map_err(queue_error)? {
@@ -395,7 +387,11 @@ pub(crate) async fn cancel(
         CancelOutcome::NotFound => return Err(ApiError::not_found(format!("no task {id}"))),
         _ => return Err(ApiError::internal("unexpected cancel outcome")),
     };
-    Ok((StatusCode::ACCEPTED, ApiJson(view(&state, t).await?)).into_response())
+    Ok((
+        StatusCode::ACCEPTED,
+        ApiJson(view(&state, &links, t).await?),
+    )
+        .into_response())
 }
 
 /// Filters for listing tasks.
@@ -448,6 +444,7 @@ fn time_param(name: &str, v: Option<&str>) -> Result<Option<u64>, ApiError> {
     responses((status = 200, body = TaskPage), (status = 422, description = "invalid filter")))]
 pub(crate) async fn list(
     State(state): State<AppState>,
+    links: Links,
     ApiQuery(p): ApiQuery<ListParams>,
 ) -> Result<ApiJson<TaskPage>, ApiError> {
     let st = match p.status.as_deref() {
@@ -486,7 +483,7 @@ pub(crate) async fn list(
     let next_cursor = next.map(|s| s.to_string());
     let mut data = Vec::with_capacity(tasks.len());
     for t in tasks {
-        data.push(view(&state, t).await?);
+        data.push(view(&state, &links, t).await?);
     }
     Ok(ApiJson(TaskPage { data, next_cursor }))
 }

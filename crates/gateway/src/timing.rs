@@ -128,11 +128,12 @@ impl TaskSpans {
     }
 }
 
-/// A task was accepted: opens its span, logs it there, and records the compression time
-/// of the reference images its input names (in the background).
-pub(crate) fn accepted(state: &AppState, task: &Task) {
+/// A task was accepted through `api` (`tasks`, `openai.images`): opens its span, logs it
+/// there, and records the compression time of the reference images its input names (in
+/// the background).
+pub(crate) fn accepted(state: &AppState, task: &Task, api: &str) {
     let span = task_span(&task.id, &task.task_type, task.attempt);
-    tracing::info!(parent: &span, message = "task accepted", task_id = %task.id, task_type = %task.task_type);
+    tracing::info!(parent: &span, message = "task accepted", task_id = %task.id, task_type = %task.task_type, api);
     {
         let mut open = state.inner.spans.lock();
         if open.len() < MAX_OPEN {

@@ -22,14 +22,15 @@ pub struct OpenAiConfig {
     /// The longest wait `Prefer: wait=N` may ask for. Default: 90 s.
     #[serde(with = "humantime_serde")]
     pub max_wait: Duration,
-    /// Model used when a request names none. Default: `kiln-demo`.
+    /// Model used when a request names none; empty: such a request gets 400 (`model` is
+    /// required). Default: empty.
     pub default_model: String,
     /// `response_format` when a request gives none: `url` or `b64_json`. Default: `url`.
     pub default_response_format: ResponseFormat,
     /// Largest `n` of one call. Default: 10.
     pub max_n: u32,
-    /// Models by the name clients send in `model`. Default: `kiln-demo` on the demo
-    /// worker's `txt2img` / `img2img`.
+    /// Models by the name clients send in `model`. Default: none (every call gets 400
+    /// `model_not_found` until models are configured).
     pub models: BTreeMap<String, ModelConfig>,
     /// Upstream providers by name, referenced by models with `runs_on = "provider"`.
     /// Default: none.
@@ -72,16 +73,14 @@ impl Default for ImageUrlConfig {
 
 impl Default for OpenAiConfig {
     fn default() -> Self {
-        let mut models = BTreeMap::new();
-        models.insert("kiln-demo".to_owned(), ModelConfig::default());
         Self {
             enabled: true,
             sync_wait: Duration::from_secs(90),
             max_wait: Duration::from_secs(90),
-            default_model: "kiln-demo".into(),
+            default_model: String::new(),
             default_response_format: ResponseFormat::Url,
             max_n: 10,
-            models,
+            models: BTreeMap::new(),
             providers: BTreeMap::new(),
             image_urls: ImageUrlConfig::default(),
         }

@@ -13,7 +13,7 @@ use axum::extract::{FromRequest, Multipart, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
-use kiln_broker::{ListFilter, NewTask, QueueError, Task};
+use kiln_broker::{NewTask, Task};
 use kiln_protocol::TaskState;
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
@@ -24,9 +24,10 @@ use super::config::{ModelConfig, ProviderConfig, ResponseFormat, RunsOn};
 use super::error::OpenAiError;
 use super::fetch::{FetchPolicy, fetch_image};
 use crate::AppState;
-use crate::error::ApiJson;
-use crate::files::{file_url, store_image};
-use crate::tasks::{load, view};
+use crate::files::store_image;
+use crate::links::Links;
+use crate::submit::{Repeat, Submission, SubmitError};
+use crate::tasks::load;
 
 /// Most reference images of one edit.
 pub(crate) const MAX_IMAGES: usize = 16;
@@ -98,7 +99,8 @@ impl Call {
             ));
         }
         let model_name = text(fields, "model")?
-            .unwrap_or(&cfg.default_model)
+            .or(Some(cfg.default_model.as_str()).filter(|m| !m.is_empty()))
+            .ok_or_else(|| OpenAiError::invalid("model", "`model` is required"))?
             .to_owned();
         let model = cfg.models.get(&model_name).cloned().ok_or_else(|| {
             let known: Vec<&str> = cfg.models.keys().map(String::as_str).collect();
@@ -256,9 +258,10 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, OpenAiError> {
     }
 }
 
-/// Submits the task; with an idempotency key, a repeated call returns the first task.
-/// Edits carry a fingerprint of their content in the input (their stored reference files
-/// get new ids on every call), and a repeat with the same fingerprint is the same call.
+/// Submits the task through the gateway's one submit path; with an idempotency key, a
+/// repeated call returns the first task. Edits carry a fingerprint of their content in the
+/// input (their stored reference files get new ids on every call), and a repeat with the
+/// same fingerprint is the same call.
 async fn submit(
     state: &AppState,
     task_type: String,
@@ -266,75 +269,31 @@ async fn submit(
     request_id: Option<String>,
     model: Option<String>,
 ) -> Result<Task, OpenAiError> {
-    crate::limits::check_input(state.config(), &input).map_err(OpenAiError::from)?;
-    let fingerprint = input.get("fingerprint").cloned();
-    let new = NewTask {
-        task_type: task_type.clone(),
+    let task = NewTask {
+        task_type,
         input,
-        request_id: request_id.clone(),
+        request_id,
         metadata: Some(json!({"api": "openai.images"})),
         model,
         ..NewTask::default()
     };
-    match state.broker().submit(new).await {
-        Ok((task, created)) => {
-            if created {
-                state
-                    .metrics()
-                    .submitted
-                    .get_or_create(&vec![("task_type", task.task_type.clone())])
-                    .inc();
-                tracing::info!(message = "task accepted", task_id = %task.id, task_type = %task.task_type, api = "openai.images");
-            }
-            Ok(task)
+    let s = Submission {
+        task,
+        api: "openai.images",
+        repeat: Repeat::Fingerprint,
+    };
+    crate::submit::submit(state, s).await.map_err(|e| match e {
+        SubmitError::Limit(e) => OpenAiError::from(e),
+        SubmitError::Conflict(_) => OpenAiError::new(
+            StatusCode::CONFLICT,
+            "idempotency_key_reused",
+            "this Idempotency-Key was already used for a different request",
+        ),
+        SubmitError::Invalid(m) => OpenAiError::new(StatusCode::BAD_REQUEST, "invalid_value", m),
+        SubmitError::Unavailable(m) => {
+            OpenAiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", m)
         }
-        Err(QueueError::Conflict(rid)) => {
-            if let Some(fp) = fingerprint
-                && let Some(t) = find_repeat(state, &task_type, &rid, &fp).await?
-            {
-                return Ok(t);
-            }
-            Err(OpenAiError::new(
-                StatusCode::CONFLICT,
-                "idempotency_key_reused",
-                "this Idempotency-Key was already used for a different request",
-            ))
-        }
-        Err(QueueError::Invalid(m)) => Err(OpenAiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_value",
-            m,
-        )),
-        Err(e) => Err(OpenAiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            format!("the queue store failed: {e}"),
-        )),
-    }
-}
-
-/// The task of an earlier call with this request id and fingerprint, among the latest 500
-/// of its type.
-async fn find_repeat(
-    state: &AppState,
-    task_type: &str,
-    request_id: &str,
-    fingerprint: &Value,
-) -> Result<Option<Task>, OpenAiError> {
-    let tasks = state
-        .broker()
-        .queue()
-        .list(&ListFilter {
-            task_type: Some(task_type.to_owned()),
-            limit: 500,
-            ..ListFilter::default()
-        })
-        .await
-        .map_err(|e| OpenAiError::from(crate::error::ApiError::unavailable(e.to_string())))?;
-    Ok(tasks.into_iter().find(|t| {
-        t.request_id.as_deref() == Some(request_id)
-            && t.input.get("fingerprint") == Some(fingerprint)
-    }))
+    })
 }
 
 /// Waits until the task is terminal or `limit` passes, on the broker's event feed.
@@ -364,13 +323,8 @@ async fn wait_done(state: &AppState, id: &str, limit: Duration) -> Result<Task, 
 }
 
 /// The `202` answer: the task object, `Location` and `Preference-Applied`.
-async fn accepted(state: &AppState, task: Task) -> Result<Response, OpenAiError> {
-    let location = format!("/v1/tasks/{}", task.id);
-    let v = view(state, task).await?;
-    let mut resp = (StatusCode::ACCEPTED, ApiJson(v)).into_response();
-    if let Ok(l) = HeaderValue::from_str(&location) {
-        resp.headers_mut().insert(header::LOCATION, l);
-    }
+async fn accepted(state: &AppState, links: &Links, task: Task) -> Result<Response, OpenAiError> {
+    let mut resp = crate::submit::accepted(state, links, task).await?;
     resp.headers_mut().insert(
         "preference-applied",
         HeaderValue::from_static("respond-async"),
@@ -401,12 +355,12 @@ fn task_failure(task: &Task) -> OpenAiError {
 /// The OpenAI body of a succeeded task.
 async fn images_body(
     state: &AppState,
+    links: &Links,
     task: &Task,
     fmt: ResponseFormat,
 ) -> Result<Value, OpenAiError> {
     let out = task.output.as_ref().unwrap_or(&Value::Null);
     let files = out["files"].as_array().cloned().unwrap_or_default();
-    let base = state.config().public_base_url.as_deref();
     let revised = out["revised_prompts"].as_array();
     let mut data = Vec::with_capacity(files.len());
     for (i, f) in files.iter().enumerate() {
@@ -434,7 +388,7 @@ async fn images_body(
                 );
             }
             _ => {
-                item.insert("url".into(), file_url(base, id).into());
+                item.insert("url".into(), links.file(id).into());
             }
         }
         if let Some(p) = revised.and_then(|r| r.get(i)).filter(|p| p.is_string()) {
@@ -453,6 +407,7 @@ async fn images_body(
 async fn run(
     state: &AppState,
     headers: &HeaderMap,
+    links: &Links,
     call: &Call,
     task_type: String,
     input: Value,
@@ -475,12 +430,12 @@ async fn run(
     }
     let task = wait_done(state, &task.id.clone(), wait_limit(headers, state)).await?;
     if !task.state.is_terminal() {
-        return accepted(state, task).await;
+        return accepted(state, links, task).await;
     }
     if task.state != TaskState::Succeeded {
         return Err(task_failure(&task));
     }
-    let body = images_body(state, &task, call.response_format).await?;
+    let body = images_body(state, links, &task, call.response_format).await?;
     let mut resp = (StatusCode::OK, axum::Json(body)).into_response();
     if let Ok(v) = HeaderValue::from_str(&task.id) {
         resp.headers_mut().insert("x-kiln-task-id", v);
@@ -492,13 +447,17 @@ async fn run(
 pub(crate) async fn generations(
     State(state): State<AppState>,
     headers: HeaderMap,
+    links: Links,
     req: Request,
 ) -> Result<Response, OpenAiError> {
     let fields = json_object(&json_body(&state, req).await?)?;
     let request_id = idempotency_key(&headers)?;
     let call = Call::parse(&state, &fields)?;
     let (task_type, input) = call.task(None);
-    run(&state, &headers, &call, task_type, input, request_id).await
+    run(
+        &state, &headers, &links, &call, task_type, input, request_id,
+    )
+    .await
 }
 
 /// An uploaded part: bytes and the content type it claims (or that its bytes show).
@@ -667,6 +626,7 @@ async fn json_parts(state: &AppState, req: Request) -> Result<EditParts, OpenAiE
 pub(crate) async fn edits(
     State(state): State<AppState>,
     headers: HeaderMap,
+    links: Links,
     req: Request,
 ) -> Result<Response, OpenAiError> {
     let ctype = headers
@@ -686,7 +646,7 @@ pub(crate) async fn edits(
             "edits take multipart/form-data with `image` (or `image[]`) files, or JSON with              `images: [{\"image_url\": …} | {\"file_id\": …}]`",
         ));
     };
-    edit(&state, &headers, request_id, images, mask, fields).await
+    edit(&state, &headers, &links, request_id, images, mask, fields).await
 }
 
 /// The parts of a multipart edit.
@@ -738,6 +698,7 @@ async fn multipart_parts(state: &AppState, req: Request) -> Result<EditParts, Op
 async fn edit(
     state: &AppState,
     headers: &HeaderMap,
+    links: &Links,
     request_id: Option<String>,
     images: Vec<Part>,
     mask: Option<Part>,
@@ -783,5 +744,5 @@ async fn edit(
     if request_id.is_some() {
         input["fingerprint"] = fingerprint.into();
     }
-    run(state, headers, &call, task_type, input, request_id).await
+    run(state, headers, links, &call, task_type, input, request_id).await
 }

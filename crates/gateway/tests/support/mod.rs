@@ -20,3 +20,20 @@ pub fn noise_png(w: u32, h: u32, seed: u32) -> Vec<u8> {
         .unwrap();
     out.into_inner()
 }
+
+/// A gateway state over an in-memory queue with files in `dir`, accepting tasks of any
+/// type; `tweak` changes the config first.
+pub async fn state(
+    dir: &tempfile::TempDir,
+    tweak: impl FnOnce(&mut kiln_gateway::GatewayConfig),
+) -> kiln_gateway::AppState {
+    let queue = std::sync::Arc::new(kiln_broker::SqliteQueue::in_memory(3).unwrap());
+    let broker = kiln_broker::Broker::with_queue(queue, kiln_broker::BrokerConfig::default());
+    let mut config = kiln_gateway::GatewayConfig {
+        files_dir: dir.path().join("files"),
+        queue_unknown_task_types: true,
+        ..kiln_gateway::GatewayConfig::default()
+    };
+    tweak(&mut config);
+    kiln_gateway::AppState::new(config, broker).await.unwrap()
+}
