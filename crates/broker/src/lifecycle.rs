@@ -594,7 +594,8 @@ pub fn cancel(task: &Task, now: u64) -> Option<Transition> {
 }
 
 /// The compare-and-set every call naming a lease makes: `task` is the task whose current
-/// lease is `lease` (`None`: no task has it now; `known`: some earlier attempt had it), and
+/// lease is `lease` (`None`: no task has it now; `known`: an attempt record has it: a lease
+/// given back is forgotten with its attempt, whose number the next attempt reuses), and
 /// `holder` the worker that must hold it (`None`: any). `Ok(task)` when the call may go on,
 /// else the refusal to answer with.
 pub fn check_lease<'t>(

@@ -303,6 +303,10 @@ elseif op == 'reserve' then
     local k = tonumber(t.attempt)
     local rec = cjson.encode({t.attempt, w, lease, now, '', ''})
     if redis.call('LLEN', l) >= k then
+      -- The record of an attempt given back is replaced, and its lease forgotten with it
+      -- (as the SQL stores replace the attempt's row).
+      local old = cjson.decode(redis.call('LINDEX', l, k - 1))
+      if old[3] and old[3] ~= lease then redis.call('HDEL', key('leases'), old[3]) end
       redis.call('LSET', l, k - 1, rec)
     else
       redis.call('RPUSH', l, rec)
