@@ -192,6 +192,7 @@ pub(crate) type Stages = BTreeMap<String, u64>;
 /// each store writes only its bodies.
 pub(crate) trait Store: Send + Sync + std::fmt::Debug + 'static {
     fn enqueue(&self, t: NewTask, now: u64) -> impl Future<Output = Result<(Task, bool)>> + Send;
+    /// Never called for `n == 0` or a worker serving no type.
     fn reserve(&self, want: Want<'_>, now: u64) -> impl Future<Output = Result<Vec<Task>>> + Send;
     fn renew(&self, worker_id: &str, until: u64) -> impl Future<Output = Result<usize>> + Send;
     fn leases_of(
@@ -302,6 +303,9 @@ impl<S: Store> Queue for S {
         lease_until: u64,
         now: u64,
     ) -> QueueFuture<'a, Vec<Task>> {
+        if n == 0 || caps.task_types.is_empty() {
+            return Box::pin(async { Ok(Vec::new()) });
+        }
         let want = Want {
             worker_id,
             caps,

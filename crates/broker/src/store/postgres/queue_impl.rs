@@ -77,13 +77,7 @@ impl Store for PostgresQueue {
     }
 
     async fn reserve(&self, want: Want<'_>, now: u64) -> Result<Vec<Task>> {
-        let Want {
-            worker_id,
-            caps,
-            n,
-            lease_until,
-        } = want;
-        self.reserve_(worker_id, caps, n, lease_until, now).await
+        self.reserve_(want, now).await
     }
 
     async fn renew(&self, worker_id: &str, until: u64) -> Result<usize> {
@@ -109,24 +103,19 @@ impl Store for PostgresQueue {
     }
 
     async fn progress(&self, l: Lease<'_>, progress: Value, now: u64) -> Result<Option<String>> {
-        let Lease { lease, holder } = l;
-        self.progress_(lease, holder, progress, now).await
+        self.progress_(l, progress, now).await
     }
 
     async fn finish(&self, l: Lease<'_>, ending: Ending, now: u64) -> Result<CompleteOutcome> {
-        let Lease { lease, holder } = l;
-        self.end_attempt(lease, holder, ending, now).await
+        self.end_attempt(l, ending, now).await
     }
 
     async fn release(&self, l: Lease<'_>, why: &str, now: u64) -> Result<Option<Task>> {
-        let Lease { lease, holder } = l;
-        self.give_back_(lease, holder, why, None, now).await
+        self.give_back_(l, why, None, now).await
     }
 
     async fn reject(&self, l: Lease<'_>, why: &str, until: u64, now: u64) -> Result<Option<Task>> {
-        let (Lease { lease, holder }, avoid_until) = (l, until);
-        self.give_back_(lease, holder, why, Some(avoid_until), now)
-            .await
+        self.give_back_(l, why, Some(until), now).await
     }
 
     async fn note_task_types(&self, task_types: &[String], now: u64) -> Result<()> {
@@ -137,13 +126,8 @@ impl Store for PostgresQueue {
         self.task_types_seen_(since).await
     }
 
-    async fn release_worker(
-        &self,
-        worker_id: &str,
-        keep: &[String],
-        now: u64,
-    ) -> Result<Vec<Task>> {
-        self.release_worker_(worker_id, keep, now).await
+    async fn release_worker(&self, worker: &str, keep: &[String], now: u64) -> Result<Vec<Task>> {
+        self.release_worker_(worker, keep, now).await
     }
 
     async fn record_assignment(&self, lease: &str, delivered: bool) -> Result<Option<u32>> {

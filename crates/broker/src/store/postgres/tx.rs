@@ -11,7 +11,7 @@ use super::{MAX_PAYLOAD, PostgresQueue, i};
 use crate::lifecycle::{self, AttemptChange, Ending, TaskEvent, TaskEventKind, Transition};
 use crate::model::*;
 use crate::queue::Sweep;
-use crate::store::{Result, cols, corrupt, holds, json_text, new_id, task_from_row};
+use crate::store::{Lease, Result, Want, cols, corrupt, holds, json_text, new_id, task_from_row};
 
 /// One write transaction: the events it wrote and whether tasks became ready.
 pub(super) struct Tx<'a> {
@@ -106,15 +106,15 @@ impl<'a> Tx<'a> {
         .await?;
         match &tr.attempt {
             Some(AttemptChange::Start {
-                attempt,
-                worker_id,
-                lease,
-                started_at,
+                attempt: n,
+                worker_id: w,
+                lease: l,
+                started_at: at,
             }) => {
                 self.exec(
                     "INSERT INTO {s}.attempts (task_id, attempt, worker_id, lease, started_at) VALUES ($1, $2, $3, $4, $5)
                      ON CONFLICT (task_id, attempt) DO UPDATE SET worker_id = $3, lease = $4, started_at = $5, ended_at = NULL, error = NULL",
-                    &[&task.id, &(*attempt as i32), worker_id, lease, &i(*started_at)],
+                    &[&task.id, &(*n as i32), w, l, &i(*at)],
                 )
                 .await?;
             }
@@ -224,18 +224,13 @@ impl PostgresQueue {
         Ok((task, true))
     }
 
-    pub(super) async fn reserve_(
-        &self,
-        worker_id: &str,
-        caps: &Capabilities,
-        n: usize,
-        lease_until: u64,
-        now: u64,
-    ) -> Result<Vec<Task>> {
-        let task_types = &caps.task_types;
-        if n == 0 || task_types.is_empty() {
-            return Ok(Vec::new());
-        }
+    pub(super) async fn reserve_(&self, want: Want<'_>, now: u64) -> Result<Vec<Task>> {
+        let Want {
+            worker_id,
+            caps,
+            n,
+            lease_until,
+        } = want;
         let mut c = self.pool.get().await?;
         let mut tx = Tx::begin(self, &mut c).await?;
         // SKIP LOCKED: concurrent instances never claim one task twice nor wait on each other.
@@ -249,7 +244,7 @@ impl PostgresQueue {
                 &[
                     &worker_id,
                     &i(now),
-                    task_types,
+                    &caps.task_types,
                     &(n as i64),
                     &caps.models,
                     &caps.labels,
@@ -267,11 +262,11 @@ impl PostgresQueue {
 
     pub(super) async fn progress_(
         &self,
-        lease: &str,
-        holder: Option<&str>,
-        progress: Value,
+        l: Lease<'_>,
+        p: Value,
         now: u64,
     ) -> Result<Option<String>> {
+        let (Lease { lease, holder }, progress) = (l, p);
         let mut c = self.pool.get().await?;
         let mut tx = Tx::begin(self, &mut c).await?;
         let Some(t) = tx.running(lease, holder).await? else {
@@ -292,11 +287,11 @@ impl PostgresQueue {
 
     pub(super) async fn end_attempt(
         &self,
-        lease: &str,
-        holder: Option<&str>,
-        ending: Ending,
+        l: Lease<'_>,
+        e: Ending,
         now: u64,
     ) -> Result<CompleteOutcome> {
+        let (Lease { lease, holder }, ending) = (l, e);
         let mut c = self.pool.get().await?;
         let mut tx = Tx::begin(self, &mut c).await?;
         let task = tx.tasks("lease = $1 FOR UPDATE", &[&lease]).await?.pop();
@@ -323,12 +318,12 @@ impl PostgresQueue {
     /// retryable `reject`, whose worker then skips the task until `avoid_until`).
     pub(super) async fn give_back_(
         &self,
-        lease: &str,
-        holder: Option<&str>,
+        l: Lease<'_>,
         why: &str,
         avoid_until: Option<u64>,
         now: u64,
     ) -> Result<Option<Task>> {
+        let Lease { lease, holder } = l;
         let mut c = self.pool.get().await?;
         let mut tx = Tx::begin(self, &mut c).await?;
         let Some(task) = tx.running(lease, holder).await? else {

@@ -2,14 +2,12 @@
 //! write the transition if the task is still as read (else read again and decide again).
 
 use kiln_protocol::TaskState;
-use serde_json::Value as Json;
 
-use super::reply::{need_task, tasks_from};
-use super::{RedisQueue, corrupt};
-use crate::lifecycle::{self, AttemptChange, Ending, Fields, Transition};
+use super::RedisQueue;
+use super::reply::need_task;
+use crate::lifecycle::{self, AttemptChange, Fields, Transition};
 use crate::model::*;
-use crate::queue::Sweep;
-use crate::store::{Result, holds, json_text, new_id};
+use crate::store::{Lease, Result, holds, json_text};
 
 /// How often a change is decided again when other calls keep changing its task.
 const ATTEMPTS: usize = 16;
@@ -24,7 +22,7 @@ pub(super) enum Changed {
     Gone,
 }
 
-fn opt<T: ToString>(v: Option<T>) -> String {
+pub(super) fn opt<T: ToString>(v: Option<T>) -> String {
     v.map(|v| v.to_string()).unwrap_or_default()
 }
 
@@ -92,43 +90,6 @@ fn changed_fields(before: &Task, tr: &Transition) -> Vec<(&'static str, String)>
 }
 
 impl RedisQueue {
-    pub(super) async fn enqueue_now(&self, t: NewTask, now: u64) -> Result<(Task, bool)> {
-        let a = lifecycle::admit(t, &self.opts.queue)?;
-        let t = &a.task;
-        let ttl = self.opts.request_id_ttl.as_millis().max(1) as u64;
-        let args = vec![
-            new_id("task"),
-            now.to_string(),
-            t.task_type.clone(),
-            t.priority.to_string(),
-            t.input.to_string(),
-            t.metadata.as_ref().map(Json::to_string).unwrap_or_default(),
-            a.max_attempts.to_string(),
-            opt(t.deadline),
-            t.request_id.clone().unwrap_or_default(),
-            ttl.to_string(),
-            t.model.clone().unwrap_or_default(),
-            if t.labels.is_empty() {
-                String::new()
-            } else {
-                serde_json::json!(t.labels).to_string()
-            },
-            a.event.data().to_string(),
-        ];
-        let mut r = self.run("enqueue", args).await?;
-        let tag = r.tag()?;
-        let task = need_task(r.next())?;
-        if tag == "exists" {
-            if !lifecycle::same_request(&task, t) {
-                return Err(QueueError::Conflict(
-                    t.request_id.clone().unwrap_or_default(),
-                ));
-            }
-            return Ok((task, false));
-        }
-        Ok((task, true))
-    }
-
     /// Has the script write `tr` if `task` is still as read. `None`: it changed meanwhile
     /// (or is gone).
     async fn apply(
@@ -205,42 +166,10 @@ impl RedisQueue {
     }
 
     /// The task holding `lease` now, and whether any task ever had it.
-    async fn by_lease(&self, lease: &str) -> Result<(Option<Task>, bool)> {
+    pub(super) async fn by_lease(&self, lease: &str) -> Result<(Option<Task>, bool)> {
         Ok(match self.task_id_of_lease(lease).await? {
             Some(id) => (self.get_task(&id).await?, true),
             None => (None, false),
-        })
-    }
-
-    pub(super) async fn end_attempt(
-        &self,
-        lease: &str,
-        holder: Option<&str>,
-        ending: Ending,
-        now: u64,
-    ) -> Result<CompleteOutcome> {
-        let (task, known) = self.by_lease(lease).await?;
-        let refusal = |t: Option<&Task>| {
-            lifecycle::check_lease(t, lease, holder, known)
-                .err()
-                .map(|r| *r)
-        };
-        let Some(task) = task else {
-            return Ok(refusal(None).unwrap_or_else(CompleteOutcome::unknown_lease));
-        };
-        let decide = |t: &Task| {
-            lifecycle::check_lease(Some(t), lease, holder, known)
-                .ok()
-                .map(|t| lifecycle::finish(t, ending.clone(), &self.opts.queue, now))
-        };
-        Ok(match self.change(task, None, now, decide).await? {
-            Changed::Done(d) => CompleteOutcome {
-                accepted: true,
-                reason: None,
-                task: Some(d.1),
-            },
-            Changed::Declined(t) => refusal(Some(&t)).unwrap_or_else(CompleteOutcome::stale_lease),
-            Changed::Gone => CompleteOutcome::stale_lease(),
         })
     }
 
@@ -248,12 +177,12 @@ impl RedisQueue {
     /// the task from its worker until `avoid_until`.
     pub(super) async fn give_back(
         &self,
-        lease: &str,
-        holder: Option<&str>,
-        why: &str,
+        l: Lease<'_>,
         avoid_until: Option<u64>,
+        why: &str,
         now: u64,
     ) -> Result<Option<Task>> {
+        let Lease { lease, holder } = l;
         let (Some(task), _) = self.by_lease(lease).await? else {
             return Ok(None);
         };
@@ -265,73 +194,5 @@ impl RedisQueue {
             Changed::Done(d) => Some(d.1),
             _ => None,
         })
-    }
-
-    pub(super) async fn release_worker_now(
-        &self,
-        worker_id: &str,
-        keep: &[String],
-        now: u64,
-    ) -> Result<Vec<Task>> {
-        let mut r = self.run("held", vec![worker_id.to_owned()]).await?;
-        let held = tasks_from(r.next().ok_or_else(|| corrupt("held"))?)?;
-        let mut out = Vec::new();
-        for t in held {
-            if t.lease.as_ref().is_some_and(|l| keep.contains(l)) {
-                continue;
-            }
-            let lease = t.lease.clone();
-            let decide = |t: &Task| {
-                (t.state == TaskState::Running && t.lease == lease && holds(t, Some(worker_id)))
-                    .then(|| lifecycle::requeue(t, lifecycle::WORKER_RESTARTED, true, now))
-            };
-            if let Changed::Done(d) = self.change(t, None, now, decide).await? {
-                out.push(d.1);
-            }
-        }
-        Ok(out)
-    }
-
-    pub(super) async fn sweep_now(&self, now: u64) -> Result<Sweep> {
-        let mut r = self.run("due", vec![now.to_string()]).await?;
-        let lapsed = tasks_from(r.next().ok_or_else(|| corrupt("due"))?)?;
-        let late = tasks_from(r.next().ok_or_else(|| corrupt("due"))?)?;
-        let mut sweep = Sweep::default();
-        for t in lapsed {
-            let decide = |t: &Task| lifecycle::lapsed(t, now).then(|| lifecycle::lapse(t, now));
-            if let Changed::Done(d) = self.change(t, None, now, decide).await? {
-                sweep.changed.push(d.1);
-            }
-        }
-        for t in late {
-            let decide =
-                |t: &Task| lifecycle::past_deadline(t, now).then(|| lifecycle::expire(t, now));
-            if let Changed::Done(d) = self.change(t, None, now, decide).await? {
-                let (before, after) = *d;
-                if let (Some(w), Some(l), TaskState::Running) =
-                    (before.worker_id, before.lease, before.state)
-                {
-                    sweep.stop.push((w, l));
-                }
-                sweep.changed.push(after);
-            }
-        }
-        Ok(sweep)
-    }
-
-    pub(super) async fn cancel_now(&self, id: &str, now: u64) -> Result<CancelOutcome> {
-        let Some(task) = self.get_task(id).await? else {
-            return Ok(CancelOutcome::NotFound);
-        };
-        Ok(
-            match self
-                .change(task, None, now, |t| lifecycle::cancel(t, now))
-                .await?
-            {
-                Changed::Done(d) => crate::store::cancel_outcome(d.1),
-                Changed::Declined(t) => CancelOutcome::AlreadyTerminal(*t),
-                Changed::Gone => CancelOutcome::NotFound,
-            },
-        )
     }
 }

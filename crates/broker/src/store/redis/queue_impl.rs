@@ -6,18 +6,52 @@ use ::redis::Value;
 use kiln_protocol::TaskState;
 use serde_json::Value as Json;
 
+use super::change::{Changed, opt};
 use super::notify::NotifyReader;
-use super::reply::{array, event_from, int, tasks_from, text};
+use super::reply::{array, event_from, int, need_task, tasks_from, text};
 use super::{LIST_SCAN_BUDGET, RedisQueue, STATES, corrupt, store};
 use crate::lifecycle::{self, Ending, TaskEvent};
 use crate::model::*;
 use crate::queue::*;
-use crate::store::{Lease, Result, Stages, Store, Want};
+use crate::store::{Lease, Result, Stages, Store, Want, holds, new_id};
 use serde_json::Map;
 
 impl Store for RedisQueue {
-    async fn enqueue(&self, task: NewTask, now: u64) -> Result<(Task, bool)> {
-        self.enqueue_now(task, now).await
+    async fn enqueue(&self, t: NewTask, now: u64) -> Result<(Task, bool)> {
+        let a = lifecycle::admit(t, &self.opts.queue)?;
+        let t = &a.task;
+        let ttl = self.opts.request_id_ttl.as_millis().max(1) as u64;
+        let args = vec![
+            new_id("task"),
+            now.to_string(),
+            t.task_type.clone(),
+            t.priority.to_string(),
+            t.input.to_string(),
+            t.metadata.as_ref().map(Json::to_string).unwrap_or_default(),
+            a.max_attempts.to_string(),
+            opt(t.deadline),
+            t.request_id.clone().unwrap_or_default(),
+            ttl.to_string(),
+            t.model.clone().unwrap_or_default(),
+            if t.labels.is_empty() {
+                String::new()
+            } else {
+                serde_json::json!(t.labels).to_string()
+            },
+            a.event.data().to_string(),
+        ];
+        let mut r = self.run("enqueue", args).await?;
+        let tag = r.tag()?;
+        let task = need_task(r.next())?;
+        if tag == "exists" {
+            if !lifecycle::same_request(&task, t) {
+                return Err(QueueError::Conflict(
+                    t.request_id.clone().unwrap_or_default(),
+                ));
+            }
+            return Ok((task, false));
+        }
+        Ok((task, true))
     }
 
     async fn reserve(&self, want: Want<'_>, now: u64) -> Result<Vec<Task>> {
@@ -88,18 +122,37 @@ impl Store for RedisQueue {
 
     async fn finish(&self, l: Lease<'_>, ending: Ending, now: u64) -> Result<CompleteOutcome> {
         let Lease { lease, holder } = l;
-        self.end_attempt(lease, holder, ending, now).await
+        let (task, known) = self.by_lease(lease).await?;
+        let refusal = |t: Option<&Task>| {
+            lifecycle::check_lease(t, lease, holder, known)
+                .err()
+                .map(|r| *r)
+        };
+        let Some(task) = task else {
+            return Ok(refusal(None).unwrap_or_else(CompleteOutcome::unknown_lease));
+        };
+        let decide = |t: &Task| {
+            lifecycle::check_lease(Some(t), lease, holder, known)
+                .ok()
+                .map(|t| lifecycle::finish(t, ending.clone(), &self.opts.queue, now))
+        };
+        Ok(match self.change(task, None, now, decide).await? {
+            Changed::Done(d) => CompleteOutcome {
+                accepted: true,
+                reason: None,
+                task: Some(d.1),
+            },
+            Changed::Declined(t) => refusal(Some(&t)).unwrap_or_else(CompleteOutcome::stale_lease),
+            Changed::Gone => CompleteOutcome::stale_lease(),
+        })
     }
 
     async fn release(&self, l: Lease<'_>, why: &str, now: u64) -> Result<Option<Task>> {
-        let Lease { lease, holder } = l;
-        self.give_back(lease, holder, why, None, now).await
+        self.give_back(l, None, why, now).await
     }
 
     async fn reject(&self, l: Lease<'_>, why: &str, until: u64, now: u64) -> Result<Option<Task>> {
-        let (Lease { lease, holder }, avoid_until) = (l, until);
-        self.give_back(lease, holder, why, Some(avoid_until), now)
-            .await
+        self.give_back(l, Some(until), why, now).await
     }
 
     async fn note_task_types(&self, task_types: &[String], now: u64) -> Result<()> {
@@ -123,21 +176,68 @@ impl Store for RedisQueue {
         Ok(u32::try_from(n).ok())
     }
 
-    async fn release_worker(
-        &self,
-        worker_id: &str,
-        keep: &[String],
-        now: u64,
-    ) -> Result<Vec<Task>> {
-        self.release_worker_now(worker_id, keep, now).await
+    async fn release_worker(&self, worker: &str, keep: &[String], now: u64) -> Result<Vec<Task>> {
+        let worker_id = worker;
+        let mut r = self.run("held", vec![worker_id.to_owned()]).await?;
+        let held = tasks_from(r.next().ok_or_else(|| corrupt("held"))?)?;
+        let mut out = Vec::new();
+        for t in held {
+            if t.lease.as_ref().is_some_and(|l| keep.contains(l)) {
+                continue;
+            }
+            let lease = t.lease.clone();
+            let decide = |t: &Task| {
+                (t.state == TaskState::Running && t.lease == lease && holds(t, Some(worker_id)))
+                    .then(|| lifecycle::requeue(t, lifecycle::WORKER_RESTARTED, true, now))
+            };
+            if let Changed::Done(d) = self.change(t, None, now, decide).await? {
+                out.push(d.1);
+            }
+        }
+        Ok(out)
     }
 
     async fn sweep(&self, now: u64) -> Result<Sweep> {
-        self.sweep_now(now).await
+        let mut r = self.run("due", vec![now.to_string()]).await?;
+        let lapsed = tasks_from(r.next().ok_or_else(|| corrupt("due"))?)?;
+        let late = tasks_from(r.next().ok_or_else(|| corrupt("due"))?)?;
+        let mut sweep = Sweep::default();
+        for t in lapsed {
+            let decide = |t: &Task| lifecycle::lapsed(t, now).then(|| lifecycle::lapse(t, now));
+            if let Changed::Done(d) = self.change(t, None, now, decide).await? {
+                sweep.changed.push(d.1);
+            }
+        }
+        for t in late {
+            let decide =
+                |t: &Task| lifecycle::past_deadline(t, now).then(|| lifecycle::expire(t, now));
+            if let Changed::Done(d) = self.change(t, None, now, decide).await? {
+                let (before, after) = *d;
+                if let (Some(w), Some(l), TaskState::Running) =
+                    (before.worker_id, before.lease, before.state)
+                {
+                    sweep.stop.push((w, l));
+                }
+                sweep.changed.push(after);
+            }
+        }
+        Ok(sweep)
     }
 
     async fn cancel(&self, id: &str, now: u64) -> Result<CancelOutcome> {
-        self.cancel_now(id, now).await
+        let Some(task) = self.get_task(id).await? else {
+            return Ok(CancelOutcome::NotFound);
+        };
+        Ok(
+            match self
+                .change(task, None, now, |t| lifecycle::cancel(t, now))
+                .await?
+            {
+                Changed::Done(d) => crate::store::cancel_outcome(d.1),
+                Changed::Declined(t) => CancelOutcome::AlreadyTerminal(*t),
+                Changed::Gone => CancelOutcome::NotFound,
+            },
+        )
     }
 
     async fn get(&self, id: &str) -> Result<Option<Task>> {

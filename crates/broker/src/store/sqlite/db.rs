@@ -11,7 +11,7 @@ use crate::lifecycle::{self, AttemptChange, Ending, TaskEvent, TaskEventKind, Tr
 use crate::model::*;
 use crate::queue::*;
 use crate::store::{
-    Columns, Dialect, Result, cols, event_from_row, holds, json_text, new_id, parse_json,
+    Columns, Dialect, Result, Want, cols, event_from_row, holds, json_text, new_id, parse_json,
     task_from_row,
 };
 
@@ -278,18 +278,14 @@ impl Db {
     /// then oldest first, each with a new lease id, until `lease_until`. The ready index
     /// (type, priority, seq) orders the scan; model and labels are checked per row, the
     /// worker's lists passed as JSON arrays.
-    pub(super) fn reserve(
-        &self,
-        worker_id: &str,
-        caps: &Capabilities,
-        n: usize,
-        lease_until: u64,
-        now: u64,
-    ) -> Result<Vec<Task>> {
+    pub(super) fn reserve(&self, want: Want<'_>, now: u64) -> Result<Vec<Task>> {
+        let Want {
+            worker_id,
+            caps,
+            n,
+            lease_until,
+        } = want;
         let task_types = &caps.task_types;
-        if n == 0 || task_types.is_empty() {
-            return Ok(Vec::new());
-        }
         let tx = begin(&self.conn)?;
         let marks = vec!["?"; task_types.len()].join(",");
         let filter = format!(

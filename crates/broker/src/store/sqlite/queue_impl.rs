@@ -19,15 +19,22 @@ impl Store for SqliteQueue {
     }
 
     async fn reserve(&self, want: Want<'_>, now: u64) -> Result<Vec<Task>> {
-        let Want {
-            worker_id,
-            caps,
-            n,
-            lease_until,
-        } = want;
-        let (w, caps) = (worker_id.to_owned(), caps.clone());
-        self.call(move |db| db.reserve(&w, &caps, n, lease_until, now))
-            .await
+        let (w, caps, n, until) = (
+            want.worker_id.to_owned(),
+            want.caps.clone(),
+            want.n,
+            want.lease_until,
+        );
+        self.call(move |db| {
+            let want = Want {
+                worker_id: &w,
+                caps: &caps,
+                n,
+                lease_until: until,
+            };
+            db.reserve(want, now)
+        })
+        .await
     }
 
     async fn renew(&self, worker_id: &str, until: u64) -> Result<usize> {
@@ -86,13 +93,8 @@ impl Store for SqliteQueue {
         .await
     }
 
-    async fn release_worker(
-        &self,
-        worker_id: &str,
-        keep: &[String],
-        now: u64,
-    ) -> Result<Vec<Task>> {
-        let (w, keep) = (worker_id.to_owned(), keep.to_vec());
+    async fn release_worker(&self, worker: &str, keep: &[String], now: u64) -> Result<Vec<Task>> {
+        let (w, keep) = (worker.to_owned(), keep.to_vec());
         self.call(move |db| db.release_worker(&w, &keep, now)).await
     }
 
