@@ -16,9 +16,10 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{broadcast, mpsc, watch};
 
 use crate::config::BrokerConfig;
+use crate::lifecycle::{TaskEvent, TaskEventKind};
 use crate::model::*;
 use crate::queue::{Notification, Queue, Sweep};
-use crate::sqlite::{SqliteOptions, SqliteQueue};
+use crate::store::sqlite::{SqliteOptions, SqliteQueue};
 
 pub use kiln_protocol::now_ms;
 
@@ -194,7 +195,7 @@ impl Broker {
                         Notification::Event(e) => {
                             // A cancel made through another instance: tell the worker if its
                             // session lives here.
-                            if e.kind == "status" && e.data["cancel_requested"] == true {
+                            if e.kind == TaskEventKind::CancelRequested {
                                 b.forward_cancel(&e.task_id).await;
                             }
                             let _ = b.events.send(e);

@@ -3,7 +3,9 @@
 //!
 //! Tasks live in a [`Queue`] store: `SqliteQueue` (one WAL file) is the embedded default;
 //! with the `postgres` feature, `PostgresQueue` lets several gateway instances share one
-//! database. Tasks are stored before `submit` returns, so an accepted task survives a kill -9
+//! database; with the `redis` feature, `RedisQueue`. Every change a store makes to a task is
+//! decided by the pure functions of [`lifecycle`], so the three behave alike. Tasks are
+//! stored before `submit` returns, so an accepted task survives a kill -9
 //! of the process. Each attempt gets its own lease; any frame from the worker
 //! renews its leases, and a lease lapses only after `lease` without renewal, so long jobs
 //! run once without tuning. Results are accepted by compare-and-set on the lease (first
@@ -45,22 +47,20 @@
 
 mod broker;
 mod config;
+pub mod lifecycle;
 mod model;
-#[cfg(feature = "postgres")]
-mod postgres;
 mod queue;
-#[cfg(feature = "redis")]
-mod redis;
-mod sqlite;
+mod store;
 
-#[cfg(feature = "redis")]
-pub use crate::redis::{RedisOptions, RedisQueue};
 pub use broker::{Broker, SessionEnd, WorkerInfo, now_ms};
 pub use config::BrokerConfig;
+pub use lifecycle::{Ending, TaskEvent, TaskEventKind};
 pub use model::*;
-#[cfg(feature = "postgres")]
-pub use postgres::{PostgresOptions, PostgresQueue};
 pub use queue::{
-    ASSIGN_FAILED, Ending, Notification, Notifications, Queue, QueueFuture, QueueOptions, Sweep,
+    ASSIGN_FAILED, Notification, Notifications, Queue, QueueFuture, QueueOptions, Sweep,
 };
-pub use sqlite::{SqliteExecutor, SqliteOptions, SqliteQueue};
+#[cfg(feature = "postgres")]
+pub use store::postgres::{PostgresOptions, PostgresQueue};
+#[cfg(feature = "redis")]
+pub use store::redis::{RedisOptions, RedisQueue};
+pub use store::sqlite::{SqliteExecutor, SqliteOptions, SqliteQueue};
