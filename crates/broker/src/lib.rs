@@ -48,6 +48,7 @@ mod config;
 mod model;
 #[cfg(feature = "postgres")]
 mod postgres;
+mod preview;
 mod queue;
 #[cfg(feature = "redis")]
 mod redis;
