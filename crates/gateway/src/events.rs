@@ -34,9 +34,18 @@ struct Feed {
     done: bool,
     rx: broadcast::Receiver<TaskEvent>,
     shutdown: watch::Receiver<bool>,
+    base: Option<String>,
+    /// The latest preview, sent first to a client resuming after it.
+    resent: Option<Event>,
 }
 
-fn to_event(e: &TaskEvent) -> Event {
+fn to_event(base: Option<&str>, e: &TaskEvent) -> Event {
+    if crate::previews::is_preview(e) {
+        return Event::default()
+            .id(e.id.to_string())
+            .event("preview")
+            .data(crate::previews::sse_data(base, e).to_string());
+    }
     let mut data = e.data.clone();
     if let Some(o) = data.as_object_mut() {
         o.insert("task_id".into(), json!(e.task_id));
@@ -48,7 +57,9 @@ fn to_event(e: &TaskEvent) -> Event {
         .data(data.to_string())
 }
 
-/// Stream a task's events: `status`, `progress` and `completed` (the last one).
+/// Stream a task's events: `status`, `progress`, `preview` and `completed` (the last one).
+/// A replay sends only the latest of the previews it covers; a client resuming after the
+/// latest preview gets it again first (without an id), so it always has one.
 #[utoipa::path(get, path = "/v1/tasks/{id}/events", tag = "tasks",
     params(("id" = String, Path, description = "task id"), ("Last-Event-ID" = Option<String>, Header, description = "resume after this id"), EventParams),
     responses((status = 200, content_type = "text/event-stream", description = "the event stream"), (status = 404, description = "unknown id")))]
@@ -72,7 +83,8 @@ pub(crate) async fn stream(
     };
     let last = header_id.or(p.last_event_id).unwrap_or(0);
     // A task already terminal before subscribing has its `completed` event in the store.
-    let terminal = load(&state, &id).await?.state.is_terminal();
+    let task = load(&state, &id).await?;
+    let terminal = task.state.is_terminal();
     // Subscribe before reading the stored events so nothing falls between the two.
     let rx = state.broker().subscribe();
     let pending: VecDeque<TaskEvent> = state
@@ -82,6 +94,19 @@ pub(crate) async fn stream(
         .await
         .map_err(|e| ApiError::unavailable(e.to_string()))?
         .into();
+    let mut pending = pending;
+    crate::previews::keep_latest(&mut pending);
+    let base = state.config().public_base_url.clone();
+    // Resuming after the latest preview: send it again first, so the client shows it.
+    let resent = match pending.iter().any(crate::previews::is_preview) {
+        true => None,
+        false if last > 0 => crate::previews::latest(&state, &task).await?.map(|e| {
+            Event::default()
+                .event("preview")
+                .data(crate::previews::sse_data(base.as_deref(), &e).to_string())
+        }),
+        false => None,
+    };
     let done = terminal && pending.is_empty();
     let feed = Feed {
         shutdown: state.shutdown_signal(),
@@ -91,8 +116,13 @@ pub(crate) async fn stream(
         last,
         done,
         rx,
+        base,
+        resent,
     };
     let s = futures_util::stream::unfold(feed, |mut f| async move {
+        if let Some(e) = f.resent.take() {
+            return Some((Ok(e), f));
+        }
         loop {
             if let Some(e) = f.pending.pop_front() {
                 if e.id <= f.last {
@@ -103,7 +133,7 @@ pub(crate) async fn stream(
                     f.done = true;
                     f.pending.clear();
                 }
-                return Some((Ok(to_event(&e)), f));
+                return Some((Ok(to_event(f.base.as_deref(), &e)), f));
             }
             if f.done || *f.shutdown.borrow() {
                 return None;
