@@ -51,13 +51,8 @@ fn check_type(mime: &str) -> Result<(), PreviewError> {
     }
 }
 
-/// A preview carrying `data` inline.
-pub(crate) fn inline(
-    lease: &str,
-    index: u32,
-    data: &[u8],
-    mime: &str,
-) -> Result<Preview, PreviewError> {
+/// A preview carrying `data` inline (index 0: the context numbers it).
+pub(crate) fn inline(lease: &str, data: &[u8], mime: &str) -> Result<Preview, PreviewError> {
     check_type(mime)?;
     if data.is_empty() {
         return Err(PreviewError::Empty);
@@ -71,7 +66,7 @@ pub(crate) fn inline(
     let size = png_size(data);
     Ok(Preview {
         lease: lease.to_owned(),
-        index,
+        index: 0,
         mime: mime.to_owned(),
         data: Some(base64::engine::general_purpose::STANDARD.encode(data)),
         file: None,
@@ -80,20 +75,15 @@ pub(crate) fn inline(
     })
 }
 
-/// A preview naming an uploaded file.
-pub(crate) fn by_file(
-    lease: &str,
-    index: u32,
-    file_id: &str,
-    mime: &str,
-) -> Result<Preview, PreviewError> {
+/// A preview naming an uploaded file (index 0: the context numbers it).
+pub(crate) fn by_file(lease: &str, file_id: &str, mime: &str) -> Result<Preview, PreviewError> {
     check_type(mime)?;
     if file_id.is_empty() {
         return Err(PreviewError::Empty);
     }
     Ok(Preview {
         lease: lease.to_owned(),
-        index,
+        index: 0,
         mime: mime.to_owned(),
         data: None,
         file: Some(file_id.to_owned()),
@@ -108,14 +98,16 @@ impl crate::TaskContext {
     /// (`image/png`, `image/jpeg`, `image/webp` or `image/gif`). Lossy like progress: the
     /// gateway keeps the latest and rate-limits them per task.
     pub fn preview(&self, data: &[u8], mime: &str) -> Result<(), PreviewError> {
-        let p = inline(&self.lease, self.next_preview(), data, mime)?;
+        let mut p = inline(&self.lease, data, mime)?;
+        p.index = self.next_preview();
         let _ = self.out.send(kiln_protocol::Message::Preview(p));
         Ok(())
     }
 
     /// Sends a preview uploaded with the files API (for previews over the inline limit).
     pub fn preview_file(&self, file_id: &str, mime: &str) -> Result<(), PreviewError> {
-        let p = by_file(&self.lease, self.next_preview(), file_id, mime)?;
+        let mut p = by_file(&self.lease, file_id, mime)?;
+        p.index = self.next_preview();
         let _ = self.out.send(kiln_protocol::Message::Preview(p));
         Ok(())
     }
@@ -136,20 +128,20 @@ mod tests {
         let mut png = b"\x89PNG\r\n\x1a\n\0\0\0\x0dIHDR".to_vec();
         png.extend_from_slice(&640u32.to_be_bytes());
         png.extend_from_slice(&480u32.to_be_bytes());
-        let p = inline("l-1", 2, &png, "image/png").unwrap();
-        assert_eq!((p.width, p.height, p.index), (Some(640), Some(480), 2));
+        let p = inline("l-1", &png, "image/png").unwrap();
+        assert_eq!((p.width, p.height), (Some(640), Some(480)));
         assert_eq!(p.check(), Ok(()));
         let big = vec![0u8; MAX_PREVIEW_BYTES + 1];
         assert!(matches!(
-            inline("l-1", 0, &big, "image/jpeg"),
+            inline("l-1", &big, "image/jpeg"),
             Err(PreviewError::TooLarge { .. })
         ));
         assert_eq!(
-            inline("l-1", 0, &png, "image/bmp"),
+            inline("l-1", &png, "image/bmp"),
             Err(PreviewError::UnsupportedType("image/bmp".into()))
         );
-        assert_eq!(inline("l-1", 0, b"", "image/png"), Err(PreviewError::Empty));
-        let f = by_file("l-1", 0, "file_1", "image/webp").unwrap();
+        assert_eq!(inline("l-1", b"", "image/png"), Err(PreviewError::Empty));
+        let f = by_file("l-1", "file_1", "image/webp").unwrap();
         assert_eq!(f.check(), Ok(()));
     }
 }

@@ -154,13 +154,14 @@ async fn follow(state: AppState, task_id: String, call: StreamCall, tx: mpsc::Se
                 continue;
             }
             seen = e.id;
-            if is_preview(&e) && sent < want {
-                if let Some(ev) = call.partial(&state, &e, sent).await {
-                    if tx.send(ev).await.is_err() {
-                        return;
-                    }
-                    sent += 1;
+            if is_preview(&e)
+                && sent < want
+                && let Some(ev) = call.partial(&state, &e, sent).await
+            {
+                if tx.send(ev).await.is_err() {
+                    return;
                 }
+                sent += 1;
             }
             done |= e.kind == "completed";
         }

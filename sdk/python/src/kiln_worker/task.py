@@ -49,6 +49,11 @@ class TaskFailed(Exception):
 FileRef = Union[str, Dict[str, Any]]
 
 
+def _check_preview_type(mime: str) -> None:
+    if mime not in PREVIEW_TYPES:
+        raise ValueError(f"preview type {mime!r} is not one of {', '.join(PREVIEW_TYPES)}")
+
+
 class Task:
     """One attempt of a task, handed to the handler. Every method is thread-safe.
 
@@ -130,8 +135,7 @@ class Task:
         ``image/gif``; a larger one raises ``ValueError`` (upload it with :meth:`upload` and
         send :meth:`preview_file`). Lossy like progress: the gateway keeps the latest and
         rate-limits them per task (a burst of 4, then 4 a second by default)."""
-        if mime not in PREVIEW_TYPES:
-            raise ValueError(f"preview type {mime!r} is not one of {', '.join(PREVIEW_TYPES)}")
+        _check_preview_type(mime)
         data = bytes(data)
         if not data:
             raise ValueError("the preview is empty")
@@ -149,8 +153,7 @@ class Task:
 
     def preview_file(self, file_id: str, mime: str) -> None:
         """Sends a preview uploaded with :meth:`upload` (for previews over the inline limit)."""
-        if mime not in PREVIEW_TYPES:
-            raise ValueError(f"preview type {mime!r} is not one of {', '.join(PREVIEW_TYPES)}")
+        _check_preview_type(mime)
         if not file_id:
             raise ValueError("the preview file id is empty")
         self._send_preview(Preview(lease=self.lease, mime=mime, file=file_id))
