@@ -22,6 +22,7 @@ use crate::sqlite::{SqliteOptions, SqliteQueue};
 pub use kiln_protocol::now_ms;
 
 mod assign;
+mod previews;
 use assign::Retained;
 
 /// How a session ended: the close frame the transport should send.
@@ -1120,30 +1121,6 @@ impl Broker {
                 .await
         {
             tracing::warn!(message = "lease renewal failed", error = %e);
-        }
-    }
-
-    /// Stores a preview unless it is malformed or over the lease's rate.
-    async fn preview(&self, worker_id: &str, p: Preview, now: u64) {
-        match self.previews.preview(&p) {
-            Ok(crate::preview::Admission::Store(data)) => {
-                if let Err(e) = self
-                    .queue
-                    .progress(&p.lease, Some(worker_id), data, now)
-                    .await
-                {
-                    tracing::warn!(message = "preview not stored", error = %e);
-                }
-                self.publish();
-            }
-            Ok(crate::preview::Admission::Dropped(n)) => {
-                if n == 1 || n % 100 == 0 {
-                    tracing::debug!(message = "previews over the rate dropped", worker_id = %worker_id, lease = %p.lease, dropped = n);
-                }
-            }
-            Err(e) => {
-                tracing::warn!(message = "preview refused", worker_id = %worker_id, lease = %p.lease, error = %e);
-            }
         }
     }
 
