@@ -75,6 +75,22 @@ def test_previews_are_streamed_linked_and_the_latest_replayed_after_a_reconnect(
     assert done["preview"]["index"] == 2, "the task keeps the link to its latest preview"
 
 
+def test_a_preview_uploaded_as_a_file_is_linked_by_its_file(env):
+    s = env.server
+    env.worker()
+    tid = s.submit("t_preview", {"count": 1, "gap_s": 0, "by_file": True})
+    seen = until(sse(s, tid), lambda e: e["event"] == "completed")
+    p = [e["data"] for e in seen if e["event"] == "preview"]
+    assert len(p) == 1 and p[0]["file_id"].startswith("file_") and "data" not in p[0], p
+    assert p[0]["url"] == f"/v1/files/{p[0]['file_id']}"
+    t = s.wait_status(tid, ("succeeded",), 30)
+    assert t["preview"]["url"] == p[0]["url"], t["preview"]
+    with urllib.request.urlopen(f"{s.base}/v1/tasks/{tid}/preview", timeout=10) as r:
+        via_task = r.read()
+    with urllib.request.urlopen(s.base + p[0]["url"], timeout=10) as r:
+        assert r.read() == via_task and via_task[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_a_worker_flooding_previews_is_rate_limited_without_slowing_its_result(env):
     s = env.server
     w = env.worker()

@@ -106,7 +106,11 @@ def main() -> None:
     def t_preview(task: Task) -> dict:
         note("start", task)
         for i in range(int(task.input.get("count", 3))):
-            task.preview(solid_png((40 * i, 100, 200), size=8 + i), "image/png")
+            img = solid_png((40 * i, 100, 200), size=8 + i)
+            if task.input.get("by_file"):
+                task.preview_file(task.upload(img, "image/png")["id"], "image/png")
+            else:
+                task.preview(img, "image/png")
             note("preview", task, index=i)
             task.sleep(float(task.input.get("gap_s", 0.3)))
         task.sleep(float(task.input.get("hold_s", 0)))
