@@ -262,3 +262,109 @@ def test_wait_limit_answers_202_with_the_task(client, kiln):
         urllib.request.Request(f"{kiln}/v1/tasks/{task['id']}/cancel", method="POST"), timeout=10
     ) as r:
         assert r.status == 202
+
+
+def partials_then_completed(events, prefix):
+    """Checks the shape of a streamed call: partial images with indexes 0, 1, ..., then the
+    completed image(s); returns (partials, completed) as decoded bytes."""
+    kinds = [e.type for e in events]
+    n = kinds.count(f"{prefix}.partial_image")
+    assert kinds[:n] == [f"{prefix}.partial_image"] * n, kinds
+    assert kinds[n:] and set(kinds[n:]) == {f"{prefix}.completed"}, kinds
+    partials = events[:n]
+    assert [e.partial_image_index for e in partials] == list(range(n))
+    for e in events:
+        assert e.created_at > 1_600_000_000
+        assert e.output_format == "png" and e.quality == "auto" and e.background == "auto"
+    return [base64.b64decode(e.b64_json) for e in partials], [base64.b64decode(e.b64_json) for e in events[n:]]
+
+
+def test_generate_streams_partial_images_then_the_completed_image(client):
+    stream = client.images.generate(
+        model="kiln-demo", prompt="a lighthouse at dusk", size="512x512", stream=True, partial_images=2
+    )
+    events = list(stream)
+    partials, completed = partials_then_completed(events, "image_generation")
+    assert len(partials) == 2, [e.type for e in events]
+    assert len(completed) == 1
+    assert png_size(completed[0]) == (512, 512)
+    assert events[-1].size == "512x512" and events[-1].usage is not None
+    # Coarse, then finer: the previews are smaller than the image and differ.
+    assert all(png_size(p) == (256, 256) for p in partials)
+    assert partials[0] != partials[1]
+
+
+def test_edit_streams_partial_images_then_the_completed_image(client):
+    src = png(120, 80, (200, 30, 30))
+    stream = client.images.edit(
+        model="kiln-demo",
+        image=("red.png", src, "image/png"),
+        prompt="invert",
+        stream=True,
+        partial_images=2,
+    )
+    events = list(stream)
+    partials, completed = partials_then_completed(events, "image_edit")
+    assert len(partials) == 2 and len(completed) == 1, [e.type for e in events]
+    assert png_size(completed[0]) == (120, 80)
+
+
+def test_stream_with_no_partial_images_sends_only_the_completed_image(client):
+    events = list(client.images.generate(prompt="a red fox", size="64x64", stream=True, partial_images=0))
+    assert [e.type for e in events] == ["image_generation.completed"]
+    assert png_size(base64.b64decode(events[0].b64_json)) == (64, 64)
+
+
+def test_streamed_partial_images_are_in_the_requested_format(client):
+    events = list(
+        client.images.generate(
+            prompt="a red fox", size="128x128", stream=True, partial_images=1, output_format="webp", output_compression=70
+        )
+    )
+    assert [e.type for e in events] == ["image_generation.partial_image", "image_generation.completed"]
+    for e in events:
+        assert e.output_format == "webp"
+        data = base64.b64decode(e.b64_json)
+        assert data[:4] == b"RIFF" and data[8:12] == b"WEBP", data[:16]
+
+
+def test_output_format_is_applied_when_the_worker_returns_png(client, kiln):
+    r = client.images.generate(
+        prompt="a red fox",
+        size="96x64",
+        response_format="b64_json",
+        output_format="jpeg",
+        output_compression=40,
+        quality="low",
+        background="opaque",
+        moderation="low",
+    )
+    data = base64.b64decode(r.data[0].b64_json)
+    assert data[:3] == b"\xff\xd8\xff", data[:8]
+    r = client.images.generate(prompt="a red fox", size="96x64", response_format="url", output_format="webp")
+    status, ctype, body = get(r.data[0].url)
+    assert status == 200 and ctype == "image/webp" and body[8:12] == b"WEBP"
+
+
+def test_image_options_are_validated_as_openai_does(client):
+    for kw, param in [
+        ({"partial_images": 4, "stream": True}, "partial_images"),
+        ({"output_compression": 101, "output_format": "jpeg"}, "output_compression"),
+        ({"output_compression": 50}, "output_compression"),
+        ({"background": "transparent", "output_format": "jpeg"}, "background"),
+        ({"quality": "ultra"}, "quality"),
+        ({"moderation": "off"}, "moderation"),
+        ({"output_format": "tiff"}, "output_format"),
+    ]:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.images.generate(prompt="x", **kw)
+        assert e.value.body["param"] == param, (kw, e.value.body)
+
+
+def test_images_routes_are_in_the_openapi_document(kiln):
+    status, _, body = get(f"{kiln}/openapi.json")
+    paths = json.loads(body)["paths"]
+    for p in ["/v1/images/generations", "/v1/images/edits", "/v1/models", "/v1/tasks/{id}/preview"]:
+        assert p in paths, sorted(paths)
+    gen = paths["/v1/images/generations"]["post"]
+    assert "text/event-stream" in json.dumps(gen["responses"])

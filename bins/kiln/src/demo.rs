@@ -210,9 +210,75 @@ fn posterize(img: &RgbImage, levels: u8) -> RgbImage {
     out
 }
 
+/// Longest side of a preview.
+const PREVIEW_SIDE: u32 = 256;
+/// Largest preview sent inline (the protocol's limit).
+const PREVIEW_BYTES: usize = kiln_protocol::messages::MAX_PREVIEW_BYTES;
+
+/// `count` (at most 3) previews of `img`, coarse to fine: mosaics of ever smaller blocks,
+/// at most 256 pixels on the long side, each a PNG (or a JPEG, when the PNG would be over
+/// the protocol's inline limit) with its MIME type.
+pub(crate) fn previews(img: &DynamicImage, count: u32) -> Vec<(Vec<u8>, &'static str)> {
+    let blocks: &[u32] = match count {
+        0 => &[],
+        1 => &[8],
+        2 => &[32, 4],
+        _ => &[32, 8, 2],
+    };
+    let small = img.resize(PREVIEW_SIDE, PREVIEW_SIDE, imageops::FilterType::Triangle);
+    let (w, h) = small.dimensions();
+    blocks
+        .iter()
+        .filter_map(|b| {
+            let coarse = small
+                .resize_exact(
+                    (w / b).max(1),
+                    (h / b).max(1),
+                    imageops::FilterType::Triangle,
+                )
+                .resize_exact(w, h, imageops::FilterType::Nearest);
+            let rgb = DynamicImage::ImageRgb8(coarse.to_rgb8());
+            let mut png = std::io::Cursor::new(Vec::new());
+            rgb.write_to(&mut png, image::ImageFormat::Png).ok()?;
+            let png = png.into_inner();
+            if png.len() <= PREVIEW_BYTES {
+                return Some((png, "image/png"));
+            }
+            let mut jpeg = std::io::Cursor::new(Vec::new());
+            rgb.write_to(&mut jpeg, image::ImageFormat::Jpeg).ok()?;
+            let jpeg = jpeg.into_inner();
+            (jpeg.len() <= PREVIEW_BYTES).then_some((jpeg, "image/jpeg"))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn previews_go_from_coarse_to_fine_within_the_inline_limit() {
+        let img = DynamicImage::ImageRgb8(txt2img("a lighthouse", 3, 1024, 768, |_, _| {}));
+        let ps = previews(&img, 3);
+        assert_eq!(ps.len(), 3);
+        let decoded: Vec<_> = ps
+            .iter()
+            .map(|(b, _)| image::load_from_memory(b).unwrap().to_rgb8())
+            .collect();
+        assert!(ps.iter().all(|(b, _)| b.len() <= PREVIEW_BYTES));
+        assert!(decoded.iter().all(|d| d.dimensions() == (256, 192)));
+        // Coarser previews have fewer distinct colours.
+        let colours = |i: &RgbImage| {
+            i.pixels()
+                .map(|p| p.0)
+                .collect::<std::collections::BTreeSet<_>>()
+                .len()
+        };
+        assert!(colours(&decoded[0]) < colours(&decoded[1]));
+        assert!(colours(&decoded[1]) < colours(&decoded[2]));
+        assert!(previews(&img, 0).is_empty());
+        assert_eq!(previews(&img, 2).len(), 2);
+    }
 
     #[test]
     fn txt2img_is_deterministic_and_sized() {

@@ -405,6 +405,17 @@ fn encode_png(img: &image::DynamicImage) -> Result<Vec<u8>, TaskError> {
     Ok(out.into_inner())
 }
 
+/// Sends coarse-to-fine previews of `img`: `input.partial_images` of them (0 to 3),
+/// default 2.
+fn send_previews(ctx: &TaskContext, img: &image::DynamicImage) {
+    let count = ctx.input["partial_images"].as_u64().unwrap_or(2).min(3) as u32;
+    for (bytes, mime) in demo::previews(img, count) {
+        if let Err(e) = ctx.preview(&bytes, mime) {
+            tracing::warn!(message = "preview not sent", error = %e);
+        }
+    }
+}
+
 fn dim(v: &Value, key: &str, default: u32) -> Result<u32, TaskError> {
     match &v[key] {
         Value::Null => Ok(default),
@@ -452,8 +463,12 @@ async fn txt2img(api: FilesApi, ctx: TaskContext) -> Result<Value, TaskError> {
                 c.progress("render", u64::from(i * total + step), u64::from(n * total))
             });
             c.record_stage("render", started.elapsed());
+            let img = image::DynamicImage::ImageRgb8(img);
+            if i == 0 {
+                send_previews(&c, &img);
+            }
             let started = Instant::now();
-            let png = encode_png(&image::DynamicImage::ImageRgb8(img));
+            let png = encode_png(&img);
             c.record_stage("encode", started.elapsed());
             png
         })
@@ -533,6 +548,9 @@ async fn img2img(api: FilesApi, ctx: TaskContext) -> Result<Value, TaskError> {
         let started = Instant::now();
         let (outs, applied) = demo::edit(refs, &prompt, max_side, size, n);
         c.record_stage("render", started.elapsed());
+        if let Some(first) = outs.first() {
+            send_previews(&c, first);
+        }
         let started = Instant::now();
         let pngs = outs.iter().map(encode_png).collect::<Result<Vec<_>, _>>()?;
         c.record_stage("encode", started.elapsed());

@@ -11,7 +11,6 @@ use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use kiln_protocol::messages::*;
 use kiln_protocol::{DecodeError, Envelope, Message, close};
 use serde::Serialize;
-use serde_json::json;
 use sha2::{Digest, Sha256};
 use tokio::sync::{broadcast, mpsc, watch};
 
@@ -24,6 +23,7 @@ use crate::store::sqlite::{SqliteOptions, SqliteQueue};
 pub use kiln_protocol::now_ms;
 
 mod assign;
+mod previews;
 use assign::Retained;
 
 /// How a session ended: the close frame the transport should send.
@@ -132,6 +132,8 @@ pub struct Broker {
     /// Tasks whose last assignment failed on the transport (sent alone; an ack resets
     /// their count in the store).
     suspects: Mutex<HashSet<String>>,
+    /// The per-lease preview rate limit.
+    previews: crate::preview::PreviewGate,
 }
 
 impl std::fmt::Debug for Broker {
@@ -165,6 +167,7 @@ impl Broker {
         let (events, _) = broadcast::channel(4096);
         let (wake, _) = watch::channel(0);
         let b = Arc::new(Self {
+            previews: crate::preview::PreviewGate::new(cfg.preview_interval, cfg.preview_burst),
             cfg,
             queue,
             sessions: Mutex::new(HashMap::new()),
@@ -978,8 +981,7 @@ impl Broker {
                     .await;
             }
             Message::Progress(p) => {
-                let data = json!({"stage": p.stage, "step": p.step, "total": p.total, "eta_ms": p.eta_ms,
-                    "percent": (p.total > 0).then(|| (p.step as f64 / p.total as f64 * 100.0).min(100.0))});
+                let data = self.previews.progress(&p);
                 if let Err(e) = self
                     .queue
                     .progress(&p.lease, Some(worker_id), data, now)
@@ -989,6 +991,7 @@ impl Broker {
                 }
                 self.publish();
             }
+            Message::Preview(p) => self.preview(worker_id, p, now).await,
             Message::Result(r) => {
                 if let Some(t) = r.timings.as_ref().filter(|t| !t.is_empty())
                     && let Err(e) = self
@@ -1123,6 +1126,7 @@ impl Broker {
     }
 
     fn free_lease(&self, worker_id: &str, lease: &str) {
+        self.previews.forget(lease);
         if let Some(s) = self.sessions().get_mut(worker_id) {
             s.inflight.remove(lease);
         }

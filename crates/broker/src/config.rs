@@ -51,6 +51,13 @@ pub struct BrokerConfig {
     /// `synchronous=FULL` for SQLite (survives power loss, slower); NORMAL survives a
     /// process crash. Default: false.
     pub sync_full: bool,
+    /// Previews (`preview` frames) of one lease stored at once before the rate limit
+    /// applies. Default: 4.
+    pub preview_burst: u32,
+    /// After the burst, one preview per lease per this interval is stored; the others are
+    /// dropped (previews are lossy, the result is not slowed). Default: 250 ms.
+    #[serde(with = "humantime_serde")]
+    pub preview_interval: Duration,
 }
 
 impl BrokerConfig {
@@ -78,6 +85,8 @@ impl Default for BrokerConfig {
             frame_hard_limit_bytes: 16 << 20,
             max_assign_failures: 3,
             sync_full: false,
+            preview_burst: 4,
+            preview_interval: Duration::from_millis(250),
         }
     }
 }

@@ -49,6 +49,7 @@ mod broker;
 mod config;
 pub mod lifecycle;
 mod model;
+mod preview;
 mod queue;
 mod store;
 

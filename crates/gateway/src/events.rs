@@ -11,6 +11,8 @@ use futures_util::Stream;
 use kiln_broker::TaskEvent;
 use serde::Deserialize;
 use serde_json::json;
+
+use crate::links::Links;
 use tokio::sync::{broadcast, watch};
 
 use crate::AppState;
@@ -34,9 +36,18 @@ struct Feed {
     done: bool,
     rx: broadcast::Receiver<TaskEvent>,
     shutdown: watch::Receiver<bool>,
+    links: Links,
+    /// The latest preview, sent first to a client resuming after it.
+    resent: Option<Event>,
 }
 
-fn to_event(e: &TaskEvent) -> Event {
+fn to_event(links: &Links, e: &TaskEvent) -> Event {
+    if crate::previews::is_preview(e) {
+        return Event::default()
+            .id(e.id.to_string())
+            .event("preview")
+            .data(crate::previews::sse_data(links, e).to_string());
+    }
     let mut data = e.kind.data();
     if let Some(o) = data.as_object_mut() {
         o.insert("task_id".into(), json!(e.task_id));
@@ -48,7 +59,9 @@ fn to_event(e: &TaskEvent) -> Event {
         .data(data.to_string())
 }
 
-/// Stream a task's events: `status`, `progress` and `completed` (the last one).
+/// Stream a task's events: `status`, `progress`, `preview` and `completed` (the last one).
+/// A replay sends only the latest of the previews it covers; a client resuming after the
+/// latest preview gets it again first (without an id), so it always has one.
 #[utoipa::path(get, path = "/v1/tasks/{id}/events", tag = "tasks",
     params(("id" = String, Path, description = "task id"), ("Last-Event-ID" = Option<String>, Header, description = "resume after this id"), EventParams),
     responses((status = 200, content_type = "text/event-stream", description = "the event stream"), (status = 404, description = "unknown id")))]
@@ -57,6 +70,7 @@ pub(crate) async fn stream(
     Path(id): Path<String>,
     headers: HeaderMap,
     ApiQuery(p): ApiQuery<EventParams>,
+    links: Links,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     let header_id = match headers
         .get("last-event-id")
@@ -72,7 +86,8 @@ pub(crate) async fn stream(
     };
     let last = header_id.or(p.last_event_id).unwrap_or(0);
     // A task already terminal before subscribing has its `completed` event in the store.
-    let terminal = load(&state, &id).await?.state.is_terminal();
+    let task = load(&state, &id).await?;
+    let terminal = task.state.is_terminal();
     // Subscribe before reading the stored events so nothing falls between the two.
     let rx = state.broker().subscribe();
     let pending: VecDeque<TaskEvent> = state
@@ -82,6 +97,18 @@ pub(crate) async fn stream(
         .await
         .map_err(|e| ApiError::unavailable(e.to_string()))?
         .into();
+    let mut pending = pending;
+    crate::previews::keep_latest(&mut pending);
+    // Resuming after the latest preview: send it again first, so the client shows it.
+    let resent = match pending.iter().any(crate::previews::is_preview) {
+        true => None,
+        false if last > 0 => crate::previews::latest(&state, &task).await?.map(|e| {
+            Event::default()
+                .event("preview")
+                .data(crate::previews::sse_data(&links, &e).to_string())
+        }),
+        false => None,
+    };
     let done = terminal && pending.is_empty();
     let feed = Feed {
         shutdown: state.shutdown_signal(),
@@ -91,8 +118,13 @@ pub(crate) async fn stream(
         last,
         done,
         rx,
+        links,
+        resent,
     };
     let s = futures_util::stream::unfold(feed, |mut f| async move {
+        if let Some(e) = f.resent.take() {
+            return Some((Ok(e), f));
+        }
         loop {
             if let Some(e) = f.pending.pop_front() {
                 if e.id <= f.last {
@@ -103,7 +135,7 @@ pub(crate) async fn stream(
                     f.done = true;
                     f.pending.clear();
                 }
-                return Some((Ok(to_event(&e)), f));
+                return Some((Ok(to_event(&f.links, &e)), f));
             }
             if f.done || *f.shutdown.borrow() {
                 return None;

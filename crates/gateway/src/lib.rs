@@ -56,6 +56,7 @@ pub mod openai;
 mod openapi;
 mod overview;
 mod policy;
+mod previews;
 mod range;
 #[cfg(feature = "s3")]
 mod s3store;
@@ -262,6 +263,7 @@ fn api_routes(state: &AppState) -> Router<AppState> {
         .route("/v1/tasks", post(tasks::create).get(tasks::list))
         .route("/v1/tasks/{id}", get(tasks::get_one))
         .route("/v1/tasks/{id}/cancel", post(tasks::cancel))
+        .route("/v1/tasks/{id}/preview", get(previews::get_latest))
         .route("/v1/files/{id}", get(files::download).delete(files::delete))
         .route("/v1/workers", get(workers::list))
         .route("/v1/workers/{id}/drain", post(workers::drain))

@@ -16,6 +16,7 @@ use crate::error::ApiJson;
         crate::tasks::get_one,
         crate::tasks::cancel,
         crate::events::stream,
+        crate::previews::get_latest,
         crate::files::upload,
         crate::files::download,
         crate::files::delete,
@@ -31,6 +32,10 @@ use crate::error::ApiJson;
         crate::health::healthz,
         crate::health::readyz,
         crate::health::metrics,
+        crate::openai::images::generations,
+        crate::openai::images::edits,
+        crate::openai::models::list,
+        crate::openai::models::get_one,
     ),
     components(schemas(
         crate::tasks::CreateTask,

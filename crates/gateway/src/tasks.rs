@@ -86,6 +86,9 @@ pub(crate) struct TaskView {
     status: String,
     queue_position: Option<u64>,
     progress: Option<ProgressView>,
+    /// The latest preview the worker sent (`index`, `mime`, `url`, sizes), if any.
+    #[schema(value_type = Object)]
+    preview: Option<Value>,
     attempts: Vec<AttemptView>,
     created_at: String,
     started_at: Option<String>,
@@ -148,7 +151,9 @@ pub(crate) async fn view(state: &AppState, links: &Links, t: Task) -> Result<Tas
         q.timings(&t.id).await.map_err(ApiError::internal)?.as_ref(),
         now_ms(),
     );
+    let preview = crate::previews::link(links, &t);
     Ok(TaskView {
+        preview,
         request_id: t.request_id,
         task_type: t.task_type,
         input: t.input,

@@ -30,6 +30,8 @@ pub enum Message {
     Reject(Reject),
     /// `progress`, worker -> gateway.
     Progress(Progress),
+    /// `preview`, worker -> gateway.
+    Preview(Preview),
     /// `result`, worker -> gateway.
     Result(TaskResult),
     /// `result_ack`, gateway -> worker.
@@ -61,6 +63,7 @@ impl Message {
             Message::Ack(_) => "ack",
             Message::Reject(_) => "reject",
             Message::Progress(_) => "progress",
+            Message::Preview(_) => "preview",
             Message::Result(_) => "result",
             Message::ResultAck(_) => "result_ack",
             Message::Cancel(_) => "cancel",
@@ -91,6 +94,7 @@ impl Message {
             Message::Ack(m) => serde_json::to_value(m),
             Message::Reject(m) => serde_json::to_value(m),
             Message::Progress(m) => serde_json::to_value(m),
+            Message::Preview(m) => serde_json::to_value(m),
             Message::Result(m) => serde_json::to_value(m),
             Message::ResultAck(m) => serde_json::to_value(m),
             Message::Cancel(m) => serde_json::to_value(m),
@@ -116,6 +120,7 @@ impl Message {
             "ack" => Message::Ack(p(t, payload)?),
             "reject" => Message::Reject(p(t, payload)?),
             "progress" => Message::Progress(p(t, payload)?),
+            "preview" => Message::Preview(p(t, payload)?),
             "result" => Message::Result(p(t, payload)?),
             "result_ack" => Message::ResultAck(p(t, payload)?),
             "cancel" => Message::Cancel(p(t, payload)?),

@@ -348,3 +348,68 @@ pub struct HeartbeatAck {
     /// Unix ms.
     pub renewed_until: u64,
 }
+
+/// Largest preview image carried inline in a `preview` frame, bytes (before base64). A
+/// larger preview is uploaded with the files API and named by `file`.
+pub const MAX_PREVIEW_BYTES: usize = 64 << 10;
+
+/// Image types a preview may have.
+pub const PREVIEW_TYPES: &[&str] = &["image/png", "image/jpeg", "image/webp", "image/gif"];
+
+/// `preview` (worker -> gateway): a partial image of a running task (a coarse render, an
+/// intermediate step). Lossy: the gateway keeps the latest per task, rate-limits them per
+/// task and drops the rest. Exactly one of `data` and `file` is set.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Preview {
+    /// The lease.
+    pub lease: String,
+    /// 0-based number of this preview within the attempt.
+    #[serde(default)]
+    pub index: u32,
+    /// The image type, one of [`PREVIEW_TYPES`].
+    pub mime: String,
+    /// The image, base64 (standard alphabet, padded), at most [`MAX_PREVIEW_BYTES`]
+    /// decoded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<String>,
+    /// Instead of `data`: the id of a file uploaded with `POST /v1/files`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
+    /// Width, pixels, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub width: Option<u32>,
+    /// Height, pixels, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub height: Option<u32>,
+}
+
+impl Preview {
+    /// Checks the shape: a known `mime`, exactly one of `data` and `file`, `data` not over
+    /// [`MAX_PREVIEW_BYTES`] once decoded. The error says what is wrong. (Whether `data` is
+    /// valid base64 of an image is for the receiver to find out.)
+    pub fn check(&self) -> Result<(), String> {
+        if !PREVIEW_TYPES.contains(&self.mime.as_str()) {
+            return Err(format!(
+                "preview mime {:?} is not one of {}",
+                self.mime,
+                PREVIEW_TYPES.join(", ")
+            ));
+        }
+        match (&self.data, &self.file) {
+            (Some(d), None) => {
+                let decoded = d.len() / 4 * 3;
+                if d.is_empty() || decoded > MAX_PREVIEW_BYTES + 2 {
+                    return Err(format!(
+                        "preview data is {decoded} bytes (1 to {MAX_PREVIEW_BYTES}); upload a larger \
+                         preview with POST /v1/files and send its id as `file`"
+                    ));
+                }
+                Ok(())
+            }
+            (None, Some(f)) if !f.is_empty() && f.len() <= MAX_ID_LEN => Ok(()),
+            _ => Err(
+                "a preview carries exactly one of `data` (base64) and `file` (a file id)".into(),
+            ),
+        }
+    }
+}

@@ -60,6 +60,7 @@ fn every_message_type_has_a_vector() {
         "ack",
         "reject",
         "progress",
+        "preview",
         "result",
         "result_ack",
         "cancel",
@@ -161,4 +162,50 @@ fn peek_reads_type_and_lease_of_a_frame_too_large_to_decode() {
         ("result", Some("l-7"))
     );
     assert!(kiln_protocol::Envelope::peek("not json").is_none());
+}
+
+#[test]
+fn preview_shape_is_checked() {
+    use kiln_protocol::messages::{MAX_PREVIEW_BYTES, Preview};
+    let ok = Preview {
+        lease: "l-1".into(),
+        index: 0,
+        mime: "image/png".into(),
+        data: Some("iVBORw0KGgo=".into()),
+        file: None,
+        width: None,
+        height: None,
+    };
+    assert_eq!(ok.check(), Ok(()));
+    let by_file = Preview {
+        data: None,
+        file: Some("file_1".into()),
+        ..ok.clone()
+    };
+    assert_eq!(by_file.check(), Ok(()));
+    let both = Preview {
+        file: Some("file_1".into()),
+        ..ok.clone()
+    };
+    assert!(both.check().unwrap_err().contains("exactly one"));
+    let neither = Preview {
+        data: None,
+        ..ok.clone()
+    };
+    assert!(neither.check().is_err());
+    let svg = Preview {
+        mime: "image/svg+xml".into(),
+        ..ok.clone()
+    };
+    assert!(svg.check().unwrap_err().contains("image/svg+xml"));
+    let big = Preview {
+        data: Some("A".repeat((MAX_PREVIEW_BYTES + 3) / 3 * 4 + 4)),
+        ..ok.clone()
+    };
+    assert!(big.check().unwrap_err().contains("POST /v1/files"));
+    let just_fits = Preview {
+        data: Some("A".repeat(MAX_PREVIEW_BYTES / 3 * 4)),
+        ..ok
+    };
+    assert_eq!(just_fits.check(), Ok(()));
 }

@@ -19,6 +19,8 @@
 //! })
 //! .blocking_handler("upscale", |ctx: TaskContext| {
 //!     ctx.progress("upscaling", 1, 2);
+//!     // A coarse look at the result so far (a real handler sends a small PNG or JPEG).
+//!     let _ = ctx.preview(b"\x89PNG\r\n\x1a\n", "image/png");
 //!     Ok::<_, TaskError>(serde_json::json!({"done": true}))
 //! });
 //! worker.run().await
@@ -27,7 +29,9 @@
 
 mod limits;
 mod outbox;
+mod preview;
 mod worker;
 
 pub use kiln_protocol::messages::TaskError;
+pub use preview::PreviewError;
 pub use worker::{TaskContext, Worker, WorkerConfig, WorkerError, WorkerHandle};

@@ -132,9 +132,11 @@ pub struct TaskContext {
     pub model: Option<String>,
     /// The input.
     pub input: Value,
-    out: mpsc::UnboundedSender<Message>,
+    pub(crate) out: mpsc::UnboundedSender<Message>,
     cancel: watch::Receiver<bool>,
     timings: Arc<Mutex<BTreeMap<String, u64>>>,
+    /// Previews sent so far (the next one's index).
+    pub(crate) previews: Arc<std::sync::atomic::AtomicU32>,
 }
 
 impl TaskContext {
@@ -718,6 +720,7 @@ impl Conn<'_> {
             out: self.out_tx.clone(),
             cancel: cancel_rx,
             timings: Arc::default(),
+            previews: Arc::default(),
         };
         let timings = ctx.timings.clone();
         let state = self.state.clone();

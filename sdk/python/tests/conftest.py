@@ -22,7 +22,7 @@ import pytest
 
 SDK = pathlib.Path(__file__).resolve().parents[1]
 REPO = SDK.parents[1]
-TASK_TYPES = "sleepy,t_sleep,t_fail,t_big,t_cancel,t_async,t_upload"
+TASK_TYPES = "sleepy,t_sleep,t_fail,t_big,t_cancel,t_async,t_upload,t_preview,t_flood"
 
 
 def free_port():

@@ -5,8 +5,10 @@ import argparse
 import asyncio
 import json
 import logging
+import struct
 import threading
 import time
+import zlib
 
 from kiln_worker import Cancelled, Task, Worker
 
@@ -90,6 +92,40 @@ def main() -> None:
         with task.stage("upload"):
             f = task.upload(task.input["path"], task.input["mime"])
         return task.files(f)
+
+    def solid_png(rgb, size=8) -> bytes:
+        raw = b"".join(b"\x00" + bytes(rgb) * size for _ in range(size))
+
+        def chunk(kind: bytes, data: bytes) -> bytes:
+            return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+        ihdr = struct.pack(">IIBBBBB", size, size, 8, 2, 0, 0, 0)
+        return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+
+    @w.handler("t_preview")
+    def t_preview(task: Task) -> dict:
+        note("start", task)
+        for i in range(int(task.input.get("count", 3))):
+            img = solid_png((40 * i, 100, 200), size=8 + i)
+            if task.input.get("by_file"):
+                task.preview_file(task.upload(img, "image/png")["id"], "image/png")
+            else:
+                task.preview(img, "image/png")
+            note("preview", task, index=i)
+            task.sleep(float(task.input.get("gap_s", 0.3)))
+        task.sleep(float(task.input.get("hold_s", 0)))
+        return {"previews": int(task.input.get("count", 3))}
+
+    @w.handler("t_flood")
+    def t_flood(task: Task) -> dict:
+        note("start", task)
+        task.sleep(float(task.input.get("wait_s", 0)))
+        png = solid_png((250, 120, 0))
+        started = time.monotonic()
+        for _ in range(int(task.input["count"])):
+            task.preview(png, "image/png")
+        note("flooded", task, took_s=time.monotonic() - started)
+        return {"flooded": int(task.input["count"])}
 
     w.run()
 

@@ -48,6 +48,8 @@ struct Call {
     response_format: ResponseFormat,
     /// Passed through to the worker or upstream as given.
     extras: Map<String, Value>,
+    /// `quality`, `output_format`, `stream`, ... validated.
+    opts: super::params::ImageOptions,
 }
 
 fn text<'a>(
@@ -143,27 +145,9 @@ impl Call {
                 ));
             }
         };
-        if let Some(f) = text(fields, "output_format")?
-            && !matches!(f, "png" | "jpeg" | "webp")
-        {
-            return Err(OpenAiError::invalid(
-                "output_format",
-                format!("output_format {f:?} is not png, jpeg or webp"),
-            ));
-        }
-        let mut extras = Map::new();
-        for key in [
-            "quality",
-            "background",
-            "output_format",
-            "style",
-            "moderation",
-        ] {
-            if let Some(v) = text(fields, key)? {
-                extras.insert(key.into(), v.into());
-            }
-        }
+        let (opts, extras) = super::params::parse(fields)?;
         Ok(Self {
+            opts,
             model_name,
             model,
             prompt: prompt.to_owned(),
@@ -333,7 +317,7 @@ async fn accepted(state: &AppState, links: &Links, task: Task) -> Result<Respons
 }
 
 /// A failed, canceled or expired task as an OpenAI error.
-fn task_failure(task: &Task) -> OpenAiError {
+pub(super) fn task_failure(task: &Task) -> OpenAiError {
     let (code, message) = match &task.error {
         Some(e) => (e.code.clone(), e.message.clone()),
         None => (
@@ -358,6 +342,7 @@ async fn images_body(
     links: &Links,
     task: &Task,
     fmt: ResponseFormat,
+    opts: &super::params::ImageOptions,
 ) -> Result<Value, OpenAiError> {
     let out = task.output.as_ref().unwrap_or(&Value::Null);
     let files = out["files"].as_array().cloned().unwrap_or_default();
@@ -365,21 +350,12 @@ async fn images_body(
     let mut data = Vec::with_capacity(files.len());
     for (i, f) in files.iter().enumerate() {
         let Some(id) = f["id"].as_str() else { continue };
+        // In the requested output format (converted here when the worker did not).
+        let (id, bytes) = opts.apply(state, id).await?;
+        let id = id.as_str();
         let mut item = Map::new();
         match fmt {
             ResponseFormat::B64Json => {
-                let (_, bytes) = state
-                    .files()
-                    .read(id)
-                    .await
-                    .map_err(|e| OpenAiError::from(crate::error::ApiError::internal(e)))?
-                    .ok_or_else(|| {
-                        OpenAiError::new(
-                            StatusCode::GONE,
-                            "file_gone",
-                            format!("the result file {id} was deleted"),
-                        )
-                    })?;
                 item.insert(
                     "b64_json".into(),
                     base64::engine::general_purpose::STANDARD
@@ -428,6 +404,18 @@ async fn run(
             }
         }
     }
+    if call.opts.stream {
+        let call = super::stream::StreamCall {
+            prefix: if input.get("images").is_some() {
+                "image_edit"
+            } else {
+                "image_generation"
+            },
+            size: call.size_text.clone().unwrap_or_else(|| "auto".into()),
+            opts: call.opts.clone(),
+        };
+        return Ok(super::stream::respond(state, task.id, call));
+    }
     let task = wait_done(state, &task.id.clone(), wait_limit(headers, state)).await?;
     if !task.state.is_terminal() {
         return accepted(state, links, task).await;
@@ -435,7 +423,7 @@ async fn run(
     if task.state != TaskState::Succeeded {
         return Err(task_failure(&task));
     }
-    let body = images_body(state, links, &task, call.response_format).await?;
+    let body = images_body(state, links, &task, call.response_format, &call.opts).await?;
     let mut resp = (StatusCode::OK, axum::Json(body)).into_response();
     if let Ok(v) = HeaderValue::from_str(&task.id) {
         resp.headers_mut().insert("x-kiln-task-id", v);
@@ -444,6 +432,12 @@ async fn run(
 }
 
 /// `POST /v1/images/generations` (JSON).
+#[utoipa::path(post, path = "/v1/images/generations", tag = "openai",
+    request_body(content = Object, content_type = "application/json", description = "OpenAI's image generation request: `prompt`, `model`, `n`, `size`, `response_format`, `quality`, `background`, `output_format`, `output_compression`, `moderation`, `stream`, `partial_images`"),
+    params(("Idempotency-Key" = Option<String>, Header, description = "repeat-safe key"), ("Prefer" = Option<String>, Header, description = "`respond-async` or `wait=N`")),
+    responses((status = 200, description = "`{created, data: [{b64_json | url}]}`; with `stream: true`, OpenAI's events (`image_generation.partial_image`, `image_generation.completed`)", content((Object = "application/json"), ("text/event-stream"))),
+        (status = 202, description = "not done within the wait: the task object, with `Location`"),
+        (status = 400, description = "an invalid field (OpenAI's error shape, with `param`)")))]
 pub(crate) async fn generations(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -621,6 +615,13 @@ async fn json_parts(state: &AppState, req: Request) -> Result<EditParts, OpenAiE
     Ok((images, mask, fields))
 }
 
+#[utoipa::path(post, path = "/v1/images/edits", tag = "openai",
+    request_body(description = "multipart (`image` / `image[]` files, `mask`, fields) or JSON (`images: [{image_url | file_id}]`, `mask`, fields); the fields as for generations",
+        content(("multipart/form-data"), (Object = "application/json"))),
+    params(("Idempotency-Key" = Option<String>, Header, description = "repeat-safe key"), ("Prefer" = Option<String>, Header, description = "`respond-async` or `wait=N`")),
+    responses((status = 200, description = "`{created, data: [...]}`; with `stream: true`, OpenAI's events (`image_edit.partial_image`, `image_edit.completed`)", content((Object = "application/json"), ("text/event-stream"))),
+        (status = 202, description = "not done within the wait: the task object, with `Location`"),
+        (status = 400, description = "an invalid field (OpenAI's error shape, with `param`)")))]
 /// `POST /v1/images/edits`: multipart (`image` or `image[]` up to 16 files, `mask`,
 /// fields), or JSON (`images: [{image_url | file_id}]`, `mask`, fields).
 pub(crate) async fn edits(

@@ -6,11 +6,13 @@ mod body;
 mod config;
 mod error;
 mod fetch;
-mod images;
+pub(crate) mod images;
 mod ip_ranges;
-mod models;
+pub(crate) mod models;
+mod params;
 mod provider;
 mod references;
+mod stream;
 
 use std::time::Duration;
 

@@ -57,6 +57,8 @@ fn model_object(state: &AppState, name: &str, m: &ModelConfig) -> Value {
 }
 
 /// `GET /v1/models`.
+#[utoipa::path(get, path = "/v1/models", tag = "openai",
+    responses((status = 200, content_type = "application/json", description = "the configured models, OpenAI's list shape")))]
 pub(crate) async fn list(State(state): State<AppState>) -> Json<Value> {
     let data: Vec<Value> = state
         .config()
@@ -69,6 +71,9 @@ pub(crate) async fn list(State(state): State<AppState>) -> Json<Value> {
 }
 
 /// `GET /v1/models/{id}`.
+#[utoipa::path(get, path = "/v1/models/{id}", tag = "openai",
+    params(("id" = String, Path, description = "model name")),
+    responses((status = 200, content_type = "application/json", description = "the model"), (status = 404, description = "no such model")))]
 pub(crate) async fn get_one(
     State(state): State<AppState>,
     Path(id): Path<String>,

@@ -221,6 +221,7 @@ pub struct OpenAiCompatible {
 /// Fields of the task input that are kiln's, not the upstream's.
 const NOT_SENT: &[&str] = &[
     "operation",
+    "partial_images",
     "images",
     "image",
     "mask",

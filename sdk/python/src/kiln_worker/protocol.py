@@ -247,6 +247,27 @@ class Progress:
     eta_ms: Optional[int] = None
 
 
+#: Largest preview carried inline, bytes (before base64); larger previews go through the
+#: files API and are named by ``file``.
+MAX_PREVIEW_BYTES = 64 * 1024
+#: Image types a preview may have.
+PREVIEW_TYPES = ("image/png", "image/jpeg", "image/webp", "image/gif")
+
+
+@dataclass
+class Preview:
+    """``preview`` (worker to gateway): a partial image of a running task; exactly one of
+    ``data`` (base64) and ``file`` (a file id) is set."""
+
+    lease: str
+    mime: str
+    index: int = 0
+    data: Optional[str] = None
+    file: Optional[str] = None
+    width: Optional[int] = None
+    height: Optional[int] = None
+
+
 @dataclass
 class TaskError:
     """A task failure inside a ``result``."""
@@ -347,6 +368,7 @@ MESSAGE_TYPES: Dict[str, type] = {
     "ack": Ack,
     "reject": RejectMsg,
     "progress": Progress,
+    "preview": Preview,
     "result": Result,
     "result_ack": ResultAck,
     "cancel": Cancel,

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import struct
 import threading
 import time
 from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Union
 
 from . import files as _files
-from .protocol import Progress
+from .protocol import MAX_PREVIEW_BYTES, PREVIEW_TYPES, Preview, Progress
 
 if TYPE_CHECKING:  # pragma: no cover
     from .worker import Worker
@@ -47,6 +49,11 @@ class TaskFailed(Exception):
 FileRef = Union[str, Dict[str, Any]]
 
 
+def _check_preview_type(mime: str) -> None:
+    if mime not in PREVIEW_TYPES:
+        raise ValueError(f"preview type {mime!r} is not one of {', '.join(PREVIEW_TYPES)}")
+
+
 class Task:
     """One attempt of a task, handed to the handler. Every method is thread-safe.
 
@@ -77,6 +84,7 @@ class Task:
         self._flush_scheduled = False
         self._done = False
         self._async_cancel: Optional[Any] = None  # set while an async handler runs
+        self._previews = 0
 
     # --- progress -------------------------------------------------------------------------
 
@@ -117,6 +125,44 @@ class Task:
             if msg is None or self._done:
                 return
             self._last_sent = time.monotonic()
+        self._worker._send_threadsafe(msg, self)
+
+    # --- previews -------------------------------------------------------------------------
+
+    def preview(self, data: bytes, mime: str) -> None:
+        """Sends a preview image of the task (a coarse render, an intermediate step): at most
+        ``MAX_PREVIEW_BYTES`` (64 KiB) of ``image/png``, ``image/jpeg``, ``image/webp`` or
+        ``image/gif``; a larger one raises ``ValueError`` (upload it with :meth:`upload` and
+        send :meth:`preview_file`). Lossy like progress: the gateway keeps the latest and
+        rate-limits them per task (a burst of 4, then 4 a second by default)."""
+        _check_preview_type(mime)
+        data = bytes(data)
+        if not data:
+            raise ValueError("the preview is empty")
+        if len(data) > MAX_PREVIEW_BYTES:
+            raise ValueError(
+                f"the preview is {len(data)} bytes, over the {MAX_PREVIEW_BYTES}-byte inline limit; "
+                "upload it and send preview_file(file_id, mime)"
+            )
+        width = height = None
+        if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR" and len(data) >= 24:
+            width, height = struct.unpack(">II", data[16:24])
+        self._send_preview(
+            Preview(lease=self.lease, mime=mime, data=base64.b64encode(data).decode("ascii"), width=width, height=height)
+        )
+
+    def preview_file(self, file_id: str, mime: str) -> None:
+        """Sends a preview uploaded with :meth:`upload` (for previews over the inline limit)."""
+        _check_preview_type(mime)
+        if not file_id:
+            raise ValueError("the preview file id is empty")
+        self._send_preview(Preview(lease=self.lease, mime=mime, file=file_id))
+
+    def _send_preview(self, msg: Preview) -> None:
+        with self._lock:
+            if self._done:
+                return
+            msg.index, self._previews = self._previews, self._previews + 1
         self._worker._send_threadsafe(msg, self)
 
     # --- cancellation ---------------------------------------------------------------------
