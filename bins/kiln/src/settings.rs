@@ -22,9 +22,32 @@ pub(crate) struct Settings {
     pub(crate) gateway: kiln_gateway::GatewayConfig,
     pub(crate) storage: kiln_gateway::StorageConfig,
     pub(crate) files: kiln_gateway::FilesConfig,
-    pub(crate) broker: kiln_gateway::BrokerConfig,
+    pub(crate) broker: BrokerSection,
     pub(crate) queue: Queue,
     pub(crate) demo_worker: DemoWorker,
+}
+
+/// `[broker]`: the broker's session and dispatch settings, and the store settings kept in
+/// the same section of the file (attempts, retry back-off, SQLite durability).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct BrokerSection {
+    #[serde(flatten)]
+    pub(crate) session: kiln_gateway::BrokerConfig,
+    pub(crate) max_attempts: u32,
+    #[serde(with = "humantime_serde")]
+    pub(crate) retry_base: Duration,
+    pub(crate) sync_full: bool,
+}
+
+impl BrokerSection {
+    /// The attempts and retry back-off every queue store takes.
+    pub(crate) fn queue_options(&self) -> kiln_broker::QueueOptions {
+        kiln_broker::QueueOptions {
+            default_max_attempts: self.max_attempts,
+            retry_base_ms: self.retry_base.as_millis() as u64,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -140,14 +163,14 @@ impl Settings {
     /// the provider runner use) fit together: a task input at its limit fits an assign
     /// frame, and the SDK accepts every frame the gateway may send.
     fn validate_frame_limits(&self) -> Result<(), String> {
-        kiln_gateway::limits::check_frame_limits(&self.gateway, &self.broker)
+        kiln_gateway::limits::check_frame_limits(&self.gateway, &self.broker.session)
             .map_err(|e| format!("invalid configuration: {e}"))?;
         let sdk = kiln_worker::WorkerConfig::default().max_frame_bytes;
-        if self.broker.max_frame_bytes > sdk {
+        if self.broker.session.max_frame_bytes > sdk {
             return Err(format!(
                 "invalid configuration: broker.max_frame_bytes ({}) is over the {sdk}-byte frame \
                  limit of kiln's worker SDK, so its workers could not read every assign",
-                self.broker.max_frame_bytes
+                self.broker.session.max_frame_bytes
             ));
         }
         Ok(())
@@ -427,9 +450,9 @@ mod tests {
     fn frame_limits_that_do_not_fit_together_stop_the_start() {
         let s = load(None).unwrap();
         assert_eq!(s.gateway.max_task_input_bytes, 256 << 10);
-        assert_eq!(s.broker.max_frame_bytes, 1 << 20);
-        assert_eq!(s.broker.frame_hard_limit_bytes, 16 << 20);
-        assert_eq!(s.broker.max_assign_failures, 3);
+        assert_eq!(s.broker.session.max_frame_bytes, 1 << 20);
+        assert_eq!(s.broker.session.frame_hard_limit_bytes, 16 << 20);
+        assert_eq!(s.broker.session.max_assign_failures, 3);
         let e = load_toml("[gateway]\nmax_task_input_bytes = 2000000\n").unwrap_err();
         assert!(
             e.contains("gateway.max_task_input_bytes (2000000) does not fit"),
@@ -448,7 +471,7 @@ mod tests {
             "[gateway]\nmax_task_input_bytes = 32768\n[broker]\nmax_frame_bytes = 65536\n",
         )
         .unwrap();
-        assert_eq!(s.broker.max_frame_bytes, 65536);
+        assert_eq!(s.broker.session.max_frame_bytes, 65536);
     }
 
     #[test]
@@ -460,9 +483,26 @@ mod tests {
         let g = kiln_gateway::GatewayConfig::default();
         assert_eq!(s.gateway.remember_task_types, g.remember_task_types);
         assert_eq!(
-            s.broker.reject_backoff,
+            s.broker.session.reject_backoff,
             kiln_gateway::BrokerConfig::default().reject_backoff
         );
+    }
+
+    #[test]
+    fn broker_section_holds_the_store_settings_too() {
+        let s = load(None).unwrap();
+        assert_eq!(
+            s.broker.queue_options(),
+            kiln_broker::QueueOptions::default()
+        );
+        assert!(!s.broker.sync_full);
+        let s = load_toml("[broker]\nmax_attempts = 5\nretry_base = \"250ms\"\nlease = \"7s\"\n")
+            .unwrap();
+        assert_eq!(s.broker.queue_options().default_max_attempts, 5);
+        assert_eq!(s.broker.queue_options().retry_base_ms, 250);
+        assert_eq!(s.broker.session.lease, Duration::from_secs(7));
+        let e = load_toml("[broker]\nmax_attempt = 5\n").unwrap_err();
+        assert!(e.contains("max_attempt"), "{e}");
     }
 
     #[test]

@@ -20,7 +20,7 @@
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() {
 //! let queue = std::sync::Arc::new(SqliteQueue::in_memory(3).unwrap());
-//! let broker = Broker::with_queue(queue, BrokerConfig::default());
+//! let broker = Broker::new(queue, BrokerConfig::default());
 //! let (task, created) = broker
 //!     .submit(NewTask { task_type: "txt2img".into(), input: serde_json::json!({"prompt": "a fox"}), ..Default::default() })
 //!     .await
@@ -45,13 +45,17 @@
 
 mod broker;
 mod config;
+mod dispatch;
+mod hello;
 mod model;
 #[cfg(feature = "postgres")]
 mod postgres;
 mod queue;
 #[cfg(feature = "redis")]
 mod redis;
+mod session;
 mod sqlite;
+mod sweeper;
 
 #[cfg(feature = "redis")]
 pub use crate::redis::{RedisOptions, RedisQueue};
