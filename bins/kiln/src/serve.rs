@@ -34,25 +34,25 @@ pub(crate) async fn serve(s: Settings) -> anyhow::Result<()> {
             let q = SqliteQueue::open(
                 &s.queue_path(),
                 SqliteOptions {
-                    queue: s.broker.queue_options(),
-                    sync_full: s.broker.sync_full,
+                    queue: s.store.queue_options(),
+                    sync_full: s.store.sync_full,
                     ..SqliteOptions::default()
                 },
             )
             .with_context(|| format!("cannot open the queue at {}", s.queue_path().display()))?;
-            Broker::new(std::sync::Arc::new(q), s.broker.session.clone())
+            Broker::new(std::sync::Arc::new(q), s.broker.clone())
         }
         QueueBackend::Postgres => {
             let q = PostgresQueue::open(PostgresOptions {
                 url: s.queue.postgres_url.clone(),
                 schema: s.queue.postgres_schema.clone(),
                 pool_size: s.queue.postgres_pool_size,
-                queue: s.broker.queue_options(),
+                queue: s.store.queue_options(),
                 ..PostgresOptions::default()
             })
             .await
             .context("cannot open the PostgreSQL queue (queue.postgres_url)")?;
-            Broker::new(std::sync::Arc::new(q), s.broker.session.clone())
+            Broker::new(std::sync::Arc::new(q), s.broker.clone())
         }
         QueueBackend::Redis => open_redis(&s)
             .await
@@ -183,14 +183,11 @@ async fn open_redis(s: &Settings) -> anyhow::Result<std::sync::Arc<Broker>> {
             url: s.queue.redis_url.clone(),
             prefix: s.queue.redis_prefix.clone(),
             request_id_ttl: s.queue.redis_request_id_ttl,
-            queue: s.broker.queue_options(),
+            queue: s.store.queue_options(),
             ..kiln_broker::RedisOptions::default()
         })
         .await?;
-        Ok(Broker::new(
-            std::sync::Arc::new(q),
-            s.broker.session.clone(),
-        ))
+        Ok(Broker::new(std::sync::Arc::new(q), s.broker.clone()))
     }
     #[cfg(not(feature = "redis"))]
     {
