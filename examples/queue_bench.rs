@@ -256,7 +256,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let id = submit(a.n + i).await?;
         loop {
             match events.recv().await {
-                Ok(e) if e.kind == "completed" && e.task_id == id => break,
+                Ok(e) if e.kind.is_completed() && e.task_id == id => break,
                 Ok(_) => {}
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
                 Err(e) => return Err(e.into()),

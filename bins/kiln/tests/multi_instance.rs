@@ -314,7 +314,7 @@ async fn two_instances_share_redis_and_survive_a_kill() {
             .await
             .unwrap()
             .iter()
-            .filter(|e| e.kind == "completed")
+            .filter(|e| e.kind.is_completed())
             .count();
         assert_eq!(completed, 1, "{id}");
         attempts += runs.len();

@@ -14,10 +14,11 @@ use serde::Serialize;
 use tokio::sync::{broadcast, watch};
 
 use crate::config::BrokerConfig;
+use crate::lifecycle::TaskEvent;
 use crate::model::*;
 use crate::queue::Queue;
 use crate::session::{Outbound, SessionState};
-use crate::sqlite::{SqliteOptions, SqliteQueue};
+use crate::store::sqlite::{SqliteOptions, SqliteQueue};
 
 pub use kiln_protocol::now_ms;
 

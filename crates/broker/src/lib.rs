@@ -47,24 +47,22 @@ mod broker;
 mod config;
 mod dispatch;
 mod hello;
+pub mod lifecycle;
 mod model;
-#[cfg(feature = "postgres")]
-mod postgres;
 mod queue;
-#[cfg(feature = "redis")]
-mod redis;
 mod session;
-mod sqlite;
+mod store;
 mod sweeper;
 
-#[cfg(feature = "redis")]
-pub use crate::redis::{RedisOptions, RedisQueue};
 pub use broker::{Broker, SessionEnd, WorkerInfo, now_ms};
 pub use config::BrokerConfig;
+pub use lifecycle::{Ending, TaskEvent, TaskEventKind};
 pub use model::*;
-#[cfg(feature = "postgres")]
-pub use postgres::{PostgresOptions, PostgresQueue};
 pub use queue::{
-    ASSIGN_FAILED, Ending, Notification, Notifications, Queue, QueueFuture, QueueOptions, Sweep,
+    ASSIGN_FAILED, Notification, Notifications, Queue, QueueFuture, QueueOptions, Sweep,
 };
-pub use sqlite::{SqliteExecutor, SqliteOptions, SqliteQueue};
+#[cfg(feature = "postgres")]
+pub use store::postgres::{PostgresOptions, PostgresQueue};
+#[cfg(feature = "redis")]
+pub use store::redis::{RedisOptions, RedisQueue};
+pub use store::sqlite::{SqliteExecutor, SqliteOptions, SqliteQueue};

@@ -109,29 +109,6 @@ pub fn serves(
         && labels.iter().all(|l| caps.labels.contains(l))
 }
 
-/// Checks the routing fields of a task and puts its labels in their stored form (sorted,
-/// without duplicates).
-pub(crate) fn normalize_routing(t: &mut NewTask) -> Result<(), QueueError> {
-    if t.model.as_deref().is_some_and(|m| m.trim().is_empty()) {
-        return Err(QueueError::Invalid("model is empty".into()));
-    }
-    if t.labels.iter().any(|l| l.trim().is_empty()) {
-        return Err(QueueError::Invalid("a label is empty".into()));
-    }
-    t.labels.sort();
-    t.labels.dedup();
-    Ok(())
-}
-
-/// Whether a stored task is the one `t` (normalized) asks for again: same type, input
-/// and routing.
-pub(crate) fn same_request(stored: &Task, t: &NewTask) -> bool {
-    stored.task_type == t.task_type
-        && stored.input == t.input
-        && stored.model == t.model
-        && stored.labels == t.labels
-}
-
 /// A task with its attempts and recorded stage timings (see [`crate::Queue::detail`]).
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
@@ -248,22 +225,6 @@ pub enum CancelOutcome {
     NotFound,
 }
 
-/// A change to a task, for progress streams (SSE). Ids increase across all tasks, so
-/// "events after id N" resumes a stream without loss.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct TaskEvent {
-    /// Monotonic id.
-    pub id: i64,
-    /// The task.
-    pub task_id: String,
-    /// `status`, `progress` or `completed`.
-    pub kind: String,
-    /// Event data.
-    pub data: Value,
-    /// Unix ms.
-    pub ts: u64,
-}
-
 /// Which tasks `list` returns.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ListFilter {
@@ -271,7 +232,7 @@ pub struct ListFilter {
     pub state: Option<TaskState>,
     /// Only this type.
     pub task_type: Option<String>,
-    /// At most this many (capped at 500).
+    /// At most this many (1 to 500: [`crate::lifecycle::list_limit`]).
     pub limit: usize,
     /// Only tasks older than this `seq` (newest first).
     pub before_seq: Option<i64>,
@@ -285,6 +246,16 @@ pub struct Stats {
 }
 
 impl Stats {
+    /// Counts from `(state, task_type, count)` rows; rows of unknown states are left out.
+    pub(crate) fn from_counts(rows: Vec<(String, String, i64)>) -> Self {
+        Stats {
+            by_state_type: rows
+                .into_iter()
+                .filter_map(|(s, t, n)| TaskState::parse(&s).map(|s| (s, t, n.max(0) as u64)))
+                .collect(),
+        }
+    }
+
     /// Tasks in `state`.
     pub fn count(&self, state: TaskState) -> u64 {
         self.by_state_type

@@ -14,6 +14,8 @@ use futures_util::Stream;
 use kiln_protocol::messages::TaskError;
 use serde_json::Value;
 
+use crate::lifecycle::Ending;
+use crate::lifecycle::TaskEvent;
 use crate::model::*;
 
 /// The future a queue method returns.
@@ -362,74 +364,5 @@ pub trait Queue: Send + Sync + std::fmt::Debug + 'static {
     /// every sweep interval. Called once by the broker.
     fn notifications(&self) -> Option<Notifications> {
         None
-    }
-}
-
-/// How an attempt ends, before the store applies it (see [`Queue::finish`]).
-#[derive(Debug, Clone)]
-#[non_exhaustive]
-pub enum Ending {
-    /// A worker's result.
-    Done(Completion),
-    /// A failure with an explicit retry time.
-    Fail {
-        /// What went wrong.
-        error: TaskError,
-        /// When the task may run again (if it is retried), Unix ms.
-        retry_at: u64,
-    },
-    /// A failure that dead-letters the task whatever attempts remain.
-    Dead(TaskError),
-}
-
-/// The new state of a task whose attempt ended.
-#[derive(Debug)]
-pub(crate) struct Decision {
-    pub(crate) state: kiln_protocol::TaskState,
-    pub(crate) output: Option<Value>,
-    pub(crate) error: Option<TaskError>,
-    /// `Some(not_before)`: queued again, runnable from then.
-    pub(crate) requeue_at: Option<u64>,
-    pub(crate) dead: bool,
-}
-
-impl Ending {
-    pub(crate) fn decide(self, task: &Task, opts: &QueueOptions, now: u64) -> Decision {
-        use kiln_protocol::TaskState as S;
-        let plain = |state, output, error| Decision {
-            state,
-            output,
-            error,
-            requeue_at: None,
-            dead: false,
-        };
-        match self {
-            Ending::Done(Completion::Ok(v)) => plain(S::Succeeded, Some(v), None),
-            Ending::Done(Completion::Cancelled) => plain(S::Canceled, None, None),
-            Ending::Done(Completion::Error(error)) => Ending::Fail {
-                retry_at: opts.retry_at(task.attempt, now),
-                error,
-            }
-            .decide(task, opts, now),
-            Ending::Fail { error, retry_at } => {
-                let more =
-                    error.retryable && task.attempt < task.max_attempts && !task.cancel_requested;
-                let dead = error.retryable && !more && !task.cancel_requested;
-                Decision {
-                    state: if more { S::Queued } else { S::Failed },
-                    output: None,
-                    error: Some(error),
-                    requeue_at: more.then_some(retry_at),
-                    dead,
-                }
-            }
-            Ending::Dead(error) => Decision {
-                state: S::Failed,
-                output: None,
-                error: Some(error),
-                requeue_at: None,
-                dead: true,
-            },
-        }
     }
 }

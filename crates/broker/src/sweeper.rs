@@ -9,6 +9,7 @@ use std::sync::Arc;
 use futures_util::StreamExt;
 
 use crate::broker::{Broker, now_ms};
+use crate::lifecycle::TaskEventKind;
 use crate::queue::{Notification, Sweep};
 
 impl Broker {
@@ -44,7 +45,7 @@ impl Broker {
             Notification::Event(e) => {
                 // A cancel made through another instance: tell the worker if its session
                 // lives here.
-                if e.kind == "status" && e.data["cancel_requested"] == true {
+                if e.kind == TaskEventKind::CancelRequested {
                     self.forward_cancel(&e.task_id).await;
                 }
                 let _ = self.events.send(e);

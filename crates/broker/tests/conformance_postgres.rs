@@ -101,7 +101,7 @@ async fn instances_on_one_schema_notify_each_other() {
     assert_eq!(next(&mut notes).await, Notification::TasksReady);
     match next(&mut notes).await {
         Notification::Event(e) => assert_eq!(
-            (e.task_id.as_str(), e.kind.as_str()),
+            (e.task_id.as_str(), e.kind.name()),
             (t.id.as_str(), "status")
         ),
         other => panic!("{other:?}"),
@@ -126,10 +126,10 @@ async fn instances_on_one_schema_notify_each_other() {
     while kinds.len() < 2 {
         if let Notification::Event(e) = next(&mut notes).await {
             assert_eq!(e.task_id, t.id);
-            if e.kind == "completed" {
-                assert_eq!(e.data["output"], out);
+            if e.kind.is_completed() {
+                assert_eq!(e.kind.data()["output"], out);
             }
-            kinds.push(e.kind);
+            kinds.push(e.kind.name());
         }
     }
     assert_eq!(kinds, ["status", "completed"]);

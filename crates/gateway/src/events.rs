@@ -37,14 +37,14 @@ struct Feed {
 }
 
 fn to_event(e: &TaskEvent) -> Event {
-    let mut data = e.data.clone();
+    let mut data = e.kind.data();
     if let Some(o) = data.as_object_mut() {
         o.insert("task_id".into(), json!(e.task_id));
         o.insert("ts".into(), json!(e.ts));
     }
     Event::default()
         .id(e.id.to_string())
-        .event(e.kind.as_str())
+        .event(e.kind.name())
         .data(data.to_string())
 }
 
@@ -99,7 +99,7 @@ pub(crate) async fn stream(
                     continue;
                 }
                 f.last = e.id;
-                if e.kind == "completed" {
+                if e.kind.is_completed() {
                     f.done = true;
                     f.pending.clear();
                 }

@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use kiln_broker::{TaskEvent, WorkerInfo, now_ms};
+use kiln_broker::{TaskEvent, TaskEventKind, WorkerInfo, now_ms};
 use kiln_protocol::TaskState;
 use serde_json::{Value, json};
 use tokio::sync::{Notify, broadcast};
@@ -320,7 +320,7 @@ pub(crate) async fn run(weak: Weak<Inner>, mut events: broadcast::Receiver<TaskE
         match ev {
             Some(Ok(e)) => {
                 task_event(hub, &e);
-                if e.kind != "progress" {
+                if !matches!(e.kind, TaskEventKind::Progress(_)) {
                     dirty = true;
                 }
                 continue;
@@ -373,17 +373,18 @@ fn backlog_data(tt: &str, counts: &BTreeMap<&'static str, u64>) -> Value {
 }
 
 fn task_event(hub: &Hub, e: &TaskEvent) {
-    let status = e.data["status"].as_str().unwrap_or("");
-    let kind = match (e.kind.as_str(), status) {
-        ("completed", _) => {
+    let data = e.kind.data();
+    let status = data["status"].as_str().unwrap_or("");
+    let kind = match (&e.kind, status) {
+        (TaskEventKind::Completed { .. }, _) => {
             hub.throughput
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .add(e.ts, status);
             "task.completed"
         }
-        ("status", "queued") => "task.queued",
-        ("status", "running") => "task.started",
+        (TaskEventKind::Status { .. }, "queued") => "task.queued",
+        (TaskEventKind::Status { .. }, "running") => "task.started",
         _ => return,
     };
     hub.emit(
@@ -391,8 +392,8 @@ fn task_event(hub: &Hub, e: &TaskEvent) {
         json!({
             "task_id": e.task_id,
             "status": status,
-            "attempt": e.data.get("attempt"),
-            "worker_id": e.data.get("worker_id"),
+            "attempt": data.get("attempt"),
+            "worker_id": data.get("worker_id"),
             "ts": e.ts,
         }),
     );

@@ -13,7 +13,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Mutex, Weak};
 
-use kiln_broker::{AttemptRecord, Task, TaskDetail, TaskEvent, now_ms};
+use kiln_broker::{AttemptRecord, Task, TaskDetail, TaskEvent, TaskEventKind, now_ms};
 use kiln_protocol::TaskState;
 use serde::Serialize;
 use serde_json::Value;
@@ -224,21 +224,26 @@ pub(crate) async fn follow(state: Weak<Inner>, mut events: broadcast::Receiver<T
         };
         let Some(inner) = state.upgrade() else { return };
         let state = AppState { inner };
-        match ev.kind.as_str() {
-            "status" if ev.data["status"] == "running" => {
+        match &ev.kind {
+            TaskEventKind::Status {
+                status: TaskState::Running,
+                attempt,
+                worker_id,
+            } => {
                 if let Some(span) = state.inner.spans.get(&ev.task_id) {
-                    let attempt = ev.data["attempt"].as_u64().unwrap_or(0);
                     span.record("attempt", attempt);
-                    tracing::info!(parent: &span, message = "task assigned", attempt, worker_id = ev.data["worker_id"].as_str().unwrap_or(""));
+                    tracing::info!(parent: &span, message = "task assigned", attempt, worker_id = worker_id.as_deref().unwrap_or(""));
                 }
             }
-            "completed" => match state.broker().queue().detail(&ev.task_id).await {
-                Ok(Some(d)) => ended(&state, d).await,
-                Ok(None) => {}
-                Err(e) => {
-                    tracing::warn!(message = "ended task unreadable", task_id = %ev.task_id, error = %e)
+            TaskEventKind::Completed { .. } => {
+                match state.broker().queue().detail(&ev.task_id).await {
+                    Ok(Some(d)) => ended(&state, d).await,
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::warn!(message = "ended task unreadable", task_id = %ev.task_id, error = %e)
+                    }
                 }
-            },
+            }
             _ => {}
         }
     }

@@ -360,7 +360,7 @@ pub async fn events_resume_after_an_id(q: &dyn Queue) {
         .await
         .unwrap();
     let all = q.events_after(&t.id, 0).await.unwrap();
-    let kinds: Vec<_> = all.iter().map(|e| e.kind.as_str()).collect();
+    let kinds: Vec<_> = all.iter().map(|e| e.kind.name()).collect();
     assert_eq!(
         kinds,
         ["status", "status", "progress", "status", "completed"]
@@ -422,7 +422,7 @@ pub async fn dead_letter_ignores_remaining_attempts(q: &dyn Queue) {
     );
     assert!(!q.dead_letter(&l, oom(), T + 2).await.unwrap().accepted);
     let events = q.events_after(&t.id, 0).await.unwrap();
-    assert_eq!(events.last().unwrap().kind, "completed");
+    assert!(events.last().unwrap().kind.is_completed());
 }
 
 pub async fn renew_extends_only_the_workers_leases(q: &dyn Queue) {
@@ -589,10 +589,10 @@ pub async fn a_task_that_keeps_crashing_its_worker_is_dead_lettered(q: &dyn Queu
         .await
         .unwrap()
         .into_iter()
-        .filter(|e| e.kind == "completed")
+        .filter(|e| e.kind.is_completed())
         .collect();
     assert_eq!(completed.len(), 1);
-    assert_eq!(completed[0].data["status"], "failed");
+    assert_eq!(completed[0].kind.data()["status"], "failed");
 }
 
 pub async fn list_and_stats(q: &dyn Queue) {
@@ -1203,7 +1203,7 @@ pub async fn failed_assignments_requeue_then_dead_letter_as_assign_failed(q: &dy
     assert_eq!(ids(&next), vec![other.id.clone()]);
     assert_eq!(next[0].attempt, 1);
     let events = q.events_after(&poison.id, 0).await.unwrap();
-    assert_eq!(events.last().unwrap().kind, "completed");
+    assert!(events.last().unwrap().kind.is_completed());
 }
 
 pub async fn a_delivered_assignment_resets_the_failure_count(q: &dyn Queue) {

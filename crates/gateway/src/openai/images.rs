@@ -351,7 +351,7 @@ async fn wait_done(state: &AppState, id: &str, limit: Duration) -> Result<Task, 
         loop {
             tokio::select! {
                 r = rx.recv() => match r {
-                    Ok(e) if e.task_id == id && e.kind == "completed" => break,
+                    Ok(e) if e.task_id == id && e.kind.is_completed() => break,
                     Ok(_) => {}
                     Err(broadcast::error::RecvError::Lagged(_)) => break,
                     Err(broadcast::error::RecvError::Closed) => return Ok(load(state, id).await?),

@@ -2,6 +2,13 @@
 -- atomic (Redis runs a script to its end before any other command). Redis does not roll a
 -- script back, so the Rust side validates arguments first and the script never raises.
 --
+-- The script decides no task state itself: `apply` writes a transition decided in Rust by
+-- kiln_broker::lifecycle (compare-and-set on the fields it was decided from) and keeps the
+-- queue's indexes in step with it. Only `reserve` changes tasks on its own, because it
+-- picks them from the streams: it mirrors lifecycle::claim (state running, attempt + 1, the
+-- new lease and worker, lease expiry, first start, progress cleared, one `status` event),
+-- which the property test in tests/lifecycle.rs checks against the Rust rules.
+--
 -- KEYS[1]: the key prefix. ARGV[1]: the operation, ARGV[2]: the calling handle (origin of
 -- notifications), ARGV[3]: approximate length cap of the notification stream; the
 -- operation's arguments follow. Every reply is {events written, result...}.
@@ -56,14 +63,10 @@ local function event(id, kind, data, now)
   note('e', e)
   evs[#evs + 1] = e
 end
+-- The data of the `status` event of a claimed task (lifecycle::claim's event).
 local function status_data(t)
   return '{"status":"' .. t.state .. '","attempt":' .. (t.attempt or '0') .. ',"worker_id":'
     .. js(t.worker_id) .. '}'
-end
-local function terminal_event(t, now)
-  event(t.id, 'status', status_data(t), now)
-  event(t.id, 'completed', '{"status":"' .. t.state .. '","output":' .. (t.output or 'null')
-    .. ',"error":' .. (t.error or 'null') .. '}', now)
 end
 
 -- The ready queue: one stream per route and priority, consumer group `kiln`, the worker id
@@ -152,54 +155,9 @@ local function off_worker(t)
   if t.worker_id then redis.call('SREM', key('worker', t.worker_id), t.id) end
   drop_entry(t)
 end
-local function end_record(t, now, err)
-  local l = key('att', t.id)
-  local i = tonumber(t.attempt or '0')
-  if i < 1 then return end
-  local raw = redis.call('LINDEX', l, i - 1)
-  if raw then
-    local a = cjson.decode(raw)
-    a[5] = now
-    a[6] = err or ''
-    redis.call('LSET', l, i - 1, cjson.encode(a))
-  end
-end
-local function finish(t, now)
-  set(t, 'completed_at', now)
-  unset(t, 'lease', 'lease_expires_at', 'not_before')
-  redis.call('ZREM', key('deadlines'), t.id)
-  redis.call('ZREM', key('delayed'), t.id)
-  redis.call('ZREM', key('parked'), t.id)
-  redis.call('DEL', key('avoid', t.id))
-end
 local function dead(t, now)
   redis.call('XADD', key('dead'), 'MAXLEN', '~', NOTIFY_MAX, '*', 'task', t.id, 'error',
     t.error or 'null', 'attempts', t.attempt or '0', 'ts', now)
-end
-local function requeue(t, why, counted, now)
-  end_record(t, now, why)
-  off_worker(t)
-  if t.cancel_requested == '1' then
-    state(t, 'canceled')
-    finish(t, now)
-  elseif counted and tonumber(t.attempt) >= tonumber(t.max_attempts) then
-    state(t, 'failed')
-    set(t, 'error', '{"code":"lease_expired","message":' .. js(why) .. ',"retryable":true}',
-      'dead_lettered', '1')
-    finish(t, now)
-    dead(t, now)
-  else
-    state(t, 'queued')
-    if not counted then set(t, 'attempt', tostring(tonumber(t.attempt) - 1)) end
-    unset(t, 'lease', 'worker_id', 'lease_expires_at', 'not_before')
-    push_ready(t)
-    park_if_avoided(t, now)
-  end
-  if t.state == 'queued' then
-    event(t.id, 'status', status_data(t), now)
-  else
-    terminal_event(t, now)
-  end
 end
 -- A task a worker rejected retryably is `parked` (park_if_avoided): queued, with no stream
 -- entry, scored by the time its last avoidance ends; `avoid:{id}` maps each rejecting worker
@@ -227,6 +185,7 @@ local function reply(...)
 end
 
 if op == 'enqueue' then
+  -- A[13]: the data of the task's first `status` event.
   local id, now, tt, prio, input, meta, maxa, deadline, rid, ttl, model, labels =
     A[1], A[2], A[3], A[4], A[5], A[6], A[7], A[8], A[9], A[10], A[11], A[12]
   local rkey = key('rid', rid)
@@ -258,7 +217,7 @@ if op == 'enqueue' then
   redis.call('ZADD', key('all'), seq, id)
   state(t, 'queued')
   push_ready(t)
-  event(id, 'status', status_data(t), now)
+  event(id, 'status', A[13], now)
   return reply('created', snap(id))
 
 elseif op == 'reserve' then
@@ -344,6 +303,10 @@ elseif op == 'reserve' then
     local k = tonumber(t.attempt)
     local rec = cjson.encode({t.attempt, w, lease, now, '', ''})
     if redis.call('LLEN', l) >= k then
+      -- The record of an attempt given back is replaced, and its lease forgotten with it
+      -- (as the SQL stores replace the attempt's row).
+      local old = cjson.decode(redis.call('LINDEX', l, k - 1))
+      if old[3] and old[3] ~= lease then redis.call('HDEL', key('leases'), old[3]) end
       redis.call('LSET', l, k - 1, rec)
     else
       redis.call('RPUSH', l, rec)
@@ -433,61 +396,100 @@ elseif op == 'worker_timings' then
   end
   return reply(0)
 
-elseif op == 'finish' then
-  -- Compare-and-set on the lease. The decision was made from a read of the task; if the
-  -- fields it depends on changed since (a cancel arrived), the caller decides again.
-  local lease, now = A[1], A[2]
-  local tid = redis.call('HGET', key('leases'), lease)
-  if not tid then return reply('unknown') end
+elseif op == 'apply' then
+  -- A transition of task A[1] decided in Rust from its fields state A[3], lease A[4],
+  -- attempt A[5] and cancel_requested A[6]; if any changed since, the caller decides again.
+  -- A[7]: the new state; A[8..10]: the attempt record to end (number, end time, error; ''
+  -- for none); A[11]: a retryable reject's avoid-until for the task's worker ('' for none);
+  -- A[12]: how many fields change, then (name, value) pairs ('' unsets); then how many
+  -- events, then (kind, data) pairs.
+  local tid, now = A[1], A[2]
   local t = load(tid)
-  if not t or t.lease ~= lease then return reply('stale') end
-  -- A[11]: the worker that must hold the lease ('' for any).
-  if A[11] ~= '' and t.worker_id ~= A[11] then return reply('holder') end
-  if t.state ~= 'running' then return reply('state', snap(tid)) end
-  if t.cancel_requested ~= A[3] or t.attempt ~= A[10] then return reply('retry') end
-  end_record(t, now, A[9] ~= '' and A[9] or nil)
-  off_worker(t)
-  if A[7] ~= '' then
-    state(t, 'queued')
-    unset(t, 'lease', 'worker_id', 'lease_expires_at')
-    set(t, 'error', A[6])
-    if tonumber(A[7]) <= tonumber(now) then
-      push_ready(t)
-    else
-      set(t, 'not_before', A[7])
-      redis.call('ZADD', key('delayed'), A[7], tid)
+  if not t then return reply('none') end
+  if t.state ~= A[3] or (t.lease or '') ~= A[4] or (t.attempt or '0') ~= A[5]
+    or (t.cancel_requested or '0') ~= A[6] then
+    return reply('retry')
+  end
+  local was, st = t.state, A[7]
+  if A[8] ~= '' then
+    local l, i = key('att', tid), tonumber(A[8])
+    local raw = i >= 1 and redis.call('LINDEX', l, i - 1)
+    if raw then
+      local a = cjson.decode(raw)
+      a[5] = A[9]
+      a[6] = A[10]
+      redis.call('LSET', l, i - 1, cjson.encode(a))
     end
-    event(tid, 'status', status_data(t), now)
-  else
-    state(t, A[4])
-    if A[5] ~= '' then set(t, 'output', A[5]) else unset(t, 'output') end
-    if A[6] ~= '' then set(t, 'error', A[6]) else unset(t, 'error') end
-    set(t, 'dead_lettered', A[8])
-    finish(t, now)
-    if A[8] == '1' then dead(t, now) end
-    terminal_event(t, now)
+  end
+  if A[11] ~= '' and t.worker_id then redis.call('HSET', key('avoid', tid), t.worker_id, A[11]) end
+  if was == 'running' and st ~= 'running' then off_worker(t) end
+  if was == 'queued' and st ~= 'queued' then drop_entry(t) end
+  state(t, st)
+  local was_dead = t.dead_lettered
+  local n = tonumber(A[12])
+  for i = 1, n do
+    local name, v = A[11 + 2 * i], A[12 + 2 * i]
+    if name == 'not_before' and v ~= '' and tonumber(v) <= tonumber(now) then v = '' end
+    if v == '' then
+      if t[name] then unset(t, name) end
+    else
+      set(t, name, v)
+    end
+  end
+  if st == 'queued' and was ~= 'queued' then
+    if t.not_before then
+      redis.call('ZADD', key('delayed'), t.not_before, tid)
+    else
+      push_ready(t)
+      park_if_avoided(t, now)
+    end
+  elseif st ~= 'queued' and st ~= 'running' then
+    redis.call('ZREM', key('deadlines'), tid)
+    redis.call('ZREM', key('delayed'), tid)
+    redis.call('ZREM', key('parked'), tid)
+    redis.call('DEL', key('avoid', tid))
+    if t.dead_lettered == '1' and was_dead ~= '1' then dead(t, now) end
+  end
+  local e = 13 + 2 * n
+  for i = 1, tonumber(A[e]) do
+    event(tid, A[e + 2 * i - 1], A[e + 2 * i], now)
   end
   return reply('ok', snap(tid))
 
-elseif op == 'release' then
-  -- A[4]: the worker that must hold the lease ('' for any).
-  local tid = redis.call('HGET', key('leases'), A[1])
-  local t = tid and load(tid)
-  if not t or t.lease ~= A[1] or t.state ~= 'running' then return reply(false) end
-  if A[4] ~= '' and t.worker_id ~= A[4] then return reply(false) end
-  requeue(t, A[2], false, A[3])
-  return reply(snap(tid))
+elseif op == 'due' then
+  -- Tasks whose lease lapsed, then tasks whose deadline passed, before A[1].
+  local now = A[1]
+  local lapsed, late = {}, {}
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', key('running'), '-inf', '(' .. now)) do
+    local t = load(id)
+    if t and t.state == 'running' then
+      lapsed[#lapsed + 1] = snap(id)
+    else
+      redis.call('ZREM', key('running'), id)
+    end
+  end
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', key('deadlines'), '-inf', '(' .. now)) do
+    local t = load(id)
+    if t and (t.state == 'queued' or t.state == 'running') then
+      late[#late + 1] = snap(id)
+    else
+      redis.call('ZREM', key('deadlines'), id)
+    end
+  end
+  return reply(lapsed, late)
 
-elseif op == 'reject' then
-  -- Like release; then the task is parked: the rejecting worker skips it until A[4].
-  -- A[5]: the worker that must hold the lease ('' for any).
-  local tid = redis.call('HGET', key('leases'), A[1])
-  local t = tid and load(tid)
-  if not t or t.lease ~= A[1] or t.state ~= 'running' then return reply(false) end
-  if A[5] ~= '' and t.worker_id ~= A[5] then return reply(false) end
-  if t.worker_id then redis.call('HSET', key('avoid', tid), t.worker_id, A[4]) end
-  requeue(t, A[2], false, A[3])
-  return reply(snap(tid))
+elseif op == 'held' then
+  -- The tasks worker A[1] runs.
+  local out = {}
+  for _, id in ipairs(redis.call('SMEMBERS', key('worker', A[1]))) do
+    local t = load(id)
+    if t and t.state == 'running' and t.worker_id == A[1] then
+      out[#out + 1] = snap(id)
+    else
+      redis.call('SREM', key('worker', A[1]), id)
+    end
+  end
+  return reply(out)
 
 elseif op == 'note_types' then
   for i = 2, #A do
@@ -515,74 +517,6 @@ elseif op == 'assignment' then
   end
   redis.call('HDEL', key('task', tid), 'assign_failures')
   return reply(0)
-
-elseif op == 'release_worker' then
-  -- A[3..]: leases the new process still holds results for; they stay leased.
-  local keep = {}
-  for i = 3, #A do keep[A[i]] = true end
-  local out = {}
-  for _, id in ipairs(redis.call('SMEMBERS', key('worker', A[1]))) do
-    local t = load(id)
-    if t and t.state == 'running' and t.worker_id == A[1] then
-      if not (t.lease and keep[t.lease]) then
-        requeue(t, 'worker restarted', true, A[2])
-        out[#out + 1] = snap(id)
-      end
-    else
-      redis.call('SREM', key('worker', A[1]), id)
-    end
-  end
-  return reply(out)
-
-elseif op == 'sweep' then
-  local now = A[1]
-  local changed, stop = {}, {}
-  for _, id in ipairs(redis.call('ZRANGEBYSCORE', key('running'), '-inf', '(' .. now)) do
-    local t = load(id)
-    if t and t.state == 'running' then
-      requeue(t, 'lease expired', true, now)
-      changed[#changed + 1] = snap(id)
-    else
-      redis.call('ZREM', key('running'), id)
-    end
-  end
-  for _, id in ipairs(redis.call('ZRANGEBYSCORE', key('deadlines'), '-inf', '(' .. now)) do
-    local t = load(id)
-    if t and (t.state == 'queued' or t.state == 'running') then
-      if t.state == 'running' then
-        if t.worker_id and t.lease then
-          stop[#stop + 1] = t.worker_id
-          stop[#stop + 1] = t.lease
-        end
-        off_worker(t)
-      else
-        drop_entry(t)
-      end
-      state(t, 'expired')
-      finish(t, now)
-      terminal_event(t, now)
-      changed[#changed + 1] = snap(id)
-    else
-      redis.call('ZREM', key('deadlines'), id)
-    end
-  end
-  return reply(changed, stop)
-
-elseif op == 'cancel' then
-  local t = load(A[1])
-  if not t then return reply('none') end
-  if t.state == 'queued' then
-    drop_entry(t)
-    state(t, 'canceled')
-    finish(t, A[2])
-    terminal_event(t, A[2])
-    return reply('canceled', snap(A[1]))
-  elseif t.state == 'running' then
-    set(t, 'cancel_requested', '1')
-    event(t.id, 'status', '{"status":"running","cancel_requested":true}', A[2])
-    return reply('signal', snap(A[1]))
-  end
-  return reply('terminal', snap(A[1]))
 
 elseif op == 'position' then
   local t = load(A[1])
