@@ -3,7 +3,9 @@
 //!
 //! Tasks live in a [`Queue`] store: `SqliteQueue` (one WAL file) is the embedded default;
 //! with the `postgres` feature, `PostgresQueue` lets several gateway instances share one
-//! database. Tasks are stored before `submit` returns, so an accepted task survives a kill -9
+//! database; with the `redis` feature, `RedisQueue`. Every change a store makes to a task is
+//! decided by the pure functions of [`lifecycle`], so the three behave alike. Tasks are
+//! stored before `submit` returns, so an accepted task survives a kill -9
 //! of the process. Each attempt gets its own lease; any frame from the worker
 //! renews its leases, and a lease lapses only after `lease` without renewal, so long jobs
 //! run once without tuning. Results are accepted by compare-and-set on the lease (first

@@ -195,10 +195,7 @@ fn sorted(mut v: Vec<Task>) -> Vec<Task> {
 
 async fn run(q: &dyn Queue, ops: Vec<Op>) -> Result<(), TestCaseError> {
     let mut m = Model {
-        opts: QueueOptions {
-            default_max_attempts: 2,
-            retry_base_ms: 0,
-        },
+        opts: queue_options(),
         now: 1_000,
         tasks: Vec::new(),
         events: HashMap::new(),
@@ -474,8 +471,24 @@ fn config(cases: u32) -> ProptestConfig {
     }
 }
 
-fn required() -> bool {
-    std::env::var("CI").as_deref() == Ok("true")
+/// The model's settings: 2 attempts, no retry backoff.
+fn queue_options() -> QueueOptions {
+    QueueOptions {
+        default_max_attempts: 2,
+        retry_base_ms: 0,
+    }
+}
+
+/// The opened store; `None` (after a notice) when `what` is unreachable outside `CI=true`.
+fn reachable<Q>(opened: Result<Q, QueueError>, what: &str) -> Option<Q> {
+    match opened {
+        Ok(q) => Some(q),
+        Err(e) if std::env::var("CI").as_deref() != Ok("true") => {
+            eprintln!("notice: {what} not reachable ({e}); test skipped");
+            None
+        }
+        Err(e) => panic!("{what} is required in CI: {e}"),
+    }
 }
 
 proptest! {
@@ -502,20 +515,10 @@ mod postgres {
             url: URL.into(),
             schema: format!("kiln_life{}_{n}", std::process::id()),
             pool_size: 2,
-            queue: QueueOptions {
-                default_max_attempts: 2,
-                retry_base_ms: 0,
-            },
+            queue: queue_options(),
             ..PostgresOptions::default()
         };
-        match PostgresQueue::open(opts).await {
-            Ok(q) => Some(q),
-            Err(e) if !required() => {
-                eprintln!("notice: PostgreSQL at {URL} not reachable ({e}); test skipped");
-                None
-            }
-            Err(e) => panic!("PostgreSQL at {URL} is required in CI: {e}"),
-        }
+        reachable(PostgresQueue::open(opts).await, "PostgreSQL")
     }
 
     proptest! {
@@ -549,20 +552,10 @@ mod redis {
             url: URL.into(),
             prefix: format!("kiln-life:{}:{n}:", std::process::id()),
             block: Duration::from_millis(500),
-            queue: QueueOptions {
-                default_max_attempts: 2,
-                retry_base_ms: 0,
-            },
+            queue: queue_options(),
             ..RedisOptions::default()
         };
-        match RedisQueue::connect(opts).await {
-            Ok(q) => Some(q),
-            Err(e) if !required() => {
-                eprintln!("notice: no Redis at {URL} ({e}); test skipped");
-                None
-            }
-            Err(e) => panic!("Redis at {URL} is required in CI: {e}"),
-        }
+        reachable(RedisQueue::connect(opts).await, "Redis")
     }
 
     proptest! {
