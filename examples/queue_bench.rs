@@ -101,9 +101,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             let q = Arc::new(SqliteQueue::open(
                 &dir.join("queue.sqlite"),
                 SqliteOptions {
-                    queue: cfg.queue_options(),
-                    sync_full: cfg.sync_full,
                     executor: a.sqlite_executor,
+                    ..SqliteOptions::default()
                 },
             )?);
             sqlite = Some(q.clone());
@@ -114,7 +113,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 PostgresQueue::open(PostgresOptions {
                     url: a.postgres_url.clone(),
                     schema: format!("kiln_bench_{}", std::process::id()),
-                    queue: cfg.queue_options(),
                     ..PostgresOptions::default()
                 })
                 .await?,
@@ -128,7 +126,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     url: std::env::var("KILN_BENCH_REDIS_URL")
                         .unwrap_or_else(|_| "redis://127.0.0.1:6379".into()),
                     prefix: format!("kiln-bench:{}:", std::process::id()),
-                    queue: cfg.queue_options(),
                     ..RedisOptions::default()
                 })
                 .await?,
@@ -140,7 +137,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             return Err(format!("--backend {other:?}: use sqlite, postgres or redis").into());
         }
     };
-    let broker = Broker::with_queue(queue, cfg);
+    let broker = Broker::new(queue, cfg);
     let state = AppState::new(
         GatewayConfig {
             files_dir: dir.join("files"),

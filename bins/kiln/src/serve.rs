@@ -9,7 +9,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::{Client, connect::HttpConnector};
 use hyper_util::rt::TokioExecutor;
-use kiln_broker::{Broker, PostgresOptions, PostgresQueue};
+use kiln_broker::{Broker, PostgresOptions, PostgresQueue, SqliteOptions, SqliteQueue};
 use kiln_gateway::{AppState, hash_secret};
 use kiln_worker::{TaskContext, TaskError, Worker, WorkerConfig};
 use serde_json::{Value, json};
@@ -30,19 +30,29 @@ pub(crate) async fn serve(s: Settings) -> anyhow::Result<()> {
             )
         })?;
     let broker = match s.queue.backend {
-        QueueBackend::Sqlite => Broker::open(&s.queue_path(), s.broker.clone())
-            .with_context(|| format!("cannot open the queue at {}", s.queue_path().display()))?,
+        QueueBackend::Sqlite => {
+            let q = SqliteQueue::open(
+                &s.queue_path(),
+                SqliteOptions {
+                    queue: s.store.queue_options(),
+                    sync_full: s.store.sync_full,
+                    ..SqliteOptions::default()
+                },
+            )
+            .with_context(|| format!("cannot open the queue at {}", s.queue_path().display()))?;
+            Broker::new(std::sync::Arc::new(q), s.broker.clone())
+        }
         QueueBackend::Postgres => {
             let q = PostgresQueue::open(PostgresOptions {
                 url: s.queue.postgres_url.clone(),
                 schema: s.queue.postgres_schema.clone(),
                 pool_size: s.queue.postgres_pool_size,
-                queue: s.broker.queue_options(),
+                queue: s.store.queue_options(),
                 ..PostgresOptions::default()
             })
             .await
             .context("cannot open the PostgreSQL queue (queue.postgres_url)")?;
-            Broker::with_queue(std::sync::Arc::new(q), s.broker.clone())
+            Broker::new(std::sync::Arc::new(q), s.broker.clone())
         }
         QueueBackend::Redis => open_redis(&s)
             .await
@@ -175,11 +185,11 @@ async fn open_redis(s: &Settings) -> anyhow::Result<std::sync::Arc<Broker>> {
             url: s.queue.redis_url.clone(),
             prefix: s.queue.redis_prefix.clone(),
             request_id_ttl: s.queue.redis_request_id_ttl,
-            queue: s.broker.queue_options(),
+            queue: s.store.queue_options(),
             ..kiln_broker::RedisOptions::default()
         })
         .await?;
-        Ok(Broker::with_queue(std::sync::Arc::new(q), s.broker.clone()))
+        Ok(Broker::new(std::sync::Arc::new(q), s.broker.clone()))
     }
     #[cfg(not(feature = "redis"))]
     {

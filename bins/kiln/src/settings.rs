@@ -23,8 +23,57 @@ pub(crate) struct Settings {
     pub(crate) storage: kiln_gateway::StorageConfig,
     pub(crate) files: kiln_gateway::FilesConfig,
     pub(crate) broker: kiln_gateway::BrokerConfig,
+    /// The store's keys of `[broker]`, taken out before `[broker]` is read.
+    #[serde(skip)]
+    pub(crate) store: StoreSettings,
     pub(crate) queue: Queue,
     pub(crate) demo_worker: DemoWorker,
+}
+
+/// The settings of `[broker]` that belong to the queue store (attempts, retry back-off,
+/// SQLite durability); the rest of the section is the library's `BrokerConfig`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct StoreSettings {
+    pub(crate) max_attempts: u32,
+    #[serde(with = "humantime_serde")]
+    pub(crate) retry_base: Duration,
+    pub(crate) sync_full: bool,
+}
+
+impl StoreSettings {
+    const KEYS: [&str; 3] = ["max_attempts", "retry_base", "sync_full"];
+
+    /// Takes the store's keys out of the `[broker]` table of `root`. Errors name the key
+    /// (`broker.retry_base`).
+    fn take(root: &mut config::Map<String, config::Value>) -> Result<Self, config::ConfigError> {
+        let mut taken = config::Map::new();
+        if let Some(broker) = root.get_mut("broker") {
+            let mut table = broker.clone().into_table()?;
+            for key in Self::KEYS {
+                if let Some(v) = table.remove(key) {
+                    taken.insert(key.to_owned(), v);
+                }
+            }
+            *broker = config::Value::from(table);
+        }
+        #[derive(Deserialize)]
+        struct Section {
+            broker: StoreSettings,
+        }
+        let section = config::Map::from_iter([("broker".to_owned(), config::Value::from(taken))]);
+        Ok(config::Value::from(section)
+            .try_deserialize::<Section>()?
+            .broker)
+    }
+
+    /// The attempts and retry back-off every queue store takes.
+    pub(crate) fn queue_options(&self) -> kiln_broker::QueueOptions {
+        kiln_broker::QueueOptions {
+            default_max_attempts: self.max_attempts,
+            retry_base_ms: self.retry_base.as_millis() as u64,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -124,12 +173,13 @@ pub(crate) fn load(path: Option<&Path>) -> Result<Settings, String> {
             .with_list_parse_key("gateway.metrics_token_hashes")
             .with_list_parse_key("storage.client.retry.retry_statuses"),
     );
-    let cfg = b
-        .build()
-        .map_err(|e| format!("invalid configuration: {e}"))?;
-    let mut settings: Settings = cfg
-        .try_deserialize()
-        .map_err(|e| format!("invalid configuration: {e}"))?;
+    let read = || -> Result<Settings, config::ConfigError> {
+        let mut root = config::Source::collect(&b.build()?)?;
+        let store = StoreSettings::take(&mut root)?;
+        let settings: Settings = config::Value::from(root).try_deserialize()?;
+        Ok(Settings { store, ..settings })
+    };
+    let mut settings = read().map_err(|e| format!("invalid configuration: {e}"))?;
     settings.validate()?;
     settings.resolve_secrets()?;
     Ok(settings)
@@ -476,6 +526,30 @@ mod tests {
             s.broker.reject_backoff,
             kiln_gateway::BrokerConfig::default().reject_backoff
         );
+    }
+
+    #[test]
+    fn the_store_keys_of_the_broker_section_reach_the_store() {
+        let s = load(None).unwrap();
+        assert_eq!(
+            s.store.queue_options(),
+            kiln_broker::QueueOptions::default()
+        );
+        assert!(!s.store.sync_full);
+        let s = load_toml(
+            "[broker]\nmax_attempts = 5\nretry_base = \"250ms\"\nsync_full = true\nlease = \"7s\"\n",
+        )
+        .unwrap();
+        assert_eq!(s.store.queue_options().default_max_attempts, 5);
+        assert_eq!(s.store.queue_options().retry_base_ms, 250);
+        assert!(s.store.sync_full);
+        assert_eq!(s.broker.lease, Duration::from_secs(7));
+        let e = load_toml("[broker]\nretry_base = \"soon\"\n").unwrap_err();
+        assert!(e.contains("broker.retry_base"), "{e}");
+        let e = load_toml("[broker]\nlease = \"forever\"\n").unwrap_err();
+        assert!(e.contains("broker.lease"), "{e}");
+        let e = load_toml("[broker]\nmax_attempt = 5\n").unwrap_err();
+        assert!(e.contains("max_attempt"), "{e}");
     }
 
     #[test]

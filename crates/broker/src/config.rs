@@ -4,7 +4,12 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-/// Timers and limits of the broker.
+/// Timers and limits of the broker's sessions and dispatch.
+///
+/// What a store decides itself — attempts before a task is dead-lettered, the retry
+/// back-off, SQLite's durability — is set where the store is built
+/// ([`QueueOptions`](crate::QueueOptions) inside `SqliteOptions`, `PostgresOptions` or
+/// `RedisOptions`), not here.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct BrokerConfig {
@@ -22,12 +27,6 @@ pub struct BrokerConfig {
     /// Time a new connection has to send `hello`. Default: 10 s.
     #[serde(with = "humantime_serde")]
     pub hello_timeout: Duration,
-    /// Attempts before a task is dead-lettered (failed). Default: 3.
-    pub max_attempts: u32,
-    /// Wait before re-running a task whose attempt failed retryably, doubled per attempt.
-    /// Default: 1 s.
-    #[serde(with = "humantime_serde")]
-    pub retry_base: Duration,
     /// How often lapsed leases and deadlines are checked. Default: 1 s.
     #[serde(with = "humantime_serde")]
     pub sweep_interval: Duration,
@@ -48,9 +47,6 @@ pub struct BrokerConfig {
     /// it) before the task fails, dead-lettered, with error `assign_failed`. A failed
     /// assignment does not count as an attempt. Default: 3.
     pub max_assign_failures: u32,
-    /// `synchronous=FULL` for SQLite (survives power loss, slower); NORMAL survives a
-    /// process crash. Default: false.
-    pub sync_full: bool,
     /// Previews (`preview` frames) of one lease stored at once before the rate limit
     /// applies. Default: 4.
     pub preview_burst: u32,
@@ -60,16 +56,6 @@ pub struct BrokerConfig {
     pub preview_interval: Duration,
 }
 
-impl BrokerConfig {
-    /// The store settings these timers imply (attempts, retry backoff).
-    pub fn queue_options(&self) -> crate::QueueOptions {
-        crate::QueueOptions {
-            default_max_attempts: self.max_attempts,
-            retry_base_ms: self.retry_base.as_millis() as u64,
-        }
-    }
-}
-
 impl Default for BrokerConfig {
     fn default() -> Self {
         Self {
@@ -77,14 +63,11 @@ impl Default for BrokerConfig {
             lease: Duration::from_secs(90),
             dead_after: Duration::from_secs(45),
             hello_timeout: Duration::from_secs(10),
-            max_attempts: 3,
-            retry_base: Duration::from_secs(1),
             sweep_interval: Duration::from_secs(1),
             max_frame_bytes: kiln_protocol::DEFAULT_MAX_FRAME_BYTES,
             reject_backoff: Duration::from_secs(30),
             frame_hard_limit_bytes: 16 << 20,
             max_assign_failures: 3,
-            sync_full: false,
             preview_burst: 4,
             preview_interval: Duration::from_millis(250),
         }

@@ -22,7 +22,7 @@
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() {
 //! let queue = std::sync::Arc::new(SqliteQueue::in_memory(3).unwrap());
-//! let broker = Broker::with_queue(queue, BrokerConfig::default());
+//! let broker = Broker::new(queue, BrokerConfig::default());
 //! let (task, created) = broker
 //!     .submit(NewTask { task_type: "txt2img".into(), input: serde_json::json!({"prompt": "a fox"}), ..Default::default() })
 //!     .await
@@ -47,11 +47,16 @@
 
 mod broker;
 mod config;
+mod dispatch;
+mod hello;
 pub mod lifecycle;
 mod model;
 mod preview;
+mod previews;
 mod queue;
+mod session;
 mod store;
+mod sweeper;
 
 pub use broker::{Broker, SessionEnd, WorkerInfo, now_ms};
 pub use config::BrokerConfig;

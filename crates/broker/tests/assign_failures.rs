@@ -114,7 +114,7 @@ fn broker_with(max_frame_bytes: usize) -> Arc<Broker> {
         max_frame_bytes,
         ..Default::default()
     };
-    Broker::with_queue(Arc::new(SqliteQueue::in_memory(3).unwrap()), cfg)
+    Broker::new(Arc::new(SqliteQueue::in_memory(3).unwrap()), cfg)
 }
 
 async fn submit(b: &Broker, input: serde_json::Value) -> String {

@@ -100,7 +100,7 @@ fn broker() -> Arc<Broker> {
         sweep_interval: Duration::from_millis(100),
         ..Default::default()
     };
-    Broker::with_queue(Arc::new(SqliteQueue::in_memory(3).unwrap()), cfg)
+    Broker::new(Arc::new(SqliteQueue::in_memory(3).unwrap()), cfg)
 }
 
 async fn submit(b: &Broker) -> String {

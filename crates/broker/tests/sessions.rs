@@ -143,7 +143,7 @@ fn cfg() -> BrokerConfig {
 }
 
 fn broker() -> Arc<Broker> {
-    Broker::with_queue(Arc::new(SqliteQueue::in_memory(3).unwrap()), cfg())
+    Broker::new(Arc::new(SqliteQueue::in_memory(3).unwrap()), cfg())
 }
 
 async fn submit(b: &Broker, n: usize) -> Vec<String> {
@@ -338,13 +338,13 @@ async fn assert_rerun_after_crash(q: &dyn Queue, again: &Assign, task_id: &str, 
 #[tokio::test]
 async fn new_process_on_a_gateway_without_its_session_spends_the_lost_attempt() {
     let q: Arc<dyn Queue> = Arc::new(SqliteQueue::in_memory(3).unwrap());
-    let b1 = Broker::with_queue(q.clone(), cfg());
+    let b1 = Broker::new(q.clone(), cfg());
     let ids = submit(&b1, 1).await;
     let (mut w, _) = TestWorker::connect(&b1, "boot1", 1, None, vec![]).await;
     let a = w.assign().await;
     w.drop_connection().await;
     drop(b1);
-    let b2 = Broker::with_queue(q.clone(), cfg());
+    let b2 = Broker::new(q.clone(), cfg());
     let (mut w2, welcome) = TestWorker::connect(&b2, "boot2", 1, None, vec![]).await;
     assert!(!welcome.resumed);
     let again = w2.assign().await;
@@ -357,7 +357,7 @@ async fn new_process_on_a_gateway_without_its_session_spends_the_lost_attempt() 
 #[tokio::test]
 async fn gateway_restart_keeps_running_and_outbox_leases() {
     let q: Arc<dyn Queue> = Arc::new(SqliteQueue::in_memory(3).unwrap());
-    let b1 = Broker::with_queue(q.clone(), cfg());
+    let b1 = Broker::new(q.clone(), cfg());
     let ids = submit(&b1, 2).await;
     let (mut w, welcome) = TestWorker::connect(&b1, "boot1", 2, None, vec![]).await;
     let a = w.assign().await;
@@ -366,7 +366,7 @@ async fn gateway_restart_keeps_running_and_outbox_leases() {
     let (running, finished) = (a.tasks[0].lease.clone(), a.tasks[1].lease.clone());
     w.drop_connection().await;
     drop(b1);
-    let b2 = Broker::with_queue(q.clone(), cfg());
+    let b2 = Broker::new(q.clone(), cfg());
     let resume = Some(Resume {
         session: welcome.session,
         last_seq: a.seq,
@@ -576,7 +576,7 @@ fn reject(w: &mut TestWorker, lease: &str) {
 
 #[tokio::test]
 async fn a_retryable_reject_sends_the_task_elsewhere_then_back_after_the_back_off() {
-    let b = Broker::with_queue(
+    let b = Broker::new(
         Arc::new(SqliteQueue::in_memory(3).unwrap()),
         BrokerConfig {
             reject_backoff: Duration::from_millis(800),

@@ -1,32 +1,17 @@
-//! Assignments that fail on the transport: frames packed to fit `max_frame_bytes`, the
-//! refused or undelivered ones counted per task (`Queue::assign_failed`, dead-lettered as
-//! `assign_failed` after `max_assign_failures` in a row), cancels of unacked assignments,
-//! and oversized frames from workers.
+//! Dispatch: fills a session's free slots from the queue and sends the assignments in
+//! frames packed to fit `max_frame_bytes`. Assignments that fail on the transport (refused
+//! or undelivered) are counted per task (`Queue::assign_failed`, dead-lettered as
+//! `assign_failed` after `max_assign_failures` in a row); an ack of the frame resets the
+//! count; a cancel of an unacked assignment takes it out of its frame.
 
 use std::collections::HashSet;
 
-use futures_util::{Sink, SinkExt};
 use kiln_protocol::messages::*;
-use kiln_protocol::{DecodeError, Envelope, Message};
+use kiln_protocol::{Envelope, Message};
 
-use super::{Broker, SessionState, now_ms};
-use crate::model::Completion;
-
-/// A control frame sent to a worker and kept until acked.
-pub(crate) struct Retained {
-    /// Its control seq.
-    pub(crate) seq: u64,
-    /// The encoded frame.
-    pub(crate) frame: String,
-    /// `(lease, task_id)` of the tasks an `assign` carries; empty for other messages.
-    pub(crate) tasks: Vec<(String, String)>,
-}
-
-impl Retained {
-    fn is_assign(&self) -> bool {
-        !self.tasks.is_empty()
-    }
-}
+use crate::broker::{Broker, now_ms};
+use crate::model::{QueueError, Task};
+use crate::session::{Retained, SessionState};
 
 /// The assignments of one dispatch, split into frames of at most `max` bytes: tasks whose
 /// assignment never failed go together, in as few frames as fit; each task that failed an
@@ -48,6 +33,11 @@ fn pack(
     .from_source("gateway")
     .encode()
     .len();
+    let size_of = |t: &TaskAssignment| {
+        serde_json::to_string(t)
+            .map(|s| s.len())
+            .unwrap_or(usize::MAX)
+    };
     let (fresh, suspect): (Vec<_>, Vec<_>) = tasks
         .into_iter()
         .partition(|t| !suspects.contains(&t.task_id));
@@ -56,9 +46,7 @@ fn pack(
     let mut current: Vec<TaskAssignment> = Vec::new();
     let mut len = base;
     for t in fresh {
-        let size = serde_json::to_string(&t)
-            .map(|s| s.len())
-            .unwrap_or(usize::MAX);
+        let size = size_of(&t);
         if base.saturating_add(size) > max {
             refused.push(t);
             continue;
@@ -75,10 +63,7 @@ fn pack(
         frames.push(current);
     }
     for t in suspect {
-        let size = serde_json::to_string(&t)
-            .map(|s| s.len())
-            .unwrap_or(usize::MAX);
-        if base.saturating_add(size) > max {
+        if base.saturating_add(size_of(&t)) > max {
             refused.push(t);
         } else {
             frames.push(vec![t]);
@@ -87,54 +72,124 @@ fn pack(
     (frames, refused)
 }
 
-/// The control frames a resuming worker did not receive (seq above its `last_seq`), oldest
-/// first: `(seq, leases of an assign)`.
-pub(super) struct Unreceived(Vec<(u64, Vec<String>)>);
+/// The assignment a reserved task is sent as (`None`: reserved without a lease).
+fn assignment(t: Task) -> Option<TaskAssignment> {
+    Some(TaskAssignment {
+        task_id: t.id,
+        attempt: t.attempt,
+        lease: t.lease?,
+        request_id: t.request_id,
+        task_type: t.task_type,
+        priority: t.priority,
+        deadline: t.deadline,
+        model: t.model,
+        input: t.input,
+    })
+}
 
-impl Unreceived {
-    /// Splits them into the frame the connection failed on — the first one, when it is an
-    /// assign: its seq and its leases the worker does not claim — and the leases of the
-    /// assigns replayed after it.
-    pub(super) fn split(
-        self,
-        claimed: &HashSet<&String>,
-    ) -> (Option<u64>, Vec<String>, HashSet<String>) {
-        let mut frames = self.0.into_iter();
-        let (seq, blamed) = match frames.next() {
-            Some((seq, leases)) if !leases.is_empty() => (
-                Some(seq),
-                leases
-                    .into_iter()
-                    .filter(|l| !claimed.contains(l))
-                    .collect(),
-            ),
-            _ => (None, Vec::new()),
-        };
-        let replayed = frames.flat_map(|(_, leases)| leases).collect();
-        (seq, blamed, replayed)
-    }
+/// The credits one dispatch took from a session.
+struct Credits {
+    caps: Capabilities,
+    free: usize,
+    session: String,
 }
 
 impl Broker {
-    /// The control frames of the worker's session that a resuming `hello` says it did not
-    /// receive.
-    pub(super) fn unreceived(&self, hello: &Hello) -> Unreceived {
-        let Some(resume) = &hello.resume else {
-            return Unreceived(Vec::new());
+    /// Fills the worker's free slots from the queue.
+    pub(crate) async fn dispatch(&self, worker_id: &str) {
+        if self.is_paused() {
+            return;
+        }
+        let now = now_ms();
+        let lease_until = now + self.cfg.lease.as_millis() as u64;
+        let Some(credits) = self.take_credits(worker_id) else {
+            return;
         };
-        let sessions = self.sessions();
-        let frames = sessions
-            .get(&hello.worker_id)
-            .filter(|s| s.session == resume.session)
-            .map(|s| {
-                s.retained
-                    .iter()
-                    .filter(|r| r.seq > resume.last_seq)
-                    .map(|r| (r.seq, r.tasks.iter().map(|(l, _)| l.clone()).collect()))
-                    .collect()
-            })
-            .unwrap_or_default();
-        Unreceived(frames)
+        let reserved = self
+            .queue
+            .reserve(worker_id, &credits.caps, credits.free, lease_until, now)
+            .await;
+        let (refused, orphans) = match self.hand_out(worker_id, &credits, reserved) {
+            Some(r) => r,
+            None => return,
+        };
+        self.assignments_failed(worker_id, refused).await;
+        for lease in &orphans {
+            if let Err(e) = self
+                .queue
+                .release(lease, None, "the session ended before assignment", now)
+                .await
+            {
+                tracing::warn!(message = "release failed", error = %e);
+            }
+        }
+        if !orphans.is_empty() {
+            self.wake_dispatch();
+        }
+        self.publish();
+    }
+
+    /// Takes the session's free slots for a `reserve`; they stay taken while the store
+    /// answers. `None` when the session cannot take work now.
+    fn take_credits(&self, worker_id: &str) -> Option<Credits> {
+        let mut sessions = self.sessions();
+        let s = sessions.get_mut(worker_id)?;
+        if s.tx.is_none() || s.draining || s.replacing {
+            return None;
+        }
+        let free = s.free();
+        if free == 0 {
+            return None;
+        }
+        s.reserving += free;
+        Some(Credits {
+            caps: s.capabilities.clone(),
+            free,
+            session: s.session.clone(),
+        })
+    }
+
+    /// Gives the credits back and assigns the reserved tasks to the session that took them.
+    /// Returns the leases refused as too large and the leases to release because that
+    /// session was replaced meanwhile; `None` when there is nothing to do.
+    fn hand_out(
+        &self,
+        worker_id: &str,
+        credits: &Credits,
+        reserved: Result<Vec<Task>, QueueError>,
+    ) -> Option<(Vec<String>, Vec<String>)> {
+        let mut sessions = self.sessions();
+        let mut current = sessions
+            .get_mut(worker_id)
+            .filter(|s| s.session == credits.session);
+        if let Some(s) = current.as_mut() {
+            s.reserving = s.reserving.saturating_sub(credits.free);
+        }
+        let tasks = match reserved {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(message = "reserve failed", error = %e);
+                return None;
+            }
+        };
+        if tasks.is_empty() {
+            return None;
+        }
+        match current.filter(|s| !s.replacing) {
+            Some(s) => {
+                let assignments: Vec<TaskAssignment> =
+                    tasks.into_iter().filter_map(assignment).collect();
+                for a in &assignments {
+                    s.inflight.insert(a.lease.clone());
+                }
+                Some((self.push_assignments(s, assignments), Vec::new()))
+            }
+            // The session was replaced while the store answered: give the tasks back.
+            None => Some((
+                Vec::new(),
+                tasks.into_iter().filter_map(|t| t.lease).collect(),
+            )),
+        }
     }
 
     fn suspects(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
@@ -144,11 +199,7 @@ impl Broker {
     /// Sends the assignments of one dispatch to `s` in frames that fit the frame limit.
     /// Returns the leases of tasks too large for any frame (the caller counts them as
     /// failed assignments; they are already out of `s.inflight`).
-    pub(super) fn push_assignments(
-        &self,
-        s: &mut SessionState,
-        tasks: Vec<TaskAssignment>,
-    ) -> Vec<String> {
+    fn push_assignments(&self, s: &mut SessionState, tasks: Vec<TaskAssignment>) -> Vec<String> {
         let (frames, refused) = {
             let suspects = self.suspects();
             pack(tasks, &suspects, self.cfg.max_frame_bytes)
@@ -169,7 +220,7 @@ impl Broker {
     /// Counts a failed assignment for each lease (the store queues the task again, or
     /// dead-letters it as `assign_failed` after `max_assign_failures` in a row), and lets
     /// dispatch fill the freed slots.
-    pub(super) async fn assignments_failed(&self, worker_id: &str, leases: Vec<String>) {
+    pub(crate) async fn assignments_failed(&self, worker_id: &str, leases: Vec<String>) {
         if leases.is_empty() {
             return;
         }
@@ -200,7 +251,7 @@ impl Broker {
     /// The worker refused a frame (`error` envelope with code `oversized`): it acks every
     /// control message before the one it refuses, so the refused one is the oldest unacked
     /// `assign`. Takes it out of the session and returns its leases.
-    pub(super) fn take_refused(&self, worker_id: &str) -> Vec<String> {
+    pub(crate) fn take_refused(&self, worker_id: &str) -> Vec<String> {
         let mut sessions = self.sessions();
         let Some(s) = sessions.get_mut(worker_id) else {
             return Vec::new();
@@ -220,7 +271,7 @@ impl Broker {
 
     /// Control frames up to `seq` arrived. The tasks they assigned that had failed an
     /// assignment before start counting again from zero.
-    pub(super) async fn acked(&self, worker_id: &str, seq: u64) {
+    pub(crate) async fn acked(&self, worker_id: &str, seq: u64) {
         let delivered: Vec<(String, String)> = {
             let mut sessions = self.sessions();
             let Some(s) = sessions.get_mut(worker_id) else {
@@ -256,7 +307,7 @@ impl Broker {
     /// If `lease` was assigned to `worker_id` in a frame the worker has not acked, takes it
     /// out of that frame (the frame is not replayed with it) and of the session's leases.
     /// True when it was unacked: the caller ends the attempt at once.
-    pub(super) fn withdraw_unacked(&self, worker_id: &str, lease: &str) -> bool {
+    pub(crate) fn withdraw_unacked(&self, worker_id: &str, lease: &str) -> bool {
         let mut sessions = self.sessions();
         let Some(s) = sessions.get_mut(worker_id) else {
             return false;
@@ -283,51 +334,6 @@ impl Broker {
             r.frame = env.encode();
         }
         true
-    }
-
-    /// A worker frame over `max_frame_bytes` (but read, under the hard limit): answered with
-    /// an `oversized` error envelope, and the session goes on. An oversized `result` fails
-    /// its attempt with `result_too_large` (not retried) and gets a `result_ack` refusing
-    /// it, so the worker drops it from its outbox instead of resending it forever.
-    pub(super) async fn oversized_frame<K: Sink<String> + Unpin>(
-        &self,
-        worker_id: &str,
-        text: &str,
-        err: &DecodeError,
-        sink: &mut K,
-    ) {
-        tracing::warn!(message = "oversized frame from worker", worker_id = %worker_id, error = %err);
-        let _ = sink
-            .send(Envelope::error_reply(err, now_ms()).encode())
-            .await;
-        let Some(peek) = Envelope::peek(text) else {
-            return;
-        };
-        let (Some(lease), "result") = (peek.lease, peek.kind.as_str()) else {
-            return;
-        };
-        let error = TaskError::result_too_large(text.len(), self.cfg.max_frame_bytes);
-        let reason = format!("{}: {}", error.code, error.message);
-        self.free_lease(worker_id, &lease);
-        if let Err(e) = self
-            .queue
-            .complete(&lease, Completion::Error(error), now_ms())
-            .await
-        {
-            // Not acknowledged: the worker resends it, and it is answered again.
-            tracing::warn!(message = "oversized result not stored", error = %e);
-            return;
-        }
-        self.publish();
-        let ack = Message::ResultAck(ResultAck {
-            lease,
-            accepted: false,
-            reason: Some(reason),
-        });
-        let _ = sink
-            .send(Envelope::new(ack, now_ms()).from_source("gateway").encode())
-            .await;
-        self.dispatch(worker_id).await;
     }
 }
 

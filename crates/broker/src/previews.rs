@@ -2,12 +2,12 @@
 
 use kiln_protocol::messages::Preview;
 
-use super::Broker;
+use crate::broker::Broker;
 use crate::preview::Admission;
 
 impl Broker {
     /// Stores a preview unless it is malformed or over the lease's rate.
-    pub(super) async fn preview(&self, worker_id: &str, p: Preview, now: u64) {
+    pub(crate) async fn preview(&self, worker_id: &str, p: Preview, now: u64) {
         match self.previews.preview(&p) {
             Ok(Admission::Store(data)) => {
                 if let Err(e) = self
