@@ -17,9 +17,13 @@ CONC=${2:-16}
 SIZE=${3:-200000}
 RTT_MS=${4:-20}
 MODE=${MODE:-rtt}
-# PREREAD=256k sets nginx's http2_body_preread_size (its initial HTTP/2 stream window, 64k by
-# default) for a supplementary run in which one 200 KB body fits the window.
-PREREAD=${PREREAD:-}
+# nginx's http2_body_preread_size is its initial HTTP/2 stream window (64k when unset). The
+# bench sets 256k, as an upload server does, so that one 200 KB body fits the window and a
+# pooled upload needs one round trip, not two (docs/BENCHMARKS.md). PREREAD=64k gives nginx's
+# default; PREREAD= (empty) leaves the directive out.
+PREREAD=${PREREAD-256k}
+# ROWS="rtt_faulty_pooled rtt_nofault_pooled" runs only the rows named (default: every row of MODE).
+ROWS=${ROWS:-}
 NGINX=${NGINX:-/usr/sbin/nginx}
 dir=$(mktemp -d)
 pid=""
@@ -78,11 +82,14 @@ for p in $FAULT $CLEAN $BACK; do
 done
 echo "nginx pid $pid: faulty https://127.0.0.1:$FAULT, no-fault https://127.0.0.1:$CLEAN" >&2
 echo "--- nginx config ---" >&2; sed -n '/Faulty front/,/^}/p' "$dir/nginx.conf" >&2
+echo "http2_body_preread_size: ${PREREAD:-nginx default (64k)}" >&2
 
 cargo build --release --example upload_bench --example latency_proxy >&2
 bench() { target/release/examples/upload_bench --ca "$dir/ca.pem" --method POST \
   --requests "$REQ" --concurrency "$CONC" --size "$SIZE" "$@" | tail -n1; }
-row() { local name=$1; shift; echo "load before $name: $(uptime)" >&2
+row() { local name=$1; shift
+  if [ -n "$ROWS" ] && [[ " $ROWS " != *" $name "* ]]; then return 0; fi
+  echo "load before $name: $(uptime)" >&2
   echo "$name $(bench "$@")"; echo "load after $name: $(uptime)" >&2; }
 
 if [ "$MODE" = rtt ] || [ "$MODE" = all ]; then

@@ -45,6 +45,7 @@ mod config;
 mod error;
 mod metrics;
 mod pool;
+mod settled;
 mod spare;
 mod targets;
 mod tls;

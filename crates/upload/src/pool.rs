@@ -18,6 +18,7 @@ use crate::body::{BodyTracker, SendBody};
 use crate::classify::{SendState, classify_hyper};
 use crate::error::AttemptError;
 use crate::metrics::{MetricEvent, MetricsHook};
+use crate::settled::{FirstRead, Settled};
 
 /// Where connections go: scheme, host, port.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -84,6 +85,8 @@ pub(crate) struct Conn {
     last_used: Mutex<Instant>,
     pub(crate) connect_time: Duration,
     pub(crate) tls_time: Option<Duration>,
+    /// When the server's first bytes arrived (`settled.rs`).
+    pub(crate) settled: Arc<Settled>,
 }
 
 impl Conn {
@@ -154,6 +157,11 @@ pub(crate) struct HostLoad {
     pub(crate) waiting: u64,
     /// Connections being opened in the background.
     pub(crate) opening: u64,
+    /// Running average of a background connect, from its start until the server's first
+    /// bytes arrived.
+    pub(crate) open_time: Option<Duration>,
+    /// Running average of how long a request holds its connection.
+    pub(crate) request_time: Option<Duration>,
 }
 
 /// The connection pool. Cheap to clone.
@@ -175,6 +183,8 @@ pub(crate) struct Lease {
     /// What happened to the body, once a request was sent.
     body: Option<Arc<BodyTracker>>,
     body_len: u64,
+    /// When the connection was lent.
+    leased_at: Instant,
 }
 
 impl Lease {
@@ -287,6 +297,7 @@ impl Drop for Lease {
             && let Some(l) = loads.get_mut(&self.key)
         {
             l.inflight = l.inflight.saturating_sub(1);
+            crate::spare::ewma(&mut l.request_time, self.leased_at.elapsed());
         }
         let left = self.conn.inflight.fetch_sub(1, Ordering::Relaxed) - 1;
         self.conn.touch();
@@ -437,6 +448,7 @@ impl Pool {
             pool: self.inner.clone(),
             body: None,
             body_len: 0,
+            leased_at: Instant::now(),
         }
     }
 
@@ -515,6 +527,7 @@ impl Pool {
         };
         let _ = tcp.set_nodelay(true);
         let connect_time = started.elapsed();
+        let settled = Arc::new(Settled::default());
         let (tx, h2, tls_time) = if key.https {
             let name = rustls::pki_types::ServerName::try_from(key.host.clone())
                 .map_err(|e| AttemptError::Invalid(format!("bad TLS server name: {e}")))?;
@@ -536,13 +549,11 @@ impl Pool {
             };
             let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
             let tls_time = tls_start.elapsed();
-            (
-                self.handshake(TokioIo::new(stream), h2).await?,
-                h2,
-                Some(tls_time),
-            )
+            let io = TokioIo::new(FirstRead::new(stream, settled.clone()));
+            (self.handshake(io, h2).await?, h2, Some(tls_time))
         } else {
-            (self.handshake(TokioIo::new(tcp), false).await?, false, None)
+            let io = TokioIo::new(FirstRead::new(tcp, settled.clone()));
+            (self.handshake(io, false).await?, false, None)
         };
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         if let Some(m) = &self.inner.metrics {
@@ -568,6 +579,7 @@ impl Pool {
             last_used: Mutex::new(Instant::now()),
             connect_time,
             tls_time,
+            settled,
         });
         Ok((conn, tx))
     }

@@ -6,22 +6,29 @@
 //! The rule, checked each time a request takes a connection (so an idle pool opens nothing):
 //! the request slots still free on the host's usable connections — `limit - requests` each,
 //! counting nothing for a connection within the last quarter of its idle timeout — plus
-//! `limit` for each connection being opened, must cover twice the requests in flight on the
-//! host (`HEADROOM`).
+//! `limit` for each connection being opened, must cover `headroom` times the requests in
+//! flight on the host. `headroom` is one more than the number of requests that start, per
+//! request in flight, while a connection is being opened (the host's running averages of a
+//! background connect and of how long a request holds its connection), and between 2 and 8:
+//! with high round-trip times a connect lasts several requests, and the next connection must
+//! be started that many requests earlier.
 //! When they do not, one more connection is opened in the background; a request that finds
 //! no room waits for such a connection rather than opening yet another. Requests waiting
-//! for a connection count as in flight. Bounds: at most `ceil(2 x in flight / limit)`
-//! background connects at once per host, and a connection that
-//! finishes opening when the host no longer needs it is kept only if the host has no other
-//! unused one, so at most one warm spare per host outlives its demand.
+//! for a connection count as in flight. A connection opened in the background is lent only
+//! once its server's first bytes (its SETTINGS) arrived, so that its first requests send into
+//! the server's stream window rather than the 64 KiB default (`settled.rs`).
+//! Bounds: at most `ceil(headroom x in flight / limit)` background connects at once per host,
+//! and a connection that finishes opening when the host no longer needs it is kept only if
+//! the host has no other unused one, so at most one warm spare per host outlives its demand.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use tokio::sync::Notify;
 
 use crate::metrics::MetricEvent;
-use crate::pool::{H2Entry, Key, Lease, Pool, Sender};
+use crate::pool::{H2Entry, HostLoad, Key, Lease, Pool, Sender};
 
 /// Counts a request as waiting for a connection while it lives.
 pub(crate) struct Waiting {
@@ -39,9 +46,39 @@ impl Drop for Waiting {
     }
 }
 
-/// Free request slots kept per request in flight: one for the request that replaces it when
-/// it ends, one more so that the connection being opened is ready before that one ends too.
+/// Free request slots kept per request in flight, at least: one for the request that
+/// replaces it when it ends, one more so that the connection being opened is ready before
+/// that one ends too.
 const HEADROOM: u64 = 2;
+/// At most this many free slots per request in flight, however slow connects are.
+const MAX_HEADROOM: u64 = 8;
+
+impl HostLoad {
+    /// Free slots wanted per request in flight: enough for the requests that will start
+    /// while one more connection is being opened (its measured time to open over the measured
+    /// time a request holds a connection), plus one, and at least `HEADROOM`.
+    pub(crate) fn headroom(&self) -> u64 {
+        let (Some(open), Some(request)) = (self.open_time, self.request_time) else {
+            return HEADROOM;
+        };
+        let per_request = request.as_secs_f64().max(1e-4);
+        let starts = (open.as_secs_f64() / per_request).ceil() as u64;
+        (starts + 1).clamp(HEADROOM, MAX_HEADROOM)
+    }
+
+    /// Free slots wanted on the host right now.
+    fn wanted(&self) -> u64 {
+        (self.inflight + self.waiting) * self.headroom()
+    }
+}
+
+/// Moves a running average one eighth of the way towards `sample`.
+pub(crate) fn ewma(avg: &mut Option<Duration>, sample: Duration) {
+    *avg = Some(match *avg {
+        None => sample,
+        Some(a) => (a * 7 + sample) / 8,
+    });
+}
 
 impl Pool {
     /// Marks a request as waiting for a connection to `key` until the guard is dropped.
@@ -126,7 +163,7 @@ impl Pool {
             return;
         };
         let load = loads.entry(key.clone()).or_default();
-        let want = (load.inflight + load.waiting) * HEADROOM;
+        let want = load.wanted();
         if free + load.opening * limit >= want || load.opening >= want.div_ceil(limit) {
             return;
         }
@@ -138,16 +175,35 @@ impl Pool {
     }
 
     async fn open_spare(self, key: Key) {
-        let result = self.establish(&key).await;
+        let started = tokio::time::Instant::now();
+        let mut result = self.establish(&key).await;
+        // Lent only once the server's SETTINGS arrived, so that its first requests send into
+        // the server's stream window at once (`settled.rs`).
+        if let Ok((conn, Sender::H2(tx))) = &result {
+            let left = self
+                .inner
+                .settings
+                .connect_timeout
+                .saturating_sub(started.elapsed());
+            let heard = tokio::time::timeout(left, conn.settled.wait()).await;
+            if heard.is_err() || tx.is_closed() {
+                result = Err(crate::error::AttemptError::Invalid(
+                    "the server sent nothing on a new connection".into(),
+                ));
+            }
+        }
         let inner = &self.inner;
         let mut loads = inner.loads.lock().ok();
         if let Some(l) = loads.as_mut().and_then(|m| m.get_mut(&key)) {
             l.opening = l.opening.saturating_sub(1);
+            if result.is_ok() {
+                ewma(&mut l.open_time, started.elapsed());
+            }
         }
         let demand = loads
             .as_ref()
             .and_then(|m| m.get(&key))
-            .map_or(0, |l| (l.inflight + l.waiting) * HEADROOM);
+            .map_or(0, HostLoad::wanted);
         drop(loads);
         let done = self.spare_done(&key);
         let _wake = WakeOnDrop(&done);
@@ -191,5 +247,43 @@ struct WakeOnDrop<'a>(&'a Notify);
 impl Drop for WakeOnDrop<'_> {
     fn drop(&mut self) {
         self.0.notify_waiters();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(open_ms: Option<u64>, request_ms: Option<u64>) -> HostLoad {
+        HostLoad {
+            inflight: 16,
+            open_time: open_ms.map(Duration::from_millis),
+            request_time: request_ms.map(Duration::from_millis),
+            ..HostLoad::default()
+        }
+    }
+
+    #[test]
+    fn headroom_covers_the_requests_started_while_a_connection_opens() {
+        // Nothing measured yet: the minimum.
+        assert_eq!(load(None, Some(30)).headroom(), HEADROOM);
+        // A connect shorter than a request: the minimum.
+        assert_eq!(load(Some(10), Some(30)).headroom(), HEADROOM);
+        // Three round trips to open, one and a half per request: two requests start per
+        // request in flight while it opens, plus one.
+        assert_eq!(load(Some(65), Some(30)).headroom(), 4);
+        assert_eq!(load(Some(60), Some(30)).headroom(), 3);
+        assert_eq!(load(Some(60), Some(30)).wanted(), 48);
+        // Bounded however slow connects are.
+        assert_eq!(load(Some(5000), Some(1)).headroom(), MAX_HEADROOM);
+    }
+
+    #[test]
+    fn ewma_moves_an_eighth() {
+        let mut a = None;
+        ewma(&mut a, Duration::from_millis(80));
+        assert_eq!(a, Some(Duration::from_millis(80)));
+        ewma(&mut a, Duration::from_millis(160));
+        assert_eq!(a, Some(Duration::from_millis(90)));
     }
 }

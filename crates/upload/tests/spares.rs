@@ -149,9 +149,21 @@ async fn concurrent_uploads_rarely_wait_and_spares_stay_bounded() {
         waits <= 20,
         "at most 10% of 200 uploads waited for a handshake: {waits} ({s:?})"
     );
-    // 208 uploads at 5 per connection need 42; the in-flight bound allows
-    // ceil(2 x 8 / 5) = 4 connects at once, so no more than that are left unused.
-    assert!(s.connections <= 42 + 4 + 1, "spares are bounded: {s:?}");
+    // 208 uploads at 5 per connection need 42; the in-flight bound allows at most
+    // ceil(8 x 8 / 5) = 13 connects at once (headroom at most 8), so no more than that are
+    // left unused. Here a connect (20 ms handshake delay) lasts about one request (20 ms),
+    // so the headroom is 2 or 3 and far fewer are.
+    assert!(s.connections <= 42 + 13 + 1, "spares are bounded: {s:?}");
+    // A background connect started by the last requests may still be in its handshake.
+    let mut s = counters.snapshot();
+    for _ in 0..40 {
+        if s.connections == srv.accepted.load(Ordering::Relaxed) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        s = counters.snapshot();
+    }
+    assert!(s.connections <= 42 + 13 + 1, "spares are bounded: {s:?}");
     assert_eq!(s.connections, srv.accepted.load(Ordering::Relaxed));
 }
 
