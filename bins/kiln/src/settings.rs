@@ -1,6 +1,7 @@
 //! The one place that reads the environment: built-in defaults < TOML file < `KILN_*`
 //! variables, mapped into each library's `Config` struct.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -25,6 +26,10 @@ pub(crate) struct Settings {
     pub(crate) broker: kiln_gateway::BrokerConfig,
     pub(crate) queue: Queue,
     pub(crate) demo_worker: DemoWorker,
+    /// The upstream providers' settings, `[gateway.openai.providers.<name>]`, for the
+    /// provider worker (the gateway reads only their names and base URLs).
+    #[serde(skip)]
+    pub(crate) providers: BTreeMap<String, kiln_provider::ProviderConfig>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -127,12 +132,26 @@ pub(crate) fn load(path: Option<&Path>) -> Result<Settings, String> {
     let cfg = b
         .build()
         .map_err(|e| format!("invalid configuration: {e}"))?;
+    let providers = providers(&cfg)?;
     let mut settings: Settings = cfg
         .try_deserialize()
         .map_err(|e| format!("invalid configuration: {e}"))?;
+    settings.providers = providers;
     settings.validate()?;
     settings.resolve_secrets()?;
     Ok(settings)
+}
+
+/// The upstream providers' settings (`[gateway.openai.providers.<name>]`), as kiln-provider
+/// takes them.
+fn providers(
+    cfg: &config::Config,
+) -> Result<BTreeMap<String, kiln_provider::ProviderConfig>, String> {
+    match cfg.get("gateway.openai.providers") {
+        Ok(p) => Ok(p),
+        Err(config::ConfigError::NotFound(_)) => Ok(BTreeMap::new()),
+        Err(e) => Err(format!("invalid configuration: {e}")),
+    }
 }
 
 impl Settings {
@@ -235,6 +254,10 @@ impl Settings {
             .openai
             .validate()
             .map_err(|e| format!("invalid configuration: {e}"))?;
+        for (name, p) in &self.providers {
+            p.validate(name, &format!("gateway.openai.providers.{name}"))
+                .map_err(|e| format!("invalid configuration: {e}"))?;
+        }
         if self.demo_worker.enabled && self.demo_worker.slots == 0 {
             return Err("invalid configuration: demo_worker.slots must be at least 1".into());
         }
@@ -286,7 +309,7 @@ impl Settings {
     /// credentials).
     fn resolve_secrets(&mut self) -> Result<(), String> {
         let lookup = |name: &str| std::env::var(name).ok();
-        for (name, p) in self.gateway.openai.providers.iter_mut() {
+        for (name, p) in self.providers.iter_mut() {
             if let Some(t) = p.upload.target.as_mut() {
                 t.resolve_secrets(
                     &format!("gateway.openai.providers.{name}.upload.target"),
@@ -392,9 +415,13 @@ mod tests {
 
     #[test]
     fn the_documented_reference_upload_example_loads() {
-        use kiln_gateway::openai::{ReferenceMode, TargetConfig};
+        use kiln_provider::{ReferenceMode, TargetConfig};
         let s = load_toml(&upload_example("PATH", "PATH")).unwrap();
-        let p = &s.gateway.openai.providers["acme"];
+        assert_eq!(
+            s.gateway.openai.providers["acme"].base_url,
+            s.providers["acme"].base_url
+        );
+        let p = &s.providers["acme"];
         assert_eq!(p.references, ReferenceMode::Upload);
         assert_eq!(p.upload.client.retry.max_retries, 3);
         let Some(TargetConfig::JsonBase64(t)) = &p.upload.target else {
