@@ -12,7 +12,7 @@ use base64::Engine as _;
 use bytes::Bytes;
 use http::{HeaderValue, Method, Uri, header};
 use kiln_upload::{
-    FetchError, FetchPolicy, HttpRequest, Payload, RetryConfig, UploadClient, UploadConfig,
+    FetchError, FetchPolicy, HttpRequest, Payload, RetryConfig, Sent, UploadClient, UploadConfig,
     fetch_image,
 };
 use serde_json::{Map, Value, json};
@@ -356,6 +356,17 @@ impl OpenAiCompatible {
             }
         };
         let attempts = log_attempts(&sent.attempts, None);
+        self.read_answer(&sent, attempts, uploads).await
+    }
+
+    /// The images of a 2xx answer: `b64_json` decoded, `url`s downloaded under the
+    /// provider's fetch policy.
+    async fn read_answer(
+        &self,
+        sent: &Sent,
+        attempts: Vec<Attempt>,
+        uploads: Vec<UploadRecord>,
+    ) -> Result<Output, ProviderError> {
         let bad = |message: String, attempts: &[Attempt]| ProviderError::BadResult {
             message,
             attempts: attempts.to_vec(),
