@@ -19,16 +19,15 @@ use kiln_provider::{ProviderConfig, task_type};
 use kiln_worker::{Files, WorkerConfig};
 use serde_json::{Value, json};
 
-/// A 1x1 PNG.
-const PNG: &[u8] = &[
-    0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a, 0x00, 0x00, 0x00, 0x0d, 0x49, 0x48, 0x44, 0x52,
-    0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x01, 0x08, 0x06, 0x00, 0x00, 0x00, 0x1f, 0x15, 0xc4,
-    0x89, 0x00, 0x00, 0x00, 0x0d, 0x49, 0x44, 0x41, 0x54, 0x78, 0xda, 0x63, 0x64, 0x60, 0xf8, 0x5f,
-    0x0f, 0x00, 0x02, 0x87, 0x01, 0x80, 0xeb, 0x47, 0xba, 0x92, 0x00, 0x00, 0x00, 0x00, 0x49, 0x45,
-    0x4e, 0x44, 0xae, 0x42, 0x60, 0x82,
-];
+/// A small PNG, as the upstream returns it.
+fn png() -> Vec<u8> {
+    let img = image::RgbImage::from_pixel(3, 2, image::Rgb([200, 40, 40]));
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Png).unwrap();
+    out.into_inner()
+}
 
-/// An upstream that answers every generation with [`PNG`] and records the bodies it got.
+/// An upstream that answers every generation with [`png`] and records the bodies it got.
 async fn upstream(status: u16) -> (String, Arc<Mutex<Vec<Value>>>) {
     let seen = Arc::new(Mutex::new(Vec::new()));
     let s = seen.clone();
@@ -38,7 +37,7 @@ async fn upstream(status: u16) -> (String, Arc<Mutex<Vec<Value>>>) {
             let s = s.clone();
             async move {
                 s.lock().unwrap().push(body);
-                let b64 = base64::engine::general_purpose::STANDARD.encode(PNG);
+                let b64 = base64::engine::general_purpose::STANDARD.encode(png());
                 let code = axum::http::StatusCode::from_u16(status).unwrap();
                 let answer = if status == 200 {
                     json!({"data": [{"b64_json": b64, "revised_prompt": "a red cat"}],
@@ -152,7 +151,7 @@ async fn a_provider_task_is_run_upstream_and_its_image_stored() {
     assert_eq!(out["upstream"]["attempts"].as_array().unwrap().len(), 1);
     let id = out["files"][0]["id"].as_str().unwrap();
     let stored = Files::new(&cfg).download(id).await.unwrap();
-    assert_eq!(&stored[..], PNG);
+    assert_eq!(stored.to_vec(), png());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
