@@ -421,6 +421,11 @@ mod tests {
             s.gateway.openai.providers["acme"].base_url,
             s.providers["acme"].base_url
         );
+        // The gateway's task type of a provider model is the one the provider worker serves.
+        assert_eq!(
+            kiln_gateway::openai::provider_task_type("acme"),
+            kiln_provider::task_type("acme")
+        );
         let p = &s.providers["acme"];
         assert_eq!(p.references, ReferenceMode::Upload);
         assert_eq!(p.upload.client.retry.max_retries, 3);
