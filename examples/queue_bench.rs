@@ -167,11 +167,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let (r, e) = (r.clone(), e.clone());
         async move {
             *r.lock()
-                .map_err(|_| TaskError {
-                    code: "poisoned".into(),
-                    message: String::new(),
-                    retryable: false,
-                })?
+                .map_err(|_| TaskError::fatal("poisoned", ""))?
                 .entry(ctx.task_id)
                 .or_default() += 1;
             e.fetch_add(1, Ordering::Relaxed);

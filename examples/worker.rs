@@ -30,11 +30,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     .handler("echo", |ctx: TaskContext| async move {
         for step in 1..=5 {
             if ctx.is_cancelled() {
-                return Err(TaskError {
-                    code: "canceled".into(),
-                    message: "canceled".into(),
-                    retryable: false,
-                });
+                return Err(TaskError::fatal("canceled", "canceled"));
             }
             ctx.progress("echoing", step, 5);
             tokio::time::sleep(Duration::from_millis(200)).await;

@@ -1,9 +1,15 @@
 //! The demo generator behind the reference worker. It is NOT a model: `txt2img` paints a
 //! deterministic procedural picture from a hash of the prompt and seed, and `img2img`
 //! applies real image transforms chosen by words in the prompt. It exists so the whole
-//! pipeline (queue, dispatch, progress, files) runs with nothing installed.
+//! pipeline (queue, dispatch, progress, files) runs with nothing installed. The worker's
+//! handlers (`txt2img`, `img2img`, `delete_asset`) read and store files with
+//! [`kiln_worker::Files`].
+
+use std::time::Instant;
 
 use image::{DynamicImage, GenericImageView, ImageBuffer, Rgb, RgbImage, imageops};
+use kiln_worker::{Deleted, Files, TaskContext, TaskError, Worker, WorkerConfig};
+use serde_json::{Value, json};
 
 /// Largest side the demo generator paints.
 pub(crate) const MAX_SIDE: u32 = 2048;
@@ -250,6 +256,217 @@ pub(crate) fn previews(img: &DynamicImage, count: u32) -> Vec<(Vec<u8>, &'static
             (jpeg.len() <= PREVIEW_BYTES).then_some((jpeg, "image/jpeg"))
         })
         .collect()
+}
+
+/// Sends coarse-to-fine previews of `img`: `input.partial_images` of them (0 to 3),
+/// default 2.
+fn send_previews(ctx: &TaskContext, img: &DynamicImage) {
+    let count = ctx.input["partial_images"].as_u64().unwrap_or(2).min(3) as u32;
+    for (bytes, mime) in previews(img, count) {
+        if let Err(e) = ctx.preview(&bytes, mime) {
+            tracing::warn!(message = "preview not sent", error = %e);
+        }
+    }
+}
+
+/// Task types of the demo worker.
+pub(crate) const TASK_TYPES: &[&str] = &["txt2img", "img2img", "delete_asset"];
+
+/// The demo worker for `cfg`: `txt2img`, `img2img` and `delete_asset`, its files read and
+/// written through the gateway's files API ([`Files`]).
+pub(crate) fn worker(cfg: WorkerConfig) -> Worker {
+    let files = Files::new(&cfg);
+    let (f1, f2, f3) = (files.clone(), files.clone(), files);
+    Worker::new(cfg)
+        .handler("txt2img", move |ctx| run_txt2img(f1.clone(), ctx))
+        .handler("img2img", move |ctx| run_img2img(f2.clone(), ctx))
+        .handler("delete_asset", move |ctx| run_delete_asset(f3.clone(), ctx))
+}
+
+fn bad_input(msg: impl Into<String>) -> TaskError {
+    TaskError::fatal("invalid_input", msg)
+}
+
+/// A blocking step that did not finish (it panicked): retried, another attempt may pass.
+fn crashed(e: tokio::task::JoinError) -> TaskError {
+    TaskError::retryable("worker_crashed", e.to_string())
+}
+
+fn encode_png(img: &DynamicImage) -> Result<Vec<u8>, TaskError> {
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Png)
+        .map_err(|e| TaskError::fatal("encode", e.to_string()))?;
+    Ok(out.into_inner())
+}
+
+fn dim(v: &Value, key: &str, default: u32) -> Result<u32, TaskError> {
+    match &v[key] {
+        Value::Null => Ok(default),
+        x => x
+            .as_u64()
+            .filter(|n| (1..=u64::from(MAX_SIDE)).contains(n))
+            .map(|n| n as u32)
+            .ok_or_else(|| bad_input(format!("{key} must be an integer from 1 to {MAX_SIDE}"))),
+    }
+}
+
+/// `n` of an input: how many images to make (1 to 10).
+fn count(v: &Value) -> Result<u32, TaskError> {
+    match &v["n"] {
+        Value::Null => Ok(1),
+        x => x
+            .as_u64()
+            .filter(|n| (1..=10).contains(n))
+            .map(|n| n as u32)
+            .ok_or_else(|| bad_input("n must be an integer from 1 to 10")),
+    }
+}
+
+async fn run_txt2img(files: Files, ctx: TaskContext) -> Result<Value, TaskError> {
+    let input = ctx.input.clone();
+    let prompt = input["prompt"]
+        .as_str()
+        .ok_or_else(|| bad_input("input.prompt (string) is required"))?
+        .to_owned();
+    let (w, h) = (dim(&input, "width", 512)?, dim(&input, "height", 512)?);
+    let seed = input["seed"].as_u64().unwrap_or(0);
+    let n = count(&input)?;
+    let mut out = Vec::new();
+    for i in 0..n {
+        let c = ctx.clone();
+        let p = prompt.clone();
+        let png = tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
+            let img = txt2img(&p, seed + u64::from(i), w, h, |step, total| {
+                c.progress("render", u64::from(i * total + step), u64::from(n * total))
+            });
+            c.record_stage("render", started.elapsed());
+            let img = DynamicImage::ImageRgb8(img);
+            if i == 0 {
+                send_previews(&c, &img);
+            }
+            let started = Instant::now();
+            let png = encode_png(&img);
+            c.record_stage("encode", started.elapsed());
+            png
+        })
+        .await
+        .map_err(crashed)??;
+        if ctx.is_cancelled() {
+            return Err(TaskError::fatal("canceled", "canceled"));
+        }
+        out.push(ctx.timed("upload", files.upload(png, "image/png")).await?);
+    }
+    Ok(json!({"files": out, "seed": seed, "generator": "kiln demo (procedural, not a model)"}))
+}
+
+/// The reference file ids of an img2img input: `images` (several) or `image` (one).
+fn reference_ids(input: &Value) -> Result<Vec<String>, TaskError> {
+    let ids: Vec<String> = match input["images"].as_array() {
+        Some(a) => a
+            .iter()
+            .filter_map(|v| v.as_str().map(str::to_owned))
+            .collect(),
+        None => input["image"]
+            .as_str()
+            .map(str::to_owned)
+            .into_iter()
+            .collect(),
+    };
+    if ids.is_empty() || ids.len() > 16 {
+        return Err(bad_input(
+            "input.image (a file id) or input.images (1 to 16 file ids) is required",
+        ));
+    }
+    Ok(ids)
+}
+
+fn decode(data: &[u8]) -> Result<DynamicImage, TaskError> {
+    let mut reader = image::ImageReader::new(std::io::Cursor::new(data))
+        .with_guessed_format()
+        .map_err(|e| bad_input(e.to_string()))?;
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(16_384);
+    limits.max_image_height = Some(16_384);
+    reader.limits(limits);
+    reader
+        .decode()
+        .map_err(|e| bad_input(format!("cannot decode the input image: {e}")))
+}
+
+/// The blocking part of img2img: decode the references, edit, encode. Returns the PNGs
+/// and the transforms applied.
+fn edit_blocking(
+    c: &TaskContext,
+    data: &[bytes::Bytes],
+    prompt: &str,
+    max_side: u32,
+    size: Option<(u32, u32)>,
+    n: u32,
+) -> Result<(Vec<Vec<u8>>, Vec<&'static str>), TaskError> {
+    let started = Instant::now();
+    let refs = data
+        .iter()
+        .map(|d| decode(d))
+        .collect::<Result<Vec<_>, _>>()?;
+    c.record_stage("decode", started.elapsed());
+    let started = Instant::now();
+    let (outs, applied) = edit(refs, prompt, max_side, size, n);
+    c.record_stage("render", started.elapsed());
+    if let Some(first) = outs.first() {
+        send_previews(c, first);
+    }
+    let started = Instant::now();
+    let pngs = outs.iter().map(encode_png).collect::<Result<Vec<_>, _>>()?;
+    c.record_stage("encode", started.elapsed());
+    Ok((pngs, applied))
+}
+
+async fn run_img2img(files: Files, ctx: TaskContext) -> Result<Value, TaskError> {
+    let input = ctx.input.clone();
+    let ids = reference_ids(&input)?;
+    let prompt = input["prompt"].as_str().unwrap_or("").to_owned();
+    let max_side = dim(&input, "max_side", 1024)?;
+    let size = match (&input["width"], &input["height"]) {
+        (Value::Null, Value::Null) => None,
+        _ => Some((dim(&input, "width", 512)?, dim(&input, "height", 512)?)),
+    };
+    let n = count(&input)?;
+    let total = ids.len() as u64 + u64::from(n) + 1;
+    let mut data = Vec::with_capacity(ids.len());
+    for (i, id) in ids.iter().enumerate() {
+        ctx.progress("download", i as u64, total);
+        data.push(ctx.timed("download", files.download(id)).await?);
+    }
+    ctx.progress("transform", ids.len() as u64, total);
+    let c = ctx.clone();
+    let (pngs, applied) =
+        tokio::task::spawn_blocking(move || edit_blocking(&c, &data, &prompt, max_side, size, n))
+            .await
+            .map_err(crashed)??;
+    let mut out = Vec::new();
+    for (i, png) in pngs.into_iter().enumerate() {
+        ctx.progress("upload", ids.len() as u64 + 1 + i as u64, total);
+        out.push(ctx.timed("upload", files.upload(png, "image/png")).await?);
+    }
+    Ok(json!({"files": out, "transforms": applied, "references": ids.len()}))
+}
+
+async fn run_delete_asset(files: Files, ctx: TaskContext) -> Result<Value, TaskError> {
+    let id = ctx.input["file_id"]
+        .as_str()
+        .ok_or_else(|| bad_input("input.file_id is required"))?
+        .to_owned();
+    if !files.created(&id).await {
+        return Err(TaskError::fatal(
+            "not_owner",
+            format!("this worker did not create {id}"),
+        ));
+    }
+    match files.delete(&id).await? {
+        Deleted::AlreadyGone => Ok(json!({"deleted": id, "already_gone": true})),
+        _ => Ok(json!({"deleted": id})),
+    }
 }
 
 #[cfg(test)]

@@ -3,7 +3,6 @@
 
 mod demo;
 mod listen;
-mod provider;
 mod settings;
 
 use std::path::PathBuf;

@@ -2,23 +2,15 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context as _;
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::{Client, connect::HttpConnector};
-use hyper_util::rt::TokioExecutor;
 use kiln_broker::{Broker, PostgresOptions, PostgresQueue, SqliteOptions, SqliteQueue};
 use kiln_gateway::{AppState, hash_secret};
-use kiln_worker::{TaskContext, TaskError, Worker, WorkerConfig};
-use serde_json::{Value, json};
+use kiln_worker::WorkerConfig;
 
 use crate::demo;
 use crate::settings::{QueueBackend, Settings};
-
-/// Task types of the built-in demo worker.
-const DEMO_TYPES: &[&str] = &["txt2img", "img2img", "delete_asset"];
 
 pub(crate) async fn serve(s: Settings) -> anyhow::Result<()> {
     tokio::fs::create_dir_all(&s.server.data_dir)
@@ -65,7 +57,7 @@ pub(crate) async fn serve(s: Settings) -> anyhow::Result<()> {
     let demo_token = format!("demo-{}", uuid::Uuid::new_v4().simple());
     if s.demo_worker.enabled {
         gw.known_task_types
-            .extend(DEMO_TYPES.iter().map(|t| t.to_string()));
+            .extend(demo::TASK_TYPES.iter().map(|t| t.to_string()));
     }
     let openai_types = gw.openai.task_types();
     gw.known_task_types.extend(openai_types);
@@ -106,13 +98,13 @@ pub(crate) async fn serve(s: Settings) -> anyhow::Result<()> {
     };
     let demo = if s.demo_worker.enabled {
         let url = format!("ws://{local}/v1/workers/connect");
-        let worker = demo_worker_builder(
+        let worker = demo::worker(demo_config(
             url,
             Some(demo_token.clone()),
             s.server.data_dir.join("demo-worker"),
             s.demo_worker.slots,
             s.demo_worker.models.clone(),
-        );
+        ));
         let handle = worker.handle();
         let task = tokio::spawn(async move {
             if let Err(e) = worker.run().await {
@@ -124,15 +116,18 @@ pub(crate) async fn serve(s: Settings) -> anyhow::Result<()> {
         None
     };
 
-    let providers = if s.gateway.openai.providers.is_empty() {
+    let providers = if s.providers.is_empty() {
         None
     } else {
-        let worker = crate::provider::worker(
-            format!("ws://{local}/v1/workers/connect"),
-            Some(demo_token.clone()),
-            s.server.data_dir.join("provider-worker"),
-            &s.gateway.openai.providers,
-        )?;
+        let cfg = WorkerConfig {
+            url: format!("ws://{local}/v1/workers/connect"),
+            token: Some(demo_token.clone()),
+            state_dir: s.server.data_dir.join("provider-worker"),
+            labels: vec!["provider".into()],
+            ..WorkerConfig::default()
+        };
+        let worker =
+            kiln_provider::worker(cfg, &s.providers).context("gateway.openai.providers")?;
         let handle = worker.handle();
         let task = tokio::spawn(async move {
             if let Err(e) = worker.run().await {
@@ -226,7 +221,7 @@ pub(crate) async fn demo_worker(
     slots: u32,
     models: Vec<String>,
 ) -> anyhow::Result<()> {
-    let worker = demo_worker_builder(url, token, state_dir, slots, models);
+    let worker = demo::worker(demo_config(url, token, state_dir, slots, models));
     let handle = worker.handle();
     tokio::spawn(async move {
         shutdown_signal().await;
@@ -236,159 +231,15 @@ pub(crate) async fn demo_worker(
     Ok(())
 }
 
-/// The files API of the gateway, as the demo worker uses it.
-#[derive(Clone)]
-pub(crate) struct FilesApi {
-    base: String,
-    token: Option<String>,
-    client: Client<HttpConnector, Full<Bytes>>,
-    owned: PathBuf,
-}
-
-pub(crate) fn bad_input(msg: impl Into<String>) -> TaskError {
-    TaskError {
-        code: "invalid_input".into(),
-        message: msg.into(),
-        retryable: false,
-    }
-}
-
-pub(crate) fn transient(msg: impl Into<String>) -> TaskError {
-    TaskError {
-        code: "files_api".into(),
-        message: msg.into(),
-        retryable: true,
-    }
-}
-
-impl FilesApi {
-    /// The files API of the gateway whose worker socket is `url`; files this worker
-    /// creates are listed in `<state_dir>/owned-files`.
-    pub(crate) fn new(url: &str, token: Option<String>, state_dir: &std::path::Path) -> Self {
-        let base = url
-            .replacen("ws://", "http://", 1)
-            .replacen("wss://", "https://", 1)
-            .split("/v1/")
-            .next()
-            .unwrap_or_default()
-            .trim_end_matches('/')
-            .to_owned();
-        Self {
-            base,
-            token,
-            client: Client::builder(TokioExecutor::new()).build_http(),
-            owned: state_dir.join("owned-files"),
-        }
-    }
-
-    async fn call(
-        &self,
-        method: hyper::Method,
-        path: &str,
-        body: Vec<u8>,
-        ct: Option<&str>,
-    ) -> Result<(u16, String, Bytes), TaskError> {
-        let mut req = hyper::Request::builder()
-            .method(method)
-            .uri(format!("{}{path}", self.base));
-        if let Some(t) = &self.token {
-            req = req.header("authorization", format!("Bearer {t}"));
-        }
-        if let Some(ct) = ct {
-            req = req.header("content-type", ct);
-        }
-        let req = req
-            .body(Full::new(Bytes::from(body)))
-            .map_err(|e| transient(e.to_string()))?;
-        let fut = async {
-            let resp = self
-                .client
-                .request(req)
-                .await
-                .map_err(|e| transient(e.to_string()))?;
-            let status = resp.status().as_u16();
-            let ct = resp
-                .headers()
-                .get("content-type")
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("")
-                .to_owned();
-            let body = resp
-                .into_body()
-                .collect()
-                .await
-                .map_err(|e| transient(e.to_string()))?
-                .to_bytes();
-            Ok::<_, TaskError>((status, ct, body))
-        };
-        tokio::time::timeout(Duration::from_secs(60), fut)
-            .await
-            .map_err(|_| transient("files API timed out"))?
-    }
-
-    pub(crate) async fn upload(&self, bytes: Vec<u8>, ct: &str) -> Result<Value, TaskError> {
-        let (status, _, body) = self
-            .call(hyper::Method::POST, "/v1/files", bytes, Some(ct))
-            .await?;
-        if status != 201 {
-            return Err(transient(format!(
-                "upload answered {status}: {}",
-                String::from_utf8_lossy(&body[..body.len().min(200)])
-            )));
-        }
-        let v: Value = serde_json::from_slice(&body)
-            .map_err(|e| transient(format!("upload answer is not JSON: {e}")))?;
-        if let Some(id) = v["id"].as_str() {
-            use tokio::io::AsyncWriteExt as _;
-            let line = format!("{id}\n");
-            if let Ok(mut f) = tokio::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&self.owned)
-                .await
-            {
-                let _ = f.write_all(line.as_bytes()).await;
-            }
-        }
-        Ok(
-            json!({"id": v["id"], "content_type": v["content_type"], "bytes": v["bytes"], "width": v["width"], "height": v["height"], "sha256": v["sha256"]}),
-        )
-    }
-
-    pub(crate) async fn download(&self, id: &str) -> Result<Bytes, TaskError> {
-        let (status, _, body) = self
-            .call(
-                hyper::Method::GET,
-                &format!("/v1/files/{id}"),
-                Vec::new(),
-                None,
-            )
-            .await?;
-        match status {
-            200 => Ok(body),
-            404 => Err(bad_input(format!("no file {id}"))),
-            s => Err(transient(format!("download answered {s}"))),
-        }
-    }
-
-    async fn owns(&self, id: &str) -> bool {
-        tokio::fs::read_to_string(&self.owned)
-            .await
-            .unwrap_or_default()
-            .lines()
-            .any(|l| l == id)
-    }
-}
-
-fn demo_worker_builder(
+/// The demo worker's configuration: labelled `demo`, serving `models`.
+fn demo_config(
     url: String,
     token: Option<String>,
     state_dir: PathBuf,
     slots: u32,
     models: Vec<String>,
-) -> Worker {
-    let api = FilesApi::new(&url, token.clone(), &state_dir);
-    let cfg = WorkerConfig {
+) -> WorkerConfig {
+    WorkerConfig {
         url,
         token,
         state_dir,
@@ -396,209 +247,5 @@ fn demo_worker_builder(
         models,
         labels: vec!["demo".into()],
         ..WorkerConfig::default()
-    };
-    let (a1, a2, a3) = (api.clone(), api.clone(), api);
-    Worker::new(cfg)
-        .handler("txt2img", move |ctx| txt2img(a1.clone(), ctx))
-        .handler("img2img", move |ctx| img2img(a2.clone(), ctx))
-        .handler("delete_asset", move |ctx| delete_asset(a3.clone(), ctx))
-}
-
-fn encode_png(img: &image::DynamicImage) -> Result<Vec<u8>, TaskError> {
-    let mut out = std::io::Cursor::new(Vec::new());
-    img.write_to(&mut out, image::ImageFormat::Png)
-        .map_err(|e| TaskError {
-            code: "encode".into(),
-            message: e.to_string(),
-            retryable: false,
-        })?;
-    Ok(out.into_inner())
-}
-
-/// Sends coarse-to-fine previews of `img`: `input.partial_images` of them (0 to 3),
-/// default 2.
-fn send_previews(ctx: &TaskContext, img: &image::DynamicImage) {
-    let count = ctx.input["partial_images"].as_u64().unwrap_or(2).min(3) as u32;
-    for (bytes, mime) in demo::previews(img, count) {
-        if let Err(e) = ctx.preview(&bytes, mime) {
-            tracing::warn!(message = "preview not sent", error = %e);
-        }
-    }
-}
-
-fn dim(v: &Value, key: &str, default: u32) -> Result<u32, TaskError> {
-    match &v[key] {
-        Value::Null => Ok(default),
-        x => x
-            .as_u64()
-            .filter(|n| (1..=u64::from(demo::MAX_SIDE)).contains(n))
-            .map(|n| n as u32)
-            .ok_or_else(|| {
-                bad_input(format!(
-                    "{key} must be an integer from 1 to {}",
-                    demo::MAX_SIDE
-                ))
-            }),
-    }
-}
-
-/// `n` of an input: how many images to make (1 to 10).
-fn count(v: &Value) -> Result<u32, TaskError> {
-    match &v["n"] {
-        Value::Null => Ok(1),
-        x => x
-            .as_u64()
-            .filter(|n| (1..=10).contains(n))
-            .map(|n| n as u32)
-            .ok_or_else(|| bad_input("n must be an integer from 1 to 10")),
-    }
-}
-
-async fn txt2img(api: FilesApi, ctx: TaskContext) -> Result<Value, TaskError> {
-    let input = ctx.input.clone();
-    let prompt = input["prompt"]
-        .as_str()
-        .ok_or_else(|| bad_input("input.prompt (string) is required"))?
-        .to_owned();
-    let (w, h) = (dim(&input, "width", 512)?, dim(&input, "height", 512)?);
-    let seed = input["seed"].as_u64().unwrap_or(0);
-    let n = count(&input)?;
-    let mut files = Vec::new();
-    for i in 0..n {
-        let c = ctx.clone();
-        let p = prompt.clone();
-        let png = tokio::task::spawn_blocking(move || {
-            let started = Instant::now();
-            let img = demo::txt2img(&p, seed + u64::from(i), w, h, |step, total| {
-                c.progress("render", u64::from(i * total + step), u64::from(n * total))
-            });
-            c.record_stage("render", started.elapsed());
-            let img = image::DynamicImage::ImageRgb8(img);
-            if i == 0 {
-                send_previews(&c, &img);
-            }
-            let started = Instant::now();
-            let png = encode_png(&img);
-            c.record_stage("encode", started.elapsed());
-            png
-        })
-        .await
-        .map_err(|e| transient(e.to_string()))??;
-        if ctx.is_cancelled() {
-            return Err(TaskError {
-                code: "canceled".into(),
-                message: "canceled".into(),
-                retryable: false,
-            });
-        }
-        files.push(ctx.timed("upload", api.upload(png, "image/png")).await?);
-    }
-    Ok(json!({"files": files, "seed": seed, "generator": "kiln demo (procedural, not a model)"}))
-}
-
-/// The reference file ids of an img2img input: `images` (several) or `image` (one).
-fn reference_ids(input: &Value) -> Result<Vec<String>, TaskError> {
-    let ids: Vec<String> = match input["images"].as_array() {
-        Some(a) => a
-            .iter()
-            .filter_map(|v| v.as_str().map(str::to_owned))
-            .collect(),
-        None => input["image"]
-            .as_str()
-            .map(str::to_owned)
-            .into_iter()
-            .collect(),
-    };
-    if ids.is_empty() || ids.len() > 16 {
-        return Err(bad_input(
-            "input.image (a file id) or input.images (1 to 16 file ids) is required",
-        ));
-    }
-    Ok(ids)
-}
-
-fn decode(data: &[u8]) -> Result<image::DynamicImage, TaskError> {
-    let mut reader = image::ImageReader::new(std::io::Cursor::new(data))
-        .with_guessed_format()
-        .map_err(|e| bad_input(e.to_string()))?;
-    let mut limits = image::Limits::default();
-    limits.max_image_width = Some(16_384);
-    limits.max_image_height = Some(16_384);
-    reader.limits(limits);
-    reader
-        .decode()
-        .map_err(|e| bad_input(format!("cannot decode the input image: {e}")))
-}
-
-async fn img2img(api: FilesApi, ctx: TaskContext) -> Result<Value, TaskError> {
-    let input = ctx.input.clone();
-    let ids = reference_ids(&input)?;
-    let prompt = input["prompt"].as_str().unwrap_or("").to_owned();
-    let max_side = dim(&input, "max_side", 1024)?;
-    let size = match (&input["width"], &input["height"]) {
-        (Value::Null, Value::Null) => None,
-        _ => Some((dim(&input, "width", 512)?, dim(&input, "height", 512)?)),
-    };
-    let n = count(&input)?;
-    let total = ids.len() as u64 + u64::from(n) + 1;
-    let mut data = Vec::with_capacity(ids.len());
-    for (i, id) in ids.iter().enumerate() {
-        ctx.progress("download", i as u64, total);
-        data.push(ctx.timed("download", api.download(id)).await?);
-    }
-    ctx.progress("transform", ids.len() as u64, total);
-    let c = ctx.clone();
-    let (pngs, applied) = tokio::task::spawn_blocking(move || {
-        let started = Instant::now();
-        let refs = data
-            .iter()
-            .map(|d| decode(d))
-            .collect::<Result<Vec<_>, _>>()?;
-        c.record_stage("decode", started.elapsed());
-        let started = Instant::now();
-        let (outs, applied) = demo::edit(refs, &prompt, max_side, size, n);
-        c.record_stage("render", started.elapsed());
-        if let Some(first) = outs.first() {
-            send_previews(&c, first);
-        }
-        let started = Instant::now();
-        let pngs = outs.iter().map(encode_png).collect::<Result<Vec<_>, _>>()?;
-        c.record_stage("encode", started.elapsed());
-        Ok::<_, TaskError>((pngs, applied))
-    })
-    .await
-    .map_err(|e| transient(e.to_string()))??;
-    let mut files = Vec::new();
-    for (i, png) in pngs.into_iter().enumerate() {
-        ctx.progress("upload", ids.len() as u64 + 1 + i as u64, total);
-        files.push(ctx.timed("upload", api.upload(png, "image/png")).await?);
-    }
-    Ok(json!({"files": files, "transforms": applied, "references": ids.len()}))
-}
-
-async fn delete_asset(api: FilesApi, ctx: TaskContext) -> Result<Value, TaskError> {
-    let id = ctx.input["file_id"]
-        .as_str()
-        .ok_or_else(|| bad_input("input.file_id is required"))?
-        .to_owned();
-    if !api.owns(&id).await {
-        return Err(TaskError {
-            code: "not_owner".into(),
-            message: format!("this worker did not create {id}"),
-            retryable: false,
-        });
-    }
-    let (status, _, _) = api
-        .call(
-            hyper::Method::DELETE,
-            &format!("/v1/files/{id}"),
-            Vec::new(),
-            None,
-        )
-        .await?;
-    match status {
-        204 => Ok(json!({"deleted": id})),
-        404 => Ok(json!({"deleted": id, "already_gone": true})),
-        s => Err(transient(format!("delete answered {s}"))),
     }
 }

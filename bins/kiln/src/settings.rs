@@ -1,6 +1,7 @@
 //! The one place that reads the environment: built-in defaults < TOML file < `KILN_*`
 //! variables, mapped into each library's `Config` struct.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -28,6 +29,10 @@ pub(crate) struct Settings {
     pub(crate) store: StoreSettings,
     pub(crate) queue: Queue,
     pub(crate) demo_worker: DemoWorker,
+    /// The upstream providers' settings, `[gateway.openai.providers.<name>]`, for the
+    /// provider worker (the gateway reads only their names and base URLs).
+    #[serde(skip)]
+    pub(crate) providers: BTreeMap<String, kiln_provider::ProviderConfig>,
 }
 
 /// The settings of `[broker]` that belong to the queue store (attempts, retry back-off,
@@ -173,16 +178,33 @@ pub(crate) fn load(path: Option<&Path>) -> Result<Settings, String> {
             .with_list_parse_key("gateway.metrics_token_hashes")
             .with_list_parse_key("storage.client.retry.retry_statuses"),
     );
+    let cfg = b
+        .build()
+        .map_err(|e| format!("invalid configuration: {e}"))?;
+    let providers = providers(&cfg)?;
     let read = || -> Result<Settings, config::ConfigError> {
-        let mut root = config::Source::collect(&b.build()?)?;
+        let mut root = config::Source::collect(&cfg)?;
         let store = StoreSettings::take(&mut root)?;
         let settings: Settings = config::Value::from(root).try_deserialize()?;
         Ok(Settings { store, ..settings })
     };
     let mut settings = read().map_err(|e| format!("invalid configuration: {e}"))?;
+    settings.providers = providers;
     settings.validate()?;
     settings.resolve_secrets()?;
     Ok(settings)
+}
+
+/// The upstream providers' settings (`[gateway.openai.providers.<name>]`), as kiln-provider
+/// takes them.
+fn providers(
+    cfg: &config::Config,
+) -> Result<BTreeMap<String, kiln_provider::ProviderConfig>, String> {
+    match cfg.get("gateway.openai.providers") {
+        Ok(p) => Ok(p),
+        Err(config::ConfigError::NotFound(_)) => Ok(BTreeMap::new()),
+        Err(e) => Err(format!("invalid configuration: {e}")),
+    }
 }
 
 impl Settings {
@@ -285,6 +307,10 @@ impl Settings {
             .openai
             .validate()
             .map_err(|e| format!("invalid configuration: {e}"))?;
+        for (name, p) in &self.providers {
+            p.validate(name, &format!("gateway.openai.providers.{name}"))
+                .map_err(|e| format!("invalid configuration: {e}"))?;
+        }
         if self.demo_worker.enabled && self.demo_worker.slots == 0 {
             return Err("invalid configuration: demo_worker.slots must be at least 1".into());
         }
@@ -336,7 +362,7 @@ impl Settings {
     /// credentials).
     fn resolve_secrets(&mut self) -> Result<(), String> {
         let lookup = |name: &str| std::env::var(name).ok();
-        for (name, p) in self.gateway.openai.providers.iter_mut() {
+        for (name, p) in self.providers.iter_mut() {
             if let Some(t) = p.upload.target.as_mut() {
                 t.resolve_secrets(
                     &format!("gateway.openai.providers.{name}.upload.target"),
@@ -455,9 +481,18 @@ mod tests {
 
     #[test]
     fn the_documented_reference_upload_example_loads() {
-        use kiln_gateway::openai::{ReferenceMode, TargetConfig};
+        use kiln_provider::{ReferenceMode, TargetConfig};
         let s = load_toml(&upload_example("PATH", "PATH")).unwrap();
-        let p = &s.gateway.openai.providers["acme"];
+        assert_eq!(
+            s.gateway.openai.providers["acme"].base_url,
+            s.providers["acme"].base_url
+        );
+        // The gateway's task type of a provider model is the one the provider worker serves.
+        assert_eq!(
+            kiln_gateway::openai::provider_task_type("acme"),
+            kiln_provider::task_type("acme")
+        );
+        let p = &s.providers["acme"];
         assert_eq!(p.references, ReferenceMode::Upload);
         assert_eq!(p.upload.client.retry.max_retries, 3);
         let Some(TargetConfig::JsonBase64(t)) = &p.upload.target else {

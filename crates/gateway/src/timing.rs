@@ -337,11 +337,7 @@ mod tests {
             .lease
             .clone()
             .unwrap();
-        let err = kiln_protocol::messages::TaskError {
-            code: "oom".into(),
-            message: "x".into(),
-            retryable: true,
-        };
+        let err = kiln_protocol::messages::TaskError::retryable("oom", "x");
         q.complete(&lease, kiln_broker::Completion::Error(err), t0 + 150)
             .await
             .unwrap();

@@ -224,18 +224,37 @@ pub struct TaskError {
 }
 
 impl TaskError {
+    /// A failure another attempt may not repeat (the GPU was busy, a service was down):
+    /// the gateway runs the task again within its attempt budget.
+    pub fn retryable(code: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            code: code.into(),
+            message: message.into(),
+            retryable: true,
+        }
+    }
+
+    /// A failure every attempt would repeat (bad input, an unsupported option): the task
+    /// fails at once.
+    pub fn fatal(code: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            code: code.into(),
+            message: message.into(),
+            retryable: false,
+        }
+    }
+
     /// The failure a worker reports instead of a result whose frame would be `size` bytes,
     /// over the `limit` the gateway accepts: code `result_too_large`, not retryable (the
     /// same handler would produce the same output), pointing to the files API.
     pub fn result_too_large(size: usize, limit: usize) -> Self {
-        Self {
-            code: "result_too_large".into(),
-            message: format!(
+        Self::fatal(
+            "result_too_large",
+            format!(
                 "the result frame is {size} bytes, over the {limit}-byte frame limit; upload large \
                  outputs with the files API (POST /v1/files) and return {{\"files\":[{{\"id\":\"...\"}}]}}"
             ),
-            retryable: false,
-        }
+        )
     }
 }
 
@@ -411,5 +430,26 @@ impl Preview {
                 "a preview carries exactly one of `data` (base64) and `file` (a file id)".into(),
             ),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn task_error_constructors_set_the_retry_flag() {
+        let e = TaskError::retryable("gpu_busy", format!("{} in use", "GPU 0"));
+        assert_eq!(
+            (e.code.as_str(), e.message.as_str(), e.retryable),
+            ("gpu_busy", "GPU 0 in use", true)
+        );
+        let e = TaskError::fatal("invalid_input", "no prompt");
+        assert_eq!((e.code.as_str(), e.retryable), ("invalid_input", false));
+        let json = serde_json::to_value(&e).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"code": "invalid_input", "message": "no prompt", "retryable": false})
+        );
     }
 }

@@ -41,11 +41,7 @@ fn worker(url: String, dir: &Path, runs: Arc<AtomicU32>) -> Worker {
         ctx.progress("working", 1, 2);
         std::thread::sleep(Duration::from_millis(150));
         if ctx.input["fail"] == true {
-            return Err(TaskError {
-                code: "bad_input".into(),
-                message: "asked to fail".into(),
-                retryable: false,
-            });
+            return Err(TaskError::fatal("bad_input", "asked to fail"));
         }
         Ok(json!({"echo": ctx.input}))
     })

@@ -398,11 +398,7 @@ async fn tcp_cut_for_2s_resumes_without_redelivery_and_replays_cancel() {
             async move {
                 r.fetch_add(1, Ordering::SeqCst);
                 match tokio::time::timeout(Duration::from_secs(20), ctx.cancelled()).await {
-                    Ok(()) => Err(TaskError {
-                        code: "cancelled".into(),
-                        message: "stopped on request".into(),
-                        retryable: false,
-                    }),
+                    Ok(()) => Err(TaskError::fatal("cancelled", "stopped on request")),
                     Err(_) => Ok(json!("not cancelled")),
                 }
             }

@@ -15,14 +15,14 @@ use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use kiln_broker::{NewTask, Task};
 use kiln_protocol::TaskState;
+use kiln_upload::{FetchPolicy, fetch_image};
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 use tokio::sync::broadcast;
 
 use super::body::json_body;
-use super::config::{ModelConfig, ProviderConfig, ResponseFormat, RunsOn};
+use super::config::{ModelConfig, ResponseFormat, RunsOn, provider_task_type};
 use super::error::OpenAiError;
-use super::fetch::{FetchPolicy, fetch_image};
 use crate::AppState;
 use crate::files::store_image;
 use crate::links::Links;
@@ -178,7 +178,7 @@ impl Call {
                 if let Some(s) = &self.size_text {
                     input.insert("size".into(), s.clone().into());
                 }
-                ProviderConfig::task_type(&self.model.provider)
+                provider_task_type(&self.model.provider)
             }
             _ => {
                 input.insert("model".into(), self.model_name.clone().into());

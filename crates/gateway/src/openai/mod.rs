@@ -1,17 +1,14 @@
 //! The OpenAI-compatible images API (`/v1/images/generations`, `/v1/images/edits`,
-//! `/v1/models`) on top of kiln's durable tasks, and the upstream provider client that
-//! forwards work to another OpenAI-compatible image API.
+//! `/v1/models`) on top of kiln's durable tasks. Models may run on workers or on an upstream
+//! provider; the gateway only names a provider model's task type, which a provider worker
+//! serves.
 
 mod body;
 mod config;
 mod error;
-mod fetch;
 pub(crate) mod images;
-mod ip_ranges;
 pub(crate) mod models;
 mod params;
-mod provider;
-mod references;
 mod stream;
 
 use std::time::Duration;
@@ -20,18 +17,10 @@ use axum::Router;
 use axum::routing::{get, post};
 
 pub use config::{
-    ImageUrlConfig, ModelConfig, OpenAiConfig, ProviderConfig, ProviderKind, ReferenceMode,
-    ResponseFormat, RunsOn,
+    ImageUrlConfig, ModelConfig, OpenAiConfig, ProviderRoute, ResponseFormat, RunsOn,
+    provider_task_type,
 };
 pub(crate) use error::OpenAiError;
-pub use fetch::FetchError;
-pub use provider::{
-    Attempt, Call, Image, OpenAiCompatible, Output, ProviderError, attempts_json, summary,
-};
-pub use references::{
-    FallbackConfig, JsonBase64Config, MultipartConfig, PutConfig, ReferenceUploadConfig,
-    S3TargetConfig, Secret, SendAs, SkippedTarget, TargetConfig, UploadRecord,
-};
 
 use crate::AppState;
 

@@ -23,7 +23,7 @@ fn model_object(state: &AppState, name: &str, m: &ModelConfig) -> Value {
                 "provider": m.provider,
                 "upstream_model": if m.upstream_model.is_empty() { name } else { &m.upstream_model },
                 "upstream_host": host,
-                "task_types": [super::ProviderConfig::task_type(&m.provider)],
+                "task_types": [super::provider_task_type(&m.provider)],
             })
         }
         _ => {

@@ -1,4 +1,4 @@
-//! Downloads of upstream result images with SSRF protection: the host is resolved once, every
+//! Downloads of images from URLs that clients or upstreams name, with SSRF protection: the host is resolved once, every
 //! address is checked (loopback, private, link-local and other non-public ranges refused
 //! unless allowed), and the connection goes to a checked address, so a DNS answer that
 //! changes between check and connect cannot redirect it. One HTTP/1.1 request, no
@@ -8,23 +8,30 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::Bytes;
-use axum::http::{Request, Uri, header};
+use bytes::Bytes;
+use http::{Request, Uri, header};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 
-use super::ip_ranges::{Kind, classify};
+mod ip_ranges;
+
+use ip_ranges::{Kind, classify};
 
 /// What downloads may reach and how much they may take.
 #[derive(Debug, Clone)]
-pub(crate) struct FetchPolicy {
-    pub(crate) allow_loopback: bool,
-    pub(crate) allow_private: bool,
-    pub(crate) timeout: Duration,
-    pub(crate) max_bytes: usize,
-    /// `(origin, Authorization value)`: sent only to URLs of that origin (the upstream's
+pub struct FetchPolicy {
+    /// URLs may point at loopback addresses (127.0.0.0/8, ::1).
+    pub allow_loopback: bool,
+    /// URLs may point at private, link-local, CGNAT and other addresses that are not
+    /// globally reachable.
+    pub allow_private: bool,
+    /// Time limit of the whole download.
+    pub timeout: Duration,
+    /// Largest body taken, bytes.
+    pub max_bytes: usize,
+    /// `(origin, Authorization value)`: sent only to URLs of that origin (an upstream's
     /// own file URLs), never elsewhere.
-    pub(crate) auth: Option<(String, String)>,
+    pub auth: Option<(String, String)>,
 }
 
 /// Why a download failed.
@@ -66,7 +73,7 @@ pub enum FetchError {
 /// Why `ip` may not be fetched under `p`, or `None` when it may: every range that is not
 /// globally reachable (`ip_ranges`), loopback only with `allow_loopback`, the others only
 /// with `allow_private`, unspecified, broadcast and multicast never.
-pub(crate) fn refusal(ip: IpAddr, p: &FetchPolicy) -> Option<&'static str> {
+fn refusal(ip: IpAddr, p: &FetchPolicy) -> Option<&'static str> {
     let (kind, name) = classify(ip)?;
     let allowed = match kind {
         Kind::Loopback => p.allow_loopback,
@@ -125,8 +132,9 @@ async fn resolve(
     Ok(addrs)
 }
 
-/// Downloads one image. Returns its bytes and content type.
-pub(crate) async fn fetch_image(url: &str, p: &FetchPolicy) -> Result<(Bytes, String), FetchError> {
+/// Downloads one image under policy `p`: one HTTP/1.1 GET, no redirects, a 200 answer
+/// with an `image/*` content type within `p.max_bytes`. Returns its bytes and content type.
+pub async fn fetch_image(url: &str, p: &FetchPolicy) -> Result<(Bytes, String), FetchError> {
     match tokio::time::timeout(p.timeout, fetch_inner(url, p)).await {
         Ok(r) => r,
         Err(_) => Err(FetchError::Timeout(url.to_owned())),
@@ -203,7 +211,7 @@ async fn fetch_inner(url: &str, p: &FetchPolicy) -> Result<(Bytes, String), Fetc
             "answered {status}; redirects are not followed"
         )));
     }
-    if status != axum::http::StatusCode::OK {
+    if status != http::StatusCode::OK {
         return Err(bad(format!("answered {status}")));
     }
     let ctype = resp

@@ -6,14 +6,15 @@
 
 use std::collections::BTreeMap;
 
-use axum::http::{HeaderMap, HeaderName, HeaderValue, Uri};
+use http::{HeaderMap, HeaderName, HeaderValue, Uri};
 use kiln_upload::{
     Fallback, JsonBase64, Multipart, PresignedPut, S3, S3Config, UploadClient, UploadConfig,
     UploadError, UploadFile, UploadTarget,
 };
 use serde::{Deserialize, Serialize};
 
-use super::provider::{Attempt, Image, log_attempts};
+use crate::client::Image;
+use crate::error::{Attempt, log_attempts};
 
 /// A secret read by the binary from an environment variable; never printed.
 #[derive(Clone, Default, PartialEq, Eq)]
@@ -44,8 +45,8 @@ pub enum SendAs {
     FileId,
 }
 
-/// `[gateway.openai.providers.<name>.upload]`: where references go before an edit call
-/// with `references = "upload"`.
+/// [`crate::ProviderConfig::upload`]: where references go before an edit call with
+/// `references = "upload"`.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ReferenceUploadConfig {
