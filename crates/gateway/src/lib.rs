@@ -36,6 +36,7 @@ mod metrics;
 pub mod openai;
 mod openapi;
 mod overview;
+mod params;
 mod policy;
 mod range;
 mod s3store;
@@ -265,6 +266,7 @@ pub fn router(state: AppState) -> Router {
     let mut app = app
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn(params::layer))
         .layer(axum::extract::DefaultBodyLimit::max(body_limit))
         .layer(middleware::from_fn_with_state(state.clone(), policy::layer))
         .layer(middleware::from_fn(policy::json_errors))
