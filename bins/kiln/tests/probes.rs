@@ -22,7 +22,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use support::{Server, call, post_json, start};
+use support::{Server, call, post_json, proc_kib, start};
 use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::net::TcpStream;
 
@@ -32,16 +32,6 @@ const RSS_BOUND_KIB: u64 = 300 * 1024;
 
 fn addr(base: &str) -> String {
     base.trim_start_matches("http://").to_owned()
-}
-
-/// A field of `/proc/<pid>/status` in KiB.
-fn proc_kib(pid: u32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
 }
 
 async fn healthy(base: &str) {
