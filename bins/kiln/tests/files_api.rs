@@ -23,7 +23,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use kiln_worker::{TaskContext, TaskError, Worker, WorkerConfig};
 use serde_json::{Value, json};
-use support::{call, post_json, start, wait_status};
+use support::{call, post_json, proc_kib, start, wait_status};
 
 const CHUNK: usize = 64 << 10;
 const TOTAL: u64 = 200 << 20;
@@ -43,16 +43,6 @@ fn chunk(i: u64) -> Bytes {
         out[..MP4.len()].copy_from_slice(MP4);
     }
     Bytes::from(out)
-}
-
-/// A field of `/proc/<pid>/status` in KiB (`VmRSS`, `VmHWM`).
-fn proc_kib(pid: u32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

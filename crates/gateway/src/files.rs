@@ -31,6 +31,53 @@ pub(crate) struct UploadParams {
     max_dim: Option<u32>,
 }
 
+/// Longest value of a form field other than `file`.
+const FORM_TEXT_BYTES: usize = 1024;
+
+impl UploadParams {
+    /// The form fields a multipart upload takes besides `file`: the query's options.
+    const FORM_FIELDS: &[&str] = &["file", "max_bytes", "max_dim"];
+
+    /// Sets the option a form field names, as the query would; an option given both ways,
+    /// a value that is no number and an unknown field are refused.
+    fn set_form_field(&mut self, name: &str, value: String) -> Result<(), ApiError> {
+        crate::params::check_fields([name], Self::FORM_FIELDS, crate::params::Place::Form)?;
+        fn number<T: std::str::FromStr>(
+            slot: &mut Option<T>,
+            name: &str,
+            value: &str,
+        ) -> Result<(), ApiError> {
+            if slot.is_some() {
+                return Err(ApiError::invalid(format!(
+                    "{name} is given twice (in the query or the form)"
+                )));
+            }
+            let v = value.trim().parse().map_err(|_| {
+                ApiError::invalid(format!("{name} must be a whole number, not {value:?}"))
+            })?;
+            *slot = Some(v);
+            Ok(())
+        }
+        match name {
+            "max_bytes" => number(&mut self.max_bytes, name, &value),
+            "max_dim" => number(&mut self.max_dim, name, &value),
+            _ => Err(ApiError::malformed(format!(
+                "the form field {name:?} is not an option"
+            ))),
+        }
+    }
+
+    /// Refuses the image options for a file of type `ct`, which is no image.
+    fn only_for_images(&self, ct: &str) -> Result<(), ApiError> {
+        if self.max_bytes.is_some() || self.max_dim.is_some() {
+            return Err(ApiError::invalid(format!(
+                "max_bytes and max_dim apply to JPEG, PNG, WebP and GIF images; this file is {ct}"
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// A stored file.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(crate) struct FileObject {
@@ -61,13 +108,15 @@ impl FileObject {
 
 /// Upload a file: the raw body with its Content-Type, or multipart with a `file` field.
 /// Either way the body streams to the storage; the type is sniffed from the content.
+/// The options (`max_bytes`, `max_dim`) go in the query or, in a multipart body, as form
+/// fields; any other form field is `400 unknown_parameter`.
 #[utoipa::path(
     post, path = "/v1/files", tag = "files",
     params(UploadParams),
-    request_body(content_type = "application/octet-stream", description = "the raw file with its Content-Type (any type within `files.max_bytes`), or multipart/form-data with a `file` field"),
+    request_body(content_type = "application/octet-stream", description = "the raw file with its Content-Type (any type within `files.max_bytes`), or multipart/form-data with a `file` field and optionally `max_bytes` and `max_dim` fields"),
     responses(
         (status = 201, body = FileObject),
-        (status = 400, description = "malformed request"),
+        (status = 400, description = "malformed request, or an unknown query parameter or form field"),
         (status = 413, description = "too large"),
         (status = 415, description = "a content type `files.allowed_types` does not allow"),
         (status = 422, description = "invalid parameter, empty file or undecodable image"),
@@ -101,29 +150,41 @@ pub(crate) async fn upload(
         let mut mp = Multipart::from_request(req, &state)
             .await
             .map_err(|e| ApiError::malformed(e.body_text()))?;
+        let mut params = params;
         let mut found = None;
+        // Options may come as form fields (`curl -F max_bytes=300000`), before or after the
+        // file, which waits in memory or in the spool until the whole form is read.
         while let Some(field) = mp
             .next_field()
             .await
             .map_err(|e| multipart_error(e.status(), e.body_text(), limit))?
         {
-            if field.name() == Some("file") {
-                let ct = field.content_type().unwrap_or("").to_ascii_lowercase();
-                let body = Box::pin(
-                    field.map(|r| r.map_err(|e| multipart_error(e.status(), e.body_text(), limit))),
-                );
-                found = Some(receive(&state, body, &ct, &params).await?);
-                break;
+            let name = field.name().unwrap_or("").to_owned();
+            if name != "file" {
+                params.set_form_field(&name, form_text(field, limit).await?)?;
+                continue;
             }
+            if found.is_some() {
+                return Err(ApiError::malformed(
+                    "the multipart body has more than one `file` field",
+                ));
+            }
+            let ct = field.content_type().unwrap_or("").to_ascii_lowercase();
+            let body = Box::pin(
+                field.map(|r| r.map_err(|e| multipart_error(e.status(), e.body_text(), limit))),
+            );
+            found = Some(receive(&state, body, &ct, &params).await?);
         }
-        found.ok_or_else(|| ApiError::invalid("multipart body has no `file` field"))?
+        let found = found.ok_or_else(|| ApiError::invalid("multipart body has no `file` field"))?;
+        keep(&state, found, &params).await?
     } else {
         let body = Box::pin(
             req.into_body()
                 .into_data_stream()
                 .map(|r| r.map_err(|e| ApiError::malformed(format!("the upload broke off: {e}")))),
         );
-        receive(&state, body, &ctype, &params).await?
+        let received = receive(&state, body, &ctype, &params).await?;
+        keep(&state, received, &params).await?
     };
     let location = links.file(&meta.id);
     let obj = FileObject::new(meta, &links);
@@ -140,14 +201,26 @@ fn too_large(limit: u64) -> ApiError {
     ))
 }
 
+/// An upload read in full, not yet stored.
+enum Received {
+    /// An image, in memory, to be checked (and compressed when asked) before it is stored.
+    Image { data: Bytes, content_type: String },
+    /// Anything else, in the spool.
+    Other {
+        spooled: crate::spool::Spooled,
+        content_type: String,
+    },
+}
+
 /// Reads an upload's first bytes, decides its type, then either gathers an image in memory
-/// (checked and compressed like before) or streams anything else to the storage.
+/// or streams anything else to the spool. `params` are the options known so far (a form
+/// field after the file may add some; [`keep`] checks them all).
 async fn receive(
     state: &AppState,
     mut body: impl futures_util::Stream<Item = Result<Bytes, ApiError>> + Unpin,
     declared: &str,
     params: &UploadParams,
-) -> Result<FileMeta, ApiError> {
+) -> Result<Received, ApiError> {
     let cfg = &state.config().files;
     let mut head = BytesMut::new();
     let mut complete = false;
@@ -192,13 +265,12 @@ async fn receive(
             }
             head.extend_from_slice(&chunk);
         }
-        return store_image(state, head.freeze(), &ct, params.max_bytes, params.max_dim).await;
+        return Ok(Received::Image {
+            data: head.freeze(),
+            content_type: ct,
+        });
     }
-    if params.max_bytes.is_some() || params.max_dim.is_some() {
-        return Err(ApiError::invalid(format!(
-            "max_bytes and max_dim apply to JPEG, PNG, WebP and GIF images; this file is {ct}"
-        )));
-    }
+    params.only_for_images(&ct)?;
     let mut spool = Spool::create(state.spool_dir())
         .await
         .map_err(|e| storage_error(e.into()))?;
@@ -218,6 +290,28 @@ async fn receive(
             .map_err(|e| storage_error(e.into()))?;
     }
     let spooled = spool.finish().await.map_err(|e| storage_error(e.into()))?;
+    Ok(Received::Other {
+        spooled,
+        content_type: ct,
+    })
+}
+
+/// Stores what [`receive`] read, with every option of the request.
+async fn keep(
+    state: &AppState,
+    received: Received,
+    params: &UploadParams,
+) -> Result<FileMeta, ApiError> {
+    let (spooled, ct) = match received {
+        Received::Image { data, content_type } => {
+            return store_image(state, data, &content_type, params.max_bytes, params.max_dim).await;
+        }
+        Received::Other {
+            spooled,
+            content_type,
+        } => (spooled, content_type),
+    };
+    params.only_for_images(&ct)?;
     let len = spooled.bytes;
     let meta = state
         .files()
@@ -227,6 +321,29 @@ async fn receive(
     state.metrics().bytes_uploaded.inc_by(len);
     tracing::info!(message = "file stored", file_id = %meta.id, content_type = %ct, bytes = len, backend = state.files().backend().as_str(), store_ms = meta.store_ms);
     Ok(meta)
+}
+
+/// The value of a form field other than `file`, at most [`FORM_TEXT_BYTES`] bytes.
+async fn form_text(
+    mut field: axum::extract::multipart::Field<'_>,
+    limit: u64,
+) -> Result<String, ApiError> {
+    let name = field.name().unwrap_or("").to_owned();
+    let mut value = Vec::new();
+    while let Some(chunk) = field
+        .chunk()
+        .await
+        .map_err(|e| multipart_error(e.status(), e.body_text(), limit))?
+    {
+        if value.len() + chunk.len() > FORM_TEXT_BYTES {
+            return Err(ApiError::invalid(format!(
+                "the form field {name:?} is longer than {FORM_TEXT_BYTES} bytes"
+            )));
+        }
+        value.extend_from_slice(&chunk);
+    }
+    String::from_utf8(value)
+        .map_err(|_| ApiError::invalid(format!("the form field {name:?} is not UTF-8 text")))
 }
 
 /// The type recorded for an upload declared as `declared` whose first bytes sniffed as

@@ -55,6 +55,7 @@ pub mod openai;
 #[cfg(feature = "openapi")]
 mod openapi;
 mod overview;
+mod params;
 mod policy;
 mod previews;
 mod range;
@@ -317,6 +318,7 @@ fn finish(state: &AppState, routes: Router<AppState>) -> Router {
     let body_limit = state.config().max_body_bytes;
     let mut app = routes
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn(params::layer))
         .layer(axum::extract::DefaultBodyLimit::max(body_limit))
         .layer(middleware::from_fn_with_state(state.clone(), policy::layer))
         .layer(middleware::from_fn(policy::json_errors))

@@ -49,6 +49,11 @@ use crate::error::ApiJson;
 struct ApiDoc;
 
 /// The OpenAPI document.
+pub(crate) fn document() -> utoipa::openapi::OpenApi {
+    ApiDoc::openapi()
+}
+
+/// `GET /openapi.json`.
 pub(crate) async fn serve() -> ApiJson<utoipa::openapi::OpenApi> {
-    ApiJson(ApiDoc::openapi())
+    ApiJson(document())
 }

@@ -12,7 +12,7 @@ use crate::error::ApiError;
 pub(crate) struct OpenAiError {
     pub(crate) status: StatusCode,
     pub(crate) message: String,
-    pub(crate) param: Option<&'static str>,
+    pub(crate) param: Option<std::borrow::Cow<'static, str>>,
     pub(crate) code: String,
     pub(crate) retry_after: Option<u64>,
 }
@@ -22,7 +22,7 @@ impl OpenAiError {
         Self {
             status: StatusCode::BAD_REQUEST,
             message: message.into(),
-            param: Some(param),
+            param: Some(param.into()),
             code: "invalid_value".into(),
             retry_after: None,
         }

@@ -26,6 +26,7 @@ use super::error::OpenAiError;
 use crate::AppState;
 use crate::files::store_image;
 use crate::links::Links;
+use crate::params::{EDIT_FIELDS, GENERATION_FIELDS, Place, check_fields};
 use crate::submit::{Repeat, Submission, SubmitError};
 use crate::tasks::load;
 
@@ -445,6 +446,11 @@ pub(crate) async fn generations(
     req: Request,
 ) -> Result<Response, OpenAiError> {
     let fields = json_object(&json_body(&state, req).await?)?;
+    check_fields(
+        fields.keys().map(String::as_str),
+        GENERATION_FIELDS,
+        Place::Body,
+    )?;
     let request_id = idempotency_key(&headers)?;
     let call = Call::parse(&state, &fields)?;
     let (task_type, input) = call.task(None);
@@ -593,6 +599,12 @@ fn json_object(body: &[u8]) -> Result<Map<String, Value>, OpenAiError> {
 /// The parts of a JSON edit: `images` (1 to 16 references), `mask`, the other fields.
 async fn json_parts(state: &AppState, req: Request) -> Result<EditParts, OpenAiError> {
     let mut fields = json_object(&json_body(state, req).await?)?;
+    let names = fields.keys().map(String::as_str);
+    check_fields(
+        names.filter(|k| !matches!(*k, "images" | "mask")),
+        EDIT_FIELDS,
+        Place::Body,
+    )?;
     let refs = match fields.remove("images") {
         Some(Value::Array(a)) if (1..=MAX_IMAGES).contains(&a.len()) => a,
         _ => {
@@ -681,6 +693,7 @@ async fn multipart_parts(state: &AppState, req: Request) -> Result<EditParts, Op
                 }
             }
             _ => {
+                check_fields([name.as_str()], EDIT_FIELDS, Place::Body)?;
                 let v = field.text().await.map_err(multipart_error)?;
                 fields.insert(name, Value::String(v));
             }

@@ -312,7 +312,7 @@ mod tests {
             ),
         ] {
             let e = parse(&fields(bad.clone())).unwrap_err();
-            assert_eq!(e.param, Some(param), "{bad}: {e:?}");
+            assert_eq!(e.param.as_deref(), Some(param), "{bad}: {e:?}");
         }
     }
 
