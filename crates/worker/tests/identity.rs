@@ -60,6 +60,14 @@ async fn the_secret_is_kept_and_a_process_without_it_is_refused() {
     let h1 = first.handle();
     let t1 = tokio::spawn(first.run());
     let boot1 = connected(&broker, None).await;
+    // The broker lists the worker before its `welcome` (which carries the secret) has
+    // reached the worker and been stored.
+    for _ in 0..100 {
+        if std::fs::read_to_string(state.join("worker_secret")).is_ok_and(|s| !s.is_empty()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let secret = std::fs::read_to_string(state.join("worker_secret")).unwrap();
     assert!(secret.starts_with("wks_"), "{secret}");
     #[cfg(unix)]
