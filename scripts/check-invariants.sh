@@ -17,18 +17,19 @@ deny_in_tree() { # package, features-args, forbidden crate regex
 [ -d crates/retry ] && deny_in_tree kiln-retry "--no-default-features" "tokio|hyper|hyper-util"
 [ -d crates/protocol ] && deny_in_tree kiln-protocol "" "tokio|hyper|tungstenite|tokio-tungstenite|axum"
 [ -d crates/compress ] && deny_in_tree kiln-compress "--no-default-features" "tokio|hyper|http"
-# kiln-test-support is only ever a dev-dependency (docs/ARCHITECTURE.md).
+# kiln-test-support (and kiln-test-support-gateway) is only ever a dev-dependency
+# (docs/ARCHITECTURE.md).
 if [ -d crates/test-support ]; then
   bad=$(cargo metadata --format-version 1 --no-deps --locked | python3 -c '
 import json, sys
 m = json.load(sys.stdin)
 print(" ".join(sorted(p["name"] for p in m["packages"] for d in p["dependencies"]
-                      if d["name"] == "kiln-test-support" and d["kind"] != "dev")))')
+                      if d["name"].startswith("kiln-test-support") and d["kind"] != "dev")))')
   if [ -n "$bad" ]; then
     echo "invariant broken: kiln-test-support is a normal or build dependency of $bad"
     fail=1
   else
-    echo "ok: kiln-test-support is only a dev-dependency"
+    echo "ok: kiln-test-support and kiln-test-support-gateway are only dev-dependencies"
   fi
 fi
 exit $fail

@@ -6,7 +6,8 @@
 //! - [`trace_init`]: a tracing subscriber on stderr, for child processes and examples.
 //! - [`Moto`]: a moto S3 server; [`Nginx`]: nginx in the foreground with its own prefix;
 //!   `Pki` (feature `tls`): a throwaway CA and a leaf certificate.
-//! - `gateway::serve` (feature `gateway`): the real gateway serving a broker, in process.
+//! - The real gateway serving a broker in process is `kiln_test_support_gateway::serve`, a
+//!   package apart so that only the suites that need it link the gateway.
 //! - [`child`]: runs one test of the current test binary in a child process.
 //! - [`png`]: raw PNG chunks and zlib bombs for hostile-input tests.
 //!
@@ -17,8 +18,6 @@
 // A failed setup step panics with its reason (`expect`): that is the test's report.
 
 pub mod child;
-#[cfg(feature = "gateway")]
-pub mod gateway;
 mod moto;
 mod nginx;
 #[cfg(feature = "tls")]

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use kiln_broker::{Broker, BrokerConfig, NewTask, SqliteQueue};
 use kiln_protocol::{TaskState, close};
-use kiln_test_support::gateway::serve;
+use kiln_test_support_gateway::serve;
 use kiln_worker::{TaskContext, Worker, WorkerConfig, WorkerError};
 use serde_json::json;
 use tokio::net::TcpListener;

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use kiln_broker::{ASSIGN_FAILED, Broker, BrokerConfig, NewTask, SqliteQueue, Task};
 use kiln_protocol::TaskState;
 use kiln_protocol::messages::{Capabilities, ResultStatus, TaskResult};
-use kiln_test_support::gateway::serve;
+use kiln_test_support_gateway::serve;
 use kiln_worker::{TaskContext, TaskError, Worker, WorkerConfig, WorkerHandle};
 use serde_json::json;
 use tokio::net::TcpListener;

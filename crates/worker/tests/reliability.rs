@@ -11,7 +11,7 @@
 
 #![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
 
-use kiln_test_support::gateway::serve;
+use kiln_test_support_gateway::serve;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

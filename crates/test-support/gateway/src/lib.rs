@@ -1,4 +1,4 @@
-//! The real gateway in process: [`serve`] runs `kiln_gateway::router` for a broker on a
+//! kiln-test-support-gateway: the real gateway in process. [`serve`] runs `kiln_gateway::router` for a broker on a
 //! loopback listener, so worker tests talk to the same WebSocket endpoint (`kiln.v1`
 //! subprotocol check, frame limits, close codes) that `kiln serve` runs.
 //!
@@ -12,7 +12,7 @@
 //! let broker = Broker::with_queue(queue, BrokerConfig::default());
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
 //! let url = format!("ws://{}/v1/workers/connect", listener.local_addr().unwrap());
-//! let server = kiln_test_support::gateway::serve(broker, listener);
+//! let server = kiln_test_support_gateway::serve(broker, listener);
 //! // ... point a kiln_worker::Worker at `url` ...
 //! server.abort(); // as if the gateway process died: every connection drops
 //! # let _ = url;
