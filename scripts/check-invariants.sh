@@ -31,4 +31,19 @@ if [ -d crates/gateway ]; then
     fi
   done
 fi
+# kiln-test-support (and kiln-test-support-gateway) is only ever a dev-dependency
+# (docs/ARCHITECTURE.md).
+if [ -d crates/test-support ]; then
+  bad=$(cargo metadata --format-version 1 --no-deps --locked | python3 -c '
+import json, sys
+m = json.load(sys.stdin)
+print(" ".join(sorted(p["name"] for p in m["packages"] for d in p["dependencies"]
+                      if d["name"].startswith("kiln-test-support") and d["kind"] != "dev")))')
+  if [ -n "$bad" ]; then
+    echo "invariant broken: kiln-test-support is a normal or build dependency of $bad"
+    fail=1
+  else
+    echo "ok: kiln-test-support and kiln-test-support-gateway are only dev-dependencies"
+  fi
+fi
 exit $fail

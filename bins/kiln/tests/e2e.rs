@@ -2,8 +2,6 @@
 
 #![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
 
-#[path = "../../../crates/upload/tests/support/moto.rs"]
-mod moto;
 mod support;
 
 use std::process::{Command, Stdio};
@@ -639,7 +637,7 @@ async fn the_task_span_carries_the_stage_timings() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn files_in_s3_survive_a_restart() {
-    let Some(moto) = moto::Moto::start() else {
+    let Some(moto) = kiln_test_support::Moto::start() else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();

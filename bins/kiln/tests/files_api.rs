@@ -21,9 +21,10 @@ use http_body_util::{BodyExt as _, StreamBody};
 use hyper::body::Frame;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use kiln_test_support::child::proc_status_kib;
 use kiln_worker::{TaskContext, TaskError, Worker, WorkerConfig};
 use serde_json::{Value, json};
-use support::{call, post_json, proc_kib, start, wait_status};
+use support::{call, post_json, start, wait_status};
 
 const CHUNK: usize = 64 << 10;
 const TOTAL: u64 = 200 << 20;
@@ -50,7 +51,7 @@ async fn a_200_mb_video_round_trips_with_bounded_server_memory() {
     let dir = tempfile::tempdir().unwrap();
     let s = start(dir.path(), &[("KILN_DEMO_WORKER__ENABLED", "false")]);
     let pid = s.child.id();
-    let before = proc_kib(pid, "VmRSS");
+    let before = proc_status_kib(pid, "VmRSS");
 
     let n = TOTAL / CHUNK as u64;
     let frames = futures_util::stream::iter(
@@ -75,7 +76,7 @@ async fn a_200_mb_video_round_trips_with_bounded_server_memory() {
     assert_eq!(f["content_type"], "video/mp4");
     assert_eq!(f["bytes"], TOTAL);
     let id = f["id"].as_str().unwrap().to_owned();
-    let after_upload = proc_kib(pid, "VmHWM");
+    let after_upload = proc_status_kib(pid, "VmHWM");
 
     // Down again, compared with the regenerated stream as it arrives.
     let client: Client<_, http_body_util::Empty<Bytes>> =
@@ -114,7 +115,7 @@ async fn a_200_mb_video_round_trips_with_bounded_server_memory() {
     }
     assert_eq!(pos, TOTAL, "download length");
     let download_s = started.elapsed().as_secs_f64();
-    let peak = proc_kib(pid, "VmHWM");
+    let peak = proc_status_kib(pid, "VmHWM");
     eprintln!(
         "200 MiB upload {upload_s:.1} s, download {download_s:.1} s; server RSS before {} MiB, \
          peak after upload {} MiB, peak after download {} MiB",

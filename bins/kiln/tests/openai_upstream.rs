@@ -9,27 +9,15 @@
 
 mod support;
 
-#[path = "../../../crates/upload/tests/support/moto.rs"]
-mod moto;
-
 use std::collections::BTreeMap;
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
+use kiln_test_support::{Nginx, free_port};
 use serde_json::{Value, json};
 use support::{Server, call, post_json, start, start_with};
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn png_size(b64: &str) -> (u32, u32) {
     let data = base64::engine::general_purpose::STANDARD
@@ -46,28 +34,21 @@ fn png(w: u32, h: u32) -> Vec<u8> {
     out.into_inner()
 }
 
-struct Nginx {
-    child: Child,
-    dir: tempfile::TempDir,
+/// What reached nginx, from the `hits` access log its server writes.
+trait Hits {
+    /// Requests that reached `location` (its prefix).
+    fn hits(&self, prefix: &str) -> usize;
+    /// Access log lines (`<uri> <status> <content type>`) starting with `prefix`.
+    fn lines(&self, prefix: &str) -> Vec<String>;
 }
 
-impl Drop for Nginx {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Nginx {
-    /// Requests that reached `location` (its prefix), from the access log.
+impl Hits for Nginx {
     fn hits(&self, prefix: &str) -> usize {
         self.lines(prefix).len()
     }
 
-    /// Access log lines (`<uri> <status> <content type>`) starting with `prefix`.
     fn lines(&self, prefix: &str) -> Vec<String> {
-        std::fs::read_to_string(self.dir.path().join("hits.log"))
-            .unwrap_or_default()
+        self.read("hits.log")
             .lines()
             .filter(|l| l.starts_with(prefix))
             .map(str::to_owned)
@@ -77,29 +58,12 @@ impl Nginx {
 
 /// nginx on `port` in front of kiln B on `backend`, one location per fault.
 fn nginx(port: u16, backend: u16) -> Option<Nginx> {
-    let bin = ["/usr/sbin/nginx", "/usr/local/sbin/nginx"]
-        .into_iter()
-        .map(PathBuf::from)
-        .find(|p| p.exists());
-    let Some(bin) = bin else {
-        eprintln!("notice: nginx not installed; fault tests skipped (apt-get install nginx-light)");
-        return None;
-    };
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path().display();
-    let conf = format!(
-        r#"daemon off; master_process off; worker_processes 1; pid {d}/nginx.pid;
-error_log {d}/error.log info;
-events {{ worker_connections 256; }}
-http {{
-  log_format hits '$uri $status $content_type';
-  access_log {d}/hits.log hits;
-  client_body_temp_path {d}/body; proxy_temp_path {d}/proxy; fastcgi_temp_path {d}/fcgi;
-  uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;
-  client_max_body_size 64m;
-  limit_req_zone $binary_remote_addr zone=one:1m rate=1r/s;
-  server {{
+    let http = "log_format hits '$uri $status $content_type';\n  \
+                limit_req_zone $binary_remote_addr zone=one:1m rate=1r/s;";
+    let server = format!(
+        r#"  server {{
     listen 127.0.0.1:{port};
+    access_log {{DIR}}/hits.log hits;
     location /ok/ {{ proxy_pass http://127.0.0.1:{backend}/; proxy_read_timeout 60s; }}
     location /limited/ {{
       limit_req zone=one; limit_req_status 429; error_page 429 = @limited;
@@ -111,33 +75,9 @@ http {{
     location /reset/ {{ return 444; }}
     location /r403/ {{ default_type application/json; return 403 '{{"error":{{"message":"reference image too large for this account"}}}}'; }}
   }}
-}}
 "#
     );
-    let path = dir.path().join("nginx.conf");
-    std::fs::write(&path, conf).unwrap();
-    let child = Command::new(bin)
-        .arg("-p")
-        .arg(dir.path())
-        .arg("-c")
-        .arg(&path)
-        .arg("-e")
-        .arg(dir.path().join("error.log"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let until = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            Instant::now() < until,
-            "nginx did not start: {}",
-            std::fs::read_to_string(dir.path().join("error.log")).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Some(Nginx { child, dir })
+    Nginx::start_plain(http, &server, &[port])
 }
 
 fn provider(name: &str, base: &str, extra: &str) -> String {
@@ -623,7 +563,7 @@ async fn upstream_edit_with_references_uploaded_first() {
     };
     let front = format!("http://127.0.0.1:{port}/ok/v1");
     let (assets, seen) = asset_server().await;
-    let moto = moto::Moto::start();
+    let moto = kiln_test_support::Moto::start();
 
     let upload = |name: &str, target: String| {
         format!(

@@ -68,11 +68,7 @@ fn child_worker() {
     ) else {
         return;
     };
-    tracing_subscriber::fmt()
-        .with_env_filter("kiln_worker=info")
-        .with_ansi(false)
-        .with_writer(std::io::stderr)
-        .init();
+    kiln_test_support::trace_init("kiln_worker=info");
     let mut cfg = WorkerConfig {
         url,
         state_dir: PathBuf::from(dir),

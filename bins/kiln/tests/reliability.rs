@@ -75,11 +75,7 @@ fn child_worker() {
         return;
     };
     // The SDK's log (connections, welcome keep/drop) goes to stderr, which the test keeps.
-    tracing_subscriber::fmt()
-        .with_env_filter("kiln_worker=info")
-        .with_ansi(false)
-        .with_writer(std::io::stderr)
-        .init();
+    kiln_test_support::trace_init("kiln_worker=info");
     let mut cfg = WorkerConfig {
         url,
         state_dir: PathBuf::from(dir),

@@ -7,61 +7,8 @@
 use std::io::Cursor;
 
 use kiln_compress::{CompressError, CompressOptions, DecodeLimits, InputFormat, compress, verify};
-
-fn crc32(data: &[u8]) -> u32 {
-    let mut c = 0xFFFF_FFFFu32;
-    for &b in data {
-        c ^= b as u32;
-        for _ in 0..8 {
-            c = if c & 1 == 1 {
-                0xEDB8_8320 ^ (c >> 1)
-            } else {
-                c >> 1
-            };
-        }
-    }
-    !c
-}
-
-fn chunk(kind: &[u8; 4], payload: &[u8]) -> Vec<u8> {
-    let mut body = kind.to_vec();
-    body.extend_from_slice(payload);
-    let mut out = (payload.len() as u32).to_be_bytes().to_vec();
-    out.extend_from_slice(&body);
-    out.extend_from_slice(&crc32(&body).to_be_bytes());
-    out
-}
-
-/// A zlib stream that inflates to `n` zero bytes, `n = 1 + 258 k`: one fixed-Huffman block
-/// with a literal 0 and then `k` copies of (length 258, distance 1), 13 bits per 258 bytes.
-fn zlib_zeros(n: usize) -> Vec<u8> {
-    assert_eq!((n - 1) % 258, 0);
-    let mut out = vec![0x78, 0x01];
-    let (mut acc, mut len) = (0u64, 0u32);
-    let mut put = |out: &mut Vec<u8>, v: u32, n: u32| {
-        acc |= u64::from(v) << len;
-        len += n;
-        while len >= 8 {
-            out.push(acc as u8);
-            acc >>= 8;
-            len -= 8;
-        }
-    };
-    // Huffman codes go most significant bit first.
-    let code = |c: u32, n: u32| c.reverse_bits() >> (32 - n);
-    put(&mut out, 1, 1); // final block
-    put(&mut out, 1, 2); // fixed Huffman codes
-    put(&mut out, code(0x30, 8), 8); // literal 0
-    for _ in 0..(n - 1) / 258 {
-        put(&mut out, code(0xC5, 8), 8); // length code 285: 258
-        put(&mut out, 0, 5); // distance code 0: 1
-    }
-    put(&mut out, 0, 7); // end of block
-    put(&mut out, 0, 7); // flush the last bits
-    let adler = (((n % 65521) as u32) << 16) | 1;
-    out.extend_from_slice(&adler.to_be_bytes());
-    out
-}
+use kiln_test_support::child::{peak_rss_kib, reported, run_test};
+use kiln_test_support::png::{chunk, zlib_zeros};
 
 fn png_of(w: u32, h: u32) -> Vec<u8> {
     let img = image::RgbImage::from_fn(w, h, |x, y| {
@@ -84,14 +31,6 @@ fn with_iccp(png: &[u8], icc_bytes: usize) -> Vec<u8> {
     out
 }
 
-fn vm_hwm_kib() -> u64 {
-    let s = std::fs::read_to_string("/proc/self/status").unwrap();
-    s.lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
-}
-
 const BOMB_BYTES: usize = 1 + 258 * 1_040_000; // 256 MiB
 const CHILD: &str = "KILN_HOSTILE_INPUT_CHILD";
 
@@ -103,7 +42,7 @@ fn iccp_bomb_child() {
         return;
     }
     let bomb = with_iccp(&png_of(64, 48), BOMB_BYTES);
-    let before = vm_hwm_kib();
+    let before = peak_rss_kib();
     let info = verify(&bomb, &DecodeLimits::default()).unwrap();
     assert_eq!(
         (info.format, info.width, info.height),
@@ -120,7 +59,7 @@ fn iccp_bomb_child() {
     assert!(out.bytes.len() <= 50_000);
     println!(
         "VmHWM_KIB {} input_bytes {} before_kib {}",
-        vm_hwm_kib(),
+        peak_rss_kib(),
         bomb.len(),
         before
     );
@@ -135,28 +74,8 @@ fn an_iccp_bomb_costs_little_memory() {
         n,
         "a well-formed zlib stream"
     );
-    let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "iccp_bomb_child",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(CHILD, "1")
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "child failed: {text}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let line = text
-        .lines()
-        .find_map(|l| l.find("VmHWM_KIB").map(|at| &l[at..]))
-        .unwrap_or_else(|| panic!("no measurement in {text}"));
-    println!("{line}");
-    let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let text = run_test("iccp_bomb_child", &[(CHILD, "1")]);
+    let kib = reported(&text, "VmHWM_KIB");
     // The inflated profile would be 256 MiB; bounded, the whole process stays small.
     assert!(
         kib < 96 * 1024,

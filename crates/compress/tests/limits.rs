@@ -3,6 +3,7 @@
 use std::io::Cursor;
 
 use kiln_compress::{CompressError, CompressOptions, compress};
+use kiln_test_support::png::crc32;
 use proptest::prelude::*;
 
 fn png_header(w: u32, h: u32) -> Vec<u8> {
@@ -17,21 +18,6 @@ fn png_header(w: u32, h: u32) -> Vec<u8> {
     out.extend_from_slice(&ihdr);
     out.extend_from_slice(&crc.to_be_bytes());
     out
-}
-
-fn crc32(data: &[u8]) -> u32 {
-    let mut c = 0xFFFF_FFFFu32;
-    for &b in data {
-        c ^= b as u32;
-        for _ in 0..8 {
-            c = if c & 1 == 1 {
-                0xEDB8_8320 ^ (c >> 1)
-            } else {
-                c >> 1
-            };
-        }
-    }
-    !c
 }
 
 fn jpeg_of(w: u32, h: u32) -> Vec<u8> {

@@ -3,8 +3,6 @@
 //! store instance, delete, readiness, and damaged objects detected on download.
 #![allow(clippy::unwrap_used)]
 
-#[path = "../../upload/tests/support/moto.rs"]
-mod moto;
 mod support;
 
 use std::time::Duration;
@@ -14,8 +12,8 @@ use axum::http::{Request, StatusCode};
 use http_body_util::BodyExt as _;
 use kiln_broker::{Broker, BrokerConfig, SqliteQueue};
 use kiln_gateway::{AppState, GatewayConfig, StorageBackend, StorageConfig, router};
+use kiln_test_support::Moto;
 use kiln_upload::{S3, S3Config, UploadClient, UploadConfig, UploadFile};
-use moto::Moto;
 use serde_json::Value;
 use support::noise_png;
 use tower_service::Service as _;

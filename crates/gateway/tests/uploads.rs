@@ -11,6 +11,8 @@ use axum::http::Request;
 use http_body_util::BodyExt as _;
 use kiln_broker::{Broker, BrokerConfig, Queue as _, SqliteQueue};
 use kiln_gateway::{AppState, GatewayConfig, router};
+use kiln_test_support::child::{peak_rss_kib, reported, run_test};
+use kiln_test_support::png::{chunk, zlib_zeros};
 use serde_json::Value;
 use tower_service::Service as _;
 
@@ -118,56 +120,6 @@ async fn truncated_and_broken_images_are_not_stored() {
     assert_eq!(r.0, 422, "text called WebP: {}", r.1);
 }
 
-fn crc32(data: &[u8]) -> u32 {
-    let mut c = 0xFFFF_FFFFu32;
-    for &b in data {
-        c ^= b as u32;
-        for _ in 0..8 {
-            c = if c & 1 == 1 {
-                0xEDB8_8320 ^ (c >> 1)
-            } else {
-                c >> 1
-            };
-        }
-    }
-    !c
-}
-
-/// A zlib stream of fixed-Huffman (length 258, distance 1) copies: `1 + 258 k` zero bytes.
-fn zlib_zeros(k: usize) -> Vec<u8> {
-    let mut out = vec![0x78, 0x01];
-    let (mut acc, mut len) = (0u64, 0u32);
-    let mut put = |out: &mut Vec<u8>, v: u32, n: u32| {
-        acc |= u64::from(v) << len;
-        len += n;
-        while len >= 8 {
-            out.push(acc as u8);
-            acc >>= 8;
-            len -= 8;
-        }
-    };
-    let code = |c: u32, n: u32| c.reverse_bits() >> (32 - n);
-    put(&mut out, 3, 3); // final block, fixed Huffman codes
-    put(&mut out, code(0x30, 8), 8); // literal 0
-    for _ in 0..k {
-        put(&mut out, code(0xC5, 8), 8);
-        put(&mut out, 0, 5);
-    }
-    put(&mut out, 0, 7);
-    put(&mut out, 0, 7);
-    let n = 1 + 258 * k;
-    out.extend_from_slice(&((((n % 65521) as u32) << 16) | 1).to_be_bytes());
-    out
-}
-
-fn vm_hwm_kib() -> u64 {
-    let s = std::fs::read_to_string("/proc/self/status").unwrap();
-    s.lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
-}
-
 const CHILD: &str = "KILN_UPLOAD_BOMB_CHILD";
 
 /// Run in a child process by `an_iccp_bomb_upload_costs_little_memory`: one upload of a
@@ -180,45 +132,25 @@ async fn iccp_bomb_upload_child() {
     let gw = gateway().await;
     let png = encoded(64, 48, image::ImageFormat::Png);
     let mut payload = b"bomb\0\0".to_vec();
-    payload.extend_from_slice(&zlib_zeros(1_040_000));
-    let mut chunk = (payload.len() as u32).to_be_bytes().to_vec();
-    let mut body = b"iCCP".to_vec();
-    body.extend_from_slice(&payload);
-    chunk.extend_from_slice(&body);
-    chunk.extend_from_slice(&crc32(&body).to_be_bytes());
+    payload.extend_from_slice(&zlib_zeros(1 + 258 * 1_040_000));
     let mut bomb = png[..33].to_vec();
-    bomb.extend_from_slice(&chunk);
+    bomb.extend_from_slice(&chunk(b"iCCP", &payload));
     bomb.extend_from_slice(&png[33..]);
-    let before = vm_hwm_kib();
+    let before = peak_rss_kib();
     let (status, body) = gw.upload("image/png", bomb.clone()).await;
     assert_eq!(status, 201, "{body}");
     assert_eq!(body["bytes"].as_u64(), Some(bomb.len() as u64), "{body}");
     println!(
         "VmHWM_KIB {} before_kib {before} upload_bytes {}",
-        vm_hwm_kib(),
+        peak_rss_kib(),
         bomb.len()
     );
 }
 
 #[test]
 fn an_iccp_bomb_upload_costs_little_memory() {
-    let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "iccp_bomb_upload_child", "--nocapture"])
-        .env(CHILD, "1")
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "child failed: {text}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let line = text
-        .lines()
-        .find_map(|l| l.find("VmHWM_KIB").map(|at| &l[at..]))
-        .unwrap_or_else(|| panic!("no measurement in {text}"));
-    println!("{line}");
-    let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let text = run_test("iccp_bomb_upload_child", &[(CHILD, "1")]);
+    let kib = reported(&text, "VmHWM_KIB");
     assert!(kib < 96 * 1024, "peak RSS {kib} KiB for one upload");
 }
 

@@ -8,8 +8,6 @@
 
 #[path = "support/fault_proxy.rs"]
 mod fault_proxy;
-#[path = "support/moto.rs"]
-mod moto;
 mod support;
 
 use std::time::Duration;
@@ -17,8 +15,8 @@ use std::time::Duration;
 use fault_proxy::{Fault, FaultProxy, raw};
 use http::Method;
 use kiln_retry::{AttemptLog, Class};
+use kiln_test_support::Moto;
 use kiln_upload::{S3, S3Config, UploadClient, UploadConfig, UploadError, UploadFile};
-use moto::Moto;
 
 const PART: u64 = 5 << 20;
 const BUCKET: &str = "kiln-test";

@@ -5,14 +5,12 @@
 // Helpers outside #[test] functions unwrap too: a failed setup step should panic.
 #![allow(clippy::unwrap_used)]
 
-#[path = "support/moto.rs"]
-mod moto;
 mod support;
 
 use std::time::Duration;
 
+use kiln_test_support::Moto;
 use kiln_upload::{Payload, S3, S3Config, UploadConfig, UploadFile};
-use moto::Moto;
 use support::client;
 
 fn s3(port: u16, threshold: u64) -> S3 {

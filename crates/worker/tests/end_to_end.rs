@@ -3,13 +3,11 @@
 
 #![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
 
-mod support;
-
+use kiln_test_support_gateway::serve;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
-use support::serve;
 
 use kiln_broker::{Broker, BrokerConfig, NewTask};
 use kiln_protocol::TaskState;
@@ -82,7 +80,11 @@ async fn worker_runs_tasks_and_survives_a_gateway_restart() {
     let server = serve(broker.clone(), listener);
 
     let runs = Arc::new(AtomicU32::new(0));
-    let w = worker(format!("ws://{addr}/"), &dir.path().join("w"), runs.clone());
+    let w = worker(
+        format!("ws://{addr}/v1/workers/connect"),
+        &dir.path().join("w"),
+        runs.clone(),
+    );
     let handle = w.handle();
     let worker_task = tokio::spawn(w.run());
 

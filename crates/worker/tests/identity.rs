@@ -4,16 +4,14 @@
 
 #![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
 
-mod support;
-
 use std::path::Path;
 use std::time::Duration;
 
 use kiln_broker::{Broker, BrokerConfig, NewTask, SqliteQueue};
 use kiln_protocol::{TaskState, close};
+use kiln_test_support_gateway::serve;
 use kiln_worker::{TaskContext, Worker, WorkerConfig, WorkerError};
 use serde_json::json;
-use support::serve;
 use tokio::net::TcpListener;
 
 fn worker(url: &str, dir: &Path) -> Worker {
@@ -54,7 +52,7 @@ async fn the_secret_is_kept_and_a_process_without_it_is_refused() {
         },
     );
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("ws://{}/", listener.local_addr().unwrap());
+    let url = format!("ws://{}/v1/workers/connect", listener.local_addr().unwrap());
     let _server = serve(broker.clone(), listener);
 
     // First registration: the secret lands in the state dir, owner-only.
@@ -62,6 +60,14 @@ async fn the_secret_is_kept_and_a_process_without_it_is_refused() {
     let h1 = first.handle();
     let t1 = tokio::spawn(first.run());
     let boot1 = connected(&broker, None).await;
+    // The broker lists the worker before its `welcome` (which carries the secret) has
+    // reached the worker and been stored.
+    for _ in 0..100 {
+        if std::fs::read_to_string(state.join("worker_secret")).is_ok_and(|s| !s.is_empty()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let secret = std::fs::read_to_string(state.join("worker_secret")).unwrap();
     assert!(secret.starts_with("wks_"), "{secret}");
     #[cfg(unix)]

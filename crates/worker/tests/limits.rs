@@ -6,8 +6,6 @@
 
 #![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
 
-mod support;
-
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,9 +13,9 @@ use std::time::{Duration, Instant};
 use kiln_broker::{ASSIGN_FAILED, Broker, BrokerConfig, NewTask, SqliteQueue, Task};
 use kiln_protocol::TaskState;
 use kiln_protocol::messages::{Capabilities, ResultStatus, TaskResult};
+use kiln_test_support_gateway::serve;
 use kiln_worker::{TaskContext, TaskError, Worker, WorkerConfig, WorkerHandle};
 use serde_json::json;
-use support::serve;
 use tokio::net::TcpListener;
 
 /// A broker whose frame limit is `max_frame_bytes`, served on a loopback port.

@@ -4,8 +4,6 @@
 
 #![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
 
-mod support;
-
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -35,7 +33,7 @@ async fn previews_are_stored_linked_and_a_flood_is_rate_limited_without_delaying
         ..BrokerConfig::default()
     };
     let broker = Broker::open(&dir.path().join("q.sqlite"), cfg).unwrap();
-    let _server = support::serve(broker.clone(), listener);
+    let _server = kiln_test_support_gateway::serve(broker.clone(), listener);
 
     // When the handler returned, and what a preview too large for a frame gave.
     let returned: Arc<Mutex<Option<Instant>>> = Arc::default();
@@ -43,7 +41,7 @@ async fn previews_are_stored_linked_and_a_flood_is_rate_limited_without_delaying
     let (r, t) = (returned.clone(), too_large.clone());
     let flood = 2000;
     let w = Worker::new(WorkerConfig {
-        url: format!("ws://{addr}/"),
+        url: format!("ws://{addr}/v1/workers/connect"),
         state_dir: dir.path().join("w"),
         ..WorkerConfig::default()
     })

@@ -11,15 +11,13 @@
 
 #![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
 
-mod support;
-
+use kiln_test_support_gateway::serve;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
-use support::serve;
 
 use kiln_broker::{Broker, BrokerConfig, NewTask};
 use kiln_protocol::TaskState;
@@ -168,7 +166,7 @@ async fn worker_sigkill_mid_task_is_reassigned_on_restart() {
     let dir = tempfile::tempdir().unwrap();
     let broker = Broker::open(&dir.path().join("queue.sqlite"), cfg()).unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("ws://{}/", listener.local_addr().unwrap());
+    let url = format!("ws://{}/v1/workers/connect", listener.local_addr().unwrap());
     let _server = serve(broker.clone(), listener);
     let (state_dir, log) = (dir.path().join("w"), dir.path().join("runs.log"));
     let id = submit(&broker, "slow", json!({"ms": 1500})).await;
@@ -224,7 +222,7 @@ async fn a_task_that_crashes_its_worker_every_time_is_dead_lettered() {
     let dir = tempfile::tempdir().unwrap();
     let broker = Broker::open(&dir.path().join("queue.sqlite"), cfg()).unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("ws://{}/", listener.local_addr().unwrap());
+    let url = format!("ws://{}/v1/workers/connect", listener.local_addr().unwrap());
     let _server = serve(broker.clone(), listener);
     let (state_dir, log) = (dir.path().join("w"), dir.path().join("runs.log"));
     let id = submit(&broker, "poison", json!({})).await;
@@ -290,7 +288,7 @@ async fn worker_sigkilled_with_an_unsent_result_resends_it_on_restart() {
     let gw_addr = gw.local_addr().unwrap();
     let _server = serve(broker.clone(), gw);
     let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let front_url = format!("ws://{}/", front.local_addr().unwrap());
+    let front_url = format!("ws://{}/v1/workers/connect", front.local_addr().unwrap());
     let (cut_tx, cut_rx) = watch::channel(false);
     proxy(front, gw_addr, cut_rx);
     let (state_dir, log) = (dir.path().join("w"), dir.path().join("runs.log"));
@@ -324,7 +322,7 @@ async fn worker_sigkilled_with_an_unsent_result_resends_it_on_restart() {
     let lease = t.lease.unwrap();
 
     // The next boot connects directly and resends the stored result.
-    let gw_url = format!("ws://{gw_addr}/");
+    let gw_url = format!("ws://{gw_addr}/v1/workers/connect");
     let _second = Guard(spawn_child(&gw_url, &state_dir, &log));
     let until = Instant::now() + Duration::from_secs(20);
     while state(&broker, &id).await != TaskState::Succeeded {
@@ -385,7 +383,7 @@ async fn tcp_cut_for_2s_resumes_without_redelivery_and_replays_cancel() {
     let gw_addr = gw.local_addr().unwrap();
     let _server = serve(broker.clone(), gw);
     let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("ws://{}/", front.local_addr().unwrap());
+    let url = format!("ws://{}/v1/workers/connect", front.local_addr().unwrap());
     let (cut_tx, cut_rx) = watch::channel(false);
     proxy(front, gw_addr, cut_rx);
 

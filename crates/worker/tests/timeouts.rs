@@ -5,8 +5,6 @@
 #![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
 #![allow(clippy::result_large_err)] // the callback signature is tungstenite's
 
-mod support;
-
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -197,13 +195,13 @@ async fn a_welcome_over_the_frame_limit_is_refused() {
 async fn heartbeats_carry_what_the_gpu_hook_reports() {
     let dir = tempfile::tempdir().unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("ws://{}/", listener.local_addr().unwrap());
+    let url = format!("ws://{}/v1/workers/connect", listener.local_addr().unwrap());
     let cfg = BrokerConfig {
         heartbeat: Duration::from_millis(100),
         ..BrokerConfig::default()
     };
     let broker = Broker::open(&dir.path().join("q.sqlite"), cfg).unwrap();
-    let _server = support::serve(broker.clone(), listener);
+    let _server = kiln_test_support_gateway::serve(broker.clone(), listener);
     let util = Arc::new(std::sync::atomic::AtomicU32::new(17));
     let u = util.clone();
     let w = worker(url, &dir.path().join("w"), |_| {}).gpu_stats(move || {

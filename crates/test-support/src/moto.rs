@@ -1,22 +1,23 @@
 //! A moto S3 server on a free 127.0.0.1 port, stopped by pid on drop. The binary comes from
 //! the venv `scripts/prepare.sh` creates (`target/.venv-s3`), or `KILN_MOTO_SERVER`.
 //! Without it, tests print a notice and skip — except under `CI=true`, where they fail.
-// Shared by kiln-upload's, kiln-gateway's and kiln's tests (`#[path]`), so not every helper
-// is used by each.
-#![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
 
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// A running moto S3 server.
+#[derive(Debug)]
 pub struct Moto {
     child: Child,
+    /// Its port on 127.0.0.1.
     pub port: u16,
 }
 
 impl Moto {
-    /// Starts moto, or returns `None` (after a notice) when it is not installed.
+    /// Starts moto, or returns `None` (after a notice) when it is not installed; under
+    /// `CI=true` a missing moto panics.
     pub fn start() -> Option<Self> {
         let bin = std::env::var_os("KILN_MOTO_SERVER")
             .map(PathBuf::from)
@@ -26,7 +27,7 @@ impl Moto {
             });
         if !bin.exists() {
             assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
+                !crate::in_ci(),
                 "{} not found: CI must run the S3 tests (scripts/prepare.sh installs moto)",
                 bin.display()
             );
@@ -36,18 +37,14 @@ impl Moto {
             );
             return None;
         }
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = crate::free_port();
         let child = Command::new(bin)
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .unwrap();
+            .expect("start moto_server");
         let moto = Moto { child, port };
         let until = Instant::now() + Duration::from_secs(30);
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
@@ -57,6 +54,7 @@ impl Moto {
         Some(moto)
     }
 
+    /// `http://127.0.0.1:<port>`.
     pub fn endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }

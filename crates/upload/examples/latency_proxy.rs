@@ -17,7 +17,7 @@
 
 // Shared with the tests, which use all of it; this binary uses part.
 #[allow(unreachable_pub, dead_code)]
-#[path = "../crates/upload/tests/support/latency_proxy.rs"]
+#[path = "../tests/support/latency_proxy.rs"]
 mod latency_proxy;
 
 use std::net::SocketAddr;
