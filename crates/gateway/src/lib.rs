@@ -316,9 +316,11 @@ fn ops_routes() -> Router<AppState> {
 /// errors, the response count and CORS.
 fn finish(state: &AppState, routes: Router<AppState>) -> Router {
     let body_limit = state.config().max_body_bytes;
+    let routes = routes.method_not_allowed_fallback(method_not_allowed);
+    // Unknown query parameters are refused against the OpenAPI document's list per route.
+    #[cfg(feature = "openapi")]
+    let routes = routes.layer(middleware::from_fn(params::layer));
     let mut app = routes
-        .method_not_allowed_fallback(method_not_allowed)
-        .layer(middleware::from_fn(params::layer))
         .layer(axum::extract::DefaultBodyLimit::max(body_limit))
         .layer(middleware::from_fn_with_state(state.clone(), policy::layer))
         .layer(middleware::from_fn(policy::json_errors))

@@ -4,17 +4,30 @@
 //! Query parameters are checked for every route by one layer ([`layer`]) against the
 //! OpenAPI document, so a route's documented parameters are exactly the ones it accepts (a
 //! route outside the document takes none). Form and JSON fields are checked by the handlers
-//! that read them, with [`check_fields`] and the field lists below.
+//! that read them, with [`check_fields`] and the field lists below. Without the `openapi`
+//! feature there is no document, and the query check is off (form and JSON fields are still
+//! checked).
+#![cfg_attr(
+    not(all(feature = "openapi", feature = "openai")),
+    allow(dead_code, unused_imports)
+)]
 
+#[cfg(feature = "openapi")]
 use std::collections::HashMap;
+#[cfg(feature = "openapi")]
 use std::sync::OnceLock;
 
+#[cfg(feature = "openapi")]
 use axum::extract::{MatchedPath, Query, Request};
-use axum::http::{Method, StatusCode};
+#[cfg(feature = "openapi")]
+use axum::http::Method;
+use axum::http::StatusCode;
+#[cfg(feature = "openapi")]
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use crate::error::ApiError;
+#[cfg(feature = "openai")]
 use crate::openai::OpenAiError;
 
 /// The request fields of `POST /v1/images/generations`: OpenAI's documented ones.
@@ -110,6 +123,7 @@ impl From<Unknown> for ApiError {
     }
 }
 
+#[cfg(feature = "openai")]
 impl From<Unknown> for OpenAiError {
     fn from(u: Unknown) -> Self {
         OpenAiError {
@@ -135,9 +149,11 @@ pub(crate) fn check_fields<'a>(
     }
 }
 
+#[cfg(feature = "openapi")]
 type Table = HashMap<(String, String), Vec<String>>;
 
 /// Query parameters per (method, path template), from the OpenAPI document.
+#[cfg(feature = "openapi")]
 fn table() -> &'static Table {
     static TABLE: OnceLock<Table> = OnceLock::new();
     TABLE.get_or_init(|| {
@@ -161,6 +177,7 @@ fn table() -> &'static Table {
 
 /// The query parameters `method path` takes (`path` is the route's template, e.g.
 /// `/v1/tasks/{id}`); a route outside the OpenAPI document takes none.
+#[cfg(feature = "openapi")]
 pub(crate) fn query_names(method: &Method, path: &str) -> &'static [String] {
     let method = if method == Method::HEAD {
         "GET"
@@ -176,6 +193,7 @@ pub(crate) fn query_names(method: &Method, path: &str) -> &'static [String] {
 /// Refuses a request whose query names a parameter its route does not take (in OpenAI's
 /// error shape on the OpenAI routes). Requests that matched no route, CORS preflights and
 /// queries that do not parse (left to the route's own extractor) pass.
+#[cfg(feature = "openapi")]
 pub(crate) async fn layer(req: Request, next: Next) -> Response {
     if let (Some(path), Some(_)) = (req.extensions().get::<MatchedPath>(), req.uri().query())
         && req.method() != Method::OPTIONS
@@ -196,7 +214,7 @@ pub(crate) async fn layer(req: Request, next: Next) -> Response {
     next.run(req).await
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "openapi"))]
 mod tests {
     use super::*;
 
