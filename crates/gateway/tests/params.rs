@@ -24,11 +24,17 @@ async fn gateway() -> Gw {
     let dir = tempfile::tempdir().unwrap();
     let queue = std::sync::Arc::new(SqliteQueue::in_memory(3).unwrap());
     let broker = Broker::with_queue(queue, BrokerConfig::default());
-    let config = GatewayConfig {
+    let mut config = GatewayConfig {
         files_dir: dir.path().join("files"),
         queue_unknown_task_types: true,
         ..GatewayConfig::default()
     };
+    // The library ships no model; the binary's default one, as the OpenAI routes see it.
+    config.openai.models.insert(
+        "kiln-demo".into(),
+        kiln_gateway::openai::ModelConfig::default(),
+    );
+    config.openai.default_model = "kiln-demo".into();
     let state = AppState::new(config, broker).await.unwrap();
     Gw {
         dir,
@@ -385,7 +391,7 @@ async fn openai_routes_refuse_undocumented_fields() {
         ("user", json!("u1")),
         ("background", json!("auto")),
         ("moderation", json!("low")),
-        ("output_format", json!("png")),
+        ("output_format", json!("jpeg")),
         ("output_compression", json!(90)),
         ("partial_images", json!(0)),
         ("stream", json!(false)),
