@@ -119,14 +119,7 @@ pub(crate) async fn refresh(state: &AppState) {
         types.sort();
         types.dedup();
         for tt in types {
-            for st in [
-                TaskState::Queued,
-                TaskState::Running,
-                TaskState::Succeeded,
-                TaskState::Failed,
-                TaskState::Canceled,
-                TaskState::Expired,
-            ] {
+            for st in TaskState::ALL {
                 m.tasks
                     .get_or_create(&vec![
                         ("state", st.as_str().to_owned()),

@@ -9,8 +9,8 @@ mod support;
 use axum::body::Body;
 use axum::http::Request;
 use http_body_util::BodyExt as _;
-use kiln_broker::{Broker, BrokerConfig, SqliteQueue};
-use kiln_gateway::{AppState, GatewayConfig, router};
+
+use kiln_gateway::router;
 use serde_json::{Value, json};
 use support::noise_png;
 use tower_service::Service as _;
@@ -22,20 +22,15 @@ struct Gw {
 
 async fn gateway() -> Gw {
     let dir = tempfile::tempdir().unwrap();
-    let queue = std::sync::Arc::new(SqliteQueue::in_memory(3).unwrap());
-    let broker = Broker::with_queue(queue, BrokerConfig::default());
-    let mut config = GatewayConfig {
-        files_dir: dir.path().join("files"),
-        queue_unknown_task_types: true,
-        ..GatewayConfig::default()
-    };
     // The library ships no model; the binary's default one, as the OpenAI routes see it.
-    config.openai.models.insert(
-        "kiln-demo".into(),
-        kiln_gateway::openai::ModelConfig::default(),
-    );
-    config.openai.default_model = "kiln-demo".into();
-    let state = AppState::new(config, broker).await.unwrap();
+    let state = support::state(&dir, |config| {
+        config.openai.models.insert(
+            "kiln-demo".into(),
+            kiln_gateway::openai::ModelConfig::default(),
+        );
+        config.openai.default_model = "kiln-demo".into();
+    })
+    .await;
     Gw {
         dir,
         app: router(state),

@@ -22,6 +22,16 @@ pub enum TaskState {
 }
 
 impl TaskState {
+    /// Every state, in the order of a task's life.
+    pub const ALL: [TaskState; 6] = [
+        TaskState::Queued,
+        TaskState::Running,
+        TaskState::Succeeded,
+        TaskState::Failed,
+        TaskState::Canceled,
+        TaskState::Expired,
+    ];
+
     /// Whether the state is final.
     pub fn is_terminal(self) -> bool {
         !matches!(self, TaskState::Queued | TaskState::Running)

@@ -318,11 +318,4 @@ fn glob_escape(s: &str) -> String {
     out
 }
 
-const STATES: [TaskState; 6] = [
-    TaskState::Queued,
-    TaskState::Running,
-    TaskState::Succeeded,
-    TaskState::Failed,
-    TaskState::Canceled,
-    TaskState::Expired,
-];
+const STATES: [TaskState; 6] = TaskState::ALL;
