@@ -365,4 +365,8 @@ pub trait Queue: Send + Sync + std::fmt::Debug + 'static {
     fn notifications(&self) -> Option<Notifications> {
         None
     }
+
+    /// The store's webhook outbox: the messages task changes wrote in their own
+    /// transactions, and their delivery records (see [`crate::outbox`]).
+    fn outbox(&self) -> &dyn crate::outbox::Outbox;
 }

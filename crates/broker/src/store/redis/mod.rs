@@ -87,6 +87,7 @@ use crate::store::Result;
 
 mod change;
 mod notify;
+mod outbox;
 mod queue_impl;
 mod reply;
 

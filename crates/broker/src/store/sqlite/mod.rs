@@ -21,6 +21,7 @@ use crate::queue::*;
 use crate::store::{Dialect, Result, schema_sql};
 
 mod db;
+mod outbox;
 mod queue_impl;
 
 use db::{Db, add_missing_columns};
