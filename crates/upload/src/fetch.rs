@@ -556,4 +556,30 @@ mod tests {
             assert!(e.to_string().contains(want), "{e} should say {want:?}");
         }
     }
+
+    #[tokio::test]
+    async fn post_returns_any_status_with_a_bounded_body_and_refuses_like_fetch() {
+        let resp = b"HTTP/1.1 302 Found\r\nlocation: http://169.254.169.254/\r\ncontent-length: 40\r\n\r\n0123456789012345678901234567890123456789".to_vec();
+        let (port, req) = serve_once(resp).await;
+        let mut headers = http::HeaderMap::new();
+        headers.insert("webhook-id", http::HeaderValue::from_static("msg_1"));
+        let r = post(
+            &format!("http://127.0.0.1:{port}/hook"),
+            headers.clone(),
+            Bytes::from_static(b"{\"a\":1}"),
+            &loopback(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.status, http::StatusCode::FOUND);
+        assert_eq!(&r.body[..], b"0123456789012345");
+        // (The body's bytes are checked against a real server in kiln-webhooks' tests.)
+        let req = req.await.unwrap();
+        assert!(req.starts_with("POST /hook HTTP/1.1\r\n"), "{req}");
+        assert!(req.to_ascii_lowercase().contains("webhook-id: msg_1"));
+        let e = post("http://10.0.0.1/hook", headers, Bytes::new(), &strict())
+            .await
+            .unwrap_err();
+        assert!(matches!(e, FetchError::Refused { .. }), "{e}");
+    }
 }

@@ -171,9 +171,10 @@ impl Verifier {
                 tolerance_s,
             });
         }
-        if -age > tol {
+        let ahead = ts.saturating_sub(now);
+        if ahead > tol {
             return Err(VerifyError::TooNew {
-                ahead_s: -age,
+                ahead_s: ahead,
                 tolerance_s,
             });
         }
@@ -255,6 +256,10 @@ mod tests {
             Verifier::new(vec![], vec![]).verify(&h.id, &ts, &h.signature, b"body", NOW),
             Err(VerifyError::NoKeys)
         );
+        // Extreme timestamps are stale, not a panic.
+        for (ts, now) in [(i64::MAX, i64::MIN), (i64::MIN, i64::MAX)] {
+            assert!(err(&h.id, &ts.to_string(), &h.signature, b"body", now).is_stale());
+        }
         let strict = v.clone().with_tolerance(Duration::from_secs(5));
         assert!(
             strict
@@ -265,5 +270,35 @@ mod tests {
             Verifier::new(vec![a], vec![]).verify_headers(&http::HeaderMap::new(), b"", NOW),
             Err(VerifyError::MissingHeader("webhook-id"))
         );
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_signed_message_verifies_and_any_changed_byte_does_not(
+            id in "[!-~]{1,64}",
+            ts in -1_000_000_000_000i64..1_000_000_000_000,
+            body in proptest::collection::vec(proptest::num::u8::ANY, 0..512),
+            flip in proptest::num::usize::ANY,
+        ) {
+            let secret = Secret::from_bytes(vec![0x5a; 32]).unwrap();
+            let key = SigningKey::from_seed([7; 32]).unwrap();
+            let signer = Signer::new(vec![secret.clone()], Some(key.clone())).unwrap();
+            let sig = signer.signature(&id, ts, &body).unwrap();
+            let ts_text = ts.to_string();
+            for v in [
+                Verifier::new(vec![secret.clone()], vec![]),
+                Verifier::new(vec![], vec![key.public_key()]),
+            ] {
+                proptest::prop_assert_eq!(v.verify(&id, &ts_text, &sig, &body, ts), Ok(()));
+                if !body.is_empty() {
+                    let mut changed = body.clone();
+                    changed[flip % body.len()] ^= 1;
+                    proptest::prop_assert_eq!(
+                        v.verify(&id, &ts_text, &sig, &changed, ts),
+                        Err(VerifyError::NoMatchingSignature)
+                    );
+                }
+            }
+        }
     }
 }
