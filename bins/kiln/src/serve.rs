@@ -54,6 +54,7 @@ pub(crate) async fn serve(s: Settings) -> anyhow::Result<()> {
     gw.files_dir = s.files_dir();
     gw.storage = s.storage.clone();
     gw.files = s.files.clone();
+    gw.webhooks = s.webhooks.clone();
     let demo_token = format!("demo-{}", uuid::Uuid::new_v4().simple());
     if s.demo_worker.enabled {
         gw.known_task_types
