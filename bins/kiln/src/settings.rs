@@ -80,6 +80,7 @@ impl StoreSettings {
         kiln_broker::QueueOptions {
             default_max_attempts: self.max_attempts,
             retry_base_ms: self.retry_base.as_millis() as u64,
+            webhook_endpoints: Vec::new(),
         }
     }
 }
@@ -402,6 +403,27 @@ impl Settings {
             }
         }
         Ok(())
+    }
+
+    /// The queue store's settings: `[broker]`'s attempts and back-off, and the global
+    /// webhook endpoints' task events (written by the store with the changes).
+    pub(crate) fn queue_options(&self) -> kiln_broker::QueueOptions {
+        let mut q = self.store.queue_options();
+        q.webhook_endpoints = self
+            .webhooks
+            .endpoints
+            .iter()
+            .map(|e| kiln_broker::WebhookEndpoint {
+                url: e.url.clone(),
+                events: e
+                    .events
+                    .iter()
+                    .filter(|ev| ev.starts_with("task."))
+                    .cloned()
+                    .collect(),
+            })
+            .collect();
+        q
     }
 
     /// Where the queue database lives.

@@ -12,6 +12,7 @@
 //! 3. `an_exhausted_message_is_visible_and_the_retry_endpoint_delivers_it`.
 //! 4. `gone_disables_redirects_fail_private_addresses_are_refused`.
 //! 5. `a_receiver_that_never_answers_times_out_and_blocks_nothing`.
+//! 6. `global_endpoints_get_task_and_worker_events_and_openai_takes_the_header`.
 //!
 //! The tests need Python 3 with `standardwebhooks` (`scripts/prepare.sh` installs it into
 //! `$KILN_VENV`, default `~/.cache/kiln/venv`); without it they are skipped with a notice,
@@ -76,11 +77,16 @@ struct Receiver {
 }
 
 fn receiver(py: &Path, dir: &Path, name: &str, flags: &[&str]) -> Receiver {
+    receiver_with(py, dir, name, SECRET, flags)
+}
+
+/// A receiver that verifies with `secret`.
+fn receiver_with(py: &Path, dir: &Path, name: &str, secret: &str, flags: &[&str]) -> Receiver {
     let out = dir.join(format!("{name}.jsonl"));
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/webhook_receiver.py");
     let mut child = Command::new(py)
         .arg(script)
-        .args(["--port", "0", "--secret", SECRET, "--out"])
+        .args(["--port", "0", "--secret", secret, "--out"])
         .arg(&out)
         .args(flags)
         .stdout(Stdio::piped())
@@ -477,4 +483,89 @@ async fn a_receiver_that_never_answers_times_out_and_blocks_nothing() {
     assert!(a["latency_ms"].as_u64().unwrap() >= 4900, "{a}");
     assert!(a["latency_ms"].as_u64().unwrap() < 10_000, "{a}");
     assert_eq!(m["state"], "pending", "retried on the schedule");
+}
+
+/// A global endpoint (from the config file, its secret from `secret_env`) gets every task's
+/// `task.completed` and the demo worker's `worker.online`; the OpenAI route's
+/// `X-Kiln-Webhook` header gives the task a webhook.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn global_endpoints_get_task_and_worker_events_and_openai_takes_the_header() {
+    let Some(py) = python() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let global = receiver(&py, dir.path(), "global", &[]);
+    // webhooks.secret signs the task's own webhook; the endpoint has a secret of its own.
+    let other = "whsec_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA";
+    let own = receiver_with(&py, dir.path(), "own", other, &[]);
+    let config = dir.path().join("kiln.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[webhooks.endpoints]]\nurl = {:?}\nevents = [\"task.completed\", \"worker.online\"]\n\
+             secret_env = \"WEBHOOK_TEST_SECRET\"\n",
+            global.url
+        ),
+    )
+    .unwrap();
+    let mut e = env(&[("WEBHOOK_TEST_SECRET", SECRET)]);
+    e.retain(|(k, _)| *k != "KILN_WEBHOOKS__SECRET");
+    e.push(("KILN_WEBHOOKS__SECRET", other));
+    let s = support::start_with(&dir.path().join("data"), Some(&config), &e);
+    let plain = post_json(
+        &s.base,
+        "/v1/tasks",
+        json!({"task_type": "txt2img", "input": {"prompt": "a fox", "width": 16, "height": 16}}),
+        &[],
+    )
+    .await
+    .json()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let r = post_json(
+        &s.base,
+        "/v1/images/generations",
+        json!({"model": "kiln-demo", "prompt": "a fox", "size": "64x64"}),
+        &[("x-kiln-webhook", &own.url)],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let openai = r.headers["x-kiln-task-id"].to_str().unwrap().to_owned();
+    let bad = post_json(
+        &s.base,
+        "/v1/images/generations",
+        json!({"model": "kiln-demo", "prompt": "a fox"}),
+        &[("x-kiln-webhook", "ftp://x")],
+    )
+    .await;
+    assert_eq!(bad.status, 400);
+    wait_for("the endpoint's deliveries", 30, || {
+        delivered(&global).len() >= 3
+    })
+    .await;
+    wait_for("the header's delivery", 30, || delivered(&own).len() >= 1).await;
+    let kinds: BTreeSet<String> = records(&global)
+        .iter()
+        .map(|r| r["type"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        kinds,
+        ["task.completed", "worker.online"]
+            .map(String::from)
+            .into_iter()
+            .collect()
+    );
+    let ms = messages(&s.base, &plain).await;
+    assert_eq!(ms.len(), 1);
+    assert_eq!(ms[0]["url"], global.url.as_str());
+    let ms = messages(&s.base, &openai).await;
+    let urls: BTreeSet<&str> = ms.iter().map(|m| m["url"].as_str().unwrap()).collect();
+    assert_eq!(
+        urls,
+        [own.url.as_str(), global.url.as_str()]
+            .into_iter()
+            .collect()
+    );
+    let t = support::task(&s.base, &openai).await;
+    assert_eq!(t["webhook"], own.url.as_str());
+    assert_eq!(t["webhook_events"], json!(["completed"]));
 }

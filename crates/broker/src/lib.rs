@@ -65,6 +65,7 @@ pub use lifecycle::{Ending, TaskEvent, TaskEventKind};
 pub use model::*;
 pub use outbox::{
     DeliveryAttempt, DeliveryOutcome, Message, MessageRecord, MessageState, NewMessage, Outbox,
+    WebhookEndpoint,
 };
 pub use queue::{
     ASSIGN_FAILED, Notification, Notifications, Queue, QueueFuture, QueueOptions, Sweep,

@@ -54,6 +54,17 @@ impl MessageState {
     }
 }
 
+/// A global endpoint: it receives every message of the event types it lists, for every
+/// task (`task.started`, `task.progress`, `task.completed`; other types are written with
+/// [`Outbox::add_messages`] by whoever produces them).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WebhookEndpoint {
+    /// Where its messages go.
+    pub url: String,
+    /// The event types it receives, e.g. `task.completed`.
+    pub events: Vec<String>,
+}
+
 /// A message to write.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NewMessage {

@@ -195,6 +195,13 @@ impl AppState {
             Arc::downgrade(&state.inner),
             state.inner.broker.subscribe(),
         ));
+        if webhooks::presence::wanted(&state) {
+            let (live, _) = state.inner.live.resume(None);
+            tokio::spawn(webhooks::presence::follow(
+                Arc::downgrade(&state.inner),
+                live,
+            ));
+        }
         tokio::spawn(live::run(
             Arc::downgrade(&state.inner),
             state.inner.broker.subscribe(),

@@ -5,7 +5,7 @@ use serde_json::Value;
 
 use super::TaskEventKind;
 use crate::model::{NewTask, QueueError, Task};
-use crate::outbox::NewMessage;
+use crate::outbox::{NewMessage, WebhookEndpoint};
 use kiln_protocol::TaskState;
 
 /// The task events a webhook may ask for: `started`, `progress`, `completed`.
@@ -71,45 +71,61 @@ pub fn progress_due(last_progress_at: Option<u64>, now: u64) -> bool {
     last_progress_at.is_none_or(|at| now.saturating_sub(at) >= PROGRESS_EVERY_MS)
 }
 
-/// Whether `after` (a task after a change) subscribed to a progress webhook: only then does
-/// a store look up when its last progress message was written.
-pub fn wants_progress(after: &Task) -> bool {
-    after.webhook.is_some() && after.webhook_events.iter().any(|e| e == "progress")
+/// Whether a message about `after` (a task after a change) may go anywhere: it has a
+/// webhook, or global endpoints are configured.
+pub fn may_notify(after: &Task, endpoints: &[WebhookEndpoint]) -> bool {
+    after.webhook.is_some() || !endpoints.is_empty()
 }
 
-/// The messages a change writes: for each of its events that makes a webhook event the
-/// task subscribed to, one message to the task's `webhook`, its payload the task as it is
-/// after the change. `progress_ok` is [`progress_due`] for this change (at most one
-/// progress message per change).
+/// Whether `after` (a task after a change) subscribed to a progress webhook, or an endpoint
+/// did: only then does a store look up when its last progress message was written.
+pub fn wants_progress(after: &Task, endpoints: &[WebhookEndpoint]) -> bool {
+    (after.webhook.is_some() && after.webhook_events.iter().any(|e| e == "progress"))
+        || endpoints
+            .iter()
+            .any(|e| e.events.iter().any(|t| t == "task.progress"))
+}
+
+/// The messages a change writes: for each of its events that makes a webhook event, one
+/// message to the task's `webhook` when the task subscribed to it, then one to every global
+/// endpoint listing `task.<event>`; the payload is the task as it is after the change.
+/// `progress_ok` is [`progress_due`] for this change (at most one progress event per change
+/// writes messages).
 pub fn webhook_messages(
     after: &Task,
     events: &[TaskEventKind],
     progress_ok: bool,
+    endpoints: &[WebhookEndpoint],
 ) -> Vec<NewMessage> {
-    let Some(url) = &after.webhook else {
-        return Vec::new();
-    };
     let mut out = Vec::new();
     let mut progress_ok = progress_ok;
     for e in events {
         let Some(name) = webhook_event_of(e) else {
             continue;
         };
-        if !after.webhook_events.iter().any(|w| w == name) {
-            continue;
-        }
         if name == "progress" {
             if !progress_ok {
                 continue;
             }
             progress_ok = false;
         }
-        out.push(NewMessage {
-            task_id: Some(after.id.clone()),
-            url: url.clone(),
-            event: format!("task.{name}"),
-            payload: serde_json::to_value(after).unwrap_or(Value::Null),
-        });
+        let event = format!("task.{name}");
+        let own = after
+            .webhook
+            .as_ref()
+            .filter(|_| after.webhook_events.iter().any(|w| w == name));
+        let global = endpoints
+            .iter()
+            .filter(|ep| ep.events.contains(&event))
+            .map(|ep| &ep.url);
+        for url in own.into_iter().chain(global) {
+            out.push(NewMessage {
+                task_id: Some(after.id.clone()),
+                url: url.clone(),
+                event: event.clone(),
+                payload: serde_json::to_value(after).unwrap_or(Value::Null),
+            });
+        }
     }
     out
 }

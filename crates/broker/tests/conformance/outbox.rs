@@ -349,3 +349,68 @@ pub async fn added_messages_are_claimed_like_task_messages(q: &dyn Queue) {
     assert_eq!(got[0].payload, json!({"worker_id": "w1", "slots": 2}));
     assert_eq!(got[0].task_id, None);
 }
+
+/// The global endpoints [`global_endpoints_receive_their_task_events`] expects the queue to
+/// be opened with.
+pub fn endpoints() -> Vec<WebhookEndpoint> {
+    vec![
+        WebhookEndpoint {
+            url: "http://127.0.0.1:9/all".into(),
+            events: vec!["task.started".into(), "task.completed".into()],
+        },
+        WebhookEndpoint {
+            url: "http://127.0.0.1:9/progress".into(),
+            events: vec!["task.progress".into()],
+        },
+    ]
+}
+
+/// Global endpoints receive the task events they list, for every task, in the change's
+/// transaction; a task's own webhook gets its messages too.
+pub async fn global_endpoints_receive_their_task_events(q: &dyn Queue) {
+    let (plain, _) = q.enqueue(task("txt2img", json!({})), T).await.unwrap();
+    let (own, _) = q.enqueue(hooked(&[]), T).await.unwrap();
+    let leased = q.reserve("w", &caps(), 2, T + 60_000, T + 1).await.unwrap();
+    for t in &leased {
+        let l = t.lease.clone().unwrap();
+        q.progress(&l, None, json!({"step": 1}), T + 10)
+            .await
+            .unwrap()
+            .unwrap();
+        q.progress(&l, None, json!({"step": 2}), T + 20)
+            .await
+            .unwrap()
+            .unwrap();
+        q.complete(&l, Completion::Ok(json!(1)), T + 30)
+            .await
+            .unwrap();
+    }
+    let sent = |id: String| async move {
+        q.outbox()
+            .task_messages(&id)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| (r.message.event, r.message.url))
+            .collect::<Vec<_>>()
+    };
+    let all = "http://127.0.0.1:9/all".to_owned();
+    let progress = "http://127.0.0.1:9/progress".to_owned();
+    assert_eq!(
+        sent(plain.id.clone()).await,
+        [
+            ("task.started".to_owned(), all.clone()),
+            ("task.progress".to_owned(), progress.clone()),
+            ("task.completed".to_owned(), all.clone()),
+        ]
+    );
+    assert_eq!(
+        sent(own.id.clone()).await,
+        [
+            ("task.started".to_owned(), all.clone()),
+            ("task.progress".to_owned(), progress),
+            ("task.completed".to_owned(), URL.to_owned()),
+            ("task.completed".to_owned(), all),
+        ]
+    );
+}

@@ -14,6 +14,7 @@ mod config;
 // Without `webhooks` only the API uses the settings; nothing renders or signs.
 #[cfg_attr(not(feature = "webhooks"), allow(dead_code))]
 mod deliver;
+pub(crate) mod presence;
 #[cfg(feature = "webhooks")]
 mod send;
 

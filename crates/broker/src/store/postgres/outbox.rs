@@ -37,10 +37,11 @@ impl Tx<'_> {
         events: &[TaskEventKind],
         now: u64,
     ) -> Result<()> {
-        if after.webhook.is_none() {
+        let endpoints = &self.queue().opts.webhook_endpoints;
+        if !lifecycle::may_notify(after, endpoints) {
             return Ok(());
         }
-        let progress_ok = if lifecycle::wants_progress(after)
+        let progress_ok = if lifecycle::wants_progress(after, endpoints)
             && events
                 .iter()
                 .any(|e| matches!(e, TaskEventKind::Progress(_)))
@@ -59,7 +60,7 @@ impl Tx<'_> {
         } else {
             false
         };
-        for m in lifecycle::webhook_messages(after, events, progress_ok) {
+        for m in lifecycle::webhook_messages(after, events, progress_ok, endpoints) {
             self.insert_message(&m, now).await?;
         }
         Ok(())

@@ -39,6 +39,11 @@ impl<'a> Tx<'a> {
         })
     }
 
+    /// The store this transaction writes to.
+    pub(super) fn queue(&self) -> &PostgresQueue {
+        self.q
+    }
+
     pub(super) async fn rows(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>> {
         let stmt = self.tx.prepare_cached(&self.q.sql(sql)).await?;
         Ok(self.tx.query(&stmt, params).await?)

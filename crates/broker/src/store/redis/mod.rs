@@ -204,6 +204,7 @@ impl RedisQueue {
             events: Mutex::new(Vec::new()),
         };
         q.ping_now().await?;
+        q.store_endpoints().await?;
         Ok(q)
     }
 

@@ -87,6 +87,26 @@ fn record_from(v: Value) -> Result<MessageRecord> {
 }
 
 impl RedisQueue {
+    /// Stores the global webhook endpoints under the prefix (`whep`), where `queue.lua`'s
+    /// `outbox` reads them; none: the key is removed.
+    pub(super) async fn store_endpoints(&self) -> Result<()> {
+        let eps = &self.opts.queue.webhook_endpoints;
+        let json = serde_json::to_string(eps).map_err(|e| bad(&e.to_string()))?;
+        let mut conn = self.conn.clone();
+        let key = self.key(&["whep"]);
+        let mut cmd = if eps.is_empty() {
+            ::redis::cmd("DEL")
+        } else {
+            ::redis::cmd("SET")
+        };
+        cmd.arg(&key);
+        if !eps.is_empty() {
+            cmd.arg(json);
+        }
+        let _: Value = cmd.query_async(&mut conn).await.map_err(super::store)?;
+        Ok(())
+    }
+
     async fn read_messages(&self, by: &str, id: &str) -> Result<Vec<MessageRecord>> {
         let mut r = self
             .run("wh_read", vec![by.to_owned(), id.to_owned()])

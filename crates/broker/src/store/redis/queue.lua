@@ -67,27 +67,43 @@ local function wh_event(kind, data)
   end
   return nil
 end
+-- Global endpoints (`whep`, JSON [{url, events}], stored by the store when it connects)
+-- receive every task message of the types they list.
+local endpoints = nil
 local function outbox(tid, n, kind, data, now)
-  local h = redis.call('HMGET', key('task', tid), 'webhook', 'webhook_events')
-  if not h[1] or not h[2] then return end
   local name = wh_event(kind, data)
   if not name then return end
-  local want = false
-  for _, e in ipairs(cjson.decode(h[2])) do
-    if e == name then want = true end
+  if endpoints == nil then
+    local raw = redis.call('GET', key('whep'))
+    endpoints = raw and cjson.decode(raw) or {}
   end
-  if not want then return end
+  local event = 'task.' .. name
+  local urls = {}
+  local h = redis.call('HMGET', key('task', tid), 'webhook', 'webhook_events')
+  if h[1] and h[2] then
+    for _, e in ipairs(cjson.decode(h[2])) do
+      if e == name then urls[#urls + 1] = h[1] end
+    end
+  end
+  for _, ep in ipairs(endpoints) do
+    for _, e in ipairs(ep.events) do
+      if e == event then urls[#urls + 1] = ep.url end
+    end
+  end
+  if #urls == 0 then return end
   if name == 'progress' then
     local last = redis.call('HGET', key('whp'), tid)
     if last and tonumber(now) - tonumber(last) < 1000 then return end
     redis.call('HSET', key('whp'), tid, now)
   end
-  local id = 'msg_' .. string.sub(redis.sha1hex(P .. tid .. ':' .. n), 1, 32)
-  redis.call('HSET', key('msg', id), 'id', id, 'task_id', tid, 'url', h[1], 'event',
-    'task.' .. name, 'snap', cjson.encode(snap(tid)), 'state', 'pending', 'attempts', '0',
-    'next_at', now, 'created_at', now)
-  redis.call('ZADD', key('whdue'), now, id)
-  redis.call('RPUSH', key('whtask', tid), id)
+  local s = cjson.encode(snap(tid))
+  for i, url in ipairs(urls) do
+    local id = 'msg_' .. string.sub(redis.sha1hex(P .. tid .. ':' .. n .. ':' .. i), 1, 32)
+    redis.call('HSET', key('msg', id), 'id', id, 'task_id', tid, 'url', url, 'event', event,
+      'snap', s, 'state', 'pending', 'attempts', '0', 'next_at', now, 'created_at', now)
+    redis.call('ZADD', key('whdue'), now, id)
+    redis.call('RPUSH', key('whtask', tid), id)
+  end
 end
 local function event(id, kind, data, now)
   local n = redis.call('INCR', key('evseq'))

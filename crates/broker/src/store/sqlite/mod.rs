@@ -250,6 +250,7 @@ impl SqliteQueue {
                 queue: QueueOptions {
                     default_max_attempts,
                     retry_base_ms: 0,
+                    ..QueueOptions::default()
                 },
                 ..SqliteOptions::default()
             },

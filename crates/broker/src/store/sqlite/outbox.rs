@@ -81,10 +81,11 @@ impl Db {
         events: &[TaskEventKind],
         now: u64,
     ) -> Result<()> {
-        if after.webhook.is_none() {
+        let endpoints = &self.opts.webhook_endpoints;
+        if !lifecycle::may_notify(after, endpoints) {
             return Ok(());
         }
-        let progress_ok = if lifecycle::wants_progress(after)
+        let progress_ok = if lifecycle::wants_progress(after, endpoints)
             && events
                 .iter()
                 .any(|e| matches!(e, TaskEventKind::Progress(_)))
@@ -98,7 +99,7 @@ impl Db {
         } else {
             false
         };
-        for m in lifecycle::webhook_messages(after, events, progress_ok) {
+        for m in lifecycle::webhook_messages(after, events, progress_ok, endpoints) {
             insert(c, &m, now)?;
         }
         Ok(())
