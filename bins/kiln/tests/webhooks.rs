@@ -542,7 +542,7 @@ async fn global_endpoints_get_task_and_worker_events_and_openai_takes_the_header
         delivered(&global).len() >= 3
     })
     .await;
-    wait_for("the header's delivery", 30, || delivered(&own).len() >= 1).await;
+    wait_for("the header's delivery", 30, || !delivered(&own).is_empty()).await;
     let kinds: BTreeSet<String> = records(&global)
         .iter()
         .map(|r| r["type"].as_str().unwrap().to_owned())
