@@ -301,6 +301,19 @@ impl Settings {
         self.webhooks
             .validate()
             .map_err(|e| format!("invalid configuration: {e}"))?;
+        for s in self
+            .webhooks
+            .secret
+            .iter()
+            .flat_map(|s| s.split_whitespace())
+        {
+            s.parse::<kiln_webhooks::Secret>()
+                .map_err(|e| format!("invalid configuration: webhooks.secret: {e}"))?;
+        }
+        if let Some(k) = &self.webhooks.signing_key {
+            k.parse::<kiln_webhooks::SigningKey>()
+                .map_err(|e| format!("invalid configuration: webhooks.signing_key: {e}"))?;
+        }
         if self.gateway.files != kiln_gateway::FilesConfig::default() {
             return Err(
                 "invalid configuration: gateway.files is not a key; put files API settings in [files]"
