@@ -487,7 +487,7 @@ async fn a_receiver_that_never_answers_times_out_and_blocks_nothing() {
 
 /// A global endpoint (from the config file, its secret from `secret_env`) gets every task's
 /// `task.completed` and the demo worker's `worker.online`; the OpenAI route's
-/// `X-Kiln-Webhook` header gives the task a webhook.
+/// `X-Kiln-Webhook` header (or the model's `webhook`) gives the task a webhook.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn global_endpoints_get_task_and_worker_events_and_openai_takes_the_header() {
     let Some(py) = python() else { return };
@@ -501,8 +501,9 @@ async fn global_endpoints_get_task_and_worker_events_and_openai_takes_the_header
         &config,
         format!(
             "[[webhooks.endpoints]]\nurl = {:?}\nevents = [\"task.completed\", \"worker.online\"]\n\
-             secret_env = \"WEBHOOK_TEST_SECRET\"\n",
-            global.url
+             secret_env = \"WEBHOOK_TEST_SECRET\"\n\
+             [gateway.openai.models.kiln-demo]\nwebhook = {:?}\n",
+            global.url, own.url
         ),
     )
     .unwrap();
@@ -568,4 +569,19 @@ async fn global_endpoints_get_task_and_worker_events_and_openai_takes_the_header
     let t = support::task(&s.base, &openai).await;
     assert_eq!(t["webhook"], own.url.as_str());
     assert_eq!(t["webhook_events"], json!(["completed"]));
+    // Without the header, the model's configured webhook.
+    let r = post_json(
+        &s.base,
+        "/v1/images/generations",
+        json!({"model": "kiln-demo", "prompt": "a hare", "size": "64x64"}),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let by_model = r.headers["x-kiln-task-id"].to_str().unwrap().to_owned();
+    assert_eq!(
+        support::task(&s.base, &by_model).await["webhook"],
+        own.url.as_str()
+    );
+    wait_for("the model's webhook", 30, || delivered(&own).len() >= 2).await;
 }

@@ -411,7 +411,7 @@ async fn run(
     request_id: Option<String>,
 ) -> Result<Response, OpenAiError> {
     let model = call.model.worker_model(&call.model_name).map(str::to_owned);
-    let webhook = webhook_header(headers)?;
+    let webhook = webhook_header(headers)?.or_else(|| call.model.webhook.clone());
     let task = submit(state, task_type, input.clone(), request_id, model, webhook).await?;
     if task.input.get("images") != input.get("images") {
         // A repeat of an earlier edit: the references stored for this call are not needed.
