@@ -16,6 +16,7 @@ deny_in_tree() { # package, features-args, forbidden crate regex
 }
 [ -d crates/retry ] && deny_in_tree kiln-retry "--no-default-features" "tokio|hyper|hyper-util"
 [ -d crates/protocol ] && deny_in_tree kiln-protocol "" "tokio|hyper|tungstenite|tokio-tungstenite|axum"
+[ -d crates/webhooks ] && deny_in_tree kiln-webhooks "--no-default-features" "tokio|hyper|hyper-util"
 [ -d crates/compress ] && deny_in_tree kiln-compress "--no-default-features" "tokio|hyper|http"
 if [ -d crates/gateway ]; then
   # An embedder that leaves out kiln-gateway's features builds no C image library, no S3
