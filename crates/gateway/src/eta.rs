@@ -49,7 +49,7 @@ pub(crate) const WINDOW: usize = 20;
 /// How long the run times and running tasks of one type and model are reused.
 const FRESH: Duration = Duration::from_secs(2);
 /// How many recent tasks are read to find the run times (and the running tasks).
-const READ: usize = 200;
+const READ: usize = 60;
 
 /// A task's place in the queue and when it should start and finish, as ms from now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
