@@ -22,7 +22,7 @@
 //!   `waiting_for_worker` is `true`. No run time recorded yet: the start is `0` if a slot
 //!   is free for it (`p < S − k`), otherwise unknown; the finish is unknown (`null`).
 //!
-//! Seconds are whole seconds from the time of the answer, rounded up.
+//! Seconds are whole seconds from the time of the answer, rounded to the nearest.
 //!
 //! # Assumptions and error
 //!
@@ -105,9 +105,9 @@ pub(crate) fn median(mut samples: Vec<u64>) -> Option<u64> {
     Some(samples[(samples.len() - 1) / 2])
 }
 
-/// Whole seconds, rounded up.
+/// Whole seconds, rounded to the nearest (half a second up).
 pub(crate) fn seconds(ms: u64) -> u64 {
-    ms.div_ceil(1000)
+    ms.saturating_add(500) / 1000
 }
 
 /// What the estimate of one (type, model) reads from the store, kept for [`FRESH`].
@@ -260,8 +260,14 @@ mod tests {
         assert_eq!(median(vec![9, 1, 5]), Some(5));
         assert_eq!(median(vec![4, 1, 100, 2]), Some(2));
         assert_eq!(
-            (seconds(0), seconds(1), seconds(1000), seconds(1001)),
-            (0, 1, 1, 2)
+            (
+                seconds(0),
+                seconds(499),
+                seconds(500),
+                seconds(1499),
+                seconds(u64::MAX)
+            ),
+            (0, 0, 1, 1, u64::MAX / 1000)
         );
     }
 

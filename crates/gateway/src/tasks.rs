@@ -87,7 +87,7 @@ pub(crate) struct TaskView {
     /// Queued tasks of the same type and model that run before this one (0: next);
     /// `null` unless queued.
     queue_position: Option<u64>,
-    /// Seconds until the task should start (whole seconds, rounded up; see "Queue ETA" in
+    /// Seconds until the task should start (whole seconds, rounded to the nearest; see "Queue ETA" in
     /// docs/PROTOCOL.md); `null` unless queued, or when unknown (no worker serving it is
     /// online, no run time recorded yet, the queue is paused).
     estimated_start_s: Option<u64>,
