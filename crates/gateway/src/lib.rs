@@ -42,6 +42,7 @@
 mod auth;
 mod config;
 mod error;
+mod eta;
 mod events;
 mod files;
 mod health;
@@ -60,6 +61,7 @@ mod params;
 mod policy;
 mod previews;
 mod range;
+mod retry;
 #[cfg(feature = "s3")]
 mod s3store;
 mod sniff;
@@ -123,6 +125,7 @@ struct Inner {
     spans: timing::TaskSpans,
     live: live::Hub,
     webhooks: webhooks::Delivery,
+    run_times: eta::RunTimes,
 }
 
 /// Why the state could not be built.
@@ -188,6 +191,7 @@ impl AppState {
                 spans: timing::TaskSpans::default(),
                 live: live::Hub::default(),
                 webhooks,
+                run_times: eta::RunTimes::default(),
             }),
         };
         #[cfg(feature = "webhooks")]
@@ -232,6 +236,9 @@ impl AppState {
     /// workers, slots, the pause flag); `GET /metrics` does this itself.
     pub async fn refresh_metrics(&self) {
         health::refresh(self).await;
+    }
+    pub(crate) fn run_times(&self) -> &eta::RunTimes {
+        &self.inner.run_times
     }
     pub(crate) fn images(&self) -> &images::ImagePrep {
         &self.inner.images
@@ -285,6 +292,7 @@ fn api_routes(state: &AppState) -> Router<AppState> {
         .route("/v1/tasks", post(tasks::create).get(tasks::list))
         .route("/v1/tasks/{id}", get(tasks::get_one))
         .route("/v1/tasks/{id}/cancel", post(tasks::cancel))
+        .route("/v1/tasks/{id}/retry", post(retry::retry))
         .route("/v1/tasks/{id}/preview", get(previews::get_latest))
         .route("/v1/tasks/{id}/webhooks", get(webhooks::task_messages))
         .route("/v1/webhooks/messages/{id}/retry", post(webhooks::retry))

@@ -17,6 +17,7 @@ use crate::error::ApiJson;
         crate::tasks::cancel,
         crate::webhooks::api::task_messages,
         crate::webhooks::api::retry,
+        crate::retry::retry,
         crate::events::stream,
         crate::previews::get_latest,
         crate::files::upload,

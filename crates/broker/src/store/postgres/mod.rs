@@ -25,6 +25,7 @@ use crate::store::{Columns, Dialect, Result, new_id, schema_sql};
 mod listen;
 mod outbox;
 mod queue_impl;
+mod retry;
 mod tx;
 
 /// Settings of the PostgreSQL store.

@@ -23,6 +23,7 @@ use crate::store::{Dialect, Result, schema_sql};
 mod db;
 mod outbox;
 mod queue_impl;
+mod retry;
 
 use db::{Db, add_missing_columns};
 
