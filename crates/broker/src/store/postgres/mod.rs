@@ -23,6 +23,7 @@ use crate::queue::*;
 use crate::store::{Columns, Dialect, Result, new_id, schema_sql};
 
 mod listen;
+mod outbox;
 mod queue_impl;
 mod retry;
 mod tx;

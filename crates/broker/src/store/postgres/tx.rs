@@ -40,12 +40,17 @@ impl<'a> Tx<'a> {
         })
     }
 
-    async fn rows(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>> {
+    /// The store this transaction writes to.
+    pub(super) fn queue(&self) -> &PostgresQueue {
+        self.q
+    }
+
+    pub(super) async fn rows(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>> {
         let stmt = self.tx.prepare_cached(&self.q.sql(sql)).await?;
         Ok(self.tx.query(&stmt, params).await?)
     }
 
-    async fn exec(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64> {
+    pub(super) async fn exec(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64> {
         let stmt = self.tx.prepare_cached(&self.q.sql(sql)).await?;
         Ok(self.tx.execute(&stmt, params).await?)
     }
@@ -144,7 +149,9 @@ impl<'a> Tx<'a> {
         for e in &tr.events {
             self.event(&task.id, e, now).await?;
         }
-        Ok(tr.apply(task))
+        let after = tr.apply(task);
+        self.write_messages(&after, &tr.events, now).await?;
+        Ok(after)
     }
 
     /// Announces the changes to other instances (delivered at commit), commits, and hands
@@ -192,8 +199,8 @@ impl PostgresQueue {
         let id = new_id("task");
         let inserted = tx
             .rows(
-                "INSERT INTO {s}.tasks (id, request_id, task_type, state, priority, input, metadata, max_attempts, deadline, created_at, model, labels)
-                 VALUES ($1, $2, $3, 'queued', $4, $5, $6, $7, $8, $9, $10, $11)
+                "INSERT INTO {s}.tasks (id, request_id, task_type, state, priority, input, metadata, max_attempts, deadline, created_at, model, labels, webhook, webhook_events)
+                 VALUES ($1, $2, $3, 'queued', $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
                  ON CONFLICT (request_id) DO NOTHING RETURNING seq",
                 &[
                     &id,
@@ -207,6 +214,8 @@ impl PostgresQueue {
                     &i(now),
                     &t.model,
                     &t.labels,
+                    &t.webhook,
+                    &t.webhook_events,
                 ],
             )
             .await?;
@@ -288,6 +297,7 @@ impl PostgresQueue {
         for e in &tr.events {
             tx.event(&t.id, e, now).await?;
         }
+        tx.write_messages(&tr.apply(&t), &tr.events, now).await?;
         tx.commit().await?;
         Ok(Some(t.id))
     }

@@ -87,6 +87,7 @@ use crate::store::Result;
 
 mod change;
 mod notify;
+mod outbox;
 mod queue_impl;
 mod reply;
 
@@ -203,6 +204,7 @@ impl RedisQueue {
             events: Mutex::new(Vec::new()),
         };
         q.ping_now().await?;
+        q.store_endpoints().await?;
         Ok(q)
     }
 

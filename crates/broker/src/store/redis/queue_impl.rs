@@ -17,6 +17,10 @@ use crate::store::{Lease, Result, Stages, Store, Want, holds, new_id};
 use serde_json::Map;
 
 impl Store for RedisQueue {
+    fn outbox(&self) -> &dyn crate::outbox::Outbox {
+        self
+    }
+
     async fn enqueue(&self, t: NewTask, now: u64) -> Result<(Task, bool)> {
         let a = lifecycle::admit(t, &self.opts.queue)?;
         let t = &a.task;
@@ -39,6 +43,8 @@ impl Store for RedisQueue {
                 serde_json::json!(t.labels).to_string()
             },
             a.event.data().to_string(),
+            t.webhook.clone().unwrap_or_default(),
+            serde_json::json!(t.webhook_events).to_string(),
         ];
         let mut r = self.run("enqueue", args).await?;
         let tag = r.tag()?;
