@@ -39,6 +39,7 @@
 //! (`/openapi.json`), `ui` (the operator console at `/ui/`).
 
 mod auth;
+mod batch;
 mod config;
 mod error;
 mod events;
@@ -262,6 +263,7 @@ fn api_routes(state: &AppState) -> Router<AppState> {
     // Ordinary requests: a time limit.
     let api = Router::new()
         .route("/v1/tasks", post(tasks::create).get(tasks::list))
+        .route("/v1/tasks/batch", post(batch::create))
         .route("/v1/tasks/{id}", get(tasks::get_one))
         .route("/v1/tasks/{id}/cancel", post(tasks::cancel))
         .route("/v1/tasks/{id}/preview", get(previews::get_latest))

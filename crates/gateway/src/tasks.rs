@@ -134,6 +134,29 @@ pub(crate) async fn view(state: &AppState, links: &Links, t: Task) -> Result<Tas
     let q = state.broker().queue();
     let attempts = q.attempts(&t.id).await.map_err(ApiError::internal)?;
     let queue_position = q.queue_position(&t).await.map_err(ApiError::internal)?;
+    let recorded = q.timings(&t.id).await.map_err(ApiError::internal)?;
+    Ok(assemble(
+        links,
+        t,
+        attempts,
+        queue_position,
+        recorded.as_ref(),
+    ))
+}
+
+/// The view of a task this call created: no attempts and no recorded timings yet, and its
+/// queue position not read (`null`).
+pub(crate) fn fresh_view(links: &Links, t: Task) -> TaskView {
+    assemble(links, t, Vec::new(), None, None)
+}
+
+fn assemble(
+    links: &Links,
+    t: Task,
+    attempts: Vec<kiln_broker::AttemptRecord>,
+    queue_position: Option<u64>,
+    recorded: Option<&Value>,
+) -> TaskView {
     let progress = t
         .progress
         .as_ref()
@@ -145,14 +168,9 @@ pub(crate) async fn view(state: &AppState, links: &Links, t: Task) -> Result<Tas
             percent: p["percent"].as_f64(),
             eta_ms: p["eta_ms"].as_u64(),
         });
-    let timings = Timings::of(
-        &t,
-        &attempts,
-        q.timings(&t.id).await.map_err(ApiError::internal)?.as_ref(),
-        now_ms(),
-    );
+    let timings = Timings::of(&t, &attempts, recorded, now_ms());
     let preview = crate::previews::link(links, &t);
-    Ok(TaskView {
+    TaskView {
         preview,
         request_id: t.request_id,
         task_type: t.task_type,
@@ -184,7 +202,7 @@ pub(crate) async fn view(state: &AppState, links: &Links, t: Task) -> Result<Tas
         dead_lettered: t.dead_lettered,
         cancel_requested: t.cancel_requested,
         id: t.id,
-    })
+    }
 }
 
 fn queue_error(e: QueueError) -> ApiError {
@@ -217,6 +235,26 @@ pub(crate) async fn create(
         .get("idempotency-key")
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
+    let task = prepare(&state, body, key).await?;
+    let task = crate::submit::submit(
+        &state,
+        Submission {
+            task,
+            api: "tasks",
+            repeat: Repeat::Exact,
+        },
+    )
+    .await?;
+    crate::submit::accepted(&state, &links, task).await
+}
+
+/// The task a create body describes, once every field is checked (the batch route checks
+/// each of its items the same way). `key`: the `Idempotency-Key` header.
+pub(crate) async fn prepare(
+    state: &AppState,
+    body: CreateTask,
+    key: Option<String>,
+) -> Result<NewTask, ApiError> {
     let request_id = match (body.request_id, key) {
         (Some(a), Some(b)) if a != b => {
             return Err(ApiError::invalid(
@@ -252,33 +290,24 @@ pub(crate) async fn create(
         )));
     }
     crate::limits::check_metadata(body.metadata.as_ref())?;
-    accepts_type(&state, tt, body.model.as_deref(), &body.labels).await?;
+    accepts_type(state, tt, body.model.as_deref(), &body.labels).await?;
     if body.deadline_s == Some(0) {
         return Err(ApiError::invalid("deadline_s must be above zero"));
     }
     let deadline = body
         .deadline_s
         .map(|s| now_ms().saturating_add(s.saturating_mul(1000)));
-    let task = crate::submit::submit(
-        &state,
-        Submission {
-            task: NewTask {
-                task_type: tt.to_owned(),
-                input: body.input,
-                request_id,
-                priority: body.priority,
-                deadline,
-                metadata: body.metadata,
-                max_attempts: None,
-                model: body.model,
-                labels: body.labels,
-            },
-            api: "tasks",
-            repeat: Repeat::Exact,
-        },
-    )
-    .await?;
-    crate::submit::accepted(&state, &links, task).await
+    Ok(NewTask {
+        task_type: tt.to_owned(),
+        input: body.input,
+        request_id,
+        priority: body.priority,
+        deadline,
+        metadata: body.metadata,
+        max_attempts: None,
+        model: body.model,
+        labels: body.labels,
+    })
 }
 
 /// Whether a task of type `tt` may be queued: a connected worker fits it, or its type is
