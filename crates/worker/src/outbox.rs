@@ -220,7 +220,6 @@ fn read_legacy(dir: &Path) -> Vec<(PathBuf, Entry)> {
 mod tests {
     use super::*;
     use kiln_protocol::messages::ResultStatus;
-    use std::io::Write as _;
 
     fn entry(lease: &str) -> Entry {
         Entry {
