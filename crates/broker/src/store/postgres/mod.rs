@@ -24,6 +24,7 @@ use crate::store::{Columns, Dialect, Result, new_id, schema_sql};
 
 mod listen;
 mod queue_impl;
+mod retry;
 mod tx;
 
 /// Settings of the PostgreSQL store.

@@ -24,7 +24,8 @@ pub(super) struct Tx<'a> {
 /// Every changeable column of a task, as a transition leaves it.
 const PERSIST: &str = "UPDATE {s}.tasks SET state = $2, attempt = $3, lease = $4, worker_id = $5,
     lease_expires_at = $6, not_before = $7, cancel_requested = $8, output = $9, error = $10,
-    progress = $11, dead_lettered = $12, started_at = $13, completed_at = $14 WHERE id = $1";
+    progress = $11, dead_lettered = $12, started_at = $13, completed_at = $14, deadline = $15,
+    max_attempts = $16 WHERE id = $1";
 
 impl<'a> Tx<'a> {
     pub(super) async fn begin(
@@ -51,7 +52,11 @@ impl<'a> Tx<'a> {
 
     /// The tasks `SELECT {cols} FROM tasks WHERE {filter}` finds (locked with `FOR UPDATE`
     /// when `filter` says so).
-    async fn tasks(&self, filter: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Task>> {
+    pub(super) async fn tasks(
+        &self,
+        filter: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Task>> {
         let sql = format!("SELECT {} FROM {{s}}.tasks WHERE {filter}", cols());
         self.rows(&sql, params)
             .await?
@@ -82,7 +87,7 @@ impl<'a> Tx<'a> {
 
     /// Writes `tr` for `task`: its row, its attempt record and its events. Returns the task
     /// after it.
-    async fn persist(&mut self, task: &Task, tr: &Transition, now: u64) -> Result<Task> {
+    pub(super) async fn persist(&mut self, task: &Task, tr: &Transition, now: u64) -> Result<Task> {
         let f = &tr.fields;
         self.exec(
             PERSIST,
@@ -101,6 +106,8 @@ impl<'a> Tx<'a> {
                 &f.dead_lettered,
                 &f.started_at.map(i),
                 &f.completed_at.map(i),
+                &f.deadline.map(i),
+                &(f.max_attempts as i32),
             ],
         )
         .await?;
@@ -142,7 +149,7 @@ impl<'a> Tx<'a> {
 
     /// Announces the changes to other instances (delivered at commit), commits, and hands
     /// the events to the local broadcast.
-    async fn commit(self) -> Result<()> {
+    pub(super) async fn commit(self) -> Result<()> {
         if !self.events.is_empty() || self.ready {
             let mut payload =
                 json!({"src": self.q.instance, "ready": self.ready, "events": self.events})
