@@ -101,6 +101,19 @@ pub trait Queue: Send + Sync + std::fmt::Debug + 'static {
     /// `false`).
     fn enqueue(&self, task: NewTask, now: u64) -> QueueFuture<'_, (Task, bool)>;
 
+    /// Stores many tasks in one transaction, each idempotent on its own `request_id` as with
+    /// [`Queue::enqueue`] (a `request_id` repeated inside the batch names one task). Answers in
+    /// the order given; `true`: created. Every store overrides this default, which only loops.
+    fn enqueue_many(&self, tasks: Vec<NewTask>, now: u64) -> QueueFuture<'_, Vec<(Task, bool)>> {
+        Box::pin(async move {
+            let mut out = Vec::with_capacity(tasks.len());
+            for t in tasks {
+                out.push(self.enqueue(t, now).await?);
+            }
+            Ok(out)
+        })
+    }
+
     /// Leases up to `n` queued tasks that `caps` fit to `worker_id` until `lease_until`.
     fn reserve<'a>(
         &'a self,

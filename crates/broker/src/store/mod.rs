@@ -192,6 +192,20 @@ pub(crate) type Stages = BTreeMap<String, u64>;
 /// each store writes only its bodies.
 pub(crate) trait Store: Send + Sync + std::fmt::Debug + 'static {
     fn enqueue(&self, t: NewTask, now: u64) -> impl Future<Output = Result<(Task, bool)>> + Send;
+    /// Default: one `enqueue` after another.
+    fn enqueue_many(
+        &self,
+        tasks: Vec<NewTask>,
+        now: u64,
+    ) -> impl Future<Output = Result<Vec<(Task, bool)>>> + Send {
+        async move {
+            let mut out = Vec::with_capacity(tasks.len());
+            for t in tasks {
+                out.push(self.enqueue(t, now).await?);
+            }
+            Ok(out)
+        }
+    }
     /// Never called for `n == 0` or a worker serving no type.
     fn reserve(&self, want: Want<'_>, now: u64) -> impl Future<Output = Result<Vec<Task>>> + Send;
     fn renew(&self, worker_id: &str, until: u64) -> impl Future<Output = Result<usize>> + Send;
@@ -294,6 +308,9 @@ pub(crate) trait Store: Send + Sync + std::fmt::Debug + 'static {
 impl<S: Store> Queue for S {
     fn enqueue(&self, task: NewTask, now: u64) -> QueueFuture<'_, (Task, bool)> {
         Box::pin(Store::enqueue(self, task, now))
+    }
+    fn enqueue_many(&self, tasks: Vec<NewTask>, now: u64) -> QueueFuture<'_, Vec<(Task, bool)>> {
+        Box::pin(Store::enqueue_many(self, tasks, now))
     }
     fn reserve<'a>(
         &'a self,

@@ -76,6 +76,10 @@ impl Store for PostgresQueue {
         self.enqueue_(task, now).await
     }
 
+    async fn enqueue_many(&self, tasks: Vec<NewTask>, now: u64) -> Result<Vec<(Task, bool)>> {
+        self.enqueue_many_(tasks, now).await
+    }
+
     async fn reserve(&self, want: Want<'_>, now: u64) -> Result<Vec<Task>> {
         self.reserve_(want, now).await
     }
