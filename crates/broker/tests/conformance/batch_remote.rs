@@ -79,17 +79,23 @@ pub async fn batch_keeps_order_and_dedupes(q: &dyn Queue) {
         .unwrap();
     assert_eq!((again[0].1, again[1].1), (false, true));
     assert_eq!(again[0].0.id, out[1].0.id);
-    // Leased oldest first: the batch's order is its tasks' order.
+    // Leased oldest first: the batch's order is its tasks' order (the routed task, in a
+    // queue of its own, is checked only for being there).
     let got = q
         .reserve("w", &worker(), 10, T + 90_000, T + 3)
         .await
         .unwrap();
-    let ids: Vec<&str> = got.iter().map(|t| t.id.as_str()).collect();
+    let routed = out[3].0.id.as_str();
+    assert!(got.iter().any(|t| t.id == routed));
+    let ids: Vec<&str> = got
+        .iter()
+        .map(|t| t.id.as_str())
+        .filter(|id| *id != routed)
+        .collect();
     let want = [
         before.id.as_str(),
         out[0].0.id.as_str(),
         out[1].0.id.as_str(),
-        out[3].0.id.as_str(),
         out[5].0.id.as_str(),
         again[1].0.id.as_str(),
     ];

@@ -12,6 +12,9 @@
 //! announcement); a change is `BEGIN`, the locking read, one pipelined burst of writes (task
 //! rows, attempt records, one multi-row event insert) and `COMMIT`.
 //!
+//! Stage timings (`record_worker_timings`, `merge_timings`) are diagnostics: their commit
+//! does not wait for the WAL flush (see `write_timings`); task rows and events always do.
+//!
 //! Each committed change is announced with `pg_notify` on a channel named after the schema,
 //! but only while another instance listens: every instance LISTENs on a connection named
 //! `kiln_listen_<schema>` (`application_name`), and a write looks in `pg_stat_activity` for
@@ -240,6 +243,23 @@ impl PostgresQueue {
 
     fn sql(&self, template: &str) -> String {
         template.replace("{s}", &self.schema)
+    }
+
+    /// Runs a write of stage timings. Timings are diagnostics, so their commit does not wait
+    /// for the WAL flush (`SET LOCAL synchronous_commit TO OFF`: this transaction only; tasks
+    /// and their events are never written so). A crash of the server can lose the timings
+    /// of the last moments; a kill of kiln loses nothing, the commit has happened.
+    async fn write_timings(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>> {
+        let mut c = self.pool.get().await?;
+        let tx = c.transaction().await?;
+        let stmt = tx.prepare_cached(&self.sql(sql)).await?;
+        let (_, rows) = futures_util::future::try_join(
+            tx.batch_execute("SET LOCAL synchronous_commit TO OFF"),
+            tx.query(&stmt, params),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(rows)
     }
 
     async fn read(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>> {

@@ -109,7 +109,12 @@ impl Store for RedisQueue {
 
     async fn finish(&self, l: Lease<'_>, ending: Ending, now: u64) -> Result<CompleteOutcome> {
         let Lease { lease, holder } = l;
-        let (task, known) = match self.recall(lease) {
+        // The copy from `reserve` serves only a call it would accept; a refusal is decided
+        // from the task as stored.
+        let cached = self
+            .recall(lease)
+            .filter(|t| lifecycle::check_lease(Some(t), lease, holder, true).is_ok());
+        let (task, known) = match cached {
             Some(t) => (Some(t), true),
             None => self.by_lease(lease).await?,
         };
