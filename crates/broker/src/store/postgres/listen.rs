@@ -35,7 +35,7 @@ pub(super) async fn listen(
     out: mpsc::Sender<Notification>,
     own_pid: Arc<AtomicI32>,
 ) {
-    pg.application_name(&listener_name(&schema));
+    pg.application_name(listener_name(&schema));
     loop {
         own_pid.store(0, Ordering::Relaxed);
         match pg.connect(NoTls).await {
