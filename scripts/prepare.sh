@@ -76,6 +76,12 @@ if ! "$KILN_VENV/bin/python" -c 'import openai, pytest' >/dev/null 2>&1; then
   echo "prepare: installing the openai SDK and pytest into $KILN_VENV"
   "$KILN_VENV/bin/pip" install -q --disable-pip-version-check "openai>=1.50,<4" "pytest>=8,<10"
 fi
+# The official Standard Webhooks library: scripts/webhook_receiver.py verifies every delivery
+# with it (kiln-webhooks' tests and the webhook end-to-end tests).
+if ! "$KILN_VENV/bin/python" -c 'import standardwebhooks' >/dev/null 2>&1; then
+  echo "prepare: installing standardwebhooks into $KILN_VENV"
+  "$KILN_VENV/bin/pip" install -q --disable-pip-version-check "standardwebhooks>=1,<2"
+fi
 
 # --- operator console / Prometheus rules (scripts/ui-tests.sh) ---
 # Debian's chromium (headless browser tests), prometheus (ships promtool), and playwright-core

@@ -115,6 +115,21 @@ export function render(main, { id }) {
         }
       },
     }, t.cancel_requested ? 'Cancel requested' : 'Cancel task');
+    const canRetry = t.status === 'failed' || t.status === 'expired' || t.status === 'canceled';
+    const retry = canRetry ? h('button', {
+      type: 'button', id: 'retry',
+      onclick: async () => {
+        if (!(await confirmAction(`Run task ${t.id} again as a new attempt?`, 'Retry task'))) return;
+        try {
+          show(await api(`/v1/tasks/${t.id}/retry`, { method: 'POST' }));
+          toast('Queued again');
+        } catch (e) {
+          toast(actionError(e));
+        }
+      },
+    }, 'Retry task') : '';
+    const eta = t.waiting_for_worker ? 'waiting for a worker (none serving it is online)'
+      : t.estimated_start_s !== null ? `starts in about ${t.estimated_start_s} s${t.estimated_finish_s !== null ? `, done in about ${t.estimated_finish_s} s` : ''}` : '—';
     clear(head,
       h('h1', {}, h('span', { class: 'mono' }, t.id), ' ', h('span', { id: 'task-status' }, badge(t.status)), t.dead_lettered ? [' ', badge('dead')] : ''),
       h('div', { class: 'card' },
@@ -126,9 +141,9 @@ export function render(main, { id }) {
           h('dt', {}, 'Created'), h('dd', {}, fmtTime(t.created_at)),
           h('dt', {}, 'Started'), h('dd', {}, fmtTime(t.started_at) || '—'),
           h('dt', {}, 'Ended'), h('dd', {}, fmtTime(t.completed_at) || '—'),
-          t.queue_position !== null ? [h('dt', {}, 'Queue position'), h('dd', {}, t.queue_position)] : '',
+          t.queue_position !== null ? [h('dt', {}, 'Queue position'), h('dd', {}, t.queue_position), h('dt', {}, 'Estimate'), h('dd', { id: 'task-eta' }, eta)] : '',
           t.error ? [h('dt', {}, 'Error'), h('dd', { class: 's-failed' }, `${t.error.code}: ${t.error.message}`)] : ''),
-        h('div', { class: 'row end' }, cancel)));
+        h('div', { class: 'row end' }, retry, cancel)));
     if (t.progress && t.status === 'running') {
       const pct = t.progress.percent ?? (t.progress.total ? (100 * t.progress.step) / t.progress.total : 0);
       const bar = h('div', {});

@@ -172,6 +172,18 @@ impl Broker {
         out
     }
 
+    /// Queues a failed, expired or canceled task again as a new attempt (see
+    /// [`crate::lifecycle::retry`]; `attempts`: its attempt budget, `None` for the store's
+    /// default) and wakes dispatch.
+    pub async fn retry(&self, id: &str, attempts: Option<u32>) -> Result<RetryOutcome, QueueError> {
+        let out = self.queue.retry(id, attempts, now_ms()).await;
+        self.publish();
+        if matches!(out, Ok(RetryOutcome::Queued(_))) {
+            self.wake_dispatch();
+        }
+        out
+    }
+
     /// Tells a worker to stop a lease whose task was canceled. A lease whose `assign` the
     /// worker has not acked yet ends at once (the task is canceled, the assign is not
     /// replayed); the `cancel` still goes out in case the worker got it meanwhile.

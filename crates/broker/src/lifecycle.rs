@@ -222,6 +222,10 @@ pub struct Fields {
     pub started_at: Option<u64>,
     /// Terminal time.
     pub completed_at: Option<u64>,
+    /// Absolute deadline, Unix ms (only [`retry`] changes it).
+    pub deadline: Option<u64>,
+    /// Attempt limit (only [`retry`] changes it).
+    pub max_attempts: u32,
 }
 
 impl Fields {
@@ -240,6 +244,8 @@ impl Fields {
             dead_lettered: t.dead_lettered,
             started_at: t.started_at,
             completed_at: t.completed_at,
+            deadline: t.deadline,
+            max_attempts: t.max_attempts,
         }
     }
 
@@ -328,6 +334,8 @@ impl Transition {
             dead_lettered: f.dead_lettered,
             started_at: f.started_at,
             completed_at: f.completed_at,
+            deadline: f.deadline,
+            max_attempts: f.max_attempts,
             ..task.clone()
         }
     }
@@ -593,6 +601,55 @@ pub fn cancel(task: &Task, now: u64) -> Option<Transition> {
     }
 }
 
+/// Whether a task in `state` may be retried ([`retry`]): it ended without succeeding
+/// (`failed`, dead-lettered or not, `expired`, `canceled`).
+pub fn may_retry(state: TaskState) -> bool {
+    matches!(
+        state,
+        TaskState::Failed | TaskState::Expired | TaskState::Canceled
+    )
+}
+
+/// A retry asked for by a client: a task that ended without succeeding (see [`may_retry`])
+/// is queued again, runnable at once, as a new attempt of the same task: same id, input,
+/// metadata, routing and priority. `None` for a queued, running or succeeded task.
+///
+/// - The attempt counter goes on: the next claim is attempt `attempt + 1`, and the records
+///   of the earlier attempts stay.
+/// - The retry gets a fresh attempt budget: `max_attempts` becomes `attempt + grant`, where
+///   `grant` is `attempts` or, when `None`, the store's default for new tasks
+///   ([`QueueOptions::default_max_attempts`]), at least 1. Retryable failures of the new
+///   attempts are retried automatically within that budget, as for a new task.
+/// - `dead_lettered`, `cancel_requested`, `completed_at`, output and progress are cleared;
+///   the last `error` stays until the next attempt ends (as when a retryable failure
+///   requeues a task); `started_at` keeps the first start.
+/// - A deadline that has passed by `now` is dropped (the task would expire at once); one
+///   still ahead is kept.
+/// - Its event is a `status` event `{"status": "queued", "attempt": n, "worker_id": null}`,
+///   appended after the task's `completed` event.
+pub fn retry(
+    task: &Task,
+    attempts: Option<u32>,
+    opts: &QueueOptions,
+    now: u64,
+) -> Option<Transition> {
+    if !may_retry(task.state) {
+        return None;
+    }
+    let grant = attempts.unwrap_or(opts.default_max_attempts).max(1);
+    let mut f = Fields::of(task).unleased();
+    f.worker_id = None;
+    f.not_before = 0;
+    f.cancel_requested = false;
+    f.output = None;
+    f.progress = None;
+    f.dead_lettered = false;
+    f.completed_at = None;
+    f.deadline = task.deadline.filter(|d| *d > now);
+    f.max_attempts = task.attempt.saturating_add(grant);
+    Some(Transition::to(task, TaskState::Queued, f, None))
+}
+
 /// The compare-and-set every call naming a lease makes: `task` is the task whose current
 /// lease is `lease` (`None`: no task has it now; `known`: an attempt record has it: a lease
 /// given back is forgotten with its attempt, whose number the next attempt reuses), and
@@ -733,6 +790,41 @@ mod tests {
         assert!(marked.cancel_requested);
         assert_eq!(release(&marked, "why", 6).state, TaskState::Canceled);
         assert!(cancel(&lapsed.apply(&t), 7).is_none());
+    }
+
+    #[test]
+    fn a_retry_requeues_only_tasks_that_ended_without_success() {
+        let opts = QueueOptions::default();
+        let t = running(1);
+        assert!(retry(&t, None, &opts, 5).is_none(), "running");
+        let err = TaskError {
+            code: "oom".into(),
+            message: "m".into(),
+            retryable: true,
+        };
+        let dead = finish(&t, Ending::Done(Completion::Error(err)), &opts, 6).apply(&t);
+        assert!(dead.dead_lettered);
+        let tr = retry(&dead, Some(2), &opts, 7).unwrap();
+        assert_eq!(tr.state, TaskState::Queued);
+        let again = tr.apply(&dead);
+        assert_eq!((again.attempt, again.max_attempts), (1, 3));
+        assert!(!again.dead_lettered && again.completed_at.is_none());
+        assert_eq!(again.worker_id, None);
+        assert!(tr.is_ready(7));
+        assert_eq!(tr.events, vec![TaskEventKind::status_of(&again)]);
+        assert!(retry(&again, None, &opts, 8).is_none(), "queued");
+        let ok = finish(&t, Ending::Done(Completion::Ok(json!(1))), &opts, 6).apply(&t);
+        assert!(retry(&ok, None, &opts, 8).is_none(), "succeeded");
+        // The default grant is the store's default; a passed deadline is dropped.
+        let mut expired = expire(&t, 9).apply(&t);
+        expired.deadline = Some(8);
+        let back = retry(&expired, None, &opts, 10).unwrap().apply(&expired);
+        assert_eq!((back.max_attempts, back.deadline), (4, None));
+        expired.deadline = Some(20);
+        assert_eq!(
+            retry(&expired, None, &opts, 10).unwrap().fields.deadline,
+            Some(20)
+        );
     }
 
     #[test]

@@ -225,6 +225,18 @@ pub enum CancelOutcome {
     NotFound,
 }
 
+/// The answer to a retry ([`crate::Queue::retry`]).
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum RetryOutcome {
+    /// It was failed, expired or canceled and is now queued again.
+    Queued(Task),
+    /// Its state does not allow a retry (queued, running or succeeded): the task as it is.
+    Refused(Task),
+    /// No such task.
+    NotFound,
+}
+
 /// Which tasks `list` returns.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ListFilter {

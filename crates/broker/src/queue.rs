@@ -294,6 +294,17 @@ pub trait Queue: Send + Sync + std::fmt::Debug + 'static {
     /// told.
     fn cancel<'a>(&'a self, id: &'a str, now: u64) -> QueueFuture<'a, CancelOutcome>;
 
+    /// Queues a failed, expired or canceled task again as a new attempt of the same task,
+    /// with `attempts` more attempts (`None`: the store's default), as
+    /// [`lifecycle::retry`](crate::lifecycle::retry) decides; a queued, running or
+    /// succeeded task is [`RetryOutcome::Refused`].
+    fn retry<'a>(
+        &'a self,
+        id: &'a str,
+        attempts: Option<u32>,
+        now: u64,
+    ) -> QueueFuture<'a, RetryOutcome>;
+
     /// A task by id.
     fn get<'a>(&'a self, id: &'a str) -> QueueFuture<'a, Option<Task>>;
 

@@ -1,7 +1,7 @@
 //! Every store against the pure lifecycle: random sequences of submits, claims, progress,
 //! results (ok, retryable and fatal errors, cancelled; also with stale leases and by the
-//! wrong worker), rejects, releases, cancels, renewals, worker restarts and time passing
-//! (lapsed leases, deadlines) are run through a store and through a model built only from
+//! wrong worker), rejects, releases, cancels, retries, renewals, worker restarts and time
+//! passing (lapsed leases, deadlines) are run through a store and through a model built only from
 //! `kiln_broker::lifecycle`; each answer, and at the end each task and its events, must be
 //! what the model says.
 //!
@@ -63,6 +63,10 @@ enum Op {
     Cancel {
         task: usize,
     },
+    Retry {
+        task: usize,
+        attempts: Option<u32>,
+    },
     Renew {
         worker: usize,
     },
@@ -94,6 +98,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0..16usize, 1u64..200).prop_map(|(task, avoid_ms)| Op::Reject { task, avoid_ms }),
         1 => (0..16usize).prop_map(|task| Op::Release { task }),
         1 => (0..8usize).prop_map(|task| Op::Cancel { task }),
+        1 => (0..8usize, prop::option::of(1u32..=2)).prop_map(|(task, attempts)| Op::Retry { task, attempts }),
         1 => (0..2usize).prop_map(|worker| Op::Renew { worker }),
         1 => (0..2usize).prop_map(|worker| Op::ReleaseWorker { worker }),
         2 => (0u64..150).prop_map(|ms| Op::Advance { ms }),
@@ -366,6 +371,17 @@ async fn run(q: &dyn Queue, ops: Vec<Op>) -> Result<(), TestCaseError> {
                             _ => CancelOutcome::Canceled(after),
                         }
                     }
+                };
+                prop_assert_eq!(got, want);
+            }
+            Op::Retry { task, attempts } => {
+                let Some(t) = m.pick(task).cloned() else {
+                    continue;
+                };
+                let got = q.retry(&t.id, attempts, now).await.unwrap();
+                let want = match lifecycle::retry(&t, attempts, &m.opts, now) {
+                    None => RetryOutcome::Refused(t),
+                    Some(tr) => RetryOutcome::Queued(m.take(&t.id, &tr)),
                 };
                 prop_assert_eq!(got, want);
             }

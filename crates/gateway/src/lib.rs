@@ -41,6 +41,7 @@
 mod auth;
 mod config;
 mod error;
+mod eta;
 mod events;
 mod files;
 mod health;
@@ -59,6 +60,7 @@ mod params;
 mod policy;
 mod previews;
 mod range;
+mod retry;
 #[cfg(feature = "s3")]
 mod s3store;
 mod sniff;
@@ -119,6 +121,7 @@ struct Inner {
     shutdown: watch::Sender<bool>,
     spans: timing::TaskSpans,
     live: live::Hub,
+    run_times: eta::RunTimes,
 }
 
 /// Why the state could not be built.
@@ -179,6 +182,7 @@ impl AppState {
                 shutdown,
                 spans: timing::TaskSpans::default(),
                 live: live::Hub::default(),
+                run_times: eta::RunTimes::default(),
             }),
         };
         tokio::spawn(live::run(
@@ -211,6 +215,9 @@ impl AppState {
     /// workers, slots, the pause flag); `GET /metrics` does this itself.
     pub async fn refresh_metrics(&self) {
         health::refresh(self).await;
+    }
+    pub(crate) fn run_times(&self) -> &eta::RunTimes {
+        &self.inner.run_times
     }
     pub(crate) fn images(&self) -> &images::ImagePrep {
         &self.inner.images
@@ -264,6 +271,7 @@ fn api_routes(state: &AppState) -> Router<AppState> {
         .route("/v1/tasks", post(tasks::create).get(tasks::list))
         .route("/v1/tasks/{id}", get(tasks::get_one))
         .route("/v1/tasks/{id}/cancel", post(tasks::cancel))
+        .route("/v1/tasks/{id}/retry", post(retry::retry))
         .route("/v1/tasks/{id}/preview", get(previews::get_latest))
         .route("/v1/files/{id}", get(files::download).delete(files::delete))
         .route("/v1/workers", get(workers::list))

@@ -15,6 +15,7 @@ use crate::error::ApiJson;
         crate::tasks::list,
         crate::tasks::get_one,
         crate::tasks::cancel,
+        crate::retry::retry,
         crate::events::stream,
         crate::previews::get_latest,
         crate::files::upload,

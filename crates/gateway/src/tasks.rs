@@ -1,4 +1,4 @@
-//! `/v1/tasks`: create, get, list, cancel.
+//! `/v1/tasks`: create, get, list, cancel (retry: `retry.rs`).
 
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -84,7 +84,19 @@ pub(crate) struct TaskView {
     input: Value,
     /// queued | running | succeeded | failed | canceled | expired
     status: String,
+    /// Queued tasks of the same type and model that run before this one (0: next);
+    /// `null` unless queued.
     queue_position: Option<u64>,
+    /// Seconds until the task should start (whole seconds, rounded to the nearest; see "Queue ETA" in
+    /// docs/PROTOCOL.md); `null` unless queued, or when unknown (no worker serving it is
+    /// online, no run time recorded yet, the queue is paused).
+    estimated_start_s: Option<u64>,
+    /// Seconds until the task should finish; `null` as `estimated_start_s`, and while no
+    /// run time of its type and model is recorded.
+    estimated_finish_s: Option<u64>,
+    /// Queued while no connected worker serves its type, model and labels: it starts when
+    /// one comes (back). False otherwise.
+    waiting_for_worker: bool,
     progress: Option<ProgressView>,
     /// The latest preview the worker sent (`index`, `mime`, `url`, sizes), if any.
     #[schema(value_type = Object)]
@@ -134,6 +146,9 @@ pub(crate) async fn view(state: &AppState, links: &Links, t: Task) -> Result<Tas
     let q = state.broker().queue();
     let attempts = q.attempts(&t.id).await.map_err(ApiError::internal)?;
     let queue_position = q.queue_position(&t).await.map_err(ApiError::internal)?;
+    let eta = crate::eta::of(state, &t, queue_position, now_ms())
+        .await
+        .map_err(ApiError::internal)?;
     let progress = t
         .progress
         .as_ref()
@@ -159,6 +174,9 @@ pub(crate) async fn view(state: &AppState, links: &Links, t: Task) -> Result<Tas
         input: t.input,
         status: t.state.as_str().to_owned(),
         queue_position,
+        estimated_start_s: eta.start_s,
+        estimated_finish_s: eta.finish_s,
+        waiting_for_worker: eta.waiting_for_worker,
         progress,
         attempts: attempts
             .into_iter()
@@ -187,7 +205,7 @@ pub(crate) async fn view(state: &AppState, links: &Links, t: Task) -> Result<Tas
     })
 }
 
-fn queue_error(e: QueueError) -> ApiError {
+pub(crate) fn queue_error(e: QueueError) -> ApiError {
     match e {
         QueueError::Conflict(rid) => ApiError::conflict(format!(
             "request_id {rid:?} was already used for a task with a different type, input, model or labels"

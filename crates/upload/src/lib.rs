@@ -17,7 +17,8 @@
 //! Targets implement [`UploadTarget`]: [`Multipart`] form POST, [`PresignedPut`], [`S3`]
 //! (SigV4, multipart above a threshold), [`JsonBase64`], and [`Fallback`] chains.
 //! [`fetch_image`] downloads an image from a URL someone else named, refusing addresses
-//! that are not globally reachable (SSRF protection) unless its [`FetchPolicy`] allows them.
+//! that are not globally reachable (SSRF protection) unless its [`FetchPolicy`] allows them;
+//! [`post`] sends one POST under the same checks (webhook deliveries).
 //!
 //! ```
 //! use kiln_upload::{PresignedPut, UploadClient, UploadConfig, UploadError, UploadFile};
@@ -57,7 +58,7 @@ pub use body::{Payload, Progress};
 pub use client::{HttpRequest, Sent, Timings, UploadClient};
 pub use config::{ConnectionPolicy, UploadConfig};
 pub use error::{AttemptError, EXCERPT_LEN, UploadError};
-pub use fetch::{FetchError, FetchPolicy, fetch_image};
+pub use fetch::{FetchError, FetchPolicy, PostResponse, fetch_image, post};
 pub use kiln_retry::{Class, RetryConfig};
 pub use metrics::{CounterSnapshot, MetricEvent, MetricsHook, UploadCounters};
 pub use targets::{

@@ -257,6 +257,12 @@ pub(crate) trait Store: Send + Sync + std::fmt::Debug + 'static {
     ) -> impl Future<Output = Result<Vec<Task>>> + Send;
     fn sweep(&self, now: u64) -> impl Future<Output = Result<Sweep>> + Send;
     fn cancel(&self, id: &str, now: u64) -> impl Future<Output = Result<CancelOutcome>> + Send;
+    fn retry(
+        &self,
+        id: &str,
+        attempts: Option<u32>,
+        now: u64,
+    ) -> impl Future<Output = Result<RetryOutcome>> + Send;
     fn get(&self, id: &str) -> impl Future<Output = Result<Option<Task>>> + Send;
     fn attempts(&self, id: &str) -> impl Future<Output = Result<Vec<AttemptRecord>>> + Send;
     fn queue_position(&self, task: &Task) -> impl Future<Output = Result<Option<u64>>> + Send;
@@ -406,6 +412,14 @@ impl<S: Store> Queue for S {
     }
     fn cancel<'a>(&'a self, id: &'a str, now: u64) -> QueueFuture<'a, CancelOutcome> {
         Box::pin(Store::cancel(self, id, now))
+    }
+    fn retry<'a>(
+        &'a self,
+        id: &'a str,
+        attempts: Option<u32>,
+        now: u64,
+    ) -> QueueFuture<'a, RetryOutcome> {
+        Box::pin(Store::retry(self, id, attempts, now))
     }
     fn get<'a>(&'a self, id: &'a str) -> QueueFuture<'a, Option<Task>> {
         Box::pin(Store::get(self, id))

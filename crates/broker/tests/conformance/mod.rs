@@ -2,7 +2,7 @@
 //! order, leases, compare-and-set results, explicit failure with a retry time, dead-letters,
 //! release, retryable rejects (the rejecting worker skips the task for a while), worker
 //! restarts (they spend attempts, but keep the leases whose results the
-//! new process still holds), cancel, lapsed leases, deadlines, listing,
+//! new process still holds), cancel, retry, lapsed leases, deadlines, listing,
 //! counts, events, stage timings, the task types workers said hello with, assignments that
 //! fail on the transport.
 //!
@@ -33,6 +33,9 @@ macro_rules! conformance_tests {
             retryable_errors_requeue_until_attempts_run_out,
             release_does_not_count_the_attempt,
             cancel_queued_running_and_done,
+            retry_queues_a_dead_lettered_task_as_a_new_attempt,
+            retry_refuses_queued_running_and_succeeded_tasks,
+            retry_of_canceled_and_expired_tasks_and_their_deadlines,
             deadlines_expire_tasks,
             events_resume_after_an_id,
             fail_waits_for_its_retry_time,
@@ -74,6 +77,9 @@ macro_rules! conformance_tests {
         )*
     };
 }
+
+mod retry;
+pub use retry::*;
 
 fn task(t: &str, input: serde_json::Value) -> NewTask {
     NewTask {

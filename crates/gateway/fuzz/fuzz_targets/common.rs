@@ -1,5 +1,7 @@
 //! The gateway's real router in process, rebuilt (new state, new store) every
-//! [`REBUILD_EVERY`] inputs so that what the inputs store does not pile up.
+//! [`REBUILD_EVERY`] inputs so that what the inputs store does not pile up. A rebuild happens
+//! only in [`begin`], at the start of an input, never between two requests of one input (a
+//! rebuild between an upload and its `DELETE` would lose the file the upload stored).
 
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -50,15 +52,21 @@ fn gw() -> &'static Gw {
     })
 }
 
-/// Sends one request to the router; the status and the body, which must be JSON.
-pub fn send(req: Request<Body>) -> (u16, serde_json::Value) {
+/// Starts one fuzz input: counts it, and rebuilds the gateway every [`REBUILD_EVERY`] inputs.
+pub fn begin() {
     let gw = gw();
     let mut guard = gw.app.lock().unwrap_or_else(|p| p.into_inner());
     guard.2 += 1;
     if guard.2 > REBUILD_EVERY {
         *guard = build(&gw.rt);
+        guard.2 = 1;
     }
-    let mut app = guard.0.clone();
+}
+
+/// Sends one request to the router; the status and the body, which must be JSON.
+pub fn send(req: Request<Body>) -> (u16, serde_json::Value) {
+    let gw = gw();
+    let mut app = gw.app.lock().unwrap_or_else(|p| p.into_inner()).0.clone();
     gw.rt.block_on(async move {
         let resp = app.call(req).await.expect("the router is infallible");
         let status = resp.status().as_u16();

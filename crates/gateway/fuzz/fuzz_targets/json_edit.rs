@@ -13,6 +13,7 @@ use axum::http::Request;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
+    common::begin();
     let req = Request::post("/v1/images/edits")
         .header("content-type", "application/json")
         .header("prefer", "respond-async")

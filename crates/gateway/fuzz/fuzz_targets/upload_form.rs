@@ -12,6 +12,7 @@ use axum::http::Request;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
+    common::begin();
     let req = Request::post("/v1/files")
         .header("content-type", "multipart/form-data; boundary=kiln")
         .body(Body::from(data.to_vec()))

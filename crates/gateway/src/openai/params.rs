@@ -111,6 +111,15 @@ pub(crate) fn parse(
     let stream = boolean(fields, "stream")?;
     let partial_images = integer(fields, "partial_images", 0..=MAX_PARTIAL_IMAGES)?;
     let format = output_format.as_deref().unwrap_or("png");
+    // Results are converted to JPEG and WebP by kiln-compress; a gateway built without it
+    // converts only to PNG (with the `image` crate), so it refuses the others up front.
+    #[cfg(not(feature = "compress"))]
+    if format != "png" {
+        return Err(OpenAiError::invalid(
+            "output_format",
+            format!("output_format {format} needs a server built with image compression; use png"),
+        ));
+    }
     if background.as_deref() == Some("transparent") && format == "jpeg" {
         return Err(OpenAiError::invalid(
             "background",
@@ -239,6 +248,14 @@ fn encode(input: &[u8], want: &str, quality: u8) -> Result<Vec<u8>, OpenAiError>
             .map_err(|e| failed(e.to_string()))?;
         return Ok(out.into_inner());
     }
+    #[cfg(not(feature = "compress"))]
+    {
+        let _ = quality;
+        Err(failed(
+            "this server converts results only to PNG".to_owned(),
+        ))
+    }
+    #[cfg(feature = "compress")]
     let opts = kiln_compress::CompressOptions {
         max_bytes: usize::MAX,
         max_dimension: 1 << 14,
@@ -253,6 +270,7 @@ fn encode(input: &[u8], want: &str, quality: u8) -> Result<Vec<u8>, OpenAiError>
         min_dimension: 1,
         ..kiln_compress::CompressOptions::default()
     };
+    #[cfg(feature = "compress")]
     kiln_compress::compress(input, &opts)
         .map(|c| c.bytes)
         .map_err(|e| failed(e.to_string()))

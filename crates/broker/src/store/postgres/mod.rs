@@ -40,6 +40,7 @@ use crate::store::{Columns, Dialect, Result, new_id, schema_sql};
 mod batch;
 mod listen;
 mod queue_impl;
+mod retry;
 mod tx;
 
 /// Settings of the PostgreSQL store.

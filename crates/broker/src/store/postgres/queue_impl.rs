@@ -155,6 +155,10 @@ impl Store for PostgresQueue {
         self.cancel_(id, now).await
     }
 
+    async fn retry(&self, id: &str, attempts: Option<u32>, now: u64) -> Result<RetryOutcome> {
+        self.retry_(id, attempts, now).await
+    }
+
     async fn get(&self, id: &str) -> Result<Option<Task>> {
         let rows = self
             .read(

@@ -26,7 +26,8 @@ pub(super) struct Tx<'a> {
 /// Every changeable column of a task, as a transition leaves it.
 const PERSIST: &str = "UPDATE {s}.tasks SET state = $2, attempt = $3, lease = $4, worker_id = $5,
     lease_expires_at = $6, not_before = $7, cancel_requested = $8, output = $9, error = $10,
-    progress = $11, dead_lettered = $12, started_at = $13, completed_at = $14 WHERE id = $1";
+    progress = $11, dead_lettered = $12, started_at = $13, completed_at = $14, deadline = $15,
+    max_attempts = $16 WHERE id = $1";
 
 /// Events of several tasks in one statement; ids are handed out in the order given.
 const EVENTS: &str = "INSERT INTO {s}.events (task_id, kind, data, ts)
@@ -173,6 +174,8 @@ impl<'a> Tx<'a> {
                     &f.dead_lettered,
                     &f.started_at.map(i),
                     &f.completed_at.map(i),
+                    &f.deadline.map(i),
+                    &(f.max_attempts as i32),
                 ],
             )
             .await
@@ -238,7 +241,7 @@ impl<'a> Tx<'a> {
     }
 
     /// [`Tx::persist_all`] for one task.
-    async fn persist(&mut self, task: &Task, tr: &Transition, now: u64) -> Result<Task> {
+    pub(super) async fn persist(&mut self, task: &Task, tr: &Transition, now: u64) -> Result<Task> {
         let items = [(task, tr)];
         let mut after = self.persist_all(&items, now).await?;
         after.pop().ok_or_else(|| corrupt("persist"))

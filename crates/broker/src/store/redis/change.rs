@@ -86,6 +86,9 @@ fn changed_fields(before: &Task, tr: &Transition) -> Vec<(&'static str, String)>
         a.completed_at != b.completed_at,
         opt(b.completed_at),
     );
+    put("deadline", a.deadline != b.deadline, opt(b.deadline));
+    let limit = b.max_attempts.to_string();
+    put("max_attempts", a.max_attempts != b.max_attempts, limit);
     out
 }
 

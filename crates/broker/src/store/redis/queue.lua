@@ -498,6 +498,8 @@ elseif op == 'apply' then
     end
   end
   if st == 'queued' and was ~= 'queued' then
+    -- A task retried after it ended is back under its deadline (if it kept one).
+    if t.deadline then redis.call('ZADD', key('deadlines'), t.deadline, tid) end
     if t.not_before then
       redis.call('ZADD', key('delayed'), t.not_before, tid)
     else

@@ -235,6 +235,19 @@ impl Store for RedisQueue {
         )
     }
 
+    async fn retry(&self, id: &str, attempts: Option<u32>, now: u64) -> Result<RetryOutcome> {
+        let Some(task) = self.get_task(id).await? else {
+            return Ok(RetryOutcome::NotFound);
+        };
+        let opts = &self.opts.queue;
+        let decide = |t: &Task| lifecycle::retry(t, attempts, opts, now);
+        Ok(match self.change(task, None, now, decide).await? {
+            Changed::Done(d) => RetryOutcome::Queued(d.1),
+            Changed::Declined(t) => RetryOutcome::Refused(*t),
+            Changed::Gone => RetryOutcome::NotFound,
+        })
+    }
+
     async fn get(&self, id: &str) -> Result<Option<Task>> {
         self.get_task(id).await
     }

@@ -133,7 +133,8 @@ const RUNNING_LEASE: &str = "SELECT id FROM tasks WHERE lease = ?1 AND state = '
 /// Every changeable column of a task, as a transition leaves it.
 const PERSIST: &str = "UPDATE tasks SET state = ?2, attempt = ?3, lease = ?4, worker_id = ?5,
     lease_expires_at = ?6, not_before = ?7, cancel_requested = ?8, output = ?9, error = ?10,
-    progress = ?11, dead_lettered = ?12, started_at = ?13, completed_at = ?14 WHERE id = ?1";
+    progress = ?11, dead_lettered = ?12, started_at = ?13, completed_at = ?14, deadline = ?15,
+    max_attempts = ?16 WHERE id = ?1";
 
 fn merge_timings_in(
     c: &Connection,
@@ -185,7 +186,13 @@ impl Db {
 
     /// Writes `tr` for `task`: its row, its attempt record and its events. Returns the task
     /// after it.
-    fn persist(&self, c: &Connection, task: &Task, tr: &Transition, now: u64) -> Result<Task> {
+    pub(super) fn persist(
+        &self,
+        c: &Connection,
+        task: &Task,
+        tr: &Transition,
+        now: u64,
+    ) -> Result<Task> {
         let f = &tr.fields;
         c.exec(
             PERSIST,
@@ -203,7 +210,9 @@ impl Db {
                 json_text(f.progress.as_ref()),
                 f.dead_lettered,
                 f.started_at,
-                f.completed_at
+                f.completed_at,
+                f.deadline,
+                f.max_attempts
             ],
         )?;
         match &tr.attempt {

@@ -22,6 +22,7 @@ use crate::store::{Dialect, Result, schema_sql};
 
 mod db;
 mod queue_impl;
+mod retry;
 
 use db::{Db, add_missing_columns};
 

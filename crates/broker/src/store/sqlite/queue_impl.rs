@@ -113,6 +113,10 @@ impl Store for SqliteQueue {
         self.call(move |db| db.cancel(&id, now)).await
     }
 
+    async fn retry(&self, id: &str, attempts: Option<u32>, now: u64) -> Result<RetryOutcome> {
+        self.retry_(id, attempts, now).await
+    }
+
     async fn get(&self, id: &str) -> Result<Option<Task>> {
         let id = id.to_owned();
         self.read(move |db| db.get(&id)).await
