@@ -44,6 +44,56 @@ fn conflict(a: &Admitted) -> QueueError {
     QueueError::Conflict(a.task.request_id.clone().unwrap_or_default())
 }
 
+/// Inserts the items `fresh` names (ids `ids`) in one statement. Returns the seq of each task
+/// inserted, by id (a taken `request_id` inserts nothing).
+async fn insert_rows(
+    tx: &Tx<'_>,
+    admitted: &[Admitted],
+    fresh: &[usize],
+    ids: &[String],
+    now: u64,
+) -> Result<HashMap<String, i64>> {
+    let rows: Vec<&NewTask> = fresh.iter().map(|&k| &admitted[k].task).collect();
+    let labels: Vec<String> = rows
+        .iter()
+        .map(|t| serde_json::Value::from(t.labels.clone()).to_string())
+        .collect();
+    let inserted = tx
+        .rows(
+            INSERT_MANY,
+            &[
+                &ids,
+                &rows
+                    .iter()
+                    .map(|t| t.request_id.clone())
+                    .collect::<Vec<_>>(),
+                &rows
+                    .iter()
+                    .map(|t| t.task_type.as_str())
+                    .collect::<Vec<_>>(),
+                &rows.iter().map(|t| t.priority).collect::<Vec<_>>(),
+                &rows.iter().map(|t| t.input.to_string()).collect::<Vec<_>>(),
+                &rows
+                    .iter()
+                    .map(|t| json_text(t.metadata.as_ref()))
+                    .collect::<Vec<_>>(),
+                &fresh
+                    .iter()
+                    .map(|&k| admitted[k].max_attempts as i32)
+                    .collect::<Vec<_>>(),
+                &rows.iter().map(|t| t.deadline.map(i)).collect::<Vec<_>>(),
+                &rows.iter().map(|t| t.model.clone()).collect::<Vec<_>>(),
+                &labels,
+                &i(now),
+            ],
+        )
+        .await?;
+    inserted
+        .iter()
+        .map(|r| Ok((r.try_get::<_, String>(0)?, r.try_get::<_, i64>(1)?)))
+        .collect::<Result<HashMap<_, _>>>()
+}
+
 impl PostgresQueue {
     pub(super) async fn enqueue_many_(
         &self,
@@ -59,47 +109,9 @@ impl PostgresQueue {
         }
         let (fresh, same_as) = plan(&admitted);
         let ids: Vec<String> = fresh.iter().map(|_| new_id("task")).collect();
-        let rows: Vec<&NewTask> = fresh.iter().map(|&k| &admitted[k].task).collect();
-        let labels: Vec<String> = rows
-            .iter()
-            .map(|t| serde_json::Value::from(t.labels.clone()).to_string())
-            .collect();
         let mut c = self.pool.get().await?;
         let mut tx = Tx::begin(self, &mut c).await?;
-        let inserted = tx
-            .rows(
-                INSERT_MANY,
-                &[
-                    &ids,
-                    &rows
-                        .iter()
-                        .map(|t| t.request_id.clone())
-                        .collect::<Vec<_>>(),
-                    &rows
-                        .iter()
-                        .map(|t| t.task_type.as_str())
-                        .collect::<Vec<_>>(),
-                    &rows.iter().map(|t| t.priority).collect::<Vec<_>>(),
-                    &rows.iter().map(|t| t.input.to_string()).collect::<Vec<_>>(),
-                    &rows
-                        .iter()
-                        .map(|t| json_text(t.metadata.as_ref()))
-                        .collect::<Vec<_>>(),
-                    &fresh
-                        .iter()
-                        .map(|&k| admitted[k].max_attempts as i32)
-                        .collect::<Vec<_>>(),
-                    &rows.iter().map(|t| t.deadline.map(i)).collect::<Vec<_>>(),
-                    &rows.iter().map(|t| t.model.clone()).collect::<Vec<_>>(),
-                    &labels,
-                    &i(now),
-                ],
-            )
-            .await?;
-        let seqs = inserted
-            .iter()
-            .map(|r| Ok((r.try_get::<_, String>(0)?, r.try_get::<_, i64>(1)?)))
-            .collect::<Result<HashMap<_, _>>>()?;
+        let seqs = insert_rows(&tx, &admitted, &fresh, &ids, now).await?;
         // Items whose request_id names a task stored before this batch.
         let taken: Vec<&str> = fresh
             .iter()

@@ -45,6 +45,44 @@ impl RedisQueue {
         ]
     }
 
+    /// Runs the script's `enqueue_many` until its request_id expectations hold. Returns
+    /// its (tag, task) pairs, flat, in the order of `sent`.
+    async fn send(
+        &self,
+        admitted: &[Admitted],
+        sent: &[usize],
+        base: &[Vec<String>],
+    ) -> Result<Vec<::redis::Value>> {
+        let mut expect = vec![String::new(); sent.len()];
+        let mut stored = None;
+        for _ in 0..ATTEMPTS {
+            let mut args = vec![sent.len().to_string()];
+            for (b, e) in base.iter().zip(&expect) {
+                args.extend(b.iter().cloned());
+                args.push(e.clone());
+            }
+            let mut r = self.run("enqueue_many", args).await?;
+            let tag = r.tag()?;
+            let list = array(r.next().ok_or_else(|| corrupt("enqueue_many"))?)?;
+            if tag == "done" {
+                stored = Some(list);
+                break;
+            }
+            for pair in list.chunks(2) {
+                let i = int(pair.first().ok_or_else(|| corrupt("retry index"))?)? as usize;
+                let found = pair.get(1).cloned().map(task_from).transpose()?.flatten();
+                let a = &admitted[*sent.get(i).ok_or_else(|| corrupt("retry index"))?];
+                expect[i] = match found {
+                    Some(t) if !lifecycle::same_request(&t, &a.task) => return Err(conflict(a)),
+                    Some(t) => t.id,
+                    None => String::new(),
+                };
+            }
+        }
+        stored
+            .ok_or_else(|| QueueError::Unavailable("the batch's request_ids kept changing".into()))
+    }
+
     /// Sends the first item of each request_id with what its request_id is expected to name;
     /// when an expectation fails the script writes nothing and names the task it found,
     /// which is checked (same request, else [`QueueError::Conflict`]) and expected next time.
@@ -91,35 +129,7 @@ impl RedisQueue {
             .iter()
             .map(|&k| self.enqueue_args(&admitted[k], now))
             .collect();
-        let mut expect = vec![String::new(); sent.len()];
-        let mut stored = None;
-        for _ in 0..ATTEMPTS {
-            let mut args = vec![sent.len().to_string()];
-            for (b, e) in base.iter().zip(&expect) {
-                args.extend(b.iter().cloned());
-                args.push(e.clone());
-            }
-            let mut r = self.run("enqueue_many", args).await?;
-            let tag = r.tag()?;
-            let list = array(r.next().ok_or_else(|| corrupt("enqueue_many"))?)?;
-            if tag == "done" {
-                stored = Some(list);
-                break;
-            }
-            for pair in list.chunks(2) {
-                let i = int(pair.first().ok_or_else(|| corrupt("retry index"))?)? as usize;
-                let found = pair.get(1).cloned().map(task_from).transpose()?.flatten();
-                let a = &admitted[*sent.get(i).ok_or_else(|| corrupt("retry index"))?];
-                expect[i] = match found {
-                    Some(t) if !lifecycle::same_request(&t, &a.task) => return Err(conflict(a)),
-                    Some(t) => t.id,
-                    None => String::new(),
-                };
-            }
-        }
-        let stored = stored.ok_or_else(|| {
-            QueueError::Unavailable("the batch's request_ids kept changing".into())
-        })?;
+        let stored = self.send(&admitted, &sent, &base).await?;
         let mut out: Vec<Option<(Task, bool)>> = vec![None; admitted.len()];
         for (pair, &k) in stored.chunks(2).zip(&sent) {
             let created = pair.first().and_then(text).as_deref() == Some("created");
