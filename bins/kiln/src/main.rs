@@ -72,6 +72,8 @@ enum ConfigCommand {
         #[arg(long)]
         scope: Option<kiln_gateway::Scope>,
     },
+    /// Print a new webhook signing secret (`whsec_<base64>`) for `webhooks.secret`.
+    GenWebhookSecret,
 }
 
 fn main() -> ExitCode {
@@ -154,6 +156,16 @@ fn config_command(cmd: ConfigCommand) -> ExitCode {
             Err(e) => {
                 eprintln!("kiln: {e}");
                 ExitCode::from(settings::EX_CONFIG as u8)
+            }
+        },
+        ConfigCommand::GenWebhookSecret => match kiln_webhooks::Secret::generate() {
+            Ok(s) => {
+                println!("{s}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("kiln: cannot generate a secret: {e}");
+                ExitCode::FAILURE
             }
         },
         ConfigCommand::HashKey { key, scope } => {

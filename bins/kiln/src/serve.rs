@@ -26,7 +26,7 @@ pub(crate) async fn serve(s: Settings) -> anyhow::Result<()> {
             let q = SqliteQueue::open(
                 &s.queue_path(),
                 SqliteOptions {
-                    queue: s.store.queue_options(),
+                    queue: s.queue_options(),
                     sync_full: s.store.sync_full,
                     ..SqliteOptions::default()
                 },
@@ -39,7 +39,7 @@ pub(crate) async fn serve(s: Settings) -> anyhow::Result<()> {
                 url: s.queue.postgres_url.clone(),
                 schema: s.queue.postgres_schema.clone(),
                 pool_size: s.queue.postgres_pool_size,
-                queue: s.store.queue_options(),
+                queue: s.queue_options(),
                 ..PostgresOptions::default()
             })
             .await
@@ -54,6 +54,7 @@ pub(crate) async fn serve(s: Settings) -> anyhow::Result<()> {
     gw.files_dir = s.files_dir();
     gw.storage = s.storage.clone();
     gw.files = s.files.clone();
+    gw.webhooks = s.webhooks.clone();
     let demo_token = format!("demo-{}", uuid::Uuid::new_v4().simple());
     if s.demo_worker.enabled {
         gw.known_task_types
@@ -180,7 +181,7 @@ async fn open_redis(s: &Settings) -> anyhow::Result<std::sync::Arc<Broker>> {
             url: s.queue.redis_url.clone(),
             prefix: s.queue.redis_prefix.clone(),
             request_id_ttl: s.queue.redis_request_id_ttl,
-            queue: s.store.queue_options(),
+            queue: s.queue_options(),
             ..kiln_broker::RedisOptions::default()
         })
         .await?;

@@ -29,6 +29,9 @@ pub(crate) struct Settings {
     pub(crate) store: StoreSettings,
     pub(crate) queue: Queue,
     pub(crate) demo_worker: DemoWorker,
+    /// `[webhooks]`: signing secrets, the retry schedule, the address policy, global
+    /// endpoints (docs/WEBHOOKS.md).
+    pub(crate) webhooks: kiln_gateway::WebhooksConfig,
     /// The upstream providers' settings, `[gateway.openai.providers.<name>]`, for the
     /// provider worker (the gateway reads only their names and base URLs).
     #[serde(skip)]
@@ -77,6 +80,7 @@ impl StoreSettings {
         kiln_broker::QueueOptions {
             default_max_attempts: self.max_attempts,
             retry_base_ms: self.retry_base.as_millis() as u64,
+            webhook_endpoints: Vec::new(),
         }
     }
 }
@@ -176,6 +180,7 @@ pub(crate) fn load(path: Option<&Path>) -> Result<Settings, String> {
             .with_list_parse_key("files.allowed_types")
             .with_list_parse_key("gateway.allowed_hosts")
             .with_list_parse_key("gateway.metrics_token_hashes")
+            .with_list_parse_key("webhooks.schedule_s")
             .with_list_parse_key("storage.client.retry.retry_statuses"),
     );
     let cfg = b
@@ -293,6 +298,22 @@ impl Settings {
             );
         }
         self.validate_storage()?;
+        self.webhooks
+            .validate()
+            .map_err(|e| format!("invalid configuration: {e}"))?;
+        for s in self
+            .webhooks
+            .secret
+            .iter()
+            .flat_map(|s| s.split_whitespace())
+        {
+            s.parse::<kiln_webhooks::Secret>()
+                .map_err(|e| format!("invalid configuration: webhooks.secret: {e}"))?;
+        }
+        if let Some(k) = &self.webhooks.signing_key {
+            k.parse::<kiln_webhooks::SigningKey>()
+                .map_err(|e| format!("invalid configuration: webhooks.signing_key: {e}"))?;
+        }
         if self.gateway.files != kiln_gateway::FilesConfig::default() {
             return Err(
                 "invalid configuration: gateway.files is not a key; put files API settings in [files]"
@@ -362,6 +383,17 @@ impl Settings {
     /// credentials).
     fn resolve_secrets(&mut self) -> Result<(), String> {
         let lookup = |name: &str| std::env::var(name).ok();
+        for (i, e) in self.webhooks.endpoints.iter_mut().enumerate() {
+            let Some(var) = &e.secret_env else { continue };
+            match std::env::var(var) {
+                Ok(v) if !v.trim().is_empty() => e.secret = Some(v),
+                _ => {
+                    return Err(format!(
+                        "invalid configuration: webhooks.endpoints[{i}].secret_env names {var:?}, which is not set"
+                    ));
+                }
+            }
+        }
         for (name, p) in self.providers.iter_mut() {
             if let Some(t) = p.upload.target.as_mut() {
                 t.resolve_secrets(
@@ -384,6 +416,27 @@ impl Settings {
             }
         }
         Ok(())
+    }
+
+    /// The queue store's settings: `[broker]`'s attempts and back-off, and the global
+    /// webhook endpoints' task events (written by the store with the changes).
+    pub(crate) fn queue_options(&self) -> kiln_broker::QueueOptions {
+        let mut q = self.store.queue_options();
+        q.webhook_endpoints = self
+            .webhooks
+            .endpoints
+            .iter()
+            .map(|e| kiln_broker::WebhookEndpoint {
+                url: e.url.clone(),
+                events: e
+                    .events
+                    .iter()
+                    .filter(|ev| ev.starts_with("task."))
+                    .cloned()
+                    .collect(),
+            })
+            .collect();
+        q
     }
 
     /// Where the queue database lives.

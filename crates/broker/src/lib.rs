@@ -51,6 +51,7 @@ mod dispatch;
 mod hello;
 pub mod lifecycle;
 mod model;
+pub mod outbox;
 mod preview;
 mod previews;
 mod queue;
@@ -62,6 +63,10 @@ pub use broker::{Broker, SessionEnd, WorkerInfo, now_ms};
 pub use config::BrokerConfig;
 pub use lifecycle::{Ending, TaskEvent, TaskEventKind};
 pub use model::*;
+pub use outbox::{
+    DeliveryAttempt, DeliveryOutcome, Message, MessageRecord, MessageState, NewMessage, Outbox,
+    WebhookEndpoint,
+};
 pub use queue::{
     ASSIGN_FAILED, Notification, Notifications, Queue, QueueFuture, QueueOptions, Sweep,
 };

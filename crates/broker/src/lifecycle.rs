@@ -30,6 +30,9 @@ use serde_json::{Value, json};
 use crate::model::{CompleteOutcome, Completion, NewTask, QueueError, Task};
 use crate::queue::QueueOptions;
 
+mod webhooks;
+pub use webhooks::*;
+
 /// What happened to a task, as stored and streamed. The wire form (the stored rows, SSE,
 /// notifications between instances) is `{"kind": …, "data": {…}}` as listed per variant.
 #[derive(Debug, Clone, PartialEq)]
@@ -370,6 +373,7 @@ pub fn admit(mut t: NewTask, opts: &QueueOptions) -> Result<Admitted, QueueError
     }
     t.labels.sort();
     t.labels.dedup();
+    admit_webhook(&mut t)?;
     let max_attempts = t.max_attempts.unwrap_or(opts.default_max_attempts).max(1);
     Ok(Admitted {
         task: t,
@@ -410,6 +414,8 @@ pub fn new_task(a: &Admitted, id: String, seq: i64, now: u64) -> Task {
         seq,
         model: t.model.clone(),
         labels: t.labels.clone(),
+        webhook: t.webhook.clone(),
+        webhook_events: t.webhook_events.clone(),
     }
 }
 

@@ -31,6 +31,13 @@ pub struct NewTask {
     /// without duplicates.
     #[serde(default)]
     pub labels: Vec<String>,
+    /// Where the task's webhook messages go (an absolute http(s) URL), if anywhere.
+    #[serde(default)]
+    pub webhook: Option<String>,
+    /// The events the webhook receives: `started`, `progress`, `completed`. Empty with a
+    /// `webhook`: `["completed"]`.
+    #[serde(default)]
+    pub webhook_events: Vec<String>,
 }
 
 /// A stored task.
@@ -85,6 +92,12 @@ pub struct Task {
     pub model: Option<String>,
     /// Labels a worker must have (sorted).
     pub labels: Vec<String>,
+    /// Where the task's webhook messages go.
+    #[serde(default)]
+    pub webhook: Option<String>,
+    /// The events its webhook receives (sorted).
+    #[serde(default)]
+    pub webhook_events: Vec<String>,
 }
 
 impl Task {

@@ -50,6 +50,11 @@ pub const ASSIGN_FAILED: &str = "assign_failed";
 /// Store-wide settings every backend takes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QueueOptions {
+    /// Global webhook endpoints: each task change writes a message to every endpoint that
+    /// lists its event type, in the change's transaction (see [`crate::outbox`]). On Redis
+    /// the list is stored under the prefix when the store connects, so instances sharing a
+    /// prefix should configure the same endpoints. Default: none.
+    pub webhook_endpoints: Vec<crate::outbox::WebhookEndpoint>,
     /// Attempts for tasks that do not set their own. Default: 3.
     pub default_max_attempts: u32,
     /// A retryable failure waits this times 2^(attempt-1) before the task runs again.
@@ -62,6 +67,7 @@ impl Default for QueueOptions {
         Self {
             default_max_attempts: 3,
             retry_base_ms: 1000,
+            webhook_endpoints: Vec::new(),
         }
     }
 }
@@ -389,4 +395,8 @@ pub trait Queue: Send + Sync + std::fmt::Debug + 'static {
     fn notifications(&self) -> Option<Notifications> {
         None
     }
+
+    /// The store's webhook outbox: the messages task changes wrote in their own
+    /// transactions, and their delivery records (see [`crate::outbox`]).
+    fn outbox(&self) -> &dyn crate::outbox::Outbox;
 }

@@ -38,6 +38,7 @@ fn opts(schema: &str) -> PostgresOptions {
         queue: QueueOptions {
             default_max_attempts: 2,
             retry_base_ms: 0,
+            ..QueueOptions::default()
         },
         ..PostgresOptions::default()
     }
@@ -255,4 +256,20 @@ async fn a_schema_from_before_routing_gets_the_new_columns() {
     q.drop_schema().await.unwrap();
     drop(c);
     driver.abort();
+}
+
+/// Global webhook endpoints.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn global_endpoints_receive_their_task_events() {
+    let schema = schema_for("global_endpoints_receive_their_task_events");
+    let Some(q) = open(&schema).await else {
+        return;
+    };
+    q.drop_schema().await.unwrap();
+    drop(q);
+    let mut o = opts(&schema);
+    o.queue.webhook_endpoints = conformance::endpoints();
+    let q = PostgresQueue::open(o).await.unwrap();
+    conformance::global_endpoints_receive_their_task_events(&q).await;
+    q.drop_schema().await.unwrap();
 }

@@ -33,6 +33,7 @@ fn options(test: &str) -> RedisOptions {
         queue: QueueOptions {
             default_max_attempts: 2,
             retry_base_ms: 0,
+            ..QueueOptions::default()
         },
         ..RedisOptions::default()
     }
@@ -193,4 +194,19 @@ fn txt2img_worker() -> Capabilities {
         task_types: vec!["txt2img".into()],
         ..Default::default()
     }
+}
+
+/// Global webhook endpoints: the store keeps them under its prefix for the script.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn global_endpoints_receive_their_task_events() {
+    let test = "global_endpoints_receive_their_task_events";
+    let Some(plain) = open(test).await else {
+        return;
+    };
+    drop(plain);
+    let mut o = options(test);
+    o.queue.webhook_endpoints = conformance::endpoints();
+    let q = RedisQueue::connect(o).await.unwrap();
+    conformance::global_endpoints_receive_their_task_events(&q).await;
+    q.delete_all().await.unwrap();
 }

@@ -39,6 +39,7 @@ fn open_file_of(test: &str, executor: SqliteExecutor) -> Option<Arc<dyn Queue>> 
         queue: QueueOptions {
             default_max_attempts: 2,
             retry_base_ms: 0,
+            ..QueueOptions::default()
         },
         executor,
         ..SqliteOptions::default()
@@ -46,6 +47,22 @@ fn open_file_of(test: &str, executor: SqliteExecutor) -> Option<Arc<dyn Queue>> 
     Some(Arc::new(
         SqliteQueue::open(&file_of(test, executor), opts).unwrap(),
     ))
+}
+
+/// Global webhook endpoints, on a file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn global_endpoints_receive_their_task_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = SqliteOptions {
+        queue: QueueOptions {
+            default_max_attempts: 2,
+            retry_base_ms: 0,
+            webhook_endpoints: conformance::endpoints(),
+        },
+        ..SqliteOptions::default()
+    };
+    let q = SqliteQueue::open(&dir.path().join("q.sqlite"), opts).unwrap();
+    conformance::global_endpoints_receive_their_task_events(&q).await;
 }
 
 /// The same suite on a file with the blocking-pool executor.

@@ -492,6 +492,7 @@ fn queue_options() -> QueueOptions {
     QueueOptions {
         default_max_attempts: 2,
         retry_base_ms: 0,
+        ..QueueOptions::default()
     }
 }
 

@@ -94,6 +94,10 @@ pub struct GatewayConfig {
     /// Default: see [`crate::openai::OpenAiConfig`].
     #[cfg(feature = "openai")]
     pub openai: crate::openai::OpenAiConfig,
+    /// Webhook delivery: secrets, schedule, address policy, global endpoints (the binary's
+    /// `[webhooks]` section). Default: see [`crate::WebhooksConfig`].
+    #[serde(skip)]
+    pub webhooks: crate::WebhooksConfig,
 }
 
 /// Who may read `/metrics` and the details of `/readyz` (`/healthz` is always open).
@@ -138,6 +142,7 @@ impl Default for GatewayConfig {
             files: FilesConfig::default(),
             #[cfg(feature = "openai")]
             openai: crate::openai::OpenAiConfig::default(),
+            webhooks: crate::WebhooksConfig::default(),
         }
     }
 }

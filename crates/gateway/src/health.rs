@@ -111,6 +111,9 @@ pub(crate) async fn metrics(State(state): State<AppState>, headers: HeaderMap) -
 pub(crate) async fn refresh(state: &AppState) {
     let m = state.metrics();
     let stats = state.broker().queue().stats().await.ok();
+    if let Ok(n) = state.broker().queue().outbox().pending_messages().await {
+        m.webhook_pending.set(n as i64);
+    }
     crate::overview::refresh_metrics(state, stats.as_ref());
     if let Some(stats) = stats {
         m.tasks.clear();

@@ -36,7 +36,8 @@
 //! `s3` (file storage in an S3-compatible bucket, through kiln-upload), `compress`
 //! (compression of uploaded images through kiln-compress; without it images are still
 //! decoded in full to be checked, and a compression request gets 422), `openapi`
-//! (`/openapi.json`), `ui` (the operator console at `/ui/`).
+//! (`/openapi.json`), `ui` (the operator console at `/ui/`), `webhooks` (the delivery loop
+//! that sends the store's webhook outbox, through kiln-webhooks' HTTP sender).
 
 mod auth;
 mod config;
@@ -74,6 +75,7 @@ mod timing;
 mod ui;
 #[cfg(feature = "s3")]
 mod upload_metrics;
+mod webhooks;
 mod workers;
 
 use std::sync::Arc;
@@ -97,6 +99,7 @@ pub use metrics::{HistogramFamily, Metrics};
 pub use s3store::S3Store;
 pub use storage::{ContentStream, FileStorage, StorageBackend, StorageConfig, StorageError};
 pub use store::{FileMeta, FileStore};
+pub use webhooks::{ENDPOINT_EVENTS, EndpointConfig, WebhooksConfig};
 
 /// The gateway's shared state.
 #[derive(Debug, Clone)]
@@ -121,6 +124,7 @@ struct Inner {
     shutdown: watch::Sender<bool>,
     spans: timing::TaskSpans,
     live: live::Hub,
+    webhooks: webhooks::Delivery,
     run_times: eta::RunTimes,
 }
 
@@ -137,6 +141,9 @@ pub enum StartError {
     /// The file storage cannot be opened (bad S3 settings, bucket creation failed).
     #[error("gateway file storage: {0}")]
     Storage(#[from] StorageError),
+    /// The webhook settings are invalid (a malformed secret, a bad schedule or endpoint).
+    #[error("gateway webhooks: {0}")]
+    Webhooks(String),
 }
 
 impl AppState {
@@ -164,6 +171,7 @@ impl AppState {
             config.worker_rate_limit_burst,
         );
         let (shutdown, _) = watch::channel(false);
+        let webhooks = webhooks::Delivery::new(&config.webhooks).map_err(StartError::Webhooks)?;
         let events = broker.subscribe();
         let state = Self {
             inner: Arc::new(Inner {
@@ -182,9 +190,22 @@ impl AppState {
                 shutdown,
                 spans: timing::TaskSpans::default(),
                 live: live::Hub::default(),
+                webhooks,
                 run_times: eta::RunTimes::default(),
             }),
         };
+        #[cfg(feature = "webhooks")]
+        tokio::spawn(webhooks::run(
+            Arc::downgrade(&state.inner),
+            state.inner.broker.subscribe(),
+        ));
+        if webhooks::presence::wanted(&state) {
+            let (live, _) = state.inner.live.resume(None);
+            tokio::spawn(webhooks::presence::follow(
+                Arc::downgrade(&state.inner),
+                live,
+            ));
+        }
         tokio::spawn(live::run(
             Arc::downgrade(&state.inner),
             state.inner.broker.subscribe(),
@@ -273,6 +294,8 @@ fn api_routes(state: &AppState) -> Router<AppState> {
         .route("/v1/tasks/{id}/cancel", post(tasks::cancel))
         .route("/v1/tasks/{id}/retry", post(retry::retry))
         .route("/v1/tasks/{id}/preview", get(previews::get_latest))
+        .route("/v1/tasks/{id}/webhooks", get(webhooks::task_messages))
+        .route("/v1/webhooks/messages/{id}/retry", post(webhooks::retry))
         .route("/v1/files/{id}", get(files::download).delete(files::delete))
         .route("/v1/workers", get(workers::list))
         .route("/v1/workers/{id}/drain", post(workers::drain))

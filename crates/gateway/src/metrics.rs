@@ -82,7 +82,17 @@ pub struct Metrics {
     pub upload_retries: Family<Labels, Counter>,
     /// Connections opened by upload clients, by `client` and `protocol` (`h1`, `h2`).
     pub upload_connections: Family<Labels, Counter>,
+    /// Webhook delivery attempts by `result`: `delivered`, `failed` (a retry is
+    /// scheduled), `exhausted` (the schedule is spent), `disabled` (410 Gone), `refused`
+    /// (the address policy refused the URL).
+    pub webhook_deliveries: Family<Labels, Counter>,
+    /// Webhook messages waiting for delivery (set at scrape time).
+    pub webhook_pending: Gauge,
 }
+
+/// Every `result` label value of `kiln_webhook_deliveries_total`.
+pub(crate) const WEBHOOK_RESULTS: [&str; 5] =
+    ["delivered", "failed", "exhausted", "disabled", "refused"];
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -125,7 +135,14 @@ impl Metrics {
             retries: Family::default(),
             bytes_uploaded: Counter::default(),
             responses: Family::default(),
+            webhook_deliveries: Family::default(),
+            webhook_pending: Gauge::default(),
         };
+        for result in WEBHOOK_RESULTS {
+            let _ = m
+                .webhook_deliveries
+                .get_or_create(&vec![("result", result.to_owned())]);
+        }
         {
             let mut r = m.registry.lock().unwrap_or_else(|p| p.into_inner());
             m.register_families(&mut r);
@@ -237,6 +254,16 @@ impl Metrics {
             "upload_connections",
             "Connections opened by upload clients",
             self.upload_connections.clone(),
+        );
+        r.register(
+            "webhook_deliveries",
+            "Webhook delivery attempts by result",
+            self.webhook_deliveries.clone(),
+        );
+        r.register(
+            "webhook_pending",
+            "Webhook messages waiting for delivery",
+            self.webhook_pending.clone(),
         );
     }
 

@@ -15,6 +15,8 @@ use crate::error::ApiJson;
         crate::tasks::list,
         crate::tasks::get_one,
         crate::tasks::cancel,
+        crate::webhooks::api::task_messages,
+        crate::webhooks::api::retry,
         crate::retry::retry,
         crate::events::stream,
         crate::previews::get_latest,

@@ -43,6 +43,37 @@ pub(crate) struct CreateTask {
     #[serde(default)]
     #[schema(max_items = 16)]
     labels: Vec<String>,
+    /// Where to send this task's webhook messages: an absolute `http` or `https` URL of at
+    /// most 2048 bytes. See docs/WEBHOOKS.md.
+    #[schema(max_length = 2048)]
+    webhook: Option<String>,
+    /// The events the webhook receives (`started`, `progress`, `completed`); default
+    /// `["completed"]`. Only with `webhook`.
+    #[serde(default)]
+    #[schema(max_items = 3)]
+    webhook_events: Vec<WebhookEventName>,
+}
+
+/// A task event a webhook may ask for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum WebhookEventName {
+    /// `task.started`: an attempt started running.
+    Started,
+    /// `task.progress`: progress, at most once a second.
+    Progress,
+    /// `task.completed`: the task ended (any terminal state).
+    Completed,
+}
+
+impl WebhookEventName {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Started => "started",
+            Self::Progress => "progress",
+            Self::Completed => "completed",
+        }
+    }
 }
 
 /// The most labels one task may ask for.
@@ -120,6 +151,10 @@ pub(crate) struct TaskView {
     labels: Vec<String>,
     dead_lettered: bool,
     cancel_requested: bool,
+    /// Where the task's webhook messages go, if anywhere.
+    webhook: Option<String>,
+    /// The events its webhook receives: `started`, `progress`, `completed`.
+    webhook_events: Vec<String>,
 }
 
 pub(crate) fn rfc3339(ms: u64) -> String {
@@ -146,9 +181,30 @@ pub(crate) async fn view(state: &AppState, links: &Links, t: Task) -> Result<Tas
     let q = state.broker().queue();
     let attempts = q.attempts(&t.id).await.map_err(ApiError::internal)?;
     let queue_position = q.queue_position(&t).await.map_err(ApiError::internal)?;
+    let timings = q.timings(&t.id).await.map_err(ApiError::internal)?;
     let eta = crate::eta::of(state, &t, queue_position, now_ms())
         .await
         .map_err(ApiError::internal)?;
+    Ok(view_of(
+        t,
+        attempts,
+        queue_position,
+        eta,
+        timings.as_ref(),
+        links,
+    ))
+}
+
+/// The task object from its parts (what [`view`] reads from the queue): also the `data` of
+/// a webhook message, rendered from the task as the message's change left it.
+pub(crate) fn view_of(
+    t: Task,
+    attempts: Vec<kiln_broker::AttemptRecord>,
+    queue_position: Option<u64>,
+    eta: crate::eta::EtaView,
+    timings: Option<&Value>,
+    links: &Links,
+) -> TaskView {
     let progress = t
         .progress
         .as_ref()
@@ -160,14 +216,9 @@ pub(crate) async fn view(state: &AppState, links: &Links, t: Task) -> Result<Tas
             percent: p["percent"].as_f64(),
             eta_ms: p["eta_ms"].as_u64(),
         });
-    let timings = Timings::of(
-        &t,
-        &attempts,
-        q.timings(&t.id).await.map_err(ApiError::internal)?.as_ref(),
-        now_ms(),
-    );
+    let timings = Timings::of(&t, &attempts, timings, now_ms());
     let preview = crate::previews::link(links, &t);
-    Ok(TaskView {
+    TaskView {
         preview,
         request_id: t.request_id,
         task_type: t.task_type,
@@ -201,8 +252,10 @@ pub(crate) async fn view(state: &AppState, links: &Links, t: Task) -> Result<Tas
         labels: t.labels,
         dead_lettered: t.dead_lettered,
         cancel_requested: t.cancel_requested,
+        webhook: t.webhook,
+        webhook_events: t.webhook_events,
         id: t.id,
-    })
+    }
 }
 
 pub(crate) fn queue_error(e: QueueError) -> ApiError {
@@ -221,7 +274,7 @@ pub(crate) fn queue_error(e: QueueError) -> ApiError {
     params(("Idempotency-Key" = Option<String>, Header, description = "alias of request_id")),
     responses(
         (status = 202, body = TaskView, description = "accepted (or the existing task for this request_id)"),
-        (status = 400, description = "malformed JSON"), (status = 409, description = "request_id reused with different content"),
+        (status = 400, description = "malformed JSON, or an invalid webhook URL"), (status = 409, description = "request_id reused with different content"),
         (status = 413, description = "input or metadata over its size limit"),
         (status = 415, description = "not JSON"), (status = 422, description = "invalid field or unknown task type"),
     ))]
@@ -270,6 +323,10 @@ pub(crate) async fn create(
         )));
     }
     crate::limits::check_metadata(body.metadata.as_ref())?;
+    let webhook_events = crate::webhooks::check_task_webhook(
+        body.webhook.as_deref(),
+        body.webhook_events.iter().map(|e| e.as_str()).collect(),
+    )?;
     accepts_type(&state, tt, body.model.as_deref(), &body.labels).await?;
     if body.deadline_s == Some(0) {
         return Err(ApiError::invalid("deadline_s must be above zero"));
@@ -290,6 +347,8 @@ pub(crate) async fn create(
                 max_attempts: None,
                 model: body.model,
                 labels: body.labels,
+                webhook: body.webhook,
+                webhook_events,
             },
             api: "tasks",
             repeat: Repeat::Exact,

@@ -12,6 +12,7 @@ use crate::lifecycle::{Ending, TaskEvent, TaskEventKind};
 use crate::model::*;
 use crate::queue::{Notifications, Queue, QueueFuture, Sweep};
 
+mod outbox;
 #[cfg(feature = "postgres")]
 pub(crate) mod postgres;
 #[cfg(feature = "redis")]
@@ -24,7 +25,7 @@ pub(crate) use schema::{Dialect, schema_sql};
 pub(crate) type Result<T> = std::result::Result<T, QueueError>;
 
 /// The task columns every read selects, in the order [`task_from_row`] reads them.
-pub(crate) const COLUMNS: [&str; 24] = [
+pub(crate) const COLUMNS: [&str; 26] = [
     "id",
     "request_id",
     "task_type",
@@ -49,6 +50,8 @@ pub(crate) const COLUMNS: [&str; 24] = [
     "seq",
     "model",
     "labels",
+    "webhook",
+    "webhook_events",
 ];
 
 /// `COLUMNS` joined for a `SELECT`.
@@ -127,6 +130,8 @@ pub(crate) fn task_from_row(r: &impl Columns) -> Result<Task> {
         seq: r.int(21)?.unwrap_or(0),
         model: r.text(22)?,
         labels: r.list(23)?,
+        webhook: r.text(24)?,
+        webhook_events: r.list(25)?,
     })
 }
 
@@ -305,6 +310,8 @@ pub(crate) trait Store: Send + Sync + std::fmt::Debug + 'static {
     ) -> impl Future<Output = Result<bool>> + Send;
     fn forget_identity(&self, worker_id: &str) -> impl Future<Output = Result<bool>> + Send;
     fn take_events(&self) -> Vec<TaskEvent>;
+    /// The webhook outbox (the store itself).
+    fn outbox(&self) -> &dyn crate::outbox::Outbox;
     /// Default: nothing pushes.
     fn notifications(&self) -> Option<Notifications> {
         None
@@ -486,5 +493,8 @@ impl<S: Store> Queue for S {
     }
     fn notifications(&self) -> Option<Notifications> {
         Store::notifications(self)
+    }
+    fn outbox(&self) -> &dyn crate::outbox::Outbox {
+        Store::outbox(self)
     }
 }

@@ -109,6 +109,9 @@ const ADDED: &[Col] = &[
     ("model", Ty::Text, Cons::Nullable),
     ("labels", Ty::Labels, Cons::Nullable),
     ("assign_failures", Ty::Int, Cons::Zero),
+    // The task's webhook URL and the events it receives (see `crate::outbox`).
+    ("webhook", Ty::Text, Cons::Nullable),
+    ("webhook_events", Ty::Labels, Cons::Nullable),
 ];
 
 const TABLES: &[Table] = &[
@@ -164,6 +167,46 @@ const TABLES: &[Table] = &[
         ],
         key: Some("task_type"),
     },
+    // The webhook outbox (`crate::outbox`): messages, their attempts, disabled URLs.
+    Table {
+        name: "webhook_messages",
+        cols: &[
+            ("seq", Ty::Serial, Cons::NotNull),
+            ("id", Ty::Text, Cons::Unique),
+            ("task_id", Ty::Text, Cons::Nullable),
+            ("url", Ty::Text, Cons::NotNull),
+            ("event", Ty::Text, Cons::NotNull),
+            ("payload", Ty::Text, Cons::NotNull),
+            ("body", Ty::Text, Cons::Nullable),
+            ("state", Ty::Text, Cons::NotNull),
+            ("attempts", Ty::Int, Cons::Zero),
+            ("next_at", Ty::Big, Cons::NotNull),
+            ("lease_holder", Ty::Text, Cons::Nullable),
+            ("lease_until", Ty::Big, Cons::Nullable),
+            ("created_at", Ty::Big, Cons::NotNull),
+        ],
+        key: None,
+    },
+    Table {
+        name: "webhook_attempts",
+        cols: &[
+            ("message_id", Ty::Text, Cons::NotNull),
+            ("attempt", Ty::Int, Cons::NotNull),
+            ("at", Ty::Big, Cons::NotNull),
+            ("status", Ty::Int, Cons::Nullable),
+            ("latency_ms", Ty::Big, Cons::NotNull),
+            ("error", Ty::Text, Cons::Nullable),
+        ],
+        key: Some("message_id, attempt"),
+    },
+    Table {
+        name: "webhook_disabled",
+        cols: &[
+            ("url", Ty::Text, Cons::NotNull),
+            ("at", Ty::Big, Cons::NotNull),
+        ],
+        key: Some("url"),
+    },
     Table {
         name: "workers",
         cols: &[
@@ -202,6 +245,13 @@ const INDEXES: &[(&str, &str, &str, bool)] = &[
         true,
     ),
     ("events_task", "events (task_id, id)", "", false),
+    (
+        "webhook_due",
+        "webhook_messages (next_at, seq)",
+        "state = 'pending'",
+        false,
+    ),
+    ("webhook_task", "webhook_messages (task_id, seq)", "", false),
     ("attempts_lease", "attempts (lease)", "", true),
 ];
 

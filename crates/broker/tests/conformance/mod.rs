@@ -17,6 +17,9 @@ use kiln_protocol::TaskState;
 use kiln_protocol::messages::TaskError;
 use serde_json::json;
 
+mod outbox;
+pub use outbox::*;
+
 /// Instantiates every conformance test. `$make` is an async fn taking the test name and
 /// returning a fresh `Arc<dyn Queue>` (or `None`: the backend is not reachable here and the
 /// test is skipped with a notice); `$done` an async fn taking the test name, run after the
@@ -60,7 +63,13 @@ macro_rules! conformance_tests {
             a_delivered_assignment_resets_the_failure_count,
             cancel_of_an_undelivered_assignment_ends_the_task_at_once,
             a_lease_is_acted_on_only_by_the_worker_holding_it,
-            worker_identities_are_set_once_and_can_be_forgotten
+            worker_identities_are_set_once_and_can_be_forgotten,
+            webhook_messages_are_written_with_their_changes,
+            a_webhook_gets_completed_by_default,
+            message_leases_are_exclusive,
+            failures_retry_on_schedule_then_exhaust_and_rearm,
+            gone_disables_the_url_until_a_message_is_rearmed,
+            added_messages_are_claimed_like_task_messages
         );
     };
     (@each $make:path, $done:path; $($name:ident),*) => {

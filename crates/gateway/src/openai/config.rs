@@ -133,6 +133,9 @@ pub struct ModelConfig {
     pub max_reference_bytes: usize,
     /// ... and to at most this many pixels on the long side. Default: 2048.
     pub max_reference_dimension: u32,
+    /// Where the `task.completed` webhook of this model's tasks goes when a call sends no
+    /// `X-Kiln-Webhook` header (an absolute http(s) URL). Default: none.
+    pub webhook: Option<String>,
 }
 
 impl Default for ModelConfig {
@@ -146,6 +149,7 @@ impl Default for ModelConfig {
             upstream_model: String::new(),
             max_reference_bytes: 4 << 20,
             max_reference_dimension: 2048,
+            webhook: None,
         }
     }
 }
@@ -200,6 +204,9 @@ impl OpenAiConfig {
                 return Err(format!(
                     "{key}: generate_task_type and edit_task_type must be set"
                 ));
+            }
+            if let Some(url) = &m.webhook {
+                crate::webhooks::check_url(&format!("{key}.webhook"), url)?;
             }
             if m.max_reference_bytes == 0 || m.max_reference_dimension == 0 {
                 return Err(format!(

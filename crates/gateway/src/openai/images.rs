@@ -231,6 +231,23 @@ fn wait_limit(headers: &HeaderMap, state: &AppState) -> Duration {
     wait.min(cfg.max_wait)
 }
 
+/// The `X-Kiln-Webhook` header: where the task's `task.completed` message goes.
+fn webhook_header(headers: &HeaderMap) -> Result<Option<String>, OpenAiError> {
+    let Some(v) = headers.get("x-kiln-webhook") else {
+        return Ok(None);
+    };
+    let url = v.to_str().map_err(|_| {
+        OpenAiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_webhook",
+            "X-Kiln-Webhook: not ASCII",
+        )
+    })?;
+    crate::webhooks::check_url("X-Kiln-Webhook", url)
+        .map_err(|m| OpenAiError::new(StatusCode::BAD_REQUEST, "invalid_webhook", m))?;
+    Ok(Some(url.to_owned()))
+}
+
 fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, OpenAiError> {
     match headers.get("idempotency-key").map(|v| v.to_str()) {
         None => Ok(None),
@@ -253,6 +270,7 @@ async fn submit(
     input: Value,
     request_id: Option<String>,
     model: Option<String>,
+    webhook: Option<String>,
 ) -> Result<Task, OpenAiError> {
     let task = NewTask {
         task_type,
@@ -260,6 +278,8 @@ async fn submit(
         request_id,
         metadata: Some(json!({"api": "openai.images"})),
         model,
+        webhook_events: webhook.iter().map(|_| "completed".to_owned()).collect(),
+        webhook,
         ..NewTask::default()
     };
     let s = Submission {
@@ -391,7 +411,8 @@ async fn run(
     request_id: Option<String>,
 ) -> Result<Response, OpenAiError> {
     let model = call.model.worker_model(&call.model_name).map(str::to_owned);
-    let task = submit(state, task_type, input.clone(), request_id, model).await?;
+    let webhook = webhook_header(headers)?.or_else(|| call.model.webhook.clone());
+    let task = submit(state, task_type, input.clone(), request_id, model, webhook).await?;
     if task.input.get("images") != input.get("images") {
         // A repeat of an earlier edit: the references stored for this call are not needed.
         for id in input["images"]
@@ -435,7 +456,7 @@ async fn run(
 /// `POST /v1/images/generations` (JSON).
 #[utoipa::path(post, path = "/v1/images/generations", tag = "openai",
     request_body(content = Object, content_type = "application/json", description = "OpenAI's image generation request: `prompt`, `model`, `n`, `size`, `response_format`, `quality`, `background`, `output_format`, `output_compression`, `moderation`, `stream`, `partial_images`"),
-    params(("Idempotency-Key" = Option<String>, Header, description = "repeat-safe key"), ("Prefer" = Option<String>, Header, description = "`respond-async` or `wait=N`")),
+    params(("Idempotency-Key" = Option<String>, Header, description = "repeat-safe key"), ("Prefer" = Option<String>, Header, description = "`respond-async` or `wait=N`"), ("X-Kiln-Webhook" = Option<String>, Header, description = "an absolute http(s) URL that receives the task's signed `task.completed` webhook (docs/WEBHOOKS.md)")),
     responses((status = 200, description = "`{created, data: [{b64_json | url}]}`; with `stream: true`, OpenAI's events (`image_generation.partial_image`, `image_generation.completed`)", content((Object = "application/json"), ("text/event-stream"))),
         (status = 202, description = "not done within the wait: the task object, with `Location`"),
         (status = 400, description = "an invalid field (OpenAI's error shape, with `param`)")))]
@@ -630,7 +651,7 @@ async fn json_parts(state: &AppState, req: Request) -> Result<EditParts, OpenAiE
 #[utoipa::path(post, path = "/v1/images/edits", tag = "openai",
     request_body(description = "multipart (`image` / `image[]` files, `mask`, fields) or JSON (`images: [{image_url | file_id}]`, `mask`, fields); the fields as for generations",
         content(("multipart/form-data"), (Object = "application/json"))),
-    params(("Idempotency-Key" = Option<String>, Header, description = "repeat-safe key"), ("Prefer" = Option<String>, Header, description = "`respond-async` or `wait=N`")),
+    params(("Idempotency-Key" = Option<String>, Header, description = "repeat-safe key"), ("Prefer" = Option<String>, Header, description = "`respond-async` or `wait=N`"), ("X-Kiln-Webhook" = Option<String>, Header, description = "an absolute http(s) URL that receives the task's signed `task.completed` webhook (docs/WEBHOOKS.md)")),
     responses((status = 200, description = "`{created, data: [...]}`; with `stream: true`, OpenAI's events (`image_edit.partial_image`, `image_edit.completed`)", content((Object = "application/json"), ("text/event-stream"))),
         (status = 202, description = "not done within the wait: the task object, with `Location`"),
         (status = 400, description = "an invalid field (OpenAI's error shape, with `param`)")))]

@@ -9,13 +9,15 @@ use crate::lifecycle::{self, Admitted, TaskEventKind};
 use crate::model::*;
 use crate::store::{Result, corrupt, json_text, new_id};
 
-/// The tasks of a batch, one row per array position (`$11`: created_at); a taken
+/// The tasks of a batch, one row per array position (`$11`: created_at; `$12`, `$13`: the
+/// webhook and its events); a taken
 /// `request_id` inserts nothing. Labels travel as JSON arrays (a `text[][]` would not keep
 /// rows of different lengths).
-const INSERT_MANY: &str = "INSERT INTO {s}.tasks (id, request_id, task_type, state, priority, input, metadata, max_attempts, deadline, created_at, model, labels)
-    SELECT id, rid, ty, 'queued', pr, inp, meta, ma, dl, $11, mo, ARRAY(SELECT jsonb_array_elements_text(lb::jsonb))
-    FROM unnest($1::text[], $2::text[], $3::text[], $4::int4[], $5::text[], $6::text[], $7::int4[], $8::int8[], $9::text[], $10::text[])
-      WITH ORDINALITY AS x(id, rid, ty, pr, inp, meta, ma, dl, mo, lb, o)
+const INSERT_MANY: &str = "INSERT INTO {s}.tasks (id, request_id, task_type, state, priority, input, metadata, max_attempts, deadline, created_at, model, labels, webhook, webhook_events)
+    SELECT id, rid, ty, 'queued', pr, inp, meta, ma, dl, $11, mo, ARRAY(SELECT jsonb_array_elements_text(lb::jsonb)),
+      wh, ARRAY(SELECT jsonb_array_elements_text(we::jsonb))
+    FROM unnest($1::text[], $2::text[], $3::text[], $4::int4[], $5::text[], $6::text[], $7::int4[], $8::int8[], $9::text[], $10::text[], $12::text[], $13::text[])
+      WITH ORDINALITY AS x(id, rid, ty, pr, inp, meta, ma, dl, mo, lb, wh, we, o)
     ORDER BY o
     ON CONFLICT (request_id) DO NOTHING RETURNING id, seq";
 
@@ -85,6 +87,11 @@ async fn insert_rows(
                 &rows.iter().map(|t| t.model.clone()).collect::<Vec<_>>(),
                 &labels,
                 &i(now),
+                &rows.iter().map(|t| t.webhook.clone()).collect::<Vec<_>>(),
+                &rows
+                    .iter()
+                    .map(|t| serde_json::json!(t.webhook_events).to_string())
+                    .collect::<Vec<_>>(),
             ],
         )
         .await?;

@@ -39,6 +39,7 @@ use crate::store::{Columns, Dialect, Result, new_id, schema_sql};
 
 mod batch;
 mod listen;
+mod outbox;
 mod queue_impl;
 mod retry;
 mod tx;

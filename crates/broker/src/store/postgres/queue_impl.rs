@@ -72,6 +72,10 @@ impl PostgresQueue {
 }
 
 impl Store for PostgresQueue {
+    fn outbox(&self) -> &dyn crate::outbox::Outbox {
+        self
+    }
+
     async fn enqueue(&self, task: NewTask, now: u64) -> Result<(Task, bool)> {
         self.enqueue_(task, now).await
     }

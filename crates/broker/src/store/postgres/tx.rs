@@ -36,10 +36,10 @@ const EVENTS: &str = "INSERT INTO {s}.events (task_id, kind, data, ts)
 
 /// `enqueue` as one statement: the task (unless its `request_id` is taken), its event, and
 /// the announcement while another instance listens (`$14` channel, `$15` instance, `$16`
-/// and `$17` as in [`OTHERS_LISTEN`]). No row: the `request_id` names a stored task.
+/// and `$17` as in [`OTHERS_LISTEN`]; `$18`, `$19` the webhook and its events). No row: the `request_id` names a stored task.
 const ENQUEUE: &str = "WITH ins AS (
-    INSERT INTO {s}.tasks (id, request_id, task_type, state, priority, input, metadata, max_attempts, deadline, created_at, model, labels)
-    VALUES ($1, $2, $3, 'queued', $4, $5, $6, $7, $8, $9, $10, $11)
+    INSERT INTO {s}.tasks (id, request_id, task_type, state, priority, input, metadata, max_attempts, deadline, created_at, model, labels, webhook, webhook_events)
+    VALUES ($1, $2, $3, 'queued', $4, $5, $6, $7, $8, $9, $10, $11, $18, $19)
     ON CONFLICT (request_id) DO NOTHING RETURNING id, seq),
   ev AS (INSERT INTO {s}.events (task_id, kind, data, ts) SELECT id, $12, $13, $9 FROM ins RETURNING id),
   note AS (SELECT pg_notify($14, json_build_object('src', $15::text, 'ready', true, 'ids', json_build_array(ev.id))::text)
@@ -60,12 +60,17 @@ impl<'a> Tx<'a> {
         })
     }
 
+    /// The store this transaction writes to.
+    pub(super) fn queue(&self) -> &PostgresQueue {
+        self.q
+    }
+
     pub(super) async fn rows(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>> {
         let stmt = self.tx.prepare_cached(&self.q.sql(sql)).await?;
         Ok(self.tx.query(&stmt, params).await?)
     }
 
-    async fn exec(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64> {
+    pub(super) async fn exec(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64> {
         let stmt = self.tx.prepare_cached(&self.q.sql(sql)).await?;
         Ok(self.tx.execute(&stmt, params).await?)
     }
@@ -237,7 +242,11 @@ impl<'a> Tx<'a> {
         self.others = others;
         self.record(&events, ids, now);
         self.ready |= items.iter().any(|&(t, tr)| readies(t, tr));
-        Ok(items.iter().map(|&(t, tr)| tr.apply(t)).collect())
+        let after: Vec<Task> = items.iter().map(|&(t, tr)| tr.apply(t)).collect();
+        for (t, &(_, tr)) in after.iter().zip(items) {
+            self.write_messages(t, &tr.events, now).await?;
+        }
+        Ok(after)
     }
 
     /// [`Tx::persist_all`] for one task.
@@ -318,6 +327,8 @@ impl PostgresQueue {
                     &self.instance,
                     &self.listener_name,
                     &self.own_listener(),
+                    &t.webhook,
+                    &t.webhook_events,
                 ],
             )
             .await?;
@@ -415,6 +426,7 @@ impl PostgresQueue {
         let events: Vec<(&str, &TaskEventKind)> =
             tr.events.iter().map(|e| (t.id.as_str(), e)).collect();
         tx.append(&events, now).await?;
+        tx.write_messages(&tr.apply(&t), &tr.events, now).await?;
         tx.commit().await?;
         Ok(Some(t.id))
     }

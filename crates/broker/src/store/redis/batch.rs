@@ -20,7 +20,7 @@ fn conflict(a: &Admitted) -> QueueError {
 }
 
 impl RedisQueue {
-    /// The arguments of the script's `enqueue` for `a` (a fresh task id).
+    /// The 15 arguments of the script's `enqueue` for `a` (a fresh task id).
     pub(super) fn enqueue_args(&self, a: &Admitted, now: u64) -> Vec<String> {
         let t = &a.task;
         let ttl = self.opts.request_id_ttl.as_millis().max(1) as u64;
@@ -42,6 +42,8 @@ impl RedisQueue {
                 serde_json::json!(t.labels).to_string()
             },
             a.event.data().to_string(),
+            t.webhook.clone().unwrap_or_default(),
+            serde_json::json!(t.webhook_events).to_string(),
         ]
     }
 

@@ -90,6 +90,7 @@ use crate::store::Result;
 mod batch;
 mod change;
 mod notify;
+mod outbox;
 mod queue_impl;
 mod reply;
 
@@ -215,6 +216,7 @@ impl RedisQueue {
             leased: Mutex::new(std::collections::HashMap::new()),
         };
         q.ping_now().await?;
+        q.store_endpoints().await?;
         Ok(q)
     }
 

@@ -74,6 +74,56 @@ local function note(field, value)
     redis.call('XADD', key('notify'), 'MAXLEN', '~', NOTIFY_MAX, '*', 'o', ORIGIN, field, value)
   end
 end
+-- The webhook outbox (mirrors lifecycle::webhook_messages): a task event its webhook asked
+-- for writes a message `msg:{id}` (the task's hash as it is after the change in `snap`),
+-- due at once in `whdue` (scored by when it may be claimed), listed in `whtask:{task}`.
+-- `task.progress` at most once a second per task (`whp` keeps the last time).
+local function wh_event(kind, data)
+  if kind == 'completed' or kind == 'progress' then return kind end
+  if kind == 'status' then
+    local d = cjson.decode(data)
+    if d.status == 'running' and not d.cancel_requested then return 'started' end
+  end
+  return nil
+end
+-- Global endpoints (`whep`, JSON [{url, events}], stored by the store when it connects)
+-- receive every task message of the types they list.
+local endpoints = nil
+local function outbox(tid, n, kind, data, now)
+  local name = wh_event(kind, data)
+  if not name then return end
+  if endpoints == nil then
+    local raw = redis.call('GET', key('whep'))
+    endpoints = raw and cjson.decode(raw) or {}
+  end
+  local event = 'task.' .. name
+  local urls = {}
+  local h = redis.call('HMGET', key('task', tid), 'webhook', 'webhook_events')
+  if h[1] and h[2] then
+    for _, e in ipairs(cjson.decode(h[2])) do
+      if e == name then urls[#urls + 1] = h[1] end
+    end
+  end
+  for _, ep in ipairs(endpoints) do
+    for _, e in ipairs(ep.events) do
+      if e == event then urls[#urls + 1] = ep.url end
+    end
+  end
+  if #urls == 0 then return end
+  if name == 'progress' then
+    local last = redis.call('HGET', key('whp'), tid)
+    if last and tonumber(now) - tonumber(last) < 1000 then return end
+    redis.call('HSET', key('whp'), tid, now)
+  end
+  local s = cjson.encode(snap(tid))
+  for i, url in ipairs(urls) do
+    local id = 'msg_' .. string.sub(redis.sha1hex(P .. tid .. ':' .. n .. ':' .. i), 1, 32)
+    redis.call('HSET', key('msg', id), 'id', id, 'task_id', tid, 'url', url, 'event', event,
+      'snap', s, 'state', 'pending', 'attempts', '0', 'next_at', now, 'created_at', now)
+    redis.call('ZADD', key('whdue'), now, id)
+    redis.call('RPUSH', key('whtask', tid), id)
+  end
+end
 local function event(id, kind, data, now)
   local n = redis.call('INCR', key('evseq'))
   local e = '{"id":' .. n .. ',"task_id":' .. js(id) .. ',"kind":"' .. kind .. '","data":' .. data
@@ -81,6 +131,7 @@ local function event(id, kind, data, now)
   redis.call('RPUSH', key('ev', id), e)
   note('e', e)
   evs[#evs + 1] = e
+  outbox(id, n, kind, data, now)
 end
 -- The data of the `status` event of a claimed task (lifecycle::claim's event).
 local function status_data(t)
@@ -203,7 +254,7 @@ local function reply(...)
   return {evs, ...}
 end
 
--- Stores the task whose 13 arguments (those of `enqueue`) follow A[b]: {tag, task}, tag
+-- Stores the task whose 15 arguments (those of `enqueue`) follow A[b]: {tag, task}, tag
 -- 'created', or 'exists' when its request_id names a stored task.
 local function enqueue_at(b)
   -- A[b + 13]: the data of the task's first `status` event.
@@ -225,6 +276,8 @@ local function enqueue_at(b)
   if meta ~= '' then set(t, 'metadata', meta) end
   if model ~= '' then set(t, 'model', model) end
   if labels ~= '' then set(t, 'labels', labels) end
+  -- A[b + 14], A[b + 15]: the webhook URL and its events (JSON), '' for none.
+  if A[b + 14] and A[b + 14] ~= '' then set(t, 'webhook', A[b + 14], 'webhook_events', A[b + 15]) end
   if deadline ~= '' then
     set(t, 'deadline', deadline)
     redis.call('ZADD', key('deadlines'), deadline, id)
@@ -248,15 +301,15 @@ if op == 'enqueue' then
   return reply(r[1], r[2])
 
 elseif op == 'enqueue_many' then
-  -- A[1]: how many tasks; then, per task, the 13 arguments of `enqueue` and the id of the
+  -- A[1]: how many tasks; then, per task, the 15 arguments of `enqueue` and the id of the
   -- task its request_id is expected to name ('' for none). Unless every expectation holds,
   -- nothing is written and the reply lists {index, the task its request_id names or nil}
   -- of those that failed, so the caller can check them and call again.
   local n = tonumber(A[1])
   local bad = {}
   for i = 0, n - 1 do
-    local b = 1 + i * 14
-    local rid, expect = A[b + 9], A[b + 14]
+    local b = 1 + i * 16
+    local rid, expect = A[b + 9], A[b + 16]
     if rid ~= '' then
       local old = redis.call('GET', key('rid', rid))
       if old and redis.call('EXISTS', key('task', old)) == 0 then old = nil end
@@ -269,7 +322,7 @@ elseif op == 'enqueue_many' then
   if #bad > 0 then return reply('retry', bad) end
   local out = {}
   for i = 0, n - 1 do
-    local r = enqueue_at(1 + i * 14)
+    local r = enqueue_at(1 + i * 16)
     out[#out + 1] = r[1]
     out[#out + 1] = r[2]
   end
@@ -624,5 +677,92 @@ elseif op == 'list' then
     end
   end
   return reply(out)
+
+-- The webhook outbox's own operations (see `outbox` above).
+elseif op == 'wh_claim' then
+  -- Up to A[2] due messages leased to A[1] until A[3], at A[4]; a leased message is scored
+  -- by its lease's end, so it is due again once the lease lapsed.
+  local holder, n, untl, now = A[1], tonumber(A[2]), A[3], A[4]
+  local out = {}
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', key('whdue'), '-inf', now, 'LIMIT', 0, n)) do
+    local m = key('msg', id)
+    local url = redis.call('HGET', m, 'url')
+    if not url then
+      redis.call('ZREM', key('whdue'), id)
+    elseif redis.call('HEXISTS', key('whdis'), url) == 1 then
+      redis.call('HSET', m, 'state', 'disabled')
+      redis.call('HDEL', m, 'lease_holder', 'lease_until')
+      redis.call('ZREM', key('whdue'), id)
+    else
+      redis.call('HSET', m, 'lease_holder', holder, 'lease_until', untl)
+      redis.call('ZADD', key('whdue'), tonumber(untl) + 1, id)
+      out[#out + 1] = redis.call('HGETALL', m)
+    end
+  end
+  return reply(out)
+
+elseif op == 'wh_record' then
+  -- Message A[1] held by A[2]: body A[3], the attempt (JSON) A[4], the new state A[5], due
+  -- at A[6] when pending, at A[7].
+  local id, holder = A[1], A[2]
+  local m = key('msg', id)
+  local h = redis.call('HMGET', m, 'lease_holder', 'state', 'url', 'body')
+  if h[1] ~= holder or h[2] ~= 'pending' then return reply(0) end
+  redis.call('HINCRBY', m, 'attempts', 1)
+  redis.call('RPUSH', key('whatt', id), A[4])
+  if not h[4] then redis.call('HSET', m, 'body', A[3]) end
+  redis.call('HSET', m, 'state', A[5])
+  redis.call('HDEL', m, 'lease_holder', 'lease_until')
+  if A[5] == 'pending' then
+    redis.call('HSET', m, 'next_at', A[6])
+    redis.call('ZADD', key('whdue'), A[6], id)
+  else
+    redis.call('ZREM', key('whdue'), id)
+  end
+  if A[5] == 'disabled' then redis.call('HSET', key('whdis'), h[3], A[7]) end
+  return reply(1)
+
+elseif op == 'wh_retry' then
+  local id, now = A[1], A[2]
+  local m = key('msg', id)
+  local h = redis.call('HMGET', m, 'state', 'url')
+  if not h[1] then return reply('none') end
+  if h[1] ~= 'delivered' then
+    redis.call('HDEL', key('whdis'), h[2])
+    redis.call('HSET', m, 'state', 'pending', 'next_at', now)
+    redis.call('HDEL', m, 'lease_holder', 'lease_until')
+    redis.call('ZADD', key('whdue'), now, id)
+  end
+  return reply('ok', redis.call('HGETALL', m))
+
+elseif op == 'wh_add' then
+  -- A[1]: now, A[2]: how many, then (id, url, event, payload) per message.
+  local now = A[1]
+  for i = 1, tonumber(A[2]) do
+    local b = 2 + (i - 1) * 4
+    local id = A[b + 1]
+    redis.call('HSET', key('msg', id), 'id', id, 'url', A[b + 2], 'event', A[b + 3],
+      'payload', A[b + 4], 'state', 'pending', 'attempts', '0', 'next_at', now, 'created_at', now)
+    redis.call('ZADD', key('whdue'), now, id)
+  end
+  return reply(1)
+
+elseif op == 'wh_read' then
+  -- The messages A[2..] (or, with A[1] = 'task', those of task A[2]), each {hash, attempts}.
+  local ids = {}
+  if A[1] == 'task' then
+    ids = redis.call('LRANGE', key('whtask', A[2]), 0, -1)
+  else
+    ids = {A[2]}
+  end
+  local out = {}
+  for _, id in ipairs(ids) do
+    local h = redis.call('HGETALL', key('msg', id))
+    if #h > 0 then out[#out + 1] = {h, redis.call('LRANGE', key('whatt', id), 0, -1)} end
+  end
+  return reply(out)
+
+elseif op == 'wh_pending' then
+  return reply(redis.call('ZCARD', key('whdue')))
 end
 return redis.error_reply('unknown operation ' .. tostring(op))

@@ -17,6 +17,10 @@ use crate::store::{Lease, Result, Stages, Store, Want, holds};
 use serde_json::Map;
 
 impl Store for RedisQueue {
+    fn outbox(&self) -> &dyn crate::outbox::Outbox {
+        self
+    }
+
     async fn enqueue(&self, t: NewTask, now: u64) -> Result<(Task, bool)> {
         let a = lifecycle::admit(t, &self.opts.queue)?;
         let t = &a.task;

@@ -242,7 +242,9 @@ impl Db {
         for e in &tr.events {
             self.event(c, &task.id, e, now)?;
         }
-        Ok(tr.apply(task))
+        let after = tr.apply(task);
+        self.write_messages(c, &after, &tr.events, now)?;
+        Ok(after)
     }
 
     /// Stores a task, or returns the task already stored under its `request_id` (with
@@ -261,8 +263,8 @@ impl Db {
         }
         let id = new_id("task");
         tx.exec(
-            "INSERT INTO tasks (id, request_id, task_type, state, priority, input, metadata, max_attempts, deadline, created_at, model, labels)
-             VALUES (?1, ?2, ?3, 'queued', ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+            "INSERT INTO tasks (id, request_id, task_type, state, priority, input, metadata, max_attempts, deadline, created_at, model, labels, webhook, webhook_events)
+             VALUES (?1, ?2, ?3, 'queued', ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
             params![
                 id,
                 t.request_id,
@@ -274,7 +276,9 @@ impl Db {
                 t.deadline,
                 now,
                 t.model,
-                (!t.labels.is_empty()).then(|| json!(t.labels).to_string())
+                (!t.labels.is_empty()).then(|| json!(t.labels).to_string()),
+                t.webhook,
+                (!t.webhook_events.is_empty()).then(|| json!(t.webhook_events).to_string())
             ],
         )?;
         let task = lifecycle::new_task(&a, id, tx.last_insert_rowid(), now);
@@ -371,8 +375,8 @@ impl Db {
         progress: Value,
         now: u64,
     ) -> Result<Option<String>> {
-        let c = &self.conn;
-        let Some(t) = self.running(c, lease, holder)? else {
+        let c = begin(&self.conn)?;
+        let Some(t) = self.running(&c, lease, holder)? else {
             return Ok(None);
         };
         let tr = lifecycle::progress(&t, progress);
@@ -381,8 +385,10 @@ impl Db {
             params![t.id, json_text(tr.fields.progress.as_ref())],
         )?;
         for e in &tr.events {
-            self.event(c, &t.id, e, now)?;
+            self.event(&c, &t.id, e, now)?;
         }
+        self.write_messages(&c, &tr.apply(&t), &tr.events, now)?;
+        c.commit()?;
         Ok(Some(t.id))
     }
 

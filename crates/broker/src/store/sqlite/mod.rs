@@ -21,6 +21,7 @@ use crate::queue::*;
 use crate::store::{Dialect, Result, schema_sql};
 
 mod db;
+mod outbox;
 mod queue_impl;
 mod retry;
 
@@ -250,6 +251,7 @@ impl SqliteQueue {
                 queue: QueueOptions {
                     default_max_attempts,
                     retry_base_ms: 0,
+                    ..QueueOptions::default()
                 },
                 ..SqliteOptions::default()
             },

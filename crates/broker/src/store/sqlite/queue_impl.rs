@@ -14,6 +14,10 @@ use crate::store::{Lease, Result, Stages, Store, Want};
 use serde_json::Map;
 
 impl Store for SqliteQueue {
+    fn outbox(&self) -> &dyn crate::outbox::Outbox {
+        self
+    }
+
     async fn enqueue(&self, task: NewTask, now: u64) -> Result<(Task, bool)> {
         self.call(move |db| db.enqueue(task, now)).await
     }
