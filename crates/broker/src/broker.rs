@@ -147,13 +147,39 @@ impl Broker {
         self.wake.send_modify(|n| *n = n.wrapping_add(1));
     }
 
+    /// Wakes dispatch for tasks just queued, unless no session here could take them: when
+    /// every session is full and none is reserving, the next `reserve` of each (after a
+    /// result frees a slot) starts after the caller's commit and finds them anyway.
+    fn wake_for_new_tasks(&self) {
+        let could = self
+            .sessions()
+            .values()
+            .any(|s| s.tx.is_some() && (s.free() > 0 || s.reserving > 0));
+        if could {
+            self.wake_dispatch();
+        }
+    }
+
     /// Stores a task (idempotent by request_id) and wakes dispatch. Returns the task and
     /// whether it was created now.
     pub async fn submit(&self, t: NewTask) -> Result<(Task, bool), QueueError> {
         let r = self.queue.enqueue(t, now_ms()).await;
         self.publish();
         if matches!(r, Ok((_, true))) {
-            self.wake_dispatch();
+            self.wake_for_new_tasks();
+        }
+        r
+    }
+
+    /// Stores many tasks in one transaction ([`Queue::enqueue_many`]: each idempotent by its
+    /// request_id; a failure stores none) and wakes dispatch. Answers in the order given.
+    pub async fn submit_many(&self, tasks: Vec<NewTask>) -> Result<Vec<(Task, bool)>, QueueError> {
+        let r = self.queue.enqueue_many(tasks, now_ms()).await;
+        self.publish();
+        if r.as_ref()
+            .is_ok_and(|v| v.iter().any(|(_, created)| *created))
+        {
+            self.wake_for_new_tasks();
         }
         r
     }

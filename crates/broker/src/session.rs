@@ -2,8 +2,11 @@
 //! its connection after the welcome, and the handling of every frame a worker sends.
 
 use std::collections::HashSet;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
+use futures_util::stream::FuturesUnordered;
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use kiln_protocol::messages::*;
 use kiln_protocol::{DecodeError, Envelope, Message, close};
@@ -14,6 +17,36 @@ use crate::model::Completion;
 
 /// Bad frames a connection may send before it is closed.
 const MAX_BAD_FRAMES: u32 = 3;
+
+/// Results a session stores at once, at most; its next frames wait meanwhile (a worker's
+/// slots bound its results anyway).
+const MAX_STORING: usize = 64;
+
+/// A result being stored: yields the `result_ack` to send (`None`: not stored).
+type Pending<'a> = Pin<Box<dyn Future<Output = Option<String>> + Send + 'a>>;
+
+/// The results a session is storing.
+type Storing<'a> = FuturesUnordered<Pending<'a>>;
+
+/// What handling one received frame produced.
+#[derive(Default)]
+struct Handled<'a> {
+    /// Frames to send.
+    frames: Vec<String>,
+    /// A result being stored.
+    storing: Option<Pending<'a>>,
+    /// The session ends.
+    end: Option<SessionEnd>,
+}
+
+impl Handled<'_> {
+    fn frames(frames: Vec<String>) -> Self {
+        Self {
+            frames,
+            ..Self::default()
+        }
+    }
+}
 
 /// What the broker hands a session's connection to send.
 pub(crate) enum Outbound {
@@ -119,7 +152,9 @@ impl Broker {
     }
 
     /// The loop of a welcomed connection: frames in, control frames out, dispatch when the
-    /// queue changes, and the `dead_after` silence timer.
+    /// queue changes, and the `dead_after` silence timer. Results are stored while the loop
+    /// goes on reading (results that arrive together commit together); what one turn of the
+    /// loop sends goes out in one write.
     async fn run_session<S, K, E>(
         &self,
         worker_id: &str,
@@ -137,26 +172,43 @@ impl Broker {
         let mut bad_frames = 0u32;
         let dead_after = self.cfg.dead_after;
         let mut silence = Box::pin(tokio::time::sleep(dead_after));
+        let mut storing: Storing<'_> = FuturesUnordered::new();
         loop {
             tokio::select! {
-                frame = frames.next() => {
+                frame = frames.next(), if storing.len() < MAX_STORING => {
                     let text = match frame {
                         Some(Ok(t)) => t,
                         Some(Err(e)) => return end(1006, format!("transport error: {e}")),
                         None => return end(1006, "connection closed".into()),
                     };
                     silence.as_mut().reset(tokio::time::Instant::now() + dead_after);
-                    if let Some(end) = self.on_frame(worker_id, &text, sink, &mut bad_frames).await {
+                    let got = self.on_frame(worker_id, &text, &mut bad_frames).await;
+                    for f in got.frames {
+                        if sink.feed(f).await.is_err() {
+                            return end(1006, "send failed".into());
+                        }
+                    }
+                    storing.extend(got.storing);
+                    if let Some(end) = got.end {
+                        let _ = sink.flush().await;
                         return end;
+                    }
+                }
+                Some(ack) = storing.next(), if !storing.is_empty() => {
+                    if let Some(f) = ack && sink.feed(f).await.is_err() {
+                        return end(1006, "send failed".into());
                     }
                 }
                 out = rx.recv() => match out {
                     Some(Outbound::Frame(f)) => {
-                        if sink.send(f).await.is_err() {
+                        if sink.feed(f).await.is_err() {
                             return end(1006, "send failed".into());
                         }
                     }
-                    Some(Outbound::Close(e)) => return e,
+                    Some(Outbound::Close(e)) => {
+                        let _ = sink.flush().await;
+                        return e;
+                    }
                     None => return end(1011, "session dropped".into()),
                 },
                 changed = wake.changed() => {
@@ -165,58 +217,75 @@ impl Broker {
                 }
                 _ = &mut silence => return end(close::HEARTBEAT_TIMEOUT, "no frame within dead_after".into()),
             }
+            // Control frames queued meanwhile (the assignments of a dispatch) go out in the
+            // same write as what this turn fed.
+            while let Ok(out) = rx.try_recv() {
+                match out {
+                    Outbound::Frame(f) => {
+                        if sink.feed(f).await.is_err() {
+                            return end(1006, "send failed".into());
+                        }
+                    }
+                    Outbound::Close(e) => {
+                        let _ = sink.flush().await;
+                        return e;
+                    }
+                }
+            }
+            if sink.flush().await.is_err() {
+                return end(1006, "send failed".into());
+            }
         }
     }
 
-    /// Decodes and handles one received frame. `Some` ends the session.
-    async fn on_frame<K: Sink<String> + Unpin>(
-        &self,
-        worker_id: &str,
+    /// Decodes and handles one received frame.
+    async fn on_frame<'a>(
+        &'a self,
+        worker_id: &'a str,
         text: &str,
-        sink: &mut K,
         bad_frames: &mut u32,
-    ) -> Option<SessionEnd> {
+    ) -> Handled<'a> {
         match Envelope::decode(text, self.cfg.max_frame_bytes) {
-            Ok(env) => self.handle(worker_id, env, sink).await,
+            Ok(env) => self.handle(worker_id, env).await,
             Err(e @ DecodeError::Oversized { .. }) => {
                 // Read whole (under the transport's hard limit): answered, not counted as a
                 // protocol violation.
-                self.oversized_frame(worker_id, text, &e, sink).await;
-                None
+                Handled::frames(self.oversized_frame(worker_id, text, &e).await)
             }
-            Err(e) if e.is_fatal() => Some(end(close::VERSION, e.to_string())),
+            Err(e) if e.is_fatal() => Handled {
+                end: Some(end(close::VERSION, e.to_string())),
+                ..Handled::default()
+            },
             Err(e) => {
                 *bad_frames += 1;
                 tracing::warn!(message = "bad frame from worker", worker_id = %worker_id, error = %e);
-                let _ = sink
-                    .send(Envelope::error_reply(&e, now_ms()).encode())
-                    .await;
-                (*bad_frames >= MAX_BAD_FRAMES)
-                    .then(|| end(close::PROTOCOL, format!("too many bad frames; last: {e}")))
+                Handled {
+                    frames: vec![Envelope::error_reply(&e, now_ms()).encode()],
+                    storing: None,
+                    end: (*bad_frames >= MAX_BAD_FRAMES)
+                        .then(|| end(close::PROTOCOL, format!("too many bad frames; last: {e}"))),
+                }
             }
         }
     }
 
-    /// Handles one frame from a worker. `Some` ends the session.
-    async fn handle<K: Sink<String> + Unpin>(
-        &self,
-        worker_id: &str,
-        env: Envelope,
-        sink: &mut K,
-    ) -> Option<SessionEnd> {
+    /// Handles one frame from a worker: a result starts being stored (its `result_ack`
+    /// comes when it is); other frames are handled at once.
+    async fn handle<'a>(&'a self, worker_id: &'a str, env: Envelope) -> Handled<'a> {
         let now = now_ms();
         // A heartbeat renews below and reports the time; other frames renew through touch.
         let renew = !matches!(env.message, Message::Heartbeat(_));
         self.touch(worker_id, now, renew).await;
+        let mut out = Handled::default();
         match env.message {
             Message::Ack(Ack { seq }) => self.acked(worker_id, seq).await,
-            Message::Heartbeat(hb) => self.on_heartbeat(worker_id, hb, now, sink).await,
+            Message::Heartbeat(hb) => out.frames.push(self.on_heartbeat(worker_id, hb, now).await),
             Message::Progress(p) => self.on_progress(worker_id, p, now).await,
             Message::Preview(p) => self.preview(worker_id, p, now).await,
-            Message::Result(r) => self.on_result(worker_id, r, now, sink).await,
+            Message::Result(r) => out.storing = Some(Box::pin(self.on_result(worker_id, r, now))),
             Message::Reject(r) => self.on_reject(worker_id, r, now).await,
             Message::Release(r) => self.on_release(worker_id, r, now).await,
-            Message::Bye(b) => return Some(end(1000, format!("bye: {}", b.reason))),
+            Message::Bye(b) => out.end = Some(end(1000, format!("bye: {}", b.reason))),
             Message::Error => {
                 tracing::warn!(message = "worker reported an error", worker_id = %worker_id, error = ?env.error, error_msg = ?env.error_msg);
                 if env.error.as_deref() == Some("oversized") {
@@ -230,19 +299,14 @@ impl Broker {
                     "{} is not sent by workers",
                     other.type_name()
                 ));
-                let _ = sink.send(Envelope::error_reply(&e, now).encode()).await;
+                out.frames.push(Envelope::error_reply(&e, now).encode());
             }
         }
-        None
+        out
     }
 
-    async fn on_heartbeat<K: Sink<String> + Unpin>(
-        &self,
-        worker_id: &str,
-        hb: Heartbeat,
-        now: u64,
-        sink: &mut K,
-    ) {
+    /// Renews the worker's leases; returns the `hb_ack` to send.
+    async fn on_heartbeat(&self, worker_id: &str, hb: Heartbeat, now: u64) -> String {
         self.acked(worker_id, hb.ack_seq).await;
         if let Some(s) = self.sessions().get_mut(worker_id) {
             s.gpu = hb.gpu;
@@ -252,10 +316,9 @@ impl Broker {
         if let Err(e) = self.queue.renew(worker_id, until).await {
             tracing::warn!(message = "lease renewal failed", error = %e);
         }
-        let ack = Message::HeartbeatAck(HeartbeatAck {
+        gateway_frame(Message::HeartbeatAck(HeartbeatAck {
             renewed_until: until,
-        });
-        let _ = sink.send(gateway_frame(ack)).await;
+        }))
     }
 
     async fn on_progress(&self, worker_id: &str, p: Progress, now: u64) {
@@ -270,13 +333,9 @@ impl Broker {
         self.publish();
     }
 
-    async fn on_result<K: Sink<String> + Unpin>(
-        &self,
-        worker_id: &str,
-        r: TaskResult,
-        now: u64,
-        sink: &mut K,
-    ) {
+    /// Stores a result; returns the `result_ack` to send (`None`: not stored, so not
+    /// acknowledged).
+    async fn on_result(&self, worker_id: &str, r: TaskResult, now: u64) -> Option<String> {
         if let Some(t) = r.timings.as_ref().filter(|t| !t.is_empty())
             && let Err(e) = self
                 .queue
@@ -307,16 +366,15 @@ impl Broker {
             Err(e) => {
                 // Not acknowledged: the worker keeps it in its outbox and resends.
                 tracing::warn!(message = "result not stored", error = %e);
-                return;
+                return None;
             }
         };
         self.publish();
-        let ack = Message::ResultAck(ResultAck {
+        Some(gateway_frame(Message::ResultAck(ResultAck {
             lease: r.lease,
             accepted,
             reason,
-        });
-        let _ = sink.send(gateway_frame(ack)).await;
+        })))
     }
 
     async fn on_reject(&self, worker_id: &str, r: Reject, now: u64) {
@@ -364,22 +422,19 @@ impl Broker {
     /// an `oversized` error envelope, and the session goes on. An oversized `result` fails
     /// its attempt with `result_too_large` (not retried) and gets a `result_ack` refusing
     /// it, so the worker drops it from its outbox instead of resending it forever.
-    async fn oversized_frame<K: Sink<String> + Unpin>(
-        &self,
-        worker_id: &str,
-        text: &str,
-        err: &DecodeError,
-        sink: &mut K,
-    ) {
+    /// A worker frame over `max_frame_bytes` (but read, under the hard limit): answered with
+    /// an `oversized` error envelope, and the session goes on. An oversized `result` fails
+    /// its attempt with `result_too_large` (not retried) and gets a `result_ack` refusing
+    /// it, so the worker drops it from its outbox instead of resending it forever. Returns
+    /// the frames to send.
+    async fn oversized_frame(&self, worker_id: &str, text: &str, err: &DecodeError) -> Vec<String> {
         tracing::warn!(message = "oversized frame from worker", worker_id = %worker_id, error = %err);
-        let _ = sink
-            .send(Envelope::error_reply(err, now_ms()).encode())
-            .await;
+        let mut out = vec![Envelope::error_reply(err, now_ms()).encode()];
         let Some(peek) = Envelope::peek(text) else {
-            return;
+            return out;
         };
         let (Some(lease), "result") = (peek.lease, peek.kind.as_str()) else {
-            return;
+            return out;
         };
         let error = TaskError::result_too_large(text.len(), self.cfg.max_frame_bytes);
         let reason = format!("{}: {}", error.code, error.message);
@@ -391,16 +446,16 @@ impl Broker {
         {
             // Not acknowledged: the worker resends it, and it is answered again.
             tracing::warn!(message = "oversized result not stored", error = %e);
-            return;
+            return out;
         }
         self.publish();
-        let ack = Message::ResultAck(ResultAck {
+        out.push(gateway_frame(Message::ResultAck(ResultAck {
             lease,
             accepted: false,
             reason: Some(reason),
-        });
-        let _ = sink.send(gateway_frame(ack)).await;
+        })));
         self.dispatch(worker_id).await;
+        out
     }
 
     async fn touch(&self, worker_id: &str, now: u64, renew_leases: bool) {

@@ -40,6 +40,7 @@
 //! that sends the store's webhook outbox, through kiln-webhooks' HTTP sender).
 
 mod auth;
+mod batch;
 mod config;
 mod error;
 mod eta;
@@ -290,6 +291,7 @@ fn api_routes(state: &AppState) -> Router<AppState> {
     // Ordinary requests: a time limit.
     let api = Router::new()
         .route("/v1/tasks", post(tasks::create).get(tasks::list))
+        .route("/v1/tasks/batch", post(batch::create))
         .route("/v1/tasks/{id}", get(tasks::get_one))
         .route("/v1/tasks/{id}/cancel", post(tasks::cancel))
         .route("/v1/tasks/{id}/retry", post(retry::retry))

@@ -12,6 +12,7 @@ use crate::error::ApiJson;
     ),
     paths(
         crate::tasks::create,
+        crate::batch::create,
         crate::tasks::list,
         crate::tasks::get_one,
         crate::tasks::cancel,
@@ -42,6 +43,10 @@ use crate::error::ApiJson;
     ),
     components(schemas(
         crate::tasks::CreateTask,
+        crate::batch::CreateBatch,
+        crate::batch::BatchAnswer,
+        crate::batch::BatchItem,
+        crate::batch::ItemError,
         crate::tasks::TaskView,
         crate::tasks::TaskPage,
         crate::files::FileObject,

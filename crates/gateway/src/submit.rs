@@ -3,6 +3,7 @@
 //! id), and for a task that is new its count in `kiln_tasks_submitted_total`, its `task`
 //! span from acceptance and the background record of its references' `compress_ms`
 //! ([`crate::timing::accepted`]); then the `202` answer with the task and its `Location`.
+//! The batch route's items take the same path together ([`submit_many`]).
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -73,12 +74,7 @@ pub(crate) async fn submit(state: &AppState, s: Submission) -> Result<Task, Subm
     match state.broker().submit(s.task).await {
         Ok((task, created)) => {
             if created {
-                state
-                    .metrics()
-                    .submitted
-                    .get_or_create(&vec![("task_type", task.task_type.clone())])
-                    .inc();
-                crate::timing::accepted(state, &task, s.api);
+                count_created(state, &task, s.api);
             }
             Ok(task)
         }
@@ -89,6 +85,104 @@ pub(crate) async fn submit(state: &AppState, s: Submission) -> Result<Task, Subm
             },
             None => Err(SubmitError::Conflict(rid)),
         },
+        Err(QueueError::Invalid(m)) => Err(SubmitError::Invalid(m)),
+        Err(e) => Err(SubmitError::Unavailable(format!(
+            "the queue store failed: {e}"
+        ))),
+    }
+}
+
+/// A task created now: its count in `kiln_tasks_submitted_total` and its `task` span.
+fn count_created(state: &AppState, task: &Task, api: &str) {
+    state
+        .metrics()
+        .submitted
+        .get_or_create(&vec![("task_type", task.task_type.clone())])
+        .inc();
+    crate::timing::accepted(state, task, api);
+}
+
+/// One item's answer in a batch: the task and whether this call created it, or why the
+/// item was refused.
+pub(crate) type ItemOutcome = Result<(Task, bool), SubmitError>;
+
+/// Submits the tasks of a batch (`POST /v1/tasks/batch`) with one `enqueue_many`: stored in
+/// one transaction, each idempotent by its request id. An item over the input limit is
+/// refused alone. When a request id is taken by a task with other content (or repeated in
+/// the batch with other content) the store refuses the whole call: the items with that
+/// request id are then left out and, after the others are stored, submitted one by one as
+/// the single route would (the first may create, the next are duplicates or conflicts).
+/// `Err` only when the store failed.
+pub(crate) async fn submit_many(
+    state: &AppState,
+    tasks: Vec<NewTask>,
+) -> Result<Vec<ItemOutcome>, SubmitError> {
+    let mut out: Vec<Option<ItemOutcome>> = (0..tasks.len()).map(|_| None).collect();
+    let mut rest = Vec::with_capacity(tasks.len());
+    for (i, t) in tasks.into_iter().enumerate() {
+        match crate::limits::check_input(state.config(), &t.input) {
+            Ok(()) => rest.push((i, t)),
+            Err(e) => out[i] = Some(Err(SubmitError::Limit(e))),
+        }
+    }
+    let mut apart = Vec::new();
+    loop {
+        let batch: Vec<NewTask> = rest.iter().map(|(_, t)| t.clone()).collect();
+        match state.broker().submit_many(batch).await {
+            Ok(stored) => {
+                for ((i, _), (task, created)) in rest.iter().zip(stored) {
+                    if created {
+                        count_created(state, &task, "tasks");
+                    }
+                    out[*i] = Some(Ok((task, created)));
+                }
+                break;
+            }
+            Err(QueueError::Conflict(rid)) => {
+                let before = rest.len();
+                let (taken, kept): (Vec<_>, Vec<_>) = rest
+                    .into_iter()
+                    .partition(|(_, t)| t.request_id.as_deref() == Some(rid.as_str()));
+                rest = kept;
+                apart.extend(taken);
+                if rest.len() == before {
+                    return Err(SubmitError::Unavailable(format!(
+                        "the queue store named request_id {rid:?}, which no item has"
+                    )));
+                }
+            }
+            // Not attributable to one item: each is submitted alone instead.
+            Err(QueueError::Invalid(_)) => {
+                apart.append(&mut rest);
+                break;
+            }
+            Err(e) => {
+                return Err(SubmitError::Unavailable(format!(
+                    "the queue store failed: {e}"
+                )));
+            }
+        }
+    }
+    apart.sort_by_key(|(i, _)| *i);
+    for (i, t) in apart {
+        out[i] = Some(submit_one(state, t).await);
+    }
+    Ok(out
+        .into_iter()
+        .map(|o| o.unwrap_or_else(|| Err(SubmitError::Unavailable("not submitted".into()))))
+        .collect())
+}
+
+/// One item of a batch through the single path (after its batch refused it).
+async fn submit_one(state: &AppState, t: NewTask) -> ItemOutcome {
+    match state.broker().submit(t).await {
+        Ok((task, created)) => {
+            if created {
+                count_created(state, &task, "tasks");
+            }
+            Ok((task, created))
+        }
+        Err(QueueError::Conflict(rid)) => Err(SubmitError::Conflict(rid)),
         Err(QueueError::Invalid(m)) => Err(SubmitError::Invalid(m)),
         Err(e) => Err(SubmitError::Unavailable(format!(
             "the queue store failed: {e}"

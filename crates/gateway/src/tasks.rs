@@ -195,6 +195,19 @@ pub(crate) async fn view(state: &AppState, links: &Links, t: Task) -> Result<Tas
     ))
 }
 
+/// The view of a task this call created: no attempts and no recorded timings yet, and its
+/// queue position (and so its ETA) not read (`null`).
+pub(crate) fn fresh_view(links: &Links, t: Task) -> TaskView {
+    view_of(
+        t,
+        Vec::new(),
+        None,
+        crate::eta::EtaView::default(),
+        None,
+        links,
+    )
+}
+
 /// The task object from its parts (what [`view`] reads from the queue): also the `data` of
 /// a webhook message, rendered from the task as the message's change left it.
 pub(crate) fn view_of(
@@ -202,7 +215,7 @@ pub(crate) fn view_of(
     attempts: Vec<kiln_broker::AttemptRecord>,
     queue_position: Option<u64>,
     eta: crate::eta::EtaView,
-    timings: Option<&Value>,
+    recorded: Option<&Value>,
     links: &Links,
 ) -> TaskView {
     let progress = t
@@ -216,7 +229,7 @@ pub(crate) fn view_of(
             percent: p["percent"].as_f64(),
             eta_ms: p["eta_ms"].as_u64(),
         });
-    let timings = Timings::of(&t, &attempts, timings, now_ms());
+    let timings = Timings::of(&t, &attempts, recorded, now_ms());
     let preview = crate::previews::link(links, &t);
     TaskView {
         preview,
@@ -288,6 +301,26 @@ pub(crate) async fn create(
         .get("idempotency-key")
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
+    let task = prepare(&state, body, key).await?;
+    let task = crate::submit::submit(
+        &state,
+        Submission {
+            task,
+            api: "tasks",
+            repeat: Repeat::Exact,
+        },
+    )
+    .await?;
+    crate::submit::accepted(&state, &links, task).await
+}
+
+/// The task a create body describes, once every field is checked (the batch route checks
+/// each of its items the same way). `key`: the `Idempotency-Key` header.
+pub(crate) async fn prepare(
+    state: &AppState,
+    body: CreateTask,
+    key: Option<String>,
+) -> Result<NewTask, ApiError> {
     let request_id = match (body.request_id, key) {
         (Some(a), Some(b)) if a != b => {
             return Err(ApiError::invalid(
@@ -327,35 +360,26 @@ pub(crate) async fn create(
         body.webhook.as_deref(),
         body.webhook_events.iter().map(|e| e.as_str()).collect(),
     )?;
-    accepts_type(&state, tt, body.model.as_deref(), &body.labels).await?;
+    accepts_type(state, tt, body.model.as_deref(), &body.labels).await?;
     if body.deadline_s == Some(0) {
         return Err(ApiError::invalid("deadline_s must be above zero"));
     }
     let deadline = body
         .deadline_s
         .map(|s| now_ms().saturating_add(s.saturating_mul(1000)));
-    let task = crate::submit::submit(
-        &state,
-        Submission {
-            task: NewTask {
-                task_type: tt.to_owned(),
-                input: body.input,
-                request_id,
-                priority: body.priority,
-                deadline,
-                metadata: body.metadata,
-                max_attempts: None,
-                model: body.model,
-                labels: body.labels,
-                webhook: body.webhook,
-                webhook_events,
-            },
-            api: "tasks",
-            repeat: Repeat::Exact,
-        },
-    )
-    .await?;
-    crate::submit::accepted(&state, &links, task).await
+    Ok(NewTask {
+        task_type: tt.to_owned(),
+        input: body.input,
+        request_id,
+        priority: body.priority,
+        deadline,
+        metadata: body.metadata,
+        max_attempts: None,
+        model: body.model,
+        labels: body.labels,
+        webhook: body.webhook,
+        webhook_events,
+    })
 }
 
 /// Whether a task of type `tt` may be queued: a connected worker fits it, or its type is

@@ -79,6 +79,14 @@ impl Conn<'_> {
             .map_err(|_| lost("send failed"))
     }
 
+    /// Queues a frame for the next flush: what one turn of the session loop sends goes out
+    /// in one write.
+    async fn feed(&self, ws: &mut Ws, m: Message) -> Result<(), Ended> {
+        ws.feed(self.frame(m))
+            .await
+            .map_err(|_| lost("send failed"))
+    }
+
     pub(crate) async fn run(
         &self,
         resume: &mut Resume,
@@ -190,7 +198,7 @@ impl Conn<'_> {
             let step = tokio::select! {
                 msg = ws.next() => self.on_read(ws, msg, live, resume).await,
                 out = out_rx.recv() => match out {
-                    Some(m) => self.send(ws, m).await,
+                    Some(m) => self.feed(ws, m).await,
                     None => Ok(()),
                 },
                 _ = tokio::time::sleep_until(live.next_hb) => self.heartbeat(ws, live, resume).await,
@@ -206,6 +214,15 @@ impl Conn<'_> {
             };
             if let Err(end) = step {
                 return end;
+            }
+            // Results finished meanwhile go out with this turn's frames, in one write.
+            while let Ok(m) = out_rx.try_recv() {
+                if let Err(end) = self.feed(ws, m).await {
+                    return end;
+                }
+            }
+            if ws.flush().await.is_err() {
+                return lost("send failed");
             }
         }
     }
@@ -295,7 +312,7 @@ impl Conn<'_> {
                     let reply = Envelope::error_reply(&e, kiln_protocol::now_ms())
                         .from_source(&self.w.source);
                     let _ = ws
-                        .send(tungstenite::Message::Text(reply.encode().into()))
+                        .feed(tungstenite::Message::Text(reply.encode().into()))
                         .await;
                 }
                 return Ok(());
@@ -323,21 +340,21 @@ impl Conn<'_> {
                         self.w.start(t)
                     };
                     if let Some(r) = reply {
-                        let _ = self.send(ws, r).await;
+                        let _ = self.feed(ws, r).await;
                     }
                 }
-                let _ = self.send(ws, Message::Ack(Ack { seq: a.seq })).await;
+                let _ = self.feed(ws, Message::Ack(Ack { seq: a.seq })).await;
             }
             Message::Cancel(c) => {
                 if let Some(r) = lock(&self.w.state).running.get(&c.lease) {
                     let _ = r.cancel.send(true);
                 }
-                let _ = self.send(ws, Message::Ack(Ack { seq: c.seq })).await;
+                let _ = self.feed(ws, Message::Ack(Ack { seq: c.seq })).await;
             }
             Message::Drain(d) => {
                 live.draining = true;
                 live.drain_started.get_or_insert_with(Instant::now);
-                let _ = self.send(ws, Message::Ack(Ack { seq: d.seq })).await;
+                let _ = self.feed(ws, Message::Ack(Ack { seq: d.seq })).await;
             }
             Message::ResultAck(r) => {
                 if !r.accepted {

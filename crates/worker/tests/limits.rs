@@ -79,10 +79,22 @@ async fn wait_terminal(b: &Broker, id: &str, secs: u64) -> Task {
     }
 }
 
+/// Results waiting in a worker's outbox: the `put` lines of its `outbox.log` without a
+/// later `ack` line.
 fn outbox_entries(state_dir: &Path) -> usize {
-    std::fs::read_dir(state_dir.join("outbox"))
-        .map(|d| d.count())
-        .unwrap_or(0)
+    let text = std::fs::read_to_string(state_dir.join("outbox.log")).unwrap_or_default();
+    let mut waiting = std::collections::HashSet::new();
+    for l in text.lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(l) else {
+            continue;
+        };
+        if let Some(lease) = v["put"]["result"]["lease"].as_str() {
+            waiting.insert(lease.to_owned());
+        } else if let Some(lease) = v["ack"].as_str() {
+            waiting.remove(lease);
+        }
+    }
+    waiting.len()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

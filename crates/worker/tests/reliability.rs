@@ -260,15 +260,22 @@ async fn a_task_that_crashes_its_worker_every_time_is_dead_lettered() {
     assert_eq!(log_lines(&log, "start"), 3, "ran once per attempt, no more");
 }
 
-/// The entries waiting in a worker's on-disk outbox.
+/// Results waiting in a worker's outbox: the `put` lines of its `outbox.log` without a
+/// later `ack` line.
 fn outbox_entries(state_dir: &Path) -> usize {
-    std::fs::read_dir(state_dir.join("outbox"))
-        .map(|d| {
-            d.filter_map(|e| e.ok())
-                .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
-                .count()
-        })
-        .unwrap_or(0)
+    let text = std::fs::read_to_string(state_dir.join("outbox.log")).unwrap_or_default();
+    let mut waiting = std::collections::HashSet::new();
+    for l in text.lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(l) else {
+            continue;
+        };
+        if let Some(lease) = v["put"]["result"]["lease"].as_str() {
+            waiting.insert(lease.to_owned());
+        } else if let Some(lease) = v["ack"].as_str() {
+            waiting.remove(lease);
+        }
+    }
+    waiting.len()
 }
 
 /// A worker process finishes a task while its connection is cut, so the result goes to its

@@ -197,7 +197,7 @@ pub(crate) type Stages = BTreeMap<String, u64>;
 /// each store writes only its bodies.
 pub(crate) trait Store: Send + Sync + std::fmt::Debug + 'static {
     fn enqueue(&self, t: NewTask, now: u64) -> impl Future<Output = Result<(Task, bool)>> + Send;
-    /// Default: one `enqueue` after another.
+    /// Default: one `enqueue` after the other.
     fn enqueue_many(
         &self,
         tasks: Vec<NewTask>,

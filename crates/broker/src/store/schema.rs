@@ -28,7 +28,9 @@ impl Ty {
     fn sql(self, d: Dialect) -> &'static str {
         use Dialect::*;
         match (self, d) {
-            (Ty::Serial, Sqlite) => "INTEGER PRIMARY KEY AUTOINCREMENT",
+            // Without AUTOINCREMENT: rows are never deleted, so the rowid grows all the same,
+            // and no `sqlite_sequence` row is written with every insert.
+            (Ty::Serial, Sqlite) => "INTEGER PRIMARY KEY",
             (Ty::Serial, Postgres) => "BIGSERIAL PRIMARY KEY",
             (Ty::Text, _) => "TEXT",
             (Ty::Int, _) => "INTEGER",
@@ -342,7 +344,8 @@ mod tests {
     #[test]
     fn both_dialects_render_the_tables() {
         let lite = schema_sql(Dialect::Sqlite, "");
-        assert!(lite.contains("seq INTEGER PRIMARY KEY AUTOINCREMENT"));
+        assert!(lite.contains("seq INTEGER PRIMARY KEY,"));
+        assert!(!lite.contains("AUTOINCREMENT"));
         assert!(lite.contains("cancel_requested INTEGER NOT NULL DEFAULT 0"));
         assert!(!lite.contains("tasks_deadline"));
         let pg = schema_sql(Dialect::Postgres, "k.");

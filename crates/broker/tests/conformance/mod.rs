@@ -4,7 +4,7 @@
 //! restarts (they spend attempts, but keep the leases whose results the
 //! new process still holds), cancel, retry, lapsed leases, deadlines, listing,
 //! counts, events, stage timings, the task types workers said hello with, assignments that
-//! fail on the transport.
+//! fail on the transport, batches of tasks stored together.
 //!
 //! Each function takes a fresh, empty queue whose default is 2 attempts with no retry
 //! backoff. A backend's test file instantiates them all with `conformance_tests!`.
@@ -69,7 +69,9 @@ macro_rules! conformance_tests {
             message_leases_are_exclusive,
             failures_retry_on_schedule_then_exhaust_and_rearm,
             gone_disables_the_url_until_a_message_is_rearmed,
-            added_messages_are_claimed_like_task_messages
+            added_messages_are_claimed_like_task_messages,
+            enqueue_many_answers_in_order_and_each_item_is_idempotent,
+            enqueue_many_stores_nothing_when_an_item_fails
         );
     };
     (@each $make:path, $done:path; $($name:ident),*) => {
@@ -1360,4 +1362,106 @@ pub async fn worker_identities_are_set_once_and_can_be_forgotten(q: &dyn Queue) 
     assert_eq!(q.identity("wid").await.unwrap(), None);
     assert!(q.set_identity("wid", "h3", T + 2).await.unwrap());
     assert_eq!(q.identity("wid").await.unwrap().as_deref(), Some("h3"));
+}
+
+fn keyed(rid: Option<&str>, input: serde_json::Value) -> NewTask {
+    NewTask {
+        request_id: rid.map(str::to_owned),
+        ..task("txt2img", input)
+    }
+}
+
+pub async fn enqueue_many_answers_in_order_and_each_item_is_idempotent(q: &dyn Queue) {
+    assert!(q.enqueue_many(Vec::new(), T).await.unwrap().is_empty());
+    let (old, _) = q
+        .enqueue(keyed(Some("old"), json!("old")), T)
+        .await
+        .unwrap();
+    let batch = vec![
+        keyed(Some("a"), json!("a")),
+        keyed(None, json!("b")),
+        // Stored before: answered with that task.
+        keyed(Some("old"), json!("old")),
+        // Repeated inside the batch: the task the first item created.
+        keyed(Some("a"), json!("a")),
+        keyed(Some("e"), json!("e")),
+    ];
+    let got = q.enqueue_many(batch.clone(), T + 1).await.unwrap();
+    let created: Vec<bool> = got.iter().map(|(_, c)| *c).collect();
+    assert_eq!(created, [true, true, false, false, true]);
+    let inputs: Vec<&serde_json::Value> = got.iter().map(|(t, _)| &t.input).collect();
+    assert_eq!(
+        inputs,
+        [
+            &json!("a"),
+            &json!("b"),
+            &json!("old"),
+            &json!("a"),
+            &json!("e")
+        ]
+    );
+    assert_eq!(got[2].0.id, old.id);
+    assert_eq!(got[3].0.id, got[0].0.id);
+    for (t, _) in &got {
+        assert_eq!(t.state, TaskState::Queued);
+        assert_eq!(q.get(&t.id).await.unwrap().unwrap().input, t.input);
+    }
+    let e = &got[4].0;
+    assert_eq!(q.get(&e.id).await.unwrap().unwrap().created_at, T + 1);
+    assert!(
+        !q.events_after(&e.id, 0).await.unwrap().is_empty(),
+        "queued event"
+    );
+    // The keyed items again create nothing and name the same tasks.
+    let keyed_only: Vec<NewTask> = batch
+        .into_iter()
+        .filter(|t| t.request_id.is_some())
+        .collect();
+    let again = q.enqueue_many(keyed_only, T + 2).await.unwrap();
+    assert!(again.iter().all(|(_, c)| !c));
+    assert_eq!(
+        again.iter().map(|(t, _)| t.id.clone()).collect::<Vec<_>>(),
+        [0, 2, 3, 4].map(|i| got[i].0.id.clone())
+    );
+    assert_eq!(q.stats().await.unwrap().count(TaskState::Queued), 4);
+    // Stored in the order given: equal priority runs oldest first.
+    let order = q
+        .reserve("w", &caps(), 10, T + 60_000, T + 3)
+        .await
+        .unwrap();
+    let want = [&old.id, &got[0].0.id, &got[1].0.id, &got[4].0.id];
+    assert_eq!(order.iter().map(|t| &t.id).collect::<Vec<_>>(), want);
+}
+
+pub async fn enqueue_many_stores_nothing_when_an_item_fails(q: &dyn Queue) {
+    q.enqueue(keyed(Some("k"), json!(1)), T).await.unwrap();
+    let conflict = vec![keyed(Some("x"), json!("x")), keyed(Some("k"), json!(2))];
+    assert!(matches!(
+        q.enqueue_many(conflict, T).await.unwrap_err(),
+        QueueError::Conflict(rid) if rid == "k"
+    ));
+    let inside = vec![keyed(Some("y"), json!(1)), keyed(Some("y"), json!(2))];
+    assert!(matches!(
+        q.enqueue_many(inside, T).await.unwrap_err(),
+        QueueError::Conflict(rid) if rid == "y"
+    ));
+    let invalid = vec![keyed(Some("z"), json!("z")), task(" ", json!({}))];
+    assert!(matches!(
+        q.enqueue_many(invalid, T).await.unwrap_err(),
+        QueueError::Invalid(_)
+    ));
+    assert_eq!(
+        q.stats().await.unwrap().count(TaskState::Queued),
+        1,
+        "only k"
+    );
+    // The keys of the failed batches are free: nothing was stored under them.
+    let (x, created) = q
+        .enqueue(keyed(Some("x"), json!("other")), T)
+        .await
+        .unwrap();
+    assert!(created);
+    assert_eq!(x.input, json!("other"));
+    assert!(q.enqueue(keyed(Some("y"), json!(3)), T).await.unwrap().1);
+    assert!(q.enqueue(keyed(Some("z"), json!(3)), T).await.unwrap().1);
 }

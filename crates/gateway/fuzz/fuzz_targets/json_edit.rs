@@ -3,7 +3,7 @@
 //! get a JSON answer in OpenAI's shape with a client status (or 202, the task queued),
 //! never a panic or a 5xx.
 //!
-//! `cd crates/gateway/fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run json_edit seeds/json_edit -- -runs=1000000`
+//! `cd crates/gateway/fuzz && mkdir -p corpus/json_edit && RUSTC_BOOTSTRAP=1 cargo fuzz run -O json_edit corpus/json_edit seeds/json_edit -- -runs=1000000`
 #![no_main]
 
 mod common;

@@ -2,7 +2,7 @@
 //! JSON answer with a client status (or 201), never a panic or a 5xx, and whatever is
 //! stored is removed again.
 //!
-//! `cd crates/gateway/fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run upload_form seeds/upload_form -- -runs=1000000`
+//! `cd crates/gateway/fuzz && mkdir -p corpus/upload_form && RUSTC_BOOTSTRAP=1 cargo fuzz run -O upload_form corpus/upload_form seeds/upload_form -- -runs=1000000`
 #![no_main]
 
 mod common;

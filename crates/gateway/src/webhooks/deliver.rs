@@ -115,6 +115,7 @@ async fn data_of(state: &AppState, m: &Message) -> Value {
         t,
         attempts,
         None,
+        crate::eta::EtaView::default(),
         timings.as_ref(),
         &links
     ))

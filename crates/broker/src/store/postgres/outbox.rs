@@ -204,7 +204,7 @@ impl PostgresQueue {
         Ok(true)
     }
 
-    async fn retry_(&self, id: &str, now: u64) -> Result<Option<Message>> {
+    async fn rearm_(&self, id: &str, now: u64) -> Result<Option<Message>> {
         let mut c = self.pool.get().await?;
         let tx = Tx::begin(self, &mut c).await?;
         let sql = format!(
@@ -277,7 +277,7 @@ impl Outbox for PostgresQueue {
     }
 
     fn retry_message<'a>(&'a self, id: &'a str, now: u64) -> QueueFuture<'a, Option<Message>> {
-        Box::pin(self.retry_(id, now))
+        Box::pin(self.rearm_(id, now))
     }
 
     fn pending_messages(&self) -> QueueFuture<'_, u64> {

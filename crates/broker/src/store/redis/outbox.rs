@@ -154,7 +154,7 @@ impl RedisQueue {
         Ok(int(&r.next().ok_or_else(|| bad("wh_record"))?)? == 1)
     }
 
-    async fn retry_(&self, id: &str, now: u64) -> Result<Option<Message>> {
+    async fn rearm_(&self, id: &str, now: u64) -> Result<Option<Message>> {
         let mut r = self
             .run("wh_retry", vec![id.to_owned(), now.to_string()])
             .await?;
@@ -230,7 +230,7 @@ impl Outbox for RedisQueue {
     }
 
     fn retry_message<'a>(&'a self, id: &'a str, now: u64) -> QueueFuture<'a, Option<Message>> {
-        Box::pin(self.retry_(id, now))
+        Box::pin(self.rearm_(id, now))
     }
 
     fn pending_messages(&self) -> QueueFuture<'_, u64> {

@@ -126,6 +126,20 @@ pub(super) fn get_task(c: &Connection, id: &str) -> Result<Option<Task>> {
     Ok(c.tasks("id = ?1", [id])?.pop())
 }
 
+/// A fresh id shaped like [`new_id`]'s (`prefix` + `_` + 32 hex digits) whose first 12
+/// digits are `now` (Unix ms): ids made later sort later, so the unique indexes on task ids
+/// and leases (and the event and attempt keys that start with a task id) grow at their end
+/// instead of touching a random page with every insert. The other 20 digits are random.
+fn ordered_id(prefix: &str, now: u64) -> String {
+    let random = new_id(prefix);
+    let tail = random.len().saturating_sub(20);
+    format!(
+        "{prefix}_{:012x}{}",
+        now & 0xffff_ffff_ffff,
+        &random[tail..]
+    )
+}
+
 /// The task running under lease `?1`, held by worker `?2` (any worker when NULL).
 const RUNNING_LEASE: &str = "SELECT id FROM tasks WHERE lease = ?1 AND state = 'running' \
     AND (?2 IS NULL OR worker_id = ?2)";
@@ -250,19 +264,37 @@ impl Db {
     /// Stores a task, or returns the task already stored under its `request_id` (with
     /// `false`). A `request_id` reused for a different type, input or routing is a conflict.
     pub(super) fn enqueue(&self, t: NewTask, now: u64) -> Result<(Task, bool)> {
+        let tx = begin(&self.conn)?;
+        let out = self.insert(&tx, t, now)?;
+        tx.commit()?;
+        Ok(out)
+    }
+
+    /// [`Db::enqueue`] for each task, in one transaction: a failure stores none of them.
+    pub(super) fn enqueue_many(&self, tasks: Vec<NewTask>, now: u64) -> Result<Vec<(Task, bool)>> {
+        let tx = begin(&self.conn)?;
+        let mut out = Vec::with_capacity(tasks.len());
+        for t in tasks {
+            out.push(self.insert(&tx, t, now)?);
+        }
+        tx.commit()?;
+        Ok(out)
+    }
+
+    /// Inserts one task inside the caller's transaction (or finds it by `request_id`).
+    fn insert(&self, c: &Connection, t: NewTask, now: u64) -> Result<(Task, bool)> {
         let a = lifecycle::admit(t, &self.opts)?;
         let t = &a.task;
-        let tx = begin(&self.conn)?;
         if let Some(rid) = &t.request_id
-            && let Some(task) = tx.tasks("request_id = ?1", [rid])?.pop()
+            && let Some(task) = c.tasks("request_id = ?1", [rid])?.pop()
         {
             if !lifecycle::same_request(&task, t) {
                 return Err(QueueError::Conflict(rid.clone()));
             }
             return Ok((task, false));
         }
-        let id = new_id("task");
-        tx.exec(
+        let id = ordered_id("task", now);
+        c.exec(
             "INSERT INTO tasks (id, request_id, task_type, state, priority, input, metadata, max_attempts, deadline, created_at, model, labels, webhook, webhook_events)
              VALUES (?1, ?2, ?3, 'queued', ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
             params![
@@ -281,9 +313,8 @@ impl Db {
                 (!t.webhook_events.is_empty()).then(|| json!(t.webhook_events).to_string())
             ],
         )?;
-        let task = lifecycle::new_task(&a, id, tx.last_insert_rowid(), now);
-        self.event(&tx, &task.id, &a.event, now)?;
-        tx.commit()?;
+        let task = lifecycle::new_task(&a, id, c.last_insert_rowid(), now);
+        self.event(c, &task.id, &a.event, now)?;
         Ok((task, true))
     }
 
@@ -320,7 +351,7 @@ impl Db {
         let found = tx.tasks(&filter, rusqlite::params_from_iter(args))?;
         let mut out = Vec::with_capacity(found.len());
         for t in found {
-            let tr = lifecycle::claim(&t, worker_id, &new_id("lease"), lease_until, now);
+            let tr = lifecycle::claim(&t, worker_id, &ordered_id("lease", now), lease_until, now);
             out.push(self.persist(&tx, &t, &tr, now)?);
         }
         tx.commit()?;
@@ -691,5 +722,29 @@ impl Db {
     pub(super) fn ping(&self) -> Result<()> {
         self.conn.row("SELECT 1", [], |r| r.get::<_, i64>(0))?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ordered_ids_sort_by_time_and_keep_the_shape() {
+        let (a, b) = (
+            ordered_id("task", 1_700_000_000_000),
+            ordered_id("task", 1_700_000_000_001),
+        );
+        assert!(a < b, "{a} {b}");
+        for id in [&a, &b] {
+            let hex = id.strip_prefix("task_").unwrap();
+            assert_eq!(hex.len(), 32);
+            assert!(hex.bytes().all(|c| c.is_ascii_hexdigit()));
+        }
+        assert_ne!(
+            ordered_id("lease", 5),
+            ordered_id("lease", 5),
+            "random tails"
+        );
     }
 }

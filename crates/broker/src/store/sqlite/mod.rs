@@ -64,6 +64,10 @@ const CHECKPOINT_EVERY: u64 = 32;
 /// checkpointer fell behind); SQLite's own default is 1000.
 const WRITER_CHECKPOINT_PAGES: u32 = 10_000;
 
+/// Page cache of each connection, KiB (SQLite's default is 2,000): the reads scan the task
+/// table, and a queue of tens of thousands of tasks should not go to the file for each page.
+const CACHE_KIB: i64 = 32_768;
+
 /// What the writer thread shares with the queue.
 struct Writer {
     /// Calls committed as part of a group.
@@ -225,6 +229,7 @@ impl SqliteQueue {
         let reader = Connection::open(path)?;
         reader.pragma_update(None, "busy_timeout", 5000)?;
         reader.pragma_update(None, "query_only", true)?;
+        reader.pragma_update(None, "cache_size", -CACHE_KIB)?;
         reader.set_prepared_statement_cache_capacity(64);
         reader.set_db_config(
             rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG,
@@ -272,6 +277,7 @@ impl SqliteQueue {
         )?;
         conn.pragma_update(None, "busy_timeout", 5000)?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.pragma_update(None, "cache_size", -CACHE_KIB)?;
         conn.set_prepared_statement_cache_capacity(128);
         // The bundled SQLite has STAT4, which re-prepares a cached statement whenever a bound
         // value changes in case the plan should change; the queue's plans never should.

@@ -22,6 +22,10 @@ impl Store for SqliteQueue {
         self.call(move |db| db.enqueue(task, now)).await
     }
 
+    async fn enqueue_many(&self, tasks: Vec<NewTask>, now: u64) -> Result<Vec<(Task, bool)>> {
+        self.call(move |db| db.enqueue_many(tasks, now)).await
+    }
+
     async fn reserve(&self, want: Want<'_>, now: u64) -> Result<Vec<Task>> {
         let (w, caps, n, until) = (
             want.worker_id.to_owned(),
