@@ -8,6 +8,8 @@
 #![cfg(feature = "postgres")]
 #![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
 
+#[path = "conformance/batch_remote.rs"]
+mod batch_remote;
 mod conformance;
 
 use std::sync::Arc;
@@ -73,6 +75,7 @@ async fn drop_schema(test: &str) {
 }
 
 conformance_tests!(fresh, drop_schema);
+batch_remote_tests!(fresh, drop_schema; batch_keeps_order_and_dedupes, a_conflicting_batch_stores_nothing);
 
 async fn next(notes: &mut Notifications) -> Notification {
     tokio::time::timeout(Duration::from_secs(5), notes.next())

@@ -7,6 +7,8 @@
 #![cfg(feature = "redis")]
 #![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
 
+#[path = "conformance/batch_remote.rs"]
+mod batch_remote;
 mod conformance;
 
 use std::sync::Arc;
@@ -63,6 +65,7 @@ async fn cleanup(test: &str) {
 }
 
 conformance_tests!(fresh, cleanup);
+batch_remote_tests!(fresh, cleanup; batch_keeps_order_and_dedupes, a_conflicting_batch_stores_nothing);
 
 fn nt(t: &str) -> NewTask {
     NewTask {

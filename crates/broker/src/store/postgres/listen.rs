@@ -1,5 +1,7 @@
 //! The LISTEN side: other instances' announcements become [`Notification`]s.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::Duration;
 
 use deadpool_postgres::Pool;
@@ -13,17 +15,29 @@ use crate::lifecycle::TaskEvent;
 use crate::queue::Notification;
 use crate::store::{Result, event_from_row};
 
+/// The `application_name` of the LISTEN connections of `schema`'s instances: writers
+/// announce a change only while a connection of that name other than their own listener's
+/// exists (see [`super::PostgresQueue`]).
+pub(super) fn listener_name(schema: &str) -> String {
+    format!("kiln_listen_{schema}")
+}
+
 /// Keeps one connection LISTENing on the channel and turns other instances' announcements
-/// into notifications; reconnects after a second when the connection drops.
+/// into notifications; reconnects after a second when the connection drops. `own_pid` holds
+/// the listening connection's backend pid (0 while not connected), which writers skip when
+/// they look for listeners.
 pub(super) async fn listen(
-    pg: tokio_postgres::Config,
+    mut pg: tokio_postgres::Config,
     pool: Pool,
     schema: String,
     channel: String,
     instance: String,
     out: mpsc::Sender<Notification>,
+    own_pid: Arc<AtomicI32>,
 ) {
+    pg.application_name(listener_name(&schema));
     loop {
+        own_pid.store(0, Ordering::Relaxed);
         match pg.connect(NoTls).await {
             Ok((client, mut conn)) => {
                 let (msg_tx, mut msgs) = mpsc::unbounded_channel();
@@ -44,7 +58,15 @@ pub(super) async fn listen(
                         }
                     }
                 });
-                match client.batch_execute(&format!("LISTEN \"{channel}\"")).await {
+                let listening = async {
+                    let pid: i32 = client
+                        .query_one("SELECT pg_backend_pid()", &[])
+                        .await?
+                        .try_get(0)?;
+                    own_pid.store(pid, Ordering::Relaxed);
+                    client.batch_execute(&format!("LISTEN \"{channel}\"")).await
+                };
+                match listening.await {
                     Ok(()) => {
                         // Anything announced while not listening is unknown: let dispatch look.
                         if !offer(&out, Notification::TasksReady) {

@@ -4,11 +4,26 @@
 //! `reserve` locks the tasks it claims with `SELECT … FOR UPDATE SKIP LOCKED LIMIT n`, so
 //! concurrent instances never hand out one task twice and never wait on each other's claims;
 //! every other change locks the task's row (`FOR UPDATE`) and checks the lease under the lock
-//! (compare-and-set). What each change writes is decided by [`crate::lifecycle`] (`tx.rs`). A task is durable once `enqueue` returns (committed with
-//! the server's `synchronous_commit`). Each committed change is announced with `pg_notify` on
-//! a channel named after the schema; every instance LISTENs on it and turns what other
-//! instances did into [`Notification`]s (tasks ready, task events).
+//! (compare-and-set). What each change writes is decided by [`crate::lifecycle`] (`tx.rs`).
+//! A task is durable once `enqueue` returns (committed with the server's
+//! `synchronous_commit`).
+//!
+//! Round trips: `enqueue` is one statement (task row, its event and, when needed, the
+//! announcement); a change is `BEGIN`, the locking read, one pipelined burst of writes (task
+//! rows, attempt records, one multi-row event insert) and `COMMIT`.
+//!
+//! Stage timings (`record_worker_timings`, `merge_timings`) are diagnostics: their commit
+//! does not wait for the WAL flush (see `write_timings`); task rows and events always do.
+//!
+//! Each committed change is announced with `pg_notify` on a channel named after the schema,
+//! but only while another instance listens: every instance LISTENs on a connection named
+//! `kiln_listen_<schema>` (`application_name`), and a write looks in `pg_stat_activity` for
+//! such a connection other than its own instance's, in the same burst as its writes. A
+//! notifying commit holds PostgreSQL's global notification lock until it is flushed, so
+//! commits that notify cannot share a WAL flush; a lone instance never takes it. The listeners
+//! turn what other instances did into [`Notification`]s (tasks ready, task events).
 
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -22,6 +37,7 @@ use crate::model::*;
 use crate::queue::*;
 use crate::store::{Columns, Dialect, Result, new_id, schema_sql};
 
+mod batch;
 mod listen;
 mod outbox;
 mod queue_impl;
@@ -59,6 +75,11 @@ impl Default for PostgresOptions {
 
 const MAX_PAYLOAD: usize = 7000;
 
+/// Whether a LISTEN connection of another instance on this schema exists: `$1` the
+/// listeners' `application_name`, `$2` this instance's listener pid.
+const OTHERS_LISTEN: &str =
+    "EXISTS (SELECT 1 FROM pg_stat_activity WHERE application_name = $1 AND pid <> $2)";
+
 /// The PostgreSQL queue store. Implements [`Queue`].
 pub struct PostgresQueue {
     pool: Pool,
@@ -69,6 +90,10 @@ pub struct PostgresQueue {
     events: Arc<Mutex<Vec<TaskEvent>>>,
     notes: Mutex<Option<mpsc::Receiver<Notification>>>,
     listener: tokio::task::JoinHandle<()>,
+    /// `application_name` of every instance's LISTEN connection on this schema.
+    listener_name: String,
+    /// Backend pid of this instance's LISTEN connection (0: not connected).
+    listener_pid: Arc<AtomicI32>,
 }
 
 impl std::fmt::Debug for PostgresQueue {
@@ -177,6 +202,8 @@ impl PostgresQueue {
         let channel = format!("kiln_queue_{schema}");
         let (notes_tx, notes_rx) = mpsc::channel(4096);
         let instance = new_id("inst");
+        let listener_pid = Arc::new(AtomicI32::new(0));
+        let listener_name = listen::listener_name(&schema);
         let listener = tokio::spawn(listen::listen(
             pg,
             pool.clone(),
@@ -184,6 +211,7 @@ impl PostgresQueue {
             channel.clone(),
             instance.clone(),
             notes_tx,
+            listener_pid.clone(),
         ));
         Ok(Self {
             pool,
@@ -197,6 +225,8 @@ impl PostgresQueue {
             events: Arc::new(Mutex::new(Vec::new())),
             notes: Mutex::new(Some(notes_rx)),
             listener,
+            listener_name,
+            listener_pid,
         })
     }
 
@@ -208,8 +238,30 @@ impl PostgresQueue {
         Ok(())
     }
 
+    /// The backend pid of this instance's listener (0: none), which [`OTHERS_LISTEN`] skips.
+    fn own_listener(&self) -> i32 {
+        self.listener_pid.load(Ordering::Relaxed)
+    }
+
     fn sql(&self, template: &str) -> String {
         template.replace("{s}", &self.schema)
+    }
+
+    /// Runs a write of stage timings. Timings are diagnostics, so their commit does not wait
+    /// for the WAL flush (`SET LOCAL synchronous_commit TO OFF`: this transaction only; tasks
+    /// and their events are never written so). A crash of the server can lose the timings
+    /// of the last moments; a kill of kiln loses nothing, the commit has happened.
+    async fn write_timings(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>> {
+        let mut c = self.pool.get().await?;
+        let tx = c.transaction().await?;
+        let stmt = tx.prepare_cached(&self.sql(sql)).await?;
+        let (_, rows) = futures_util::future::try_join(
+            tx.batch_execute("SET LOCAL synchronous_commit TO OFF"),
+            tx.query(&stmt, params),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(rows)
     }
 
     async fn read(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>> {

@@ -80,6 +80,10 @@ impl Store for PostgresQueue {
         self.enqueue_(task, now).await
     }
 
+    async fn enqueue_many(&self, tasks: Vec<NewTask>, now: u64) -> Result<Vec<(Task, bool)>> {
+        self.enqueue_many_(tasks, now).await
+    }
+
     async fn reserve(&self, want: Want<'_>, now: u64) -> Result<Vec<Task>> {
         self.reserve_(want, now).await
     }
@@ -251,7 +255,7 @@ impl Store for PostgresQueue {
     async fn merge_timings(&self, id: &str, timings: &Map<String, Value>) -> Result<()> {
         // `||` replaces top-level keys and keeps the others, in one statement.
         let data = Value::Object(timings.clone()).to_string();
-        self.read(
+        self.write_timings(
             "INSERT INTO {s}.timings (task_id, data) VALUES ($1, ($2::text)::jsonb)
              ON CONFLICT (task_id) DO UPDATE SET data = {s}.timings.data || excluded.data
              RETURNING task_id",
@@ -265,7 +269,7 @@ impl Store for PostgresQueue {
         let Lease { lease, holder } = l;
         let data = json!({ "worker": timings }).to_string();
         let rows = self
-            .read(
+            .write_timings(
                 "INSERT INTO {s}.timings (task_id, data)
                  SELECT id, ($2::text)::jsonb FROM {s}.tasks WHERE lease = $1 AND state = 'running'
                    AND ($3::text IS NULL OR worker_id = $3)

@@ -4,7 +4,7 @@
 use kiln_protocol::TaskState;
 
 use super::RedisQueue;
-use super::reply::need_task;
+use super::reply::{need_task, task_from, text};
 use crate::lifecycle::{self, AttemptChange, Fields, Transition};
 use crate::model::*;
 use crate::store::{Lease, Result, holds, json_text};
@@ -168,12 +168,13 @@ impl RedisQueue {
         ))
     }
 
-    /// The task holding `lease` now, and whether any task ever had it.
+    /// The task holding `lease` now, and whether any task ever had it (one round trip).
     pub(super) async fn by_lease(&self, lease: &str) -> Result<(Option<Task>, bool)> {
-        Ok(match self.task_id_of_lease(lease).await? {
-            Some(id) => (self.get_task(&id).await?, true),
-            None => (None, false),
-        })
+        let mut r = self.run("by_lease", vec![lease.to_owned()]).await?;
+        if r.next().as_ref().and_then(text).is_none() {
+            return Ok((None, false));
+        }
+        Ok((r.next().map(task_from).transpose()?.flatten(), true))
     }
 
     /// `release` and `reject`: the lease given back, the attempt not counted; a reject keeps
@@ -186,6 +187,7 @@ impl RedisQueue {
         now: u64,
     ) -> Result<Option<Task>> {
         let Lease { lease, holder } = l;
+        drop(self.recall(lease));
         let (Some(task), _) = self.by_lease(lease).await? else {
             return Ok(None);
         };

@@ -26,7 +26,9 @@
 //! - `dead` — the dead-letter stream: one entry per task failed for good after a retryable
 //!   error (attempts spent, lapsed leases, poison tasks).
 //! - `notify` — changes for other processes (task events, "tasks ready"), capped near
-//!   [`RedisOptions::notify_max_len`] entries.
+//!   [`RedisOptions::notify_max_len`] entries, and written only while another process reads
+//!   it: each reader adds its origin to `readers` and keeps `reader:{origin}` alive (a key
+//!   with a TTL of three blocking reads, renewed as it reads); a lone instance writes none.
 //!
 //! # Atomicity
 //!
@@ -85,6 +87,7 @@ use crate::model::*;
 use crate::queue::*;
 use crate::store::Result;
 
+mod batch;
 mod change;
 mod notify;
 mod outbox;
@@ -149,7 +152,15 @@ pub struct RedisQueue {
     origin: String,
     /// Events written by this handle's calls, not yet taken by the broker.
     events: Mutex<Vec<TaskEvent>>,
+    /// The tasks this handle leased, as leased, by lease: a result decides from this copy
+    /// and skips reading the task (the script's compare-and-set on state, lease, attempt and
+    /// cancel request catches any change meanwhile, and the call then reads and decides
+    /// again). At most [`LEASED_MAX`] entries.
+    leased: Mutex<std::collections::HashMap<String, Task>>,
 }
+
+/// Most leased tasks a handle remembers (see `RedisQueue::leased`); beyond, it forgets all.
+const LEASED_MAX: usize = 10_000;
 
 impl std::fmt::Debug for RedisQueue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -202,6 +213,7 @@ impl RedisQueue {
             },
             origin: format!("{}", uuid::Uuid::new_v4().simple()),
             events: Mutex::new(Vec::new()),
+            leased: Mutex::new(std::collections::HashMap::new()),
         };
         q.ping_now().await?;
         q.store_endpoints().await?;
@@ -287,6 +299,27 @@ impl RedisQueue {
         Ok(Reply(items))
     }
 
+    /// Remembers tasks just leased (see `leased`).
+    fn remember(&self, tasks: &[Task]) {
+        let mut m = self.leased.lock().unwrap_or_else(|p| p.into_inner());
+        if m.len() + tasks.len() > LEASED_MAX {
+            m.clear();
+        }
+        for t in tasks {
+            if let Some(l) = &t.lease {
+                m.insert(l.clone(), t.clone());
+            }
+        }
+    }
+
+    /// The task as leased under `lease`, if this handle leased it (and forgets it).
+    fn recall(&self, lease: &str) -> Option<Task> {
+        self.leased
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(lease)
+    }
+
     async fn get_task(&self, id: &str) -> Result<Option<Task>> {
         let mut conn = self.conn.clone();
         let v: Value = ::redis::cmd("HGETALL")
@@ -295,16 +328,6 @@ impl RedisQueue {
             .await
             .map_err(store)?;
         task_from(v)
-    }
-
-    async fn task_id_of_lease(&self, lease: &str) -> Result<Option<String>> {
-        let mut conn = self.conn.clone();
-        ::redis::cmd("HGET")
-            .arg(self.key(&["leases"]))
-            .arg(lease)
-            .query_async(&mut conn)
-            .await
-            .map_err(store)
     }
 }
 

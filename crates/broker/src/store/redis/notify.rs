@@ -1,7 +1,7 @@
 //! The notification reader: other processes' changes, from the `notify` stream.
 
 use std::collections::{HashMap, VecDeque};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ::redis::aio::MultiplexedConnection;
 use ::redis::{AsyncConnectionConfig, Client, Value};
@@ -13,6 +13,11 @@ use crate::queue::Notification;
 pub(super) struct NotifyReader {
     pub(super) client: Client,
     pub(super) stream: String,
+    /// `readers`: the origins of the readers; `presence`: this reader's key in it.
+    pub(super) readers: String,
+    pub(super) presence: String,
+    /// When this reader last renewed its presence.
+    pub(super) renewed: Option<Instant>,
     pub(super) origin: String,
     pub(super) block: Duration,
     pub(super) conn: Option<MultiplexedConnection>,
@@ -30,6 +35,7 @@ impl NotifyReader {
             }
             if let Err(e) = self.read().await {
                 self.conn = None;
+                self.renewed = None;
                 self.failures += 1;
                 let wait = Duration::from_millis(100 * u64::from(self.failures.min(50)));
                 tracing::warn!(message = "redis notification reader failed", error = %e, retry_in_ms = wait.as_millis() as u64);
@@ -54,6 +60,25 @@ impl NotifyReader {
         let Some(conn) = self.conn.as_mut() else {
             return Ok(());
         };
+        // Writers add to the stream only while some reader other than themselves is alive:
+        // announce this one (its key outlives three blocking reads) before reading.
+        if self.renewed.is_none_or(|t| t.elapsed() >= self.block / 2) {
+            let ttl = (self.block.as_millis() as u64).max(1) * 3;
+            let _: Value = ::redis::pipe()
+                .cmd("SET")
+                .arg(&self.presence)
+                .arg(1)
+                .arg("PX")
+                .arg(ttl)
+                .ignore()
+                .cmd("SADD")
+                .arg(&self.readers)
+                .arg(&self.origin)
+                .ignore()
+                .query_async(conn)
+                .await?;
+            self.renewed = Some(Instant::now());
+        }
         if self.last.is_none() {
             // Start after the newest entry: changes from before this reader are in the store.
             let tail: Value = ::redis::cmd("XREVRANGE")

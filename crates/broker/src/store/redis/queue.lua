@@ -51,9 +51,28 @@ local function state(t, new)
   end
 end
 
--- Notifications for other processes: one stream every instance reads with XREAD BLOCK.
+-- Notifications for other processes: one stream every instance reads with XREAD BLOCK,
+-- written only while another instance reads it. A reader names itself in the set `readers`
+-- and keeps `reader:{origin}` alive (a key with a TTL, renewed as it reads); a name whose key
+-- expired is dropped here.
+local listened = nil
+local function others_read()
+  if listened == nil then
+    listened = false
+    for _, o in ipairs(redis.call('SMEMBERS', key('readers'))) do
+      if redis.call('EXISTS', key('reader', o)) == 0 then
+        redis.call('SREM', key('readers'), o)
+      elseif o ~= ORIGIN then
+        listened = true
+      end
+    end
+  end
+  return listened
+end
 local function note(field, value)
-  redis.call('XADD', key('notify'), 'MAXLEN', '~', NOTIFY_MAX, '*', 'o', ORIGIN, field, value)
+  if others_read() then
+    redis.call('XADD', key('notify'), 'MAXLEN', '~', NOTIFY_MAX, '*', 'o', ORIGIN, field, value)
+  end
 end
 -- The webhook outbox (mirrors lifecycle::webhook_messages): a task event its webhook asked
 -- for writes a message `msg:{id}` (the task's hash as it is after the change in `snap`),
@@ -235,15 +254,18 @@ local function reply(...)
   return {evs, ...}
 end
 
-if op == 'enqueue' then
-  -- A[13]: the data of the task's first `status` event.
+-- Stores the task whose 15 arguments (those of `enqueue`) follow A[b]: {tag, task}, tag
+-- 'created', or 'exists' when its request_id names a stored task.
+local function enqueue_at(b)
+  -- A[b + 13]: the data of the task's first `status` event.
   local id, now, tt, prio, input, meta, maxa, deadline, rid, ttl, model, labels =
-    A[1], A[2], A[3], A[4], A[5], A[6], A[7], A[8], A[9], A[10], A[11], A[12]
+    A[b + 1], A[b + 2], A[b + 3], A[b + 4], A[b + 5], A[b + 6], A[b + 7], A[b + 8], A[b + 9],
+    A[b + 10], A[b + 11], A[b + 12]
   local rkey = key('rid', rid)
   if rid ~= '' then
     local old = redis.call('GET', rkey)
     if old and redis.call('EXISTS', key('task', old)) == 1 then
-      return reply('exists', snap(old))
+      return {'exists', snap(old)}
     end
   end
   local seq = redis.call('INCR', key('seq'))
@@ -254,8 +276,8 @@ if op == 'enqueue' then
   if meta ~= '' then set(t, 'metadata', meta) end
   if model ~= '' then set(t, 'model', model) end
   if labels ~= '' then set(t, 'labels', labels) end
-  -- A[14], A[15]: the webhook URL and its events (JSON), '' for none.
-  if A[14] and A[14] ~= '' then set(t, 'webhook', A[14], 'webhook_events', A[15]) end
+  -- A[b + 14], A[b + 15]: the webhook URL and its events (JSON), '' for none.
+  if A[b + 14] and A[b + 14] ~= '' then set(t, 'webhook', A[b + 14], 'webhook_events', A[b + 15]) end
   if deadline ~= '' then
     set(t, 'deadline', deadline)
     redis.call('ZADD', key('deadlines'), deadline, id)
@@ -270,8 +292,41 @@ if op == 'enqueue' then
   redis.call('ZADD', key('all'), seq, id)
   state(t, 'queued')
   push_ready(t)
-  event(id, 'status', A[13], now)
-  return reply('created', snap(id))
+  event(id, 'status', A[b + 13], now)
+  return {'created', snap(id)}
+end
+
+if op == 'enqueue' then
+  local r = enqueue_at(0)
+  return reply(r[1], r[2])
+
+elseif op == 'enqueue_many' then
+  -- A[1]: how many tasks; then, per task, the 15 arguments of `enqueue` and the id of the
+  -- task its request_id is expected to name ('' for none). Unless every expectation holds,
+  -- nothing is written and the reply lists {index, the task its request_id names or nil}
+  -- of those that failed, so the caller can check them and call again.
+  local n = tonumber(A[1])
+  local bad = {}
+  for i = 0, n - 1 do
+    local b = 1 + i * 16
+    local rid, expect = A[b + 9], A[b + 16]
+    if rid ~= '' then
+      local old = redis.call('GET', key('rid', rid))
+      if old and redis.call('EXISTS', key('task', old)) == 0 then old = nil end
+      if (old or '') ~= expect then
+        bad[#bad + 1] = i
+        bad[#bad + 1] = old and snap(old) or false
+      end
+    end
+  end
+  if #bad > 0 then return reply('retry', bad) end
+  local out = {}
+  for i = 0, n - 1 do
+    local r = enqueue_at(1 + i * 16)
+    out[#out + 1] = r[1]
+    out[#out + 1] = r[2]
+  end
+  return reply('done', out)
 
 elseif op == 'reserve' then
   -- Arguments: worker, n, lease until, now, then the worker's task types, models and
@@ -438,6 +493,12 @@ elseif op == 'progress' then
     return reply(tid)
   end
   return reply(false)
+
+elseif op == 'by_lease' then
+  -- The task that holds or held lease A[1]: {task id, task} ({false} when none ever did).
+  local tid = redis.call('HGET', key('leases'), A[1])
+  if not tid then return reply(false) end
+  return reply(tid, snap(tid))
 
 elseif op == 'worker_timings' then
   -- A[3]: the worker that must hold the lease ('' for any).

@@ -6,14 +6,14 @@ use ::redis::Value;
 use kiln_protocol::TaskState;
 use serde_json::Value as Json;
 
-use super::change::{Changed, opt};
+use super::change::Changed;
 use super::notify::NotifyReader;
 use super::reply::{array, event_from, int, need_task, tasks_from, text};
 use super::{LIST_SCAN_BUDGET, RedisQueue, STATES, corrupt, store};
 use crate::lifecycle::{self, Ending, TaskEvent};
 use crate::model::*;
 use crate::queue::*;
-use crate::store::{Lease, Result, Stages, Store, Want, holds, new_id};
+use crate::store::{Lease, Result, Stages, Store, Want, holds};
 use serde_json::Map;
 
 impl Store for RedisQueue {
@@ -24,28 +24,7 @@ impl Store for RedisQueue {
     async fn enqueue(&self, t: NewTask, now: u64) -> Result<(Task, bool)> {
         let a = lifecycle::admit(t, &self.opts.queue)?;
         let t = &a.task;
-        let ttl = self.opts.request_id_ttl.as_millis().max(1) as u64;
-        let args = vec![
-            new_id("task"),
-            now.to_string(),
-            t.task_type.clone(),
-            t.priority.to_string(),
-            t.input.to_string(),
-            t.metadata.as_ref().map(Json::to_string).unwrap_or_default(),
-            a.max_attempts.to_string(),
-            opt(t.deadline),
-            t.request_id.clone().unwrap_or_default(),
-            ttl.to_string(),
-            t.model.clone().unwrap_or_default(),
-            if t.labels.is_empty() {
-                String::new()
-            } else {
-                serde_json::json!(t.labels).to_string()
-            },
-            a.event.data().to_string(),
-            t.webhook.clone().unwrap_or_default(),
-            serde_json::json!(t.webhook_events).to_string(),
-        ];
+        let args = self.enqueue_args(&a, now);
         let mut r = self.run("enqueue", args).await?;
         let tag = r.tag()?;
         let task = need_task(r.next())?;
@@ -58,6 +37,10 @@ impl Store for RedisQueue {
             return Ok((task, false));
         }
         Ok((task, true))
+    }
+
+    async fn enqueue_many(&self, tasks: Vec<NewTask>, now: u64) -> Result<Vec<(Task, bool)>> {
+        self.enqueue_many_(tasks, now).await
     }
 
     async fn reserve(&self, want: Want<'_>, now: u64) -> Result<Vec<Task>> {
@@ -91,7 +74,9 @@ impl Store for RedisQueue {
         args.extend(labels.into_iter().cloned());
         args.extend((0..n).map(|_| format!("lease_{}", uuid::Uuid::new_v4().simple())));
         let mut r = self.run("reserve", args).await?;
-        tasks_from(r.next().ok_or_else(|| corrupt("reserve"))?)
+        let tasks = tasks_from(r.next().ok_or_else(|| corrupt("reserve"))?)?;
+        self.remember(&tasks);
+        Ok(tasks)
     }
 
     async fn renew(&self, worker_id: &str, until: u64) -> Result<usize> {
@@ -128,7 +113,15 @@ impl Store for RedisQueue {
 
     async fn finish(&self, l: Lease<'_>, ending: Ending, now: u64) -> Result<CompleteOutcome> {
         let Lease { lease, holder } = l;
-        let (task, known) = self.by_lease(lease).await?;
+        // The copy from `reserve` serves only a call it would accept; a refusal is decided
+        // from the task as stored.
+        let cached = self
+            .recall(lease)
+            .filter(|t| lifecycle::check_lease(Some(t), lease, holder, true).is_ok());
+        let (task, known) = match cached {
+            Some(t) => (Some(t), true),
+            None => self.by_lease(lease).await?,
+        };
         let refusal = |t: Option<&Task>| {
             lifecycle::check_lease(t, lease, holder, known)
                 .err()
@@ -439,6 +432,9 @@ impl Store for RedisQueue {
         let reader = NotifyReader {
             client: self.client.clone(),
             stream: self.key(&["notify"]),
+            readers: self.key(&["readers"]),
+            presence: self.key(&["reader", &self.origin]),
+            renewed: None,
             origin: self.origin.clone(),
             block: self.opts.block,
             conn: None,
