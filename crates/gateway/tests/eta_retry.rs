@@ -121,10 +121,13 @@ async fn queued_tasks_carry_an_eta_and_wait_for_a_worker_when_none_serves_them()
         let t = gw.state.broker().queue().get(id).await.unwrap().unwrap();
         let actual = t.started_at.unwrap() as i64 - *asked_at as i64;
         eprintln!("eta: position {p}: estimated {start_s} s, started after {actual} ms");
+        // Within one run time (plus the rounding): the estimate is taken while a task runs,
+        // and a loaded machine stretches each run past the recorded ones.
         let err = actual - (*start_s * 1000) as i64;
+        let bound = slowest as i64 + 500;
         assert!(
-            (-1500..=1500).contains(&err),
-            "position {p}: off by {err} ms"
+            (-bound..=bound).contains(&err),
+            "position {p}: off by {err} ms (bound {bound} ms)"
         );
     }
 
