@@ -13,6 +13,8 @@
 //! 4. `gone_disables_redirects_fail_private_addresses_are_refused`.
 //! 5. `a_receiver_that_never_answers_times_out_and_blocks_nothing`.
 //! 6. `global_endpoints_get_task_and_worker_events_and_openai_takes_the_header`.
+//! 7. `a_rust_receiver_verifies_every_delivery_with_kiln_webhooks`: the same deliveries
+//!    checked in Rust, by an axum receiver with kiln-webhooks' own verifier (needs no Python).
 //!
 //! The tests need Python 3 with `standardwebhooks` (`scripts/prepare.sh` installs it into
 //! `$KILN_VENV`, default `~/.cache/kiln/venv`); without it they are skipped with a notice,
@@ -584,4 +586,82 @@ async fn global_endpoints_get_task_and_worker_events_and_openai_takes_the_header
         own.url.as_str()
     );
     wait_for("the model's webhook", 30, || delivered(&own).len() >= 2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rust_receiver_verifies_every_delivery_with_kiln_webhooks() {
+    use axum::body::Bytes;
+    use axum::http::{HeaderMap, StatusCode};
+    use std::sync::{Arc, Mutex};
+
+    type Seen = Arc<Mutex<Vec<(String, Result<(), String>)>>>;
+    let verifier = Arc::new(kiln_webhooks::Verifier::new(
+        vec![SECRET.parse().unwrap()],
+        Vec::new(),
+    ));
+    let seen: Seen = Arc::default();
+    let (v, log) = (verifier.clone(), seen.clone());
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |headers: HeaderMap, body: Bytes| {
+            let (v, log) = (v.clone(), log.clone());
+            async move {
+                let now = SystemTime::now()
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .unwrap()
+                    .as_secs() as i64;
+                let checked = v
+                    .verify_headers(&headers, &body, now)
+                    .map_err(|e| e.to_string());
+                let id = headers
+                    .get("webhook-id")
+                    .and_then(|h| h.to_str().ok())
+                    .unwrap_or_default()
+                    .to_owned();
+                let status = if checked.is_ok() {
+                    // The body is the documented envelope around the task object.
+                    let v: Value = serde_json::from_slice(&body).unwrap();
+                    assert_eq!(v["type"], "task.completed", "{v}");
+                    assert_eq!(v["data"]["status"], "succeeded", "{v}");
+                    StatusCode::NO_CONTENT
+                } else {
+                    StatusCode::BAD_REQUEST
+                };
+                log.lock().unwrap().push((id, checked));
+                status
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+
+    let dir = tempfile::tempdir().unwrap();
+    let s = start(&dir.path().join("data"), &env(&[]));
+    let batch: Vec<_> = (0..50).map(|_| submit(&s.base, &url)).collect();
+    let tasks = futures_util::future::join_all(batch).await;
+    wait_for("50 deliveries", 60, || seen.lock().unwrap().len() >= 50).await;
+    let seen = seen.lock().unwrap().clone();
+    for (id, checked) in &seen {
+        assert!(checked.is_ok(), "{id} did not verify: {checked:?}");
+    }
+    let ids: BTreeSet<_> = seen.iter().map(|(id, _)| id.clone()).collect();
+    assert_eq!(ids.len(), 50, "one webhook-id per message");
+    for t in &tasks {
+        let ms = messages(&s.base, t).await;
+        assert!(ids.contains(ms[0]["id"].as_str().unwrap()), "{ms:?}");
+    }
+    // The verifier does refuse what was not signed with the secret.
+    let mut h = HeaderMap::new();
+    h.insert("webhook-id", "msg_x".parse().unwrap());
+    h.insert("webhook-timestamp", "1700000000".parse().unwrap());
+    h.insert(
+        "webhook-signature",
+        "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
+            .parse()
+            .unwrap(),
+    );
+    assert!(verifier.verify_headers(&h, b"{}", 1_700_000_000).is_err());
 }
