@@ -386,6 +386,54 @@ pub fn admit(mut t: NewTask, opts: &QueueOptions) -> Result<Admitted, QueueError
     })
 }
 
+/// How a batch is stored: the items that get a row of their own (`fresh`, in order), and for
+/// each item whether it repeats the `request_id` of an earlier one (`same_as`: that item's
+/// index), in which case it names the same task.
+pub fn batch_plan(admitted: &[Admitted]) -> (Vec<usize>, Vec<Option<usize>>) {
+    let mut first: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    let mut fresh = Vec::new();
+    let mut same_as = Vec::with_capacity(admitted.len());
+    for (k, a) in admitted.iter().enumerate() {
+        match a.task.request_id.as_deref() {
+            Some(r) if first.contains_key(r) => same_as.push(first.get(r).copied()),
+            r => {
+                if let Some(r) = r {
+                    first.insert(r, k);
+                }
+                fresh.push(k);
+                same_as.push(None);
+            }
+        }
+    }
+    (fresh, same_as)
+}
+
+/// The conflict an item whose `request_id` names a different task is refused with.
+pub fn batch_conflict(a: &Admitted) -> QueueError {
+    QueueError::Conflict(a.task.request_id.clone().unwrap_or_default())
+}
+
+/// Fills in each repeated item of a batch (`same_as`, from [`batch_plan`]) with the task of
+/// the item it repeats, not created; a repeat that asks for something else is a conflict.
+pub fn fill_repeats(
+    out: &mut [Option<(Task, bool)>],
+    same_as: &[Option<usize>],
+    admitted: &[Admitted],
+) -> Result<(), QueueError> {
+    for (k, first) in same_as.iter().enumerate() {
+        let Some(first) = *first else { continue };
+        let t = out[first]
+            .as_ref()
+            .map(|o| o.0.clone())
+            .ok_or_else(|| QueueError::Corrupt("batch".into()))?;
+        if !same_request(&t, &admitted[k].task) {
+            return Err(batch_conflict(&admitted[k]));
+        }
+        out[k] = Some((t, false));
+    }
+    Ok(())
+}
+
 /// The task `admitted` becomes when stored with `id` and `seq` at `now`.
 pub fn new_task(a: &Admitted, id: String, seq: i64, now: u64) -> Task {
     let t = &a.task;

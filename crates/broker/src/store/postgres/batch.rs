@@ -21,31 +21,6 @@ const INSERT_MANY: &str = "INSERT INTO {s}.tasks (id, request_id, task_type, sta
     ORDER BY o
     ON CONFLICT (request_id) DO NOTHING RETURNING id, seq";
 
-/// Where each item of a batch goes: a row of its own, or the task of an earlier item with
-/// the same `request_id`.
-fn plan(admitted: &[Admitted]) -> (Vec<usize>, Vec<Option<usize>>) {
-    let mut first: HashMap<&str, usize> = HashMap::new();
-    let mut fresh = Vec::new();
-    let mut same_as = Vec::with_capacity(admitted.len());
-    for (k, a) in admitted.iter().enumerate() {
-        match a.task.request_id.as_deref() {
-            Some(r) if first.contains_key(r) => same_as.push(first.get(r).copied()),
-            r => {
-                if let Some(r) = r {
-                    first.insert(r, k);
-                }
-                fresh.push(k);
-                same_as.push(None);
-            }
-        }
-    }
-    (fresh, same_as)
-}
-
-fn conflict(a: &Admitted) -> QueueError {
-    QueueError::Conflict(a.task.request_id.clone().unwrap_or_default())
-}
-
 /// Inserts the items `fresh` names (ids `ids`) in one statement. Returns the seq of each task
 /// inserted, by id (a taken `request_id` inserts nothing).
 async fn insert_rows(
@@ -114,7 +89,7 @@ impl PostgresQueue {
         if admitted.is_empty() {
             return Ok(Vec::new());
         }
-        let (fresh, same_as) = plan(&admitted);
+        let (fresh, same_as) = lifecycle::batch_plan(&admitted);
         let ids: Vec<String> = fresh.iter().map(|_| new_id("task")).collect();
         let mut c = self.pool.get().await?;
         let mut tx = Tx::begin(self, &mut c).await?;
@@ -144,23 +119,13 @@ impl PostgresQueue {
                         .cloned()
                         .ok_or_else(|| corrupt("request_id conflict without a task"))?;
                     if !lifecycle::same_request(&t, &a.task) {
-                        return Err(conflict(a));
+                        return Err(lifecycle::batch_conflict(a));
                     }
                     (t, false)
                 }
             });
         }
-        for (k, first) in same_as.iter().enumerate() {
-            let Some(first) = *first else { continue };
-            let t = out[first]
-                .as_ref()
-                .map(|o| o.0.clone())
-                .ok_or_else(|| corrupt("batch"))?;
-            if !lifecycle::same_request(&t, &admitted[k].task) {
-                return Err(conflict(&admitted[k]));
-            }
-            out[k] = Some((t, false));
-        }
+        lifecycle::fill_repeats(&mut out, &same_as, &admitted)?;
         let out: Vec<(Task, bool)> = out.into_iter().flatten().collect();
         let events: Vec<(&str, &TaskEventKind)> = out
             .iter()

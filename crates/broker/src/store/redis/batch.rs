@@ -1,7 +1,4 @@
 //! `enqueue_many` on Redis: one run of the script stores the whole batch, or nothing.
-
-use std::collections::HashMap;
-
 use serde_json::Value as Json;
 
 use super::change::opt;
@@ -14,10 +11,6 @@ use crate::store::{Result, new_id};
 /// How often a batch is sent again when request_ids it expected to be free (or taken) turn
 /// out otherwise.
 const ATTEMPTS: usize = 16;
-
-fn conflict(a: &Admitted) -> QueueError {
-    QueueError::Conflict(a.task.request_id.clone().unwrap_or_default())
-}
 
 impl RedisQueue {
     /// The 15 arguments of the script's `enqueue` for `a` (a fresh task id).
@@ -75,7 +68,9 @@ impl RedisQueue {
                 let found = pair.get(1).cloned().map(task_from).transpose()?.flatten();
                 let a = &admitted[*sent.get(i).ok_or_else(|| corrupt("retry index"))?];
                 expect[i] = match found {
-                    Some(t) if !lifecycle::same_request(&t, &a.task) => return Err(conflict(a)),
+                    Some(t) if !lifecycle::same_request(&t, &a.task) => {
+                        return Err(lifecycle::batch_conflict(a));
+                    }
                     Some(t) => t.id,
                     None => String::new(),
                 };
@@ -97,31 +92,16 @@ impl RedisQueue {
             .into_iter()
             .map(|t| lifecycle::admit(t, &self.opts.queue))
             .collect::<Result<Vec<_>>>()?;
-        let mut first: HashMap<&str, usize> = HashMap::new();
-        let mut sent = Vec::new();
-        let mut same_as = vec![None; admitted.len()];
-        for (k, a) in admitted.iter().enumerate() {
-            match a.task.request_id.as_deref() {
-                Some(r) if first.contains_key(r) => {
-                    let f = first.get(r).copied();
-                    // Checked before anything is written: a batch that contradicts itself
-                    // stores nothing.
-                    if let Some(f) = f
-                        && !lifecycle::same_request(
-                            &lifecycle::new_task(&admitted[f], String::new(), 0, now),
-                            &a.task,
-                        )
-                    {
-                        return Err(conflict(a));
-                    }
-                    same_as[k] = f;
-                }
-                r => {
-                    if let Some(r) = r {
-                        first.insert(r, k);
-                    }
-                    sent.push(k);
-                }
+        let (sent, same_as) = lifecycle::batch_plan(&admitted);
+        // Checked before anything is written: a batch that contradicts itself stores nothing.
+        for (k, f) in same_as.iter().enumerate() {
+            if let Some(f) = *f
+                && !lifecycle::same_request(
+                    &lifecycle::new_task(&admitted[f], String::new(), 0, now),
+                    &admitted[k].task,
+                )
+            {
+                return Err(lifecycle::batch_conflict(&admitted[k]));
             }
         }
         if sent.is_empty() {
@@ -137,17 +117,7 @@ impl RedisQueue {
             let created = pair.first().and_then(text).as_deref() == Some("created");
             out[k] = Some((need_task(pair.get(1).cloned())?, created));
         }
-        for (k, f) in same_as.iter().enumerate() {
-            let Some(f) = *f else { continue };
-            let t = out[f]
-                .as_ref()
-                .map(|o| o.0.clone())
-                .ok_or_else(|| corrupt("batch"))?;
-            if !lifecycle::same_request(&t, &admitted[k].task) {
-                return Err(conflict(&admitted[k]));
-            }
-            out[k] = Some((t, false));
-        }
+        lifecycle::fill_repeats(&mut out, &same_as, &admitted)?;
         out.into_iter()
             .map(|o| o.ok_or_else(|| corrupt("batch answer missing")))
             .collect()
